@@ -1,3 +1,39 @@
-"""HTS-AT for Hugging Face Transformers."""
+"""HTS-AT (Hierarchical Token-Semantic Audio Transformer) for Hugging Face Transformers.
+
+Importing the package registers HTS-AT with the Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForAudioClassification`, `AutoModelForAudioFrameClassification`, `AutoFeatureExtractor`).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForAudioFrameClassification,
+)
+
+from .configuration_htsat import HTSATConfig
+from .feature_extraction_htsat import HTSATFeatureExtractor
+from .modeling_htsat import (
+    HTSATForAudioClassification,
+    HTSATForSoundEventDetection,
+    HTSATModel,
+    HTSATPreTrainedModel,
+)
 
 __version__ = "0.1.0"
+
+AutoConfig.register(HTSATConfig.model_type, HTSATConfig, exist_ok=True)
+AutoModel.register(HTSATConfig, HTSATModel, exist_ok=True)
+AutoModelForAudioClassification.register(HTSATConfig, HTSATForAudioClassification, exist_ok=True)
+AutoModelForAudioFrameClassification.register(HTSATConfig, HTSATForSoundEventDetection, exist_ok=True)
+AutoFeatureExtractor.register(HTSATConfig, HTSATFeatureExtractor, exist_ok=True)
+
+__all__ = [
+    "HTSATConfig",
+    "HTSATFeatureExtractor",
+    "HTSATForAudioClassification",
+    "HTSATForSoundEventDetection",
+    "HTSATModel",
+    "HTSATPreTrainedModel",
+]

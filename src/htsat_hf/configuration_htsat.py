@@ -1,0 +1,203 @@
+"""Configuration of HTS-AT (Chen et al., "HTS-AT: A Hierarchical Token-Semantic Audio Transformer for Sound
+Classification and Detection", ICASSP 2022)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+AUDIOSET_NUM_LABELS = 527
+
+
+class HTSATConfig(PreTrainedConfig):
+    r"""
+    Settings of an HTS-AT model. Defaults are the paper's AudioSet model.
+
+    Front end (also stored in the feature extractor; kept here so the model knows its time axis):
+        sampling_rate (`int`, 32000), n_fft (`int`, 1024; also the window length), hop_length (`int`, 320),
+        num_mel_bins (`int`, 64), f_min (`float`, 50.0), f_max (`float`, 14000.0),
+        clip_seconds (`float`, 10.0): the length of the training clips; one window of the model.
+
+    Spectrogram image and Swin encoder:
+        spec_size (`int`, 256): the (frames x mel bins) spectrogram, `spec_size * spec_size / num_mel_bins`
+            frames long, is folded into a `spec_size x spec_size` image (time -> frequency -> window order).
+        patch_size (`int`, 4), patch_stride (`int`, 4), window_size (`int`, 8), embed_dim (`int`, 96),
+        depths (`tuple[int]`, (2, 2, 6, 2)), num_heads (`tuple[int]`, (4, 8, 16, 32)), mlp_ratio (`float`, 4.0),
+        qkv_bias (`bool`, True), hidden_dropout_prob (`float`, 0.0), attention_probs_dropout_prob (`float`, 0.0),
+        drop_path_rate (`float`, 0.1), layer_norm_eps (`float`, 1e-5), initializer_range (`float`, 0.02).
+
+    Head:
+        use_token_semantic_head (`bool`, True): the token-semantic Conv2d head giving per-class activations over
+            time (needed for sound event detection). False is the paper's "H" ablation: pooled tokens -> linear.
+
+    Training-time augmentation inside the model (active only in `model.train()`):
+        spec_augment (`bool`, True), time_mask_width (`int`, 64), num_time_masks (`int`, 2),
+        freq_mask_width (`int`, 8), num_freq_masks (`int`, 2).
+
+    Inputs longer than one window:
+        long_input_hop_seconds (`float`, 5.0): hop between the overlapping `clip_seconds` windows that a longer
+            input is cut into; every frame is covered and the windows' outputs are stitched back in time.
+    """
+
+    model_type = "htsat"
+
+    sampling_rate: int = 32000
+    n_fft: int = 1024
+    hop_length: int = 320
+    num_mel_bins: int = 64
+    f_min: float = 50.0
+    f_max: float = 14000.0
+    clip_seconds: float = 10.0
+
+    spec_size: int = 256
+    patch_size: int = 4
+    patch_stride: int = 4
+    window_size: int = 8
+    embed_dim: int = 96
+    depths: list[int] | tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: list[int] | tuple[int, ...] = (4, 8, 16, 32)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    use_token_semantic_head: bool = True
+
+    spec_augment: bool = True
+    time_mask_width: int = 64
+    num_time_masks: int = 2
+    freq_mask_width: int = 8
+    num_freq_masks: int = 2
+
+    long_input_hop_seconds: float = 5.0
+
+    problem_type: str | None = "multi_label_classification"
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            kwargs["num_labels"] = AUDIOSET_NUM_LABELS
+        super().__post_init__(**kwargs)
+        self.depths = list(self.depths)
+        self.num_heads = list(self.num_heads)
+        self.validate_architecture()
+
+    # ----------------------------------------------------------------------------------------------- derived sizes
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        """Width of each stage: `embed_dim` doubling after every patch merging."""
+        return [self.embed_dim * 2**i for i in range(self.num_stages)]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the last stage (the pooled embedding size)."""
+        return self.hidden_sizes[-1]
+
+    @property
+    def freq_ratio(self) -> int:
+        """How many time chunks are stacked along the frequency axis of the image (256 // 64 = 4)."""
+        return self.spec_size // self.num_mel_bins
+
+    @property
+    def image_frames(self) -> int:
+        """Frames of one folded spectrogram image (256 * 4 = 1024)."""
+        return self.spec_size * self.freq_ratio
+
+    @property
+    def patch_grid_size(self) -> int:
+        """Token grid side after patch embedding (256 / 4 = 64)."""
+        return (self.spec_size + 2 * self.patch_padding - self.patch_size) // self.patch_stride + 1
+
+    @property
+    def patch_padding(self) -> int:
+        return (self.patch_size - self.patch_stride) // 2
+
+    def stage_grid_size(self, stage: int) -> int:
+        return self.patch_grid_size // 2**stage
+
+    def stage_window_size(self, stage: int) -> int:
+        """Attention window of a stage: clipped to the grid when the grid is not larger than the window."""
+        return min(self.window_size, self.stage_grid_size(stage))
+
+    @property
+    def token_steps(self) -> int:
+        """Time steps of the token-semantic map for one window (8 tokens x 4 chunks = 32 per 10 s)."""
+        return self.stage_grid_size(self.num_stages - 1) * self.freq_ratio
+
+    @property
+    def clip_frames(self) -> int:
+        """Spectrogram frames of one `clip_seconds` window (centred STFT: 10 s at hop 320 gives 1001)."""
+        return int(round(self.clip_seconds * self.sampling_rate / self.hop_length)) + 1
+
+    # ------------------------------------------------------------------------------------------------- validation
+    def validate_architecture(self) -> None:
+        """Raise a ValueError naming the setting when the settings cannot work together."""
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"depths has {len(self.depths)} stages but num_heads has {len(self.num_heads)}; give one head count "
+                "per stage."
+            )
+        if self.num_stages < 1 or min(self.depths) < 1:
+            raise ValueError(f"depths={self.depths}: every stage needs at least one block.")
+        for stage, (width, heads) in enumerate(zip(self.hidden_sizes, self.num_heads)):
+            if heads < 1 or width % heads != 0:
+                raise ValueError(
+                    f"num_heads[{stage}]={heads} does not divide the width of stage {stage} "
+                    f"(embed_dim * 2**{stage} = {width}); choose a divisor of {width}."
+                )
+        if self.num_mel_bins < 1 or self.spec_size % self.num_mel_bins != 0:
+            raise ValueError(
+                f"num_mel_bins={self.num_mel_bins} does not fold into the spec_size={self.spec_size} image: spec_size "
+                "must be a multiple of num_mel_bins (the time axis is cut into spec_size // num_mel_bins chunks "
+                "stacked along frequency)."
+            )
+        if self.patch_size < self.patch_stride or (self.patch_size - self.patch_stride) % 2:
+            raise ValueError(
+                f"patch_size={self.patch_size} with patch_stride={self.patch_stride}: the patch must be at least the "
+                "stride and exceed it by an even number (symmetric padding)."
+            )
+        grid = self.patch_grid_size
+        if grid % 2 ** (self.num_stages - 1) != 0:
+            raise ValueError(
+                f"spec_size={self.spec_size} with patch_stride={self.patch_stride} gives a {grid}x{grid} token grid "
+                f"that {self.num_stages - 1} patch mergings cannot halve evenly; change spec_size or depths."
+            )
+        for stage in range(self.num_stages):
+            size = self.stage_grid_size(stage)
+            if size > self.window_size and size % self.window_size != 0:
+                raise ValueError(
+                    f"window_size={self.window_size} does not tile the {size}x{size} token grid of stage {stage}; "
+                    "choose a window that divides it."
+                )
+        last = self.stage_grid_size(self.num_stages - 1)
+        if self.use_token_semantic_head and last % self.freq_ratio != 0:
+            raise ValueError(
+                f"the last stage's {last}x{last} grid cannot be split into freq_ratio={self.freq_ratio} time chunks "
+                "for the token-semantic head; change spec_size, num_mel_bins or depths."
+            )
+        if self.clip_frames > self.image_frames:
+            raise ValueError(
+                f"clip_seconds={self.clip_seconds} gives {self.clip_frames} frames, more than the "
+                f"{self.image_frames}-frame image; lower clip_seconds or raise spec_size."
+            )
+        if not 0 < self.long_input_hop_seconds <= self.clip_seconds:
+            raise ValueError(
+                f"long_input_hop_seconds={self.long_input_hop_seconds} must be in (0, clip_seconds={self.clip_seconds}]."
+            )
+        # f_max above Nyquist is allowed: the original Speech Commands model runs 16 kHz audio with f_max 14 kHz.
+        if self.f_min < 0 or self.f_min >= self.f_max:
+            raise ValueError(f"f_min={self.f_min}, f_max={self.f_max} must satisfy 0 <= f_min < f_max.")
+        if not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive.")
+
+
+HTSATConfig.register_for_auto_class()
+
+__all__ = ["HTSATConfig"]

@@ -1,0 +1,230 @@
+"""Feature extractor for HTS-AT: mono waveforms -> log-mel spectrograms, as the original front end computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+from transformers import BatchFeature, SequenceFeatureExtractor
+from transformers.utils import TensorType, logging
+
+logger = logging.get_logger(__name__)
+
+AMIN = 1e-10  # floor of the power mel spectrogram before the log (torchlibrosa's amin)
+
+
+class HTSATFeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Turns mono waveforms into the log-mel `input_features` (batch, frames, num_mel_bins) of the original HTS-AT front
+    end: Hann-windowed STFT (`n_fft` samples, centred, reflect padding), power spectrum, Slaney-scale mel filters with
+    Slaney area normalisation, `10 * log10(max(x, 1e-10))` (reference 1.0, no top_db). Computed with torch in one
+    batched call.
+
+    Length handling (`padding`):
+        - `"repeat"` (default, also `True`): clips shorter than `max_length_seconds` are repeated end to end and the
+          last repetition cut at exactly `max_length_seconds`, as the paper does for ESC-50 and Speech Commands.
+          Clips that are longer are kept whole: nothing is cut. The model splits long inputs into overlapping
+          windows. A batch whose clips end up with different lengths raises (pass long clips one at a time).
+        - `False` / `"do_not_pad"`: the frames of exactly the audio given (clips of a batch must have equal length).
+
+    Args:
+        feature_size (`int`, 64): number of mel bins.
+        sampling_rate (`int`, 32000): the rate the audio must have; other rates raise (resample first).
+        n_fft (`int`, 1024): FFT size and window length. hop_length (`int`, 320).
+        f_min (`float`, 50.0), f_max (`float`, 14000.0): mel filter range in Hz.
+        max_length_seconds (`float`, 10.0): clip length the repeat padding fills.
+        padding_value (`float`, 0.0): used only by generic padding utilities (pipeline batching).
+    """
+
+    model_input_names = ["input_features"]
+
+    def __init__(
+        self,
+        feature_size: int = 64,
+        sampling_rate: int = 32000,
+        n_fft: int = 1024,
+        hop_length: int = 320,
+        f_min: float = 50.0,
+        f_max: float = 14000.0,
+        max_length_seconds: float = 10.0,
+        padding_value: float = 0.0,
+        return_attention_mask: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            feature_size=feature_size,
+            sampling_rate=sampling_rate,
+            padding_value=padding_value,
+            return_attention_mask=return_attention_mask,
+            **kwargs,
+        )
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.f_min = f_min
+        self.f_max = f_max
+        self.max_length_seconds = max_length_seconds
+        if f_max > sampling_rate / 2:
+            logger.warning(
+                f"f_max={f_max} Hz is above the Nyquist frequency of {sampling_rate} Hz audio: the top mel filters are "
+                "all zero (as in the original Speech Commands model)."
+            )
+
+    # --------------------------------------------------------------------------------------------------- helpers
+    @property
+    def max_length_samples(self) -> int:
+        return int(round(self.max_length_seconds * self.sampling_rate))
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the centred STFT gives for a waveform of `num_samples` samples."""
+        return num_samples // self.hop_length + 1
+
+    def mel_filters(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n_fft // 2 + 1, num_mel_bins) Slaney mel filter bank, identical to `librosa.filters.mel`."""
+        return torchaudio.functional.melscale_fbanks(
+            n_freqs=self.n_fft // 2 + 1,
+            f_min=float(self.f_min),
+            f_max=float(self.f_max),
+            n_mels=self.feature_size,
+            sample_rate=self.sampling_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        ).to(device)
+
+    def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) float waveforms -> (batch, frames, num_mel_bins) log-mel in dB."""
+        window = torch.hann_window(self.n_fft, periodic=True, device=waveforms.device, dtype=waveforms.dtype)
+        stft = torch.stft(
+            waveforms,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.n_fft,
+            window=window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
+        power = stft.real.square() + stft.imag.square()  # (batch, freq, frames)
+        mel = torch.matmul(power.transpose(1, 2), self.mel_filters(waveforms.device).to(waveforms.dtype))
+        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
+
+    def repeat_to_length(self, waveform: np.ndarray) -> np.ndarray:
+        """Repeat a clip end to end until it is `max_length_seconds` long; longer clips are returned unchanged."""
+        target = self.max_length_samples
+        if len(waveform) >= target:
+            return waveform
+        repeats = -(-target // len(waveform))
+        return np.tile(waveform, repeats)[:target]
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def _as_mono_list(self, raw_speech: Any) -> list[np.ndarray]:
+        if isinstance(raw_speech, torch.Tensor):
+            raw_speech = raw_speech.detach().cpu().numpy()
+        if isinstance(raw_speech, np.ndarray):
+            if raw_speech.ndim == 1:
+                clips = [raw_speech]
+            elif raw_speech.ndim == 2:
+                clips = list(raw_speech)
+            else:
+                raise ValueError(
+                    f"Got an array of shape {raw_speech.shape}; expected one mono waveform (samples,) or a batch "
+                    "(batch, samples). For multi-channel audio, average the channels first, e.g. x.mean(axis=0)."
+                )
+        elif isinstance(raw_speech, Sequence) and not isinstance(raw_speech, (str, bytes)):
+            if len(raw_speech) == 0:
+                raise ValueError("Got an empty batch: pass at least one waveform.")
+            if all(np.isscalar(x) for x in raw_speech):
+                clips = [np.asarray(raw_speech)]
+            else:
+                clips = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in raw_speech]
+        else:
+            raise ValueError(
+                f"Expected a waveform as a numpy array, torch tensor or list of them, got {type(raw_speech).__name__}. "
+                "To read a file, use pipeline('audio-classification') or decode it first (e.g. with torchaudio)."
+            )
+        checked = []
+        for index, clip in enumerate(clips):
+            if clip.ndim != 1:
+                raise ValueError(
+                    f"Waveform {index} has shape {clip.shape}: only mono audio is supported. Average the channels first "
+                    "(e.g. x.mean(axis=0) for a (channels, samples) array)."
+                )
+            if clip.size == 0:
+                raise ValueError(f"Waveform {index} is empty: pass at least one sample of audio.")
+            if not np.issubdtype(clip.dtype, np.number):
+                raise ValueError(f"Waveform {index} has dtype {clip.dtype}; expected floating point samples.")
+            clip = clip.astype(np.float32, copy=False)
+            if not np.isfinite(clip).all():
+                raise ValueError(
+                    f"Waveform {index} contains NaN or Inf samples; clean the audio (e.g. np.nan_to_num) before "
+                    "extracting features."
+                )
+            checked.append(clip)
+        return checked
+
+    def _check_sampling_rate(self, sampling_rate: int | None) -> None:
+        if sampling_rate is None:
+            raise ValueError(
+                f"Pass `sampling_rate=` with the audio: this feature extractor expects {self.sampling_rate} Hz audio and "
+                "needs the rate to make sure the audio matches."
+            )
+        if int(sampling_rate) != self.sampling_rate:
+            raise ValueError(
+                f"The audio is sampled at {sampling_rate} Hz but this model expects {self.sampling_rate} Hz. Resample it "
+                f"first, e.g. torchaudio.functional.resample(x, {sampling_rate}, {self.sampling_rate}), or load a "
+                f"`datasets` column with Audio(sampling_rate={self.sampling_rate}); pipeline('audio-classification') "
+                "resamples automatically."
+            )
+
+    # -------------------------------------------------------------------------------------------------- __call__
+    def __call__(
+        self,
+        raw_speech: np.ndarray | torch.Tensor | list[float] | list[np.ndarray] | list[torch.Tensor],
+        sampling_rate: int | None = None,
+        padding: bool | str = "repeat",
+        return_tensors: str | TensorType | None = None,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """
+        Args:
+            raw_speech: one mono waveform (1-D), a batch as a 2-D array (batch, samples), or a list of 1-D waveforms.
+            sampling_rate: the rate of `raw_speech`; required, and must equal `self.sampling_rate`.
+            padding: `"repeat"`/`True` (repeat short clips to `max_length_seconds`) or `False`/`"do_not_pad"`.
+            return_tensors: `"pt"` for torch tensors, `"np"` or None for numpy arrays.
+            device: where to compute the spectrogram (e.g. "cuda").
+
+        Returns:
+            `BatchFeature` with `input_features` of shape (batch, frames, num_mel_bins).
+        """
+        self._check_sampling_rate(sampling_rate)
+        clips = self._as_mono_list(raw_speech)
+        if padding in (True, "repeat", "longest"):
+            clips = [self.repeat_to_length(clip) for clip in clips]
+        elif padding not in (False, "do_not_pad"):
+            raise ValueError(f"padding={padding!r} is not supported; use 'repeat' (default) or False.")
+        lengths = {len(clip) for clip in clips}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"The clips have different lengths after padding ({sorted(lengths)} samples). Clips longer than "
+                f"{self.max_length_seconds} s are never cut, so pass them one at a time (or cut them yourself)."
+            )
+        min_samples = self.n_fft // 2 + 1
+        if min(lengths) < min_samples:
+            raise ValueError(
+                f"The audio has {min(lengths)} samples, fewer than the {min_samples} the centred STFT needs "
+                f"(n_fft // 2 + 1); use padding='repeat' or pass longer audio."
+            )
+        waveforms = torch.from_numpy(np.stack(clips)).to(device)
+        with torch.no_grad():
+            features = self.log_mel(waveforms)
+        if return_tensors in ("pt", TensorType.PYTORCH):
+            return BatchFeature({"input_features": features}, tensor_type=None)
+        return BatchFeature({"input_features": features.cpu().numpy()}, tensor_type=return_tensors)
+
+
+HTSATFeatureExtractor.register_for_auto_class()
+
+__all__ = ["HTSATFeatureExtractor"]

@@ -1,0 +1,732 @@
+"""HTS-AT: a hierarchical token-semantic audio transformer (Chen et al., ICASSP 2022) for Hugging Face Transformers.
+
+Path of a clip: log-mel (batch, frames, mel) -> BatchNorm over mel bins -> (training) SpecAugment and mixup ->
+the frames stretched or windowed to the model's 10-s windows -> each window folded into a 256 x 256 image
+(time -> frequency -> window order) -> Swin stages with shifted-window attention and patch merging -> final
+LayerNorm -> token-semantic Conv2d head: per-class logits over 32 time steps per window, averaged into clip logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
+from transformers.utils import logging
+
+from .configuration_htsat import HTSATConfig
+
+logger = logging.get_logger(__name__)
+
+SHIFT_MASK_VALUE = -100.0  # the original's additive mask between tokens of different shifted regions
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class HTSATModelOutput(ModelOutput):
+    """
+    last_hidden_state: (batch, windows * tokens, hidden_size) final LayerNorm'ed tokens. One window (64 tokens of an
+        8 x 8 grid, row-major, rows = frequency chunks) for inputs of up to one window; windows follow in time order.
+    pooler_output: (batch, hidden_size) mean of all tokens: the clip's latent embedding.
+    hidden_states: per stage (after patch embedding and after each stage), when requested.
+    attentions: per stage, the attention weights of its last block, when requested.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class HTSATSoundEventDetectionOutput(ModelOutput):
+    """
+    loss: clip-level loss (with `labels`) plus frame-level BCE (with `frame_labels`).
+    logits: (batch, num_labels) clip logits: the mean of `frame_logits` over time.
+    frame_logits: (batch, steps, num_labels) token-semantic logits over time: 32 steps per 10-s window
+        (`model.frame_step_seconds(num_frames)` gives a step's duration in seconds).
+    pooler_output: (batch, hidden_size) latent clip embedding.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    frame_logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------- time handling
+def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[int]:
+    """Start frames of overlapping windows covering every frame; the last window ends at the last frame."""
+    if num_frames <= window_frames:
+        return [0]
+    last = num_frames - window_frames
+    starts = list(range(0, last, hop_frames))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+class StepStitcher:
+    """
+    Averages the step outputs of overlapping windows onto one uniform time grid.
+
+    Each window step covers `[start + j * step, start + (j + 1) * step)` seconds; it contributes to the (at most two)
+    grid steps it overlaps, weighted by the overlap. Windows that start on the grid reduce to a plain average.
+    Accumulates window by window, so memory stays bounded for audio of any length.
+    """
+
+    def __init__(self, total_steps: int, step_seconds: float, num_labels: int, device=None, dtype=torch.float32):
+        self.total_steps = total_steps
+        self.step_seconds = step_seconds
+        self.sums = torch.zeros(total_steps + 1, num_labels, device=device, dtype=dtype)
+        self.weights = torch.zeros(total_steps + 1, 1, device=device, dtype=dtype)
+
+    def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
+        """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
+        windows, steps, _ = values.shape
+        starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
+        position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
+        first = torch.floor(position + 1e-6).clamp(min=0)
+        fraction = (position - first).clamp(min=0.0, max=1.0)
+        first = first.long().clamp(max=self.total_steps)
+        second = (first + 1).clamp(max=self.total_steps)
+        flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
+        for index, weight in ((first, 1.0 - fraction), (second, fraction)):
+            weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
+            index = index.reshape(-1).to(self.sums.device)
+            self.sums.index_add_(0, index, flat_values * weight)
+            self.weights.index_add_(0, index, weight)
+
+    def result(self) -> torch.Tensor:
+        """(total_steps, labels) weighted mean of every window step over each grid step."""
+        return self.sums[: self.total_steps] / self.weights[: self.total_steps].clamp(min=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ front of model
+def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
+    """
+    (batch, 1, frames, mel) -> (batch, 1, spec_size, spec_size). Fewer frames than the image holds are stretched
+    bicubically first, as the original does (1001 -> 1024). The time axis is cut into `freq_ratio` chunks stacked
+    along frequency: time -> frequency -> window order.
+    """
+    batch, channels, frames, mel_bins = features.shape
+    target = config.image_frames
+    if frames < target:
+        features = F.interpolate(features, (target, mel_bins), mode="bicubic", align_corners=True)
+    elif frames > target:
+        raise ValueError(f"fold_spectrogram got {frames} frames; at most {target} fit one image.")
+    ratio = config.freq_ratio
+    image = features.permute(0, 1, 3, 2).reshape(batch, channels, mel_bins, ratio, target // ratio)
+    return image.permute(0, 1, 3, 2, 4).reshape(batch, channels, ratio * mel_bins, target // ratio)
+
+
+def spec_augment(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
+    """Zero random time and frequency stripes of (batch, 1, frames, mel), independently per example (torchaudio)."""
+    for _ in range(config.num_time_masks):
+        features = torchaudio.functional.mask_along_axis_iid(features, config.time_mask_width, 0.0, axis=2)
+    for _ in range(config.num_freq_masks):
+        features = torchaudio.functional.mask_along_axis_iid(features, config.freq_mask_width, 0.0, axis=3)
+    return features
+
+
+class HTSATPatchEmbeddings(nn.Module):
+    """Conv2d patches of the spectrogram image, flattened to tokens and LayerNorm'ed."""
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(
+            1,
+            config.embed_dim,
+            kernel_size=config.patch_size,
+            stride=config.patch_stride,
+            padding=config.patch_padding,
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image).flatten(2).transpose(1, 2))
+
+
+# --------------------------------------------------------------------------------------------------- Swin parts
+def window_partition(tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch, height, width, channels) -> (batch, windows, window * window, channels)."""
+    batch, height, width, channels = tokens.shape
+    tokens = tokens.view(batch, height // window, window, width // window, window, channels)
+    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, window * window, channels)
+
+
+def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+    """(batch, windows, window * window, channels) -> (batch, height, width, channels)."""
+    batch, _, _, channels = windows.shape
+    windows = windows.view(batch, height // window, width // window, window, window, channels)
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(window^2 * window^2,) index into the ((2W-1)^2, heads) relative position bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return (relative[..., 0] * (2 * window - 1) + relative[..., 1]).flatten()
+
+
+def shifted_window_mask(grid: int, window: int, shift: int) -> torch.Tensor:
+    """(windows, window^2, window^2) additive mask keeping attention inside each region of a cyclic shift."""
+    regions = torch.zeros(1, grid, grid, 1)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in bounds:
+        for cols in bounds:
+            regions[:, rows, cols, :] = label
+            label += 1
+    region_windows = window_partition(regions, window).reshape(-1, window * window)
+    different = region_windows[:, None, :] != region_windows[:, :, None]
+    return torch.zeros(different.shape).masked_fill(different, SHIFT_MASK_VALUE)
+
+
+class HTSATWindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias; SDPA by default."""
+
+    def __init__(self, config: HTSATConfig, dim: int, num_heads: int, window: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.window = window
+        self.is_causal = False
+        self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        tokens = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
+
+    def forward(
+        self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """windows: (batch, num_windows, tokens, dim); shift_mask: (num_windows, tokens, tokens) or None."""
+        batch, num_windows, tokens, dim = windows.shape
+        qkv = self.qkv(windows).view(batch, num_windows, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (batch, windows, heads, tokens, head_dim)
+        mask = self.relative_position_bias()  # (heads, tokens, tokens)
+        if shift_mask is not None:
+            mask = mask + shift_mask.unsqueeze(1)  # (windows, heads, tokens, tokens)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = torch.matmul(query * self.scale, key.transpose(-2, -1)) + mask
+            weights = scores.softmax(dim=-1)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
+        context = context.transpose(2, 3).reshape(batch, num_windows, tokens, dim)
+        return self.proj_drop(self.proj(context)), weights
+
+
+class HTSATDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example during training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden
+        keep = 1.0 - self.drop_prob
+        shape = (hidden.shape[0],) + (1,) * (hidden.ndim - 1)
+        return hidden * hidden.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class HTSATMlp(nn.Module):
+    def __init__(self, config: HTSATConfig, dim: int):
+        super().__init__()
+        hidden = int(dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(hidden)))))
+
+
+class HTSATSwinBlock(GradientCheckpointingLayer):
+    """Pre-norm Swin block: (shifted) window attention and MLP, each with a residual and stochastic depth."""
+
+    def __init__(self, config: HTSATConfig, stage: int, block: int, drop_path: float):
+        super().__init__()
+        dim = config.hidden_sizes[stage]
+        self.grid = config.stage_grid_size(stage)
+        self.window = config.stage_window_size(stage)
+        self.shift = self.window // 2 if (block % 2 == 1 and self.grid > self.window) else 0
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = HTSATWindowAttention(config, dim, config.num_heads[stage], self.window)
+        self.drop_path = HTSATDropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = HTSATMlp(config, dim)
+        self.register_buffer("shift_mask", self.create_shift_mask(), persistent=False)
+
+    def create_shift_mask(self) -> torch.Tensor | None:
+        return shifted_window_mask(self.grid, self.window, self.shift) if self.shift else None
+
+    def forward(
+        self, hidden: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, _, dim = hidden.shape
+        grid, window, shift = self.grid, self.window, self.shift
+        tokens = self.norm1(hidden).view(batch, grid, grid, dim)
+        if shift:
+            tokens = torch.roll(tokens, shifts=(-shift, -shift), dims=(1, 2))
+        attended, weights = self.attn(window_partition(tokens, window), self.shift_mask, output_attentions)
+        tokens = window_reverse(attended, window, grid, grid)
+        if shift:
+            tokens = torch.roll(tokens, shifts=(shift, shift), dims=(1, 2))
+        hidden = hidden + self.drop_path(tokens.reshape(batch, grid * grid, dim))
+        hidden = hidden + self.drop_path(self.mlp(self.norm2(hidden)))
+        return hidden, weights
+
+
+class HTSATPatchMerging(nn.Module):
+    """Concatenates each 2 x 2 neighbourhood of tokens (4C), LayerNorm, linear to 2C: halves the grid."""
+
+    def __init__(self, config: HTSATConfig, dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(4 * dim, eps=config.layer_norm_eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, _, dim = hidden.shape
+        grid = hidden.view(batch, self.grid, self.grid, dim)
+        merged = torch.cat(
+            [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1
+        ).view(batch, -1, 4 * dim)
+        return self.reduction(self.norm(merged))
+
+
+class HTSATStage(nn.Module):
+    def __init__(self, config: HTSATConfig, stage: int, drop_paths: list[float]):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [HTSATSwinBlock(config, stage, block, drop_paths[block]) for block in range(config.depths[stage])]
+        )
+        last = stage == config.num_stages - 1
+        self.downsample = (
+            None
+            if last
+            else HTSATPatchMerging(config, config.hidden_sizes[stage], config.stage_grid_size(stage))
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weights = None
+        for block in self.blocks:
+            hidden, weights = block(hidden, output_attentions)
+        if self.downsample is not None:
+            hidden = self.downsample(hidden)
+        return hidden, weights
+
+
+# --------------------------------------------------------------------------------------------- pretrained base
+class HTSATPreTrainedModel(PreTrainedModel):
+    config: HTSATConfig
+    config_class = HTSATConfig
+    base_model_prefix = "htsat"
+    main_input_name = "input_features"
+    input_modalities = ("audio",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HTSATStage"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"attn_mask", r"shift_mask"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """As the original: truncated normal (std 0.02) for linear layers and the bias tables, PyTorch's default for
+        convolutions, identity norms. Non-persistent buffers are rebuilt (models are created on the meta device)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, HTSATWindowAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            init.copy_(module.relative_position_index, relative_position_index(module.window))
+        elif isinstance(module, HTSATSwinBlock) and module.shift_mask is not None:
+            init.copy_(module.shift_mask, module.create_shift_mask())
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights and config with an `auto_map` for every HTS-AT class, so the folder also loads with
+        `trust_remote_code=True` where `htsat_hf` is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- backbone
+class HTSATModel(HTSATPreTrainedModel):
+    """HTS-AT backbone: log-mel features -> final LayerNorm'ed tokens and the pooled latent embedding."""
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__(config)
+        self.mel_batch_norm = nn.BatchNorm2d(config.num_mel_bins)
+        self.patch_embed = HTSATPatchEmbeddings(config)
+        drop_paths = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        self.stages = nn.ModuleList()
+        for stage, depth in enumerate(config.depths):
+            first = sum(config.depths[:stage])
+            self.stages.append(HTSATStage(config, stage, drop_paths[first : first + depth]))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def freeze_feature_encoder(self) -> None:
+        """Freezes the mel BatchNorm and the patch embedding (the model's acoustic front end)."""
+        for module in (self.mel_batch_norm, self.patch_embed):
+            for parameter in module.parameters():
+                parameter.requires_grad = False
+
+    # -- time axis
+    def window_layout(self, num_frames: int) -> tuple[list[int], int]:
+        """Start frames of the windows an input of `num_frames` frames is cut into, and the frames per window."""
+        if num_frames <= self.config.image_frames:
+            return [0], num_frames
+        hop = max(1, int(round(self.config.long_input_hop_seconds * self.config.sampling_rate / self.config.hop_length)))
+        return window_starts(num_frames, self.config.clip_frames, hop), self.config.clip_frames
+
+    def normalize_features(self, input_features: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, frames, mel) -> (batch, 1, frames, mel): mel BatchNorm, then in training SpecAugment and mixup."""
+        if input_features.ndim != 3 or input_features.shape[-1] != self.config.num_mel_bins:
+            raise ValueError(
+                f"input_features must have shape (batch, frames, {self.config.num_mel_bins}), got "
+                f"{tuple(input_features.shape)}; compute them with HTSATFeatureExtractor."
+            )
+        features = input_features.unsqueeze(1).transpose(1, 3)
+        features = self.mel_batch_norm(features).transpose(1, 3)
+        if self.training and self.config.spec_augment:
+            features = spec_augment(features, self.config)
+        if mixup_lambda is not None:
+            lam = mixup_lambda.to(features.dtype).view(-1, 1, 1, 1)
+            features = features * lam + features.flip(0) * (1.0 - lam)
+        return features
+
+    def encode_windows(
+        self,
+        input_features: torch.Tensor,
+        mixup_lambda: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, list[int], int, tuple | None, tuple | None]:
+        """
+        Returns tokens (batch, windows, tokens, hidden) after the final LayerNorm, the windows' start frames, the
+        frames per window, and the hidden states / attentions (batch * windows first) when requested.
+        In training, inputs longer than one image are randomly cropped to one image, as the original does.
+        """
+        features = self.normalize_features(input_features, mixup_lambda)
+        batch, _, frames, mel_bins = features.shape
+        if self.training and frames > self.config.image_frames:
+            start = int(torch.randint(0, frames - self.config.image_frames + 1, ()).item())
+            features = features[:, :, start : start + self.config.image_frames]
+            frames = self.config.image_frames
+        starts, window_frames = self.window_layout(frames)
+        if len(starts) > 1:
+            features = torch.stack([features[:, :, s : s + window_frames] for s in starts], dim=1)
+            features = features.reshape(batch * len(starts), 1, window_frames, mel_bins)
+        hidden = self.patch_embed(fold_spectrogram(features, self.config))
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for stage in self.stages:
+            hidden, weights = stage(hidden, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden = self.norm(hidden)
+        tokens = hidden.view(batch, len(starts), hidden.shape[1], hidden.shape[2])
+        return tokens, starts, window_frames, all_hidden, all_attentions
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        mixup_lambda: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HTSATModelOutput | tuple:
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tokens, _, _, hidden_states, attentions = self.encode_windows(
+            input_features, mixup_lambda, output_hidden_states, output_attentions
+        )
+        last_hidden_state = tokens.flatten(1, 2)
+        output = HTSATModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state.mean(dim=1),
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ------------------------------------------------------------------------------------------------------ heads
+class HTSATTokenSemanticHead(nn.Module):
+    """Conv2d over the final token map rearranged to (frequency groups, time): per-class logits per time step."""
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__()
+        self.config = config
+        self.grid = config.stage_grid_size(config.num_stages - 1)
+        self.freq_groups = self.grid // config.freq_ratio
+        self.conv = nn.Conv2d(
+            config.hidden_size, config.num_labels, kernel_size=(self.freq_groups, 3), padding=(0, 1)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (n, grid * grid, hidden) -> step logits (n, token_steps, num_labels), in time order."""
+        n, _, hidden = tokens.shape
+        grid, groups, ratio = self.grid, self.freq_groups, self.config.freq_ratio
+        feature_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid)
+        feature_map = feature_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, ratio * grid)
+        return self.conv(feature_map).flatten(2).transpose(1, 2)
+
+
+class HTSATPooledHead(nn.Module):
+    """The paper's "H" ablation: mean-pooled tokens -> linear classifier."""
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.dense(pooled)
+
+
+class HTSATTimeAxisMixin:
+    """Maps the token-semantic head's per-window steps onto the input's time axis (shared by both heads)."""
+
+    def frame_step_seconds(self, num_frames: int) -> float:
+        """Duration in seconds of one step of `frame_logits` for an input of `num_frames` feature frames."""
+        frame_seconds = self.config.hop_length / self.config.sampling_rate
+        _, window_frames = self.htsat.window_layout(num_frames)
+        return (window_frames - 1) * frame_seconds / self.config.token_steps
+
+    def frame_logits_from_tokens(self, tokens: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
+        """tokens (batch, windows, tokens, hidden) -> (batch, steps, labels) stitched over time."""
+        batch, windows = tokens.shape[:2]
+        step_logits = self.classifier(tokens.flatten(0, 1))  # (batch * windows, steps, labels)
+        if windows == 1:
+            return step_logits
+        step_logits = step_logits.view(batch, windows, *step_logits.shape[1:])
+        step = self.frame_step_seconds(num_frames)
+        frame_seconds = self.config.hop_length / self.config.sampling_rate
+        total_steps = math.ceil((num_frames - 1) * frame_seconds / step - 1e-6)
+        start_seconds = [s * frame_seconds for s in starts]
+        stitched = []
+        for example in step_logits:
+            stitcher = StepStitcher(total_steps, step, step_logits.shape[-1], example.device, example.dtype)
+            stitcher.add(example, start_seconds)
+            stitched.append(stitcher.result())
+        return torch.stack(stitched)
+
+
+class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
+    """
+    HTS-AT with the token-semantic head: clip `logits` and `frame_logits` over time. Inputs longer than one
+    `clip_seconds` window are cut into overlapping windows (hop `long_input_hop_seconds`) covering every frame; the
+    windows' step logits are stitched onto one time grid and the clip logits are their mean over time.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__(config)
+        if not config.use_token_semantic_head:
+            raise ValueError(
+                "HTSATForSoundEventDetection needs the token-semantic head (use_token_semantic_head=True); use "
+                "HTSATForAudioClassification for the pooled-head ablation."
+            )
+        self.htsat = HTSATModel(config)
+        self.classifier = HTSATTokenSemanticHead(config)
+        self.post_init()
+
+    def freeze_feature_encoder(self) -> None:
+        self.htsat.freeze_feature_encoder()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        frame_labels: torch.Tensor | None = None,
+        mixup_lambda: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HTSATSoundEventDetectionOutput | tuple:
+        """
+        labels: clip labels (see `HTSATForAudioClassification`). frame_labels: (batch, steps, num_labels) strong
+        labels on the `frame_logits` grid (0/1 or soft), trained with frame-level BCE added to the clip loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
+            input_features,
+            mixup_lambda,
+            bool(output_hidden_states or self.config.output_hidden_states),
+            bool(output_attentions or self.config.output_attentions),
+        )
+        num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
+        frame_logits = self.frame_logits_from_tokens(tokens, starts, num_frames)
+        logits = frame_logits.mean(dim=1)
+        loss = None
+        if labels is not None:
+            loss = clip_loss(logits, labels, self.config)
+        if frame_labels is not None:
+            if frame_labels.shape != frame_logits.shape:
+                raise ValueError(
+                    f"frame_labels has shape {tuple(frame_labels.shape)} but frame_logits has "
+                    f"{tuple(frame_logits.shape)}; build them on the model's step grid (frame_step_seconds)."
+                )
+            frame_loss = F.binary_cross_entropy_with_logits(frame_logits, frame_labels.to(frame_logits.dtype))
+            loss = frame_loss if loss is None else loss + frame_loss
+        output = HTSATSoundEventDetectionOutput(
+            loss=loss,
+            logits=logits,
+            frame_logits=frame_logits,
+            pooler_output=tokens.mean(dim=(1, 2)),
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
+    """
+    HTS-AT clip classifier. Returns pre-sigmoid / pre-softmax clip `logits`. With the token-semantic head (default)
+    they are the time-averaged token-semantic logits, identical to `HTSATForSoundEventDetection`'s; the two share
+    weight names, so one checkpoint loads into either.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__(config)
+        self.htsat = HTSATModel(config)
+        if config.use_token_semantic_head:
+            self.classifier = HTSATTokenSemanticHead(config)
+        else:
+            self.classifier = HTSATPooledHead(config)
+        self.post_init()
+
+    def freeze_feature_encoder(self) -> None:
+        self.htsat.freeze_feature_encoder()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mixup_lambda: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        """
+        labels: multi-label (`problem_type="multi_label_classification"`): (batch, num_labels) multi-hot floats, BCE
+        with logits. Single-label: (batch,) class indices or (batch, num_labels) soft targets (e.g. mixed by mixup),
+        cross-entropy. Regression (num_labels == 1): MSE.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
+            input_features,
+            mixup_lambda,
+            bool(output_hidden_states or self.config.output_hidden_states),
+            bool(output_attentions or self.config.output_attentions),
+        )
+        if self.config.use_token_semantic_head:
+            num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
+            logits = self.frame_logits_from_tokens(tokens, starts, num_frames).mean(dim=1)
+        else:
+            logits = self.classifier(tokens.mean(dim=(1, 2)))
+        loss = clip_loss(logits, labels, self.config) if labels is not None else None
+        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
+
+
+
+def clip_loss(logits: torch.Tensor, labels: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
+    """Mean loss chosen by `config.problem_type` (inferred from the labels when unset)."""
+    problem_type = config.problem_type
+    if problem_type is None:
+        if config.num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int) and labels.ndim == 1:
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "multi_label_classification":
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"Multi-label targets must have shape {tuple(logits.shape)} (multi-hot), got {tuple(labels.shape)}."
+            )
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    if problem_type == "single_label_classification":
+        if labels.ndim == 2 and labels.is_floating_point():
+            return F.cross_entropy(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels.view(-1).long())
+    if problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+    raise ValueError(f"Unknown problem_type {problem_type!r}.")
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_htsat.HTSATConfig",
+    "AutoModel": "modeling_htsat.HTSATModel",
+    "AutoModelForAudioClassification": "modeling_htsat.HTSATForAudioClassification",
+    "AutoModelForAudioFrameClassification": "modeling_htsat.HTSATForSoundEventDetection",
+}
+
+HTSATModel.register_for_auto_class("AutoModel")
+HTSATForAudioClassification.register_for_auto_class("AutoModelForAudioClassification")
+HTSATForSoundEventDetection.register_for_auto_class("AutoModelForAudioFrameClassification")
+
+__all__ = [
+    "HTSATForAudioClassification",
+    "HTSATForSoundEventDetection",
+    "HTSATModel",
+    "HTSATPreTrainedModel",
+    "StepStitcher",
+    "window_starts",
+]
