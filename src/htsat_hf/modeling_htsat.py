@@ -400,7 +400,8 @@ class HTSATModel(HTSATPreTrainedModel):
         super().__init__(config)
         self.mel_batch_norm = nn.BatchNorm2d(config.num_mel_bins)
         self.patch_embed = HTSATPatchEmbeddings(config)
-        drop_paths = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        blocks = sum(config.depths)  # stochastic depth rising linearly from 0 to drop_path_rate over all blocks
+        drop_paths = [config.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
         self.stages = nn.ModuleList()
         for stage, depth in enumerate(config.depths):
             first = sum(config.depths[:stage])
