@@ -551,16 +551,17 @@ class HTSATTimeAxisMixin:
         if windows == 1:
             return step_logits
         step_logits = step_logits.view(batch, windows, *step_logits.shape[1:])
+        return torch.stack([self.stitch_window_steps(example, starts, num_frames) for example in step_logits])
+
+    def stitch_window_steps(self, step_values: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
+        """One input's per-window step values (windows, steps, labels), windows starting at frames `starts` of an
+        input of `num_frames` frames -> (total steps, labels) on one time grid of `frame_step_seconds` steps."""
         step = self.frame_step_seconds(num_frames)
         frame_seconds = self.config.hop_length / self.config.sampling_rate
         total_steps = math.ceil((num_frames - 1) * frame_seconds / step - 1e-6)
-        start_seconds = [s * frame_seconds for s in starts]
-        stitched = []
-        for example in step_logits:
-            stitcher = StepStitcher(total_steps, step, step_logits.shape[-1], example.device, example.dtype)
-            stitcher.add(example, start_seconds)
-            stitched.append(stitcher.result())
-        return torch.stack(stitched)
+        stitcher = StepStitcher(total_steps, step, step_values.shape[-1], step_values.device, step_values.dtype)
+        stitcher.add(step_values, [start * frame_seconds for start in starts])
+        return stitcher.result()
 
 
 class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
