@@ -242,3 +242,17 @@ def test_script_writes_a_loadable_folder_with_labels(tmp_path):
     loaded = HTSATForAudioClassification.from_pretrained(out)
     assert loaded.config.id2label[3] == "Class, 3"
     assert isinstance(HTSATFeatureExtractor.from_pretrained(out), HTSATFeatureExtractor)
+
+
+def test_audioset_label_csv_is_read_in_index_order():
+    from htsat_hf.convert_original import read_audioset_labels
+
+    labels = read_audioset_labels(shared_path("data", "audioset_class_labels_indices.csv"))
+    assert len(labels) == 527 and labels[0] == "Speech" and labels[526] == "Field recording"
+
+
+def test_label_csv_with_wrong_count_is_an_error():
+    with pytest.raises(ValueError, match="527 labels but the checkpoint has 10"):
+        convert_original_checkpoint(
+            shared_path(*FIXTURE, "htsat_tiny.ckpt"), labels_csv=shared_path("data", "audioset_class_labels_indices.csv")
+        )
