@@ -1,0 +1,132 @@
+"""Command-line arguments of `scripts/train.py`: the names of Transformers' `run_audio_classification.py`
+(`ModelArguments`, `DataTrainingArguments`) plus the HTS-AT recipe (`HTSATRecipeArguments`) and `TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# TrainingArguments defaults that differ from the Trainer's: the paper's optimiser settings, and the ones the
+# set_transform data pipeline needs. Every one can still be given on the command line.
+TRAINING_DEFAULTS = {
+    "learning_rate": 1e-3,  # x the schedule's multiplier (at most 0.1): peak 1e-4, as the paper
+    "weight_decay": 0.05,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "remove_unused_columns": False,  # the audio column must reach the set_transform
+    "ddp_find_unused_parameters": False,  # every HTS-AT parameter gets a gradient
+    "do_train": True,
+    "do_eval": True,
+    "output_dir": "htsat-finetuned",
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, or which (small) model to train from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A model folder or Hub id to fine-tune. Leave out to train from scratch."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config folder / id if not the model's."})
+    feature_extractor_name: str | None = field(default=None, metadata={"help": "Feature extractor if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
+    model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models or datasets."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise the classifier when num_labels differs (e.g. AudioSet -> ESC-50)."}
+    )
+    freeze_feature_encoder: bool = field(
+        default=False, metadata={"help": "Freeze the mel BatchNorm and patch embedding (HTS-AT fine-tunes them)."}
+    )
+    # Model settings (from-scratch runs, or overrides of a loaded config)
+    embed_dim: int | None = field(default=None, metadata={"help": "Width of the first stage (paper: 96)."})
+    depths: list[int] | None = field(default=None, metadata={"help": "Blocks per stage (paper: 2 2 6 2)."})
+    num_heads: list[int] | None = field(default=None, metadata={"help": "Heads per stage (paper: 4 8 16 32)."})
+    window_size: int | None = field(default=None, metadata={"help": "Attention window (paper: 8)."})
+    spec_size: int | None = field(default=None, metadata={"help": "Side of the folded spectrogram image (paper: 256)."})
+    clip_seconds: float | None = field(default=None, metadata={"help": "Seconds per model window (paper: 10)."})
+    sampling_rate: int | None = field(default=None, metadata={"help": "Audio rate (paper: 32000; 16000 for SCV2)."})
+    hop_length: int | None = field(default=None, metadata={"help": "STFT hop (paper: 320; 160 for SCV2)."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (paper: 0.1)."})
+    spec_augment: bool | None = field(default=None, metadata={"help": "SpecAugment in training (paper: on)."})
+    use_token_semantic_head: bool | None = field(default=None, metadata={"help": "Token-semantic head (paper: on)."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """What data to train and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or a local folder (audiofolder, ESC-50 or Speech Commands)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "CSV/JSON manifest: audio path + label columns."})
+    eval_file: str | None = field(default=None, metadata={"help": "CSV/JSON manifest for evaluation."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split."})
+    eval_split_name: str = field(default="validation", metadata={"help": "Evaluation split."})
+    audio_column_name: str = field(default="audio", metadata={"help": "Column with the audio (or its path)."})
+    label_column_name: str = field(default="label", metadata={"help": "Column with the label(s)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training clips."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation clips."})
+    max_length_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Clip length: training clips are randomly cropped to it, shorter ones repeated up to it "
+                          "(default: the feature extractor's, 10 s). Saved with the feature extractor."},
+    )
+    eval_crop: str = field(
+        default="center",
+        metadata={"help": "'center': crop long eval clips centrally to max_length_seconds; 'none': keep them whole "
+                          "(needs --per_device_eval_batch_size 1 when lengths differ)."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it."})
+    label_csv: str | None = field(
+        default=None, metadata={"help": "Class list: AudioSet index,mid,display_name CSV (or index,name,mid)."}
+    )
+    class_names: list[str] | None = field(default=None, metadata={"help": "Class names in index order (for streamed data)."})
+    multi_label: bool | None = field(
+        default=None, metadata={"help": "Several labels per clip (default: detected from the label column)."}
+    )
+    label_separator: str = field(default=",", metadata={"help": "Separator of multi-label strings."})
+    fold_column: str = field(default="fold", metadata={"help": "Column with cross-validation folds (ESC-50: fold)."})
+    eval_fold: str | None = field(default=None, metadata={"help": "Evaluate on this fold, train on the others."})
+    cross_validation: bool = field(
+        default=False, metadata={"help": "Train and evaluate once per fold; report the mean and standard deviation."}
+    )
+    validation_split_fraction: float | None = field(
+        default=None, metadata={"help": "Hold out this fraction of the training split when there is no eval split."}
+    )
+    skip_bad_examples: bool = field(
+        default=False, metadata={"help": "Skip unreadable audio / missing or unknown labels instead of stopping."}
+    )
+    check_audio: bool | None = field(
+        default=None, metadata={"help": "Decode every clip before training (default: for splits up to 20,000 rows)."}
+    )
+
+
+@dataclass
+class HTSATRecipeArguments:
+    """The paper's training recipe on top of the Trainer."""
+
+    mixup_alpha: float = field(default=0.5, metadata={"help": "Mixup Beta(alpha, alpha); 0 turns mixup off."})
+    mix_targets: bool = field(
+        default=True,
+        metadata={"help": "Mix the targets like the inputs (standard mixup). False = the original's AudioSet code, "
+                          "which leaves targets unmixed."},
+    )
+    balanced_sampling: bool | None = field(
+        default=None, metadata={"help": "Class-balanced training queue (default: on for multi-label data)."}
+    )
+    htsat_lr_schedule: bool = field(
+        default=True, metadata={"help": "The original warm-up/step schedule instead of --lr_scheduler_type."}
+    )
+    lr_rate: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1], metadata={"help": "Warm-up multipliers."})
+    lr_scheduler_epoch: list[int] = field(default_factory=lambda: [10, 20, 30], metadata={"help": "Step boundaries."})
+    schedule_steps_per_epoch: int | None = field(
+        default=None, metadata={"help": "Optimizer steps per schedule epoch (required with --streaming)."}
+    )
+    decay_all_parameters: bool = field(
+        default=True, metadata={"help": "Weight decay on all parameters (original) rather than not on biases/norms."}
+    )

@@ -1,0 +1,596 @@
+"""Loading audio classification data through `datasets` for HTS-AT training.
+
+Sources (`load_splits`):
+- a Hub dataset id (`dataset_name`, `dataset_config_name`; `streaming=True` for sets too large to download);
+- a local folder: an `audiofolder` (class sub-folders or `metadata.csv`), any folder `load_dataset` understands,
+  the raw ESC-50 layout (`meta/esc50.csv` + `audio/`) or the raw Speech Commands layout (word folders +
+  `validation_list.txt` / `testing_list.txt`);
+- CSV / JSON(L) manifests (`train_file`, `eval_file`) with an audio path column (relative paths are resolved
+  against the manifest's folder) and a label column.
+
+Labels (`build_label_space`): `ClassLabel` ints, strings, lists of strings (AudioSet MIDs or names, mapped with an
+AudioSet `index,mid,display_name` CSV), comma-joined strings (FSD50K), or plain ints (ESC-50's `target`, named by its
+`category` column). Folds (`fold` column) select train / eval rows for cross-validation.
+
+Audio is decoded and resampled by `datasets` (`Audio(sampling_rate=fe.sampling_rate, num_channels=1)`) when a batch
+is read. Training clips longer than `max_length_seconds` are randomly cropped to it; shorter ones are repeated to it
+by the feature extractor. Evaluation clips are cropped centrally to `max_length_seconds` by default
+(`eval_crop="center"`, so batches stack); `eval_crop="none"` keeps them whole (the model then averages over
+overlapping windows), which needs a batch size of 1 when clip lengths differ.
+
+Bad data (`validate_split`): an unreadable / missing audio file, a missing or unknown label, or an empty split
+raises `BadExampleError` naming the row and file; with `skip_bad_examples=True` the rows are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import Audio, ClassLabel, Dataset, IterableDataset, load_dataset
+from tqdm.auto import tqdm
+
+from .labels import LabelError, LabelSpace, infer_names, looks_multi_label, read_label_csv
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aiff", ".aif")
+AUTO_CHECK_AUDIO_MAX_ROWS = 20_000
+
+
+class BadExampleError(ValueError):
+    """An example that cannot be used: unreadable audio, missing / unknown label, or an empty split."""
+
+
+@dataclass
+class SplitReport:
+    """What `validate_split` found: rows kept, and (row, file, reason) of the rows skipped."""
+
+    name: str
+    kept: int
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _is_esc50_folder(path: Path) -> bool:
+    return (path / "meta" / "esc50.csv").exists() and (path / "audio").is_dir()
+
+
+def _is_speech_commands_folder(path: Path) -> bool:
+    return (path / "validation_list.txt").exists() and (path / "testing_list.txt").exists()
+
+
+def load_esc50_folder(root: str | Path) -> datasets.DatasetDict:
+    """The raw ESC-50 release (`meta/esc50.csv`, `audio/*.wav`) as one `train` split with `fold`, `target`
+    (a `ClassLabel` named by `category`), `category`, `esc10` columns; evaluate by fold."""
+    root = Path(root)
+    with (root / "meta" / "esc50.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names: dict[int, str] = {int(r["target"]): r["category"] for r in rows}
+    class_names = [names[i] for i in range(len(names))]
+    table = {
+        "audio": [str(root / "audio" / r["filename"]) for r in rows],
+        "fold": [int(r["fold"]) for r in rows],
+        "target": [int(r["target"]) for r in rows],
+        "category": [r["category"] for r in rows],
+        "esc10": [r.get("esc10", "False") == "True" for r in rows],
+    }
+    features = datasets.Features(
+        {
+            "audio": Audio(decode=False),
+            "fold": datasets.Value("int64"),
+            "target": ClassLabel(names=class_names),
+            "category": datasets.Value("string"),
+            "esc10": datasets.Value("bool"),
+        }
+    )
+    return datasets.DatasetDict({"train": Dataset.from_dict(table, features=features)})
+
+
+def load_speech_commands_folder(root: str | Path) -> datasets.DatasetDict:
+    """The raw Speech Commands release (one folder per word, `validation_list.txt`, `testing_list.txt`) as
+    `train` / `validation` / `test` splits with a `label` `ClassLabel` (words sorted) and `speaker_id`.
+    `_background_noise_` is left out."""
+    root = Path(root)
+    words = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    listed = {
+        name: {line.strip() for line in (root / f"{name}_list.txt").read_text().splitlines() if line.strip()}
+        for name in ("validation", "testing")
+    }
+    splits: dict[str, dict[str, list]] = {s: {"audio": [], "label": [], "speaker_id": []} for s in ("train", "validation", "test")}
+    for word in words:
+        for wav in sorted((root / word).glob("*.wav")):
+            relative = f"{word}/{wav.name}"
+            split = "validation" if relative in listed["validation"] else "test" if relative in listed["testing"] else "train"
+            splits[split]["audio"].append(str(wav))
+            splits[split]["label"].append(word)
+            splits[split]["speaker_id"].append(wav.name.split("_nohash_")[0])
+    features = datasets.Features(
+        {"audio": Audio(decode=False), "label": ClassLabel(names=words), "speaker_id": datasets.Value("string")}
+    )
+    return datasets.DatasetDict({s: Dataset.from_dict(t, features=features) for s, t in splits.items() if t["audio"]})
+
+
+def load_manifests(
+    train_file: str | None, eval_file: str | None, audio_column: str, streaming: bool = False
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """CSV / JSON(L) manifests -> splits `train` / `eval`, audio paths resolved against each manifest's folder."""
+    files = {name: path for name, path in (("train", train_file), ("eval", eval_file)) if path}
+    suffixes = {Path(p).suffix.lower() for p in files.values()}
+    if not suffixes <= {".csv", ".json", ".jsonl", ".tsv"} or len(suffixes) != 1:
+        raise ValueError(f"Manifests must all be .csv, .tsv or .json/.jsonl files, got {sorted(files.values())}.")
+    suffix = suffixes.pop()
+    builder = "csv" if suffix in (".csv", ".tsv") else "json"
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    for path in files.values():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Manifest {path} does not exist.")
+    raw = load_dataset(builder, data_files=files, streaming=streaming, **kwargs)
+    resolved = {}
+    for name, split in raw.items():
+        base = Path(files[name]).resolve().parent
+        columns = split.column_names if split.column_names is not None else list(split.features or {})
+        if audio_column not in columns:
+            raise ValueError(
+                f"Manifest {files[name]} has no audio column {audio_column!r} (columns: {columns}); pass "
+                "--audio_column_name."
+            )
+
+        def absolute(batch: dict[str, list], base: Path = base) -> dict[str, list]:
+            batch[audio_column] = [
+                p if p is None or os.path.isabs(p) or "://" in p else str(base / p) for p in batch[audio_column]
+            ]
+            return batch
+
+        split = split.map(absolute, batched=True)
+        if split.features is not None and split.features[audio_column] != datasets.Value("string"):
+            split = split.cast_column(audio_column, datasets.Value("string"))  # CSV gives large_string
+        resolved[name] = split.cast_column(audio_column, Audio(decode=False))
+    return type(raw)(resolved)
+
+
+def load_source(
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    train_file: str | None = None,
+    eval_file: str | None = None,
+    audio_column: str = "audio",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """All splits of the data source, the audio column cast to `Audio(decode=False)` (decoded later)."""
+    if train_file or eval_file:
+        return load_manifests(train_file, eval_file, audio_column, streaming)
+    if not dataset_name:
+        raise ValueError("Give --dataset_name (a Hub id or a local folder) or --train_file / --eval_file manifests.")
+    local = Path(dataset_name)
+    if local.is_dir() and _is_esc50_folder(local):
+        raw = load_esc50_folder(local)
+    elif local.is_dir() and _is_speech_commands_folder(local):
+        raw = load_speech_commands_folder(local)
+    else:
+        if not local.exists() and dataset_name.startswith(("/", "./", "../", "~")):
+            raise FileNotFoundError(f"--dataset_name {dataset_name} looks like a local path but does not exist.")
+        raw = load_dataset(dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, token=token)
+    if streaming and isinstance(raw, datasets.DatasetDict):
+        raw = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()})
+    out = {}
+    for name, split in raw.items():
+        features = split.features
+        if features is not None and audio_column not in features:
+            raise ValueError(
+                f"Split {name!r} of {dataset_name} has no audio column {audio_column!r} (columns: {list(features)}); "
+                "pass --audio_column_name."
+            )
+        out[name] = split.cast_column(audio_column, Audio(decode=False))
+    return type(raw)(out)
+
+
+def select_splits(
+    raw: datasets.DatasetDict | datasets.IterableDatasetDict,
+    train_split: str = "train",
+    eval_split: str | None = "validation",
+    fold_column: str = "fold",
+    eval_fold: Any = None,
+    validation_split_fraction: float | None = None,
+    seed: int = 42,
+) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
+    """
+    (train, eval) splits. With `eval_fold`, both come from `train_split`: rows whose `fold_column` equals `eval_fold`
+    are the eval set, the rest train. Manifest sources name their splits `train` / `eval`. Without an eval split,
+    `validation_split_fraction` holds out that fraction of the training rows (stratification is not attempted).
+    """
+    available = list(raw.keys())
+    if train_split not in raw:
+        alias = "train" if "train" in raw else None
+        if alias is None:
+            raise BadExampleError(f"No training split {train_split!r}; available splits: {available}.")
+        train_split = alias
+    train = raw[train_split]
+    if eval_fold is not None:
+        columns = train.column_names or []
+        if fold_column not in columns:
+            raise ValueError(f"--eval_fold needs a {fold_column!r} column; columns: {columns}.")
+        if isinstance(train, IterableDataset):
+            raise ValueError("Fold selection needs a non-streaming dataset.")
+        folds = train[fold_column]
+        target = type(folds[0])(eval_fold) if folds else eval_fold
+        eval_rows = [i for i, f in enumerate(folds) if f == target]
+        if not eval_rows:
+            raise BadExampleError(f"Fold {eval_fold!r} has no rows; folds present: {sorted(set(folds))}.")
+        train_rows = [i for i, f in enumerate(folds) if f != target]
+        return train.select(train_rows), train.select(eval_rows)
+    if eval_split and eval_split in raw:
+        return train, raw[eval_split]
+    if "eval" in raw and (eval_split in (None, "validation")):
+        return train, raw["eval"]
+    if validation_split_fraction:
+        if isinstance(train, IterableDataset):
+            raise ValueError("--validation_split_fraction needs a non-streaming dataset; name an eval split instead.")
+        parts = train.train_test_split(test_size=validation_split_fraction, seed=seed)
+        return parts["train"], parts["test"]
+    if eval_split:
+        raise BadExampleError(
+            f"No evaluation split {eval_split!r}; available splits: {available}. Pass --eval_split_name, --eval_fold "
+            "or --validation_split_fraction, or --do_eval False."
+        )
+    return train, None
+
+
+def fold_values(dataset: Dataset, fold_column: str = "fold") -> list[Any]:
+    """Sorted distinct values of the fold column (for cross-validation)."""
+    if fold_column not in dataset.column_names:
+        raise ValueError(f"Cross-validation needs a {fold_column!r} column; columns: {dataset.column_names}.")
+    return sorted(set(dataset[fold_column]))
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def build_label_space(
+    train: Dataset | IterableDataset,
+    label_column: str,
+    label_csv: str | None = None,
+    label_names: Sequence[str] | None = None,
+    multi_label: bool | None = None,
+    separator: str = ",",
+    names_column: str | None = "auto",
+) -> LabelSpace:
+    """
+    The classes, from (first match): `label_csv`; `label_names`; a `ClassLabel` / list-of-`ClassLabel` feature; a
+    `names_column` pairing integer labels with names (auto: ESC-50's `target` + `category`); else the distinct
+    values of the training split. `multi_label=None` detects it: list columns, or comma-joined strings.
+    """
+    features = train.features or {}
+    if label_column not in features:
+        raise ValueError(
+            f"No label column {label_column!r}; columns: {list(features)}. Pass --label_column_name "
+            "(e.g. 'label', 'labels', 'target', 'category')."
+        )
+    feature = features[label_column]
+    inner = getattr(feature, "feature", None)
+    is_list_feature = isinstance(feature, (datasets.Sequence, datasets.List)) or inner is not None
+    streaming = isinstance(train, IterableDataset)
+    cells: list[Any] | None = None
+    if not streaming:
+        cells = train[label_column]
+    elif multi_label is None and not is_list_feature:
+        cells = [row[label_column] for row in train.select_columns([label_column]).take(1000)]
+
+    aliases: dict[str, int] = {}
+    if label_csv:
+        names, aliases = read_label_csv(label_csv)
+    elif label_names:
+        names = list(label_names)
+    elif isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    elif isinstance(inner, ClassLabel):
+        names = list(inner.names)
+    else:
+        names = []
+    if multi_label is None:
+        multi_label = is_list_feature or (cells is not None and looks_multi_label(cells, separator, names))
+    if not names and names_column == "auto":
+        names_column = "category" if label_column == "target" and "category" in features else None
+    if not names and names_column:
+        if streaming:
+            raise ValueError("names_column needs a non-streaming dataset; pass --label_names or --label_csv instead.")
+        pairs = dict(zip(train[label_column], train[names_column]))
+        if not all(isinstance(k, (int, np.integer)) for k in pairs):
+            raise ValueError(f"names_column={names_column!r} needs integer labels in {label_column!r}.")
+        missing = [i for i in range(max(pairs) + 1) if i not in pairs]
+        if missing:
+            raise ValueError(f"Classes {missing[:10]} of {label_column!r} never occur, so {names_column!r} cannot name them.")
+        names = [str(pairs[i]) for i in range(max(pairs) + 1)]
+    if not names:
+        if streaming:
+            raise ValueError(
+                f"Cannot list the classes of the streamed column {label_column!r} without reading it all: pass "
+                "--label_names or --label_csv."
+            )
+        names = infer_names(cells or [], multi_label, separator)
+        if not names:
+            raise BadExampleError(f"The training split has no labels in column {label_column!r}.")
+    return LabelSpace(names=names, multi_label=bool(multi_label), separator=separator, aliases=aliases)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def audio_locations(dataset: Dataset, audio_column: str) -> list[tuple[str | None, bool]]:
+    """(path, has_bytes) of every row, read from the Arrow table without loading the audio."""
+    column = dataset.with_format("arrow")[audio_column]
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    paths = column.field("path").to_pylist()
+    has_bytes = column.field("bytes").is_valid().to_pylist()
+    return list(zip(paths, has_bytes))
+
+
+def check_decodes(cell: dict[str, Any]) -> None:
+    """Decode one `Audio(decode=False)` cell fully (raises when unreadable or empty)."""
+    decoded = Audio(num_channels=1).decode_example(cell)
+    samples = decoded["array"]
+    if samples.size == 0:
+        raise ValueError("no audio samples")
+    if not np.isfinite(samples).all():
+        raise ValueError("NaN or Inf samples")
+
+
+def validate_split(
+    dataset: Dataset,
+    name: str,
+    audio_column: str,
+    label_column: str | None,
+    labels: LabelSpace | None,
+    check_audio: bool | None = None,
+    skip_bad_examples: bool = False,
+) -> tuple[Dataset, SplitReport]:
+    """
+    Check every row of a (non-streaming) split: the label is present and known, the audio file exists and (with
+    `check_audio`; default: splits of at most 20,000 rows) decodes. Raises `BadExampleError` naming the first bad row
+    and its file, or with `skip_bad_examples` drops the bad rows and reports them.
+    """
+    if len(dataset) == 0:
+        raise BadExampleError(f"The {name} split is empty.")
+    locations = audio_locations(dataset, audio_column)
+    label_cells = dataset[label_column] if label_column and labels is not None else None
+    if check_audio is None:
+        check_audio = len(dataset) <= AUTO_CHECK_AUDIO_MAX_ROWS
+    skipped: list[tuple[int, str, str]] = []
+    audio_only = dataset.select_columns([audio_column]) if check_audio else None
+    rows = range(len(dataset))
+    if check_audio:
+        rows = tqdm(rows, desc=f"Checking {name} audio", leave=False, disable=len(dataset) < 500)
+    for row in rows:
+        path, has_bytes = locations[row]
+        file = path or "<embedded audio>"
+        reason = None
+        if label_cells is not None:
+            try:
+                labels.encode(label_cells[row])
+            except LabelError as error:
+                reason = str(error)
+        if reason is None and not has_bytes:
+            if not path:
+                reason = "no audio path"
+            elif "://" not in path and not os.path.exists(path):
+                reason = "audio file not found"
+        if reason is None and check_audio:
+            try:
+                check_decodes(audio_only[row][audio_column])
+            except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
+                reason = f"unreadable audio ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        if reason is not None:
+            if not skip_bad_examples:
+                raise BadExampleError(
+                    f"{name} split, row {row} ({file}): {reason}. Fix or remove it, or pass --skip_bad_examples."
+                )
+            skipped.append((row, file, reason))
+    if skipped:
+        bad = {row for row, _, _ in skipped}
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
+        logger.warning(
+            f"Skipped {len(skipped)} bad example(s) of the {name} split, e.g. row {skipped[0][0]} ({skipped[0][1]}): "
+            f"{skipped[0][2]}."
+        )
+    if len(dataset) == 0:
+        raise BadExampleError(f"The {name} split is empty after skipping {len(skipped)} bad example(s).")
+    return dataset, SplitReport(name=name, kept=len(dataset), skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def random_crop(waveform: np.ndarray, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One random `length`-sample window of a longer clip (shorter clips are returned unchanged)."""
+    if len(waveform) <= length:
+        return waveform
+    high = len(waveform) - length + 1
+    start = int(rng.integers(0, high)) if rng is not None else int(np.random.randint(0, high))
+    return waveform[start : start + length]
+
+
+def center_crop(waveform: np.ndarray, length: int) -> np.ndarray:
+    """The central `length` samples of a longer clip (shorter clips are returned unchanged)."""
+    if len(waveform) <= length:
+        return waveform
+    start = (len(waveform) - length) // 2
+    return waveform[start : start + length]
+
+
+class AudioTransform:
+    """
+    Batch transform for `Dataset.set_transform` / `IterableDataset.map(batched=True)`: decodes and resamples the audio
+    with `datasets`, crops it (random in training, central or none in evaluation), computes `input_features` with
+    the feature extractor, and encodes the labels. With `skip_bad_examples` (streaming only) unreadable rows are
+    dropped and counted in `self.skipped`; otherwise they raise naming the file.
+    """
+
+    def __init__(
+        self,
+        feature_extractor: Any,
+        labels: LabelSpace | None,
+        audio_column: str = "audio",
+        label_column: str | None = "label",
+        train: bool = True,
+        max_length_seconds: float | None = None,
+        eval_crop: str = "center",
+        skip_bad_examples: bool = False,
+    ) -> None:
+        if eval_crop not in ("center", "none"):
+            raise ValueError(f"eval_crop must be 'center' or 'none', got {eval_crop!r}.")
+        self.feature_extractor = feature_extractor
+        self.labels = labels
+        self.audio_column = audio_column
+        self.label_column = label_column
+        self.train = train
+        seconds = max_length_seconds or feature_extractor.max_length_seconds
+        self.max_samples = int(round(seconds * feature_extractor.sampling_rate))
+        self.eval_crop = eval_crop
+        self.skip_bad_examples = skip_bad_examples
+        self.skipped = 0
+        self.decoder = Audio(sampling_rate=feature_extractor.sampling_rate, num_channels=1)
+        self.input_name = feature_extractor.model_input_names[0]
+
+    def load(self, cell: dict[str, Any]) -> np.ndarray:
+        waveform = np.asarray(self.decoder.decode_example(cell)["array"], dtype=np.float32)
+        if waveform.size == 0:
+            raise ValueError("no audio samples")
+        if self.train:
+            return random_crop(waveform, self.max_samples)
+        return center_crop(waveform, self.max_samples) if self.eval_crop == "center" else waveform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        features: list[torch.Tensor] = []
+        targets: list[Any] = []
+        for row, cell in enumerate(batch[self.audio_column]):
+            file = (cell or {}).get("path") or "<embedded audio>"
+            try:
+                waveform = self.load(cell)
+                target = self.labels.encode(batch[self.label_column][row]) if self.labels is not None else None
+            except Exception as error:  # noqa: BLE001
+                if self.skip_bad_examples:
+                    self.skipped += 1
+                    logger.warning(f"Skipping {file}: {type(error).__name__}: {error}")
+                    continue
+                raise BadExampleError(f"Cannot use {file}: {type(error).__name__}: {error}") from error
+            extracted = self.feature_extractor(
+                waveform, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
+            )[self.input_name]
+            features.append(extracted[0])
+            targets.append(target)
+        out: dict[str, list] = {self.input_name: features}
+        if self.labels is not None:
+            out["labels"] = targets
+        return out
+
+
+@dataclass
+class PreparedData:
+    """Everything `run.py` needs: transformed splits, the label space, and the validation reports."""
+
+    train: Dataset | IterableDataset | None
+    eval: Dataset | IterableDataset | None
+    labels: LabelSpace
+    train_example_labels: list[list[int]] | None
+    reports: list[SplitReport]
+    transforms: list[AudioTransform]
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(r.skipped) for r in self.reports) + sum(t.skipped for t in self.transforms)
+
+
+def attach_transform(
+    dataset: Dataset | IterableDataset, transform: AudioTransform, shuffle_seed: int | None = None, buffer_size: int = 1000
+) -> Dataset | IterableDataset:
+    """`set_transform` for map-style datasets; a lazy batched `map` (dropping the raw columns) for streamed ones."""
+    if isinstance(dataset, IterableDataset):
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(seed=shuffle_seed, buffer_size=buffer_size)
+        columns = dataset.column_names
+        return dataset.map(transform, batched=True, batch_size=16, remove_columns=columns)
+    dataset.set_transform(transform)
+    return dataset
+
+
+def limit(dataset: Dataset | IterableDataset, count: int | None, seed: int) -> Dataset | IterableDataset:
+    """The first `count` examples (after a seeded shuffle for map-style data) as `max_*_samples` asks."""
+    if count is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return dataset.take(count)
+    return dataset.shuffle(seed=seed).select(range(min(count, len(dataset))))
+
+
+def prepare_data(
+    train: Dataset | IterableDataset | None,
+    eval_: Dataset | IterableDataset | None,
+    feature_extractor: Any,
+    audio_column: str = "audio",
+    label_column: str = "label",
+    label_space: LabelSpace | None = None,
+    max_length_seconds: float | None = None,
+    eval_crop: str = "center",
+    check_audio: bool | None = None,
+    skip_bad_examples: bool = False,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+) -> PreparedData:
+    """Validate, subsample and attach the decoding transforms to the train / eval splits."""
+    if train is None and eval_ is None:
+        raise ValueError("Nothing to prepare: no train and no eval split.")
+    reference = train if train is not None else eval_
+    labels = label_space or build_label_space(reference, label_column)
+    reports: list[SplitReport] = []
+    transforms: list[AudioTransform] = []
+    train_example_labels = None
+    splits: dict[str, Any] = {"train": train, "eval": eval_}
+    for name, split in splits.items():
+        if split is None:
+            continue
+        split = limit(split, max_train_samples if name == "train" else max_eval_samples, seed)
+        if isinstance(split, Dataset):
+            split, report = validate_split(
+                split, name, audio_column, label_column, labels, check_audio, skip_bad_examples
+            )
+            reports.append(report)
+            if name == "train":
+                train_example_labels = [labels.indices(cell) for cell in split[label_column]]
+        transform = AudioTransform(
+            feature_extractor,
+            labels,
+            audio_column,
+            label_column,
+            train=name == "train",
+            max_length_seconds=max_length_seconds,
+            eval_crop=eval_crop,
+            skip_bad_examples=skip_bad_examples,
+        )
+        transforms.append(transform)
+        splits[name] = attach_transform(split, transform, shuffle_seed=seed if name == "train" else None)
+    return PreparedData(splits["train"], splits["eval"], labels, train_example_labels, reports, transforms)
+
+
+__all__: list[str] = [
+    "AudioTransform",
+    "BadExampleError",
+    "PreparedData",
+    "SplitReport",
+    "build_label_space",
+    "center_crop",
+    "fold_values",
+    "load_esc50_folder",
+    "load_manifests",
+    "load_source",
+    "load_speech_commands_folder",
+    "prepare_data",
+    "random_crop",
+    "select_splits",
+    "validate_split",
+]
