@@ -83,3 +83,40 @@ def test_remote_code_without_the_package(tmp_path):
     assert len(report["pipeline"]) == 3
     assert {item["label"] for item in report["pipeline"]} <= {"dog", "cat", "siren", "rain"}
     assert all(0.0 <= item["score"] <= 1.0 for item in report["pipeline"])
+
+
+SED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["htsat_hf"] = None
+    import numpy as np
+    from transformers import pipeline
+    detector = pipeline("sound-event-detection", model=sys.argv[1], trust_remote_code=True)
+    audio = np.random.default_rng(0).standard_normal(32000 * 25).astype(np.float32) * 0.05
+    result = detector(audio, threshold=0.0, return_frame_scores=True)
+    print(json.dumps({"module": type(detector).__module__, "steps": len(result["frame_times"]),
+                      "labels": result["labels"], "events": len(result["events"])}))
+    """
+)
+
+
+def test_sound_event_detection_pipeline_as_remote_code(tmp_path):
+    from htsat_hf.modeling_htsat import HTSATForSoundEventDetection
+    from htsat_hf.pipeline_htsat import add_remote_sed_pipeline
+
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=2,
+                         id2label={0: "bird", 1: "car"})
+    folder = tmp_path / "model"
+    HTSATForSoundEventDetection(config).save_pretrained(folder)
+    HTSATFeatureExtractor().save_pretrained(folder)
+    add_remote_sed_pipeline(folder)
+    assert {"pipeline_htsat.py", "sed_postprocessing.py"} <= {p.name for p in folder.glob("*.py")}
+    (tmp_path / "sed.py").write_text(SED_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, str(tmp_path / "sed.py"), str(folder)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules")
+    assert report["steps"] == 80 and report["labels"] == ["bird", "car"]  # 25 s at 3.2 steps per second
+    assert report["events"] >= 2  # threshold 0: every class active throughout

@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForAudioClassification,
     AutoModelForAudioFrameClassification,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_htsat import HTSATConfig
 from .feature_extraction_htsat import HTSATFeatureExtractor
@@ -20,6 +21,7 @@ from .modeling_htsat import (
     HTSATModel,
     HTSATPreTrainedModel,
 )
+from .pipeline_htsat import SoundEventDetectionPipeline
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,12 @@ AutoModel.register(HTSATConfig, HTSATModel, exist_ok=True)
 AutoModelForAudioClassification.register(HTSATConfig, HTSATForAudioClassification, exist_ok=True)
 AutoModelForAudioFrameClassification.register(HTSATConfig, HTSATForSoundEventDetection, exist_ok=True)
 AutoFeatureExtractor.register(HTSATConfig, HTSATFeatureExtractor, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline(
+    "sound-event-detection",
+    pipeline_class=SoundEventDetectionPipeline,
+    pt_model=AutoModelForAudioFrameClassification,
+    type="audio",
+)
 
 __all__ = [
     "HTSATConfig",
@@ -36,4 +44,5 @@ __all__ = [
     "HTSATForSoundEventDetection",
     "HTSATModel",
     "HTSATPreTrainedModel",
+    "SoundEventDetectionPipeline",
 ]

@@ -1,0 +1,344 @@
+"""`pipeline("sound-event-detection")`: timed events from HTS-AT's token-semantic maps, for audio of any length.
+
+Audio longer than one window is read as a stream (files go through an ffmpeg pipe, so an hour of audio is never held
+in memory whole), cut into the model's overlapping 10-s windows, and the windows' step logits are stitched onto one
+time grid exactly as `HTSATForSoundEventDetection` does for a long input. Scores are then post-processed into events.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .sed_postprocessing import frames_to_events, load_label_mapping, map_scores
+
+logger = logging.get_logger(__name__)
+
+READ_BLOCK_SECONDS = 30.0
+PROGRESS_MIN_SECONDS = 120.0
+
+
+@dataclass
+class AudioSource:
+    """Mono audio at the model's rate, as an in-memory array or a file streamed through ffmpeg."""
+
+    sampling_rate: int
+    array: np.ndarray | None = None
+    path: str | None = None
+    duration_hint: float | None = None
+
+    def blocks(self, block_samples: int) -> Iterator[np.ndarray]:
+        if self.array is not None:
+            for start in range(0, len(self.array), block_samples):
+                yield self.array[start : start + block_samples]
+            return
+        yield from stream_with_ffmpeg(self.path, self.sampling_rate, block_samples)
+
+
+def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Iterator[np.ndarray]:
+    """Decodes any file ffmpeg reads to mono float32 at `sampling_rate`, block by block."""
+    if shutil.which("ffmpeg") is None:
+        raise ValueError("ffmpeg was not found: install it (e.g. apt-get install ffmpeg) to read audio files.")
+    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-ac", "1",
+               "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while chunk := process.stdout.read(block_samples * 4):
+            yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
+    finally:
+        process.stdout.close()
+        error = process.stderr.read().decode(errors="replace").strip()
+        if process.wait() != 0:
+            raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
+
+
+def probe_duration(path: str) -> float | None:
+    """Duration from the container header (for the progress bar), or None."""
+    try:
+        from torchcodec.decoders import AudioDecoder
+
+        return AudioDecoder(path).metadata.duration_seconds_from_header
+    except Exception:  # noqa: BLE001 - only a progress hint
+        return None
+
+
+class SoundEventDetectionPipeline(Pipeline):
+    """
+    Detects sound events: `{"events": [{"label", "onset", "offset", "score"}, ...]}` in seconds from the start of the
+    audio, plus `frame_scores` (steps, labels), `frame_times` (step onsets in seconds) and `labels` when
+    `return_frame_scores=True`.
+
+    Inputs: a file path, raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate": int}` (resampled to the
+    model's rate with torchaudio when it differs), or a 1-D array already at the model's rate.
+
+    Post-processing (see `sed_postprocessing.frames_to_events`): `threshold` (float, per-class list or dict),
+    `median_filter_seconds`, `min_duration_seconds`, `min_gap_seconds`, `hysteresis=(onset, offset)`,
+    `upsample="repeat"` (the original's step holding) or `"linear"`. `label_mapping`: a JSON/YAML path or dict mapping
+    new labels to groups of the model's labels (e.g. DESED classes from AudioSet classes). `window_batch_size`: windows
+    per forward pass. `progress`: show a progress bar (default: for audio over two minutes).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = True
+    _load_tokenizer = False
+
+    def _sanitize_parameters(
+        self,
+        threshold=None,
+        median_filter_seconds=None,
+        min_duration_seconds=None,
+        min_gap_seconds=None,
+        hysteresis=None,
+        upsample=None,
+        label_mapping=None,
+        return_frame_scores=None,
+        window_batch_size=None,
+        progress=None,
+        **kwargs,
+    ):
+        forward = {}
+        if window_batch_size is not None:
+            forward["window_batch_size"] = int(window_batch_size)
+        if progress is not None:
+            forward["progress"] = progress
+        post = {
+            key: value
+            for key, value in dict(
+                threshold=threshold,
+                median_filter_seconds=median_filter_seconds,
+                min_duration_seconds=min_duration_seconds,
+                min_gap_seconds=min_gap_seconds,
+                hysteresis=hysteresis,
+                upsample=upsample,
+                return_frame_scores=return_frame_scores,
+            ).items()
+            if value is not None
+        }
+        if label_mapping is not None:
+            post["label_mapping"] = (
+                label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
+            )
+        return {}, forward, post
+
+    # ------------------------------------------------------------------------------------------------- input
+    def preprocess(self, inputs: Any) -> dict:
+        rate = self.feature_extractor.sampling_rate
+        if isinstance(inputs, str):
+            return {"source": AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs))}
+        if isinstance(inputs, bytes):
+            from transformers.pipelines.audio_utils import ffmpeg_read
+
+            inputs = ffmpeg_read(inputs, rate)
+        elif isinstance(inputs, dict):
+            if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
+                raise ValueError('A dict input needs "array" (or "raw") and "sampling_rate" keys.')
+            array = inputs.get("array", inputs.get("raw"))
+            array = torch.as_tensor(np.asarray(array, dtype=np.float32))
+            if int(inputs["sampling_rate"]) != rate:
+                logger.info(f"resampling audio from {inputs['sampling_rate']} Hz to {rate} Hz")
+                array = torchaudio.functional.resample(array, int(inputs["sampling_rate"]), rate)
+            inputs = array.numpy()
+        elif isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().cpu().numpy()
+        if not isinstance(inputs, np.ndarray):
+            raise ValueError(
+                f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
+                '{"array": ..., "sampling_rate": ...}.'
+            )
+        if inputs.ndim != 1:
+            raise ValueError(
+                f"Expected mono audio (samples,), got shape {inputs.shape}; average the channels first "
+                "(e.g. x.mean(axis=0))."
+            )
+        array = inputs.astype(np.float32, copy=False)
+        return {"source": AudioSource(rate, array=array, duration_hint=len(array) / rate)}
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _forward(self, model_inputs: dict, window_batch_size: int = 8, progress: bool | None = None) -> dict:
+        source: AudioSource = model_inputs["source"]
+        stream = WindowStream(self.model, self.feature_extractor, source)
+        show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=round(source.duration_hint or 0, 1) or None, unit="s", desc="sound event detection")
+        window_logits, starts = [], []
+        for features, batch_starts in stream.window_batches(window_batch_size):
+            with torch.no_grad():
+                output = self.model(input_features=features.to(self.device, self.model.dtype))
+            window_logits.append(output.frame_logits.float().cpu())
+            starts.extend(batch_starts)
+            if bar is not None:
+                bar.update(round(stream.seconds_read - bar.n, 1))
+        if bar is not None:
+            bar.close()
+        frame_logits = self.model.stitch_window_steps(torch.cat(window_logits), starts, stream.num_frames)
+        return {
+            "frame_logits": frame_logits,
+            "step_seconds": self.model.frame_step_seconds(stream.num_frames),
+            "duration": stream.num_samples / source.sampling_rate,
+        }
+
+    # ----------------------------------------------------------------------------------------------- output
+    def postprocess(
+        self,
+        model_outputs: dict,
+        threshold: float | list | dict = 0.5,
+        median_filter_seconds: float | dict | None = None,
+        min_duration_seconds: float = 0.0,
+        min_gap_seconds: float = 0.0,
+        hysteresis: tuple[float, float] | None = None,
+        upsample: str = "repeat",
+        label_mapping: dict | None = None,
+        return_frame_scores: bool = False,
+    ) -> dict:
+        scores = torch.sigmoid(model_outputs["frame_logits"]).numpy()
+        labels = [self.model.config.id2label[i] for i in range(scores.shape[1])]
+        if label_mapping is not None:
+            scores, labels = map_scores(scores, label_mapping, labels)
+        events = frames_to_events(
+            scores,
+            model_outputs["step_seconds"],
+            labels,
+            threshold=threshold,
+            median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds,
+            min_gap_seconds=min_gap_seconds,
+            hysteresis=hysteresis,
+            upsample=upsample,
+            duration_seconds=model_outputs["duration"],
+        )
+        result = {"events": events}
+        if return_frame_scores:
+            result["frame_scores"] = scores
+            result["frame_times"] = np.arange(scores.shape[0]) * model_outputs["step_seconds"]
+            result["labels"] = labels
+        return result
+
+
+class WindowStream:
+    """
+    Cuts streamed audio into the model's windows. A window's features are computed from its samples plus two hops
+    of real context on each side, so they equal the frames of the whole recording's spectrogram: the result is the
+    same as running the model on the whole input at once, with bounded memory.
+    """
+
+    def __init__(self, model, feature_extractor, source: AudioSource):
+        config = model.config
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.source = source
+        self.hop = config.hop_length
+        self.window_frames = config.clip_frames
+        self.window_samples = (config.clip_frames - 1) * self.hop
+        self.hop_frames = max(1, int(round(config.long_input_hop_seconds * config.sampling_rate / self.hop)))
+        self.margin = 2 * self.hop
+        self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
+        self.num_samples = 0
+        self.num_frames = 0
+
+    @property
+    def seconds_read(self) -> float:
+        return self.num_samples / self.source.sampling_rate
+
+    def window_features(self, buffer: np.ndarray, buffer_start: int, start_frame: int, total: int | None):
+        start = start_frame * self.hop
+        chunk_start = max(0, start - self.margin)
+        chunk_end = start + self.window_samples + self.margin
+        if total is not None:
+            chunk_end = min(chunk_end, total)
+        chunk = buffer[chunk_start - buffer_start : chunk_end - buffer_start]
+        features = self.feature_extractor(chunk, sampling_rate=self.source.sampling_rate, padding=False,
+                                          return_tensors="pt")["input_features"][0]
+        offset = (start - chunk_start) // self.hop
+        return features[offset : offset + self.window_frames]
+
+    def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        buffer = np.zeros(0, dtype=np.float32)
+        buffer_start = 0
+        next_frame = 0
+        done: set[int] = set()
+        pending, pending_starts = [], []
+        block = int(READ_BLOCK_SECONDS * self.source.sampling_rate)
+        for samples in self.source.blocks(block):
+            if not np.isfinite(samples).all():
+                raise ValueError("The audio contains NaN or Inf samples.")
+            buffer = np.concatenate([buffer, samples])
+            self.num_samples += len(samples)
+            while (
+                self.num_samples >= self.long_after
+                and buffer_start + len(buffer) >= next_frame * self.hop + self.window_samples + self.margin
+            ):
+                pending.append(self.window_features(buffer, buffer_start, next_frame, None))
+                pending_starts.append(next_frame)
+                done.add(next_frame)
+                next_frame += self.hop_frames
+                # the end-aligned last window starts after the last window done, but maybe before next_frame
+                keep_from = max(0, (next_frame - self.hop_frames) * self.hop - self.margin)
+                buffer, buffer_start = buffer[keep_from - buffer_start :], keep_from
+                if len(pending) == batch_size:
+                    yield torch.stack(pending), pending_starts
+                    pending, pending_starts = [], []
+        if self.num_samples == 0:
+            raise ValueError("The audio is empty: no samples were decoded.")
+        self.num_frames = self.num_samples // self.hop + 1
+        starts, window_frames = self.model.htsat.window_layout(self.num_frames)
+        if len(starts) == 1:  # short input: the model stretches all of its frames into one window
+            features = self.feature_extractor(buffer, sampling_rate=self.source.sampling_rate, padding=False,
+                                              return_tensors="pt")["input_features"]
+            yield features, [0]
+            return
+        for start_frame in starts:
+            if start_frame in done:
+                continue
+            pending.append(self.window_features(buffer, buffer_start, start_frame, self.num_samples))
+            pending_starts.append(start_frame)
+            if len(pending) == batch_size:
+                yield torch.stack(pending), pending_starts
+                pending, pending_starts = [], []
+        if pending:
+            yield torch.stack(pending), pending_starts
+
+
+REMOTE_PIPELINE = {
+    "impl": "pipeline_htsat.SoundEventDetectionPipeline",
+    "pt": ["AutoModelForAudioFrameClassification"],
+    "tf": [],
+    "type": "audio",
+}
+
+
+def add_remote_sed_pipeline(folder: str | Path) -> None:
+    """
+    Makes `pipeline("sound-event-detection", model=folder, trust_remote_code=True)` work where `htsat_hf` is not
+    installed: copies this module (and its relative imports) beside the weights and declares it in `config.json`.
+
+    Plain `save_pretrained` does not do this, because Transformers then asks for `trust_remote_code=True` even where
+    the package is installed; published repositories (scripts/publish.py) do it.
+    """
+    from transformers.dynamic_module_utils import custom_object_save
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"{folder} has no config.json: save the model there first.")
+    custom_object_save(SoundEventDetectionPipeline, folder)
+    config = json.loads(config_path.read_text())
+    config.setdefault("custom_pipelines", {})["sound-event-detection"] = REMOTE_PIPELINE
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = ["SoundEventDetectionPipeline", "add_remote_sed_pipeline"]

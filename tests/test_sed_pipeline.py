@@ -1,0 +1,130 @@
+"""pipeline("sound-event-detection"): streaming windows equal the model's long-input path; events in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT
+from transformers import pipeline
+
+import htsat_hf.pipeline_htsat as pipeline_module
+from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+
+RATE = 32000
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3,
+                         id2label={0: "tone", 1: "noise", 2: "other"})
+    path = tmp_path_factory.mktemp("sed_model")
+    HTSATForSoundEventDetection(config).save_pretrained(path)
+    HTSATFeatureExtractor().save_pretrained(path)
+    return path
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(seconds * RATE)) * 0.05).astype(np.float32)
+
+
+def model_frame_scores(folder, audio: np.ndarray) -> torch.Tensor:
+    model = HTSATForSoundEventDetection.from_pretrained(folder).eval()
+    features = HTSATFeatureExtractor.from_pretrained(folder)(audio, sampling_rate=RATE, padding=False, return_tensors="pt")
+    with torch.no_grad():
+        return model(**features).frame_logits.sigmoid()[0]
+
+
+@pytest.mark.parametrize("seconds", [4.0, 10.0, 10.2, 10.3, 23.7, 40.0])
+def test_streamed_windows_equal_the_models_long_input_path(folder, seconds, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "READ_BLOCK_SECONDS", 3.0)  # many blocks, windows straddle them
+    detector = pipeline("sound-event-detection", model=str(folder))
+    audio = noise(seconds)
+    result = detector(audio, return_frame_scores=True, window_batch_size=3)
+    expected = model_frame_scores(folder, audio)
+    assert result["frame_scores"].shape == tuple(expected.shape)
+    np.testing.assert_allclose(result["frame_scores"], expected.numpy(), atol=1e-5)
+    assert result["labels"] == ["tone", "noise", "other"]
+    step = result["frame_times"][1] - result["frame_times"][0]
+    assert step * len(result["frame_times"]) == pytest.approx(seconds, abs=step)
+
+
+def test_file_path_is_streamed_through_ffmpeg(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "READ_BLOCK_SECONDS", 7.0)
+    audio = noise(31.0, seed=3)
+    sf.write(tmp_path / "clip.flac", audio, RATE)
+    detector = pipeline("sound-event-detection", model=str(folder))
+    from_file = detector(str(tmp_path / "clip.flac"), return_frame_scores=True)
+    from_array = detector(audio, return_frame_scores=True)
+    np.testing.assert_allclose(from_file["frame_scores"], from_array["frame_scores"], atol=1e-4)
+    from_bytes = detector((tmp_path / "clip.flac").read_bytes(), return_frame_scores=True)
+    np.testing.assert_allclose(from_bytes["frame_scores"], from_array["frame_scores"], atol=1e-4)
+
+
+def loudness_model(folder):
+    """The real model with its forward replaced by a transparent detector: label 0 is active where the
+    features are loud, so we know exactly where events must come out."""
+    model = HTSATForSoundEventDetection.from_pretrained(folder).eval()
+
+    def forward(input_features, **kwargs):
+        energy = input_features.amax(dim=-1, keepdim=True).transpose(1, 2)  # (n, 1, frames): loudest mel bin
+        steps = F.adaptive_avg_pool1d(energy, model.config.token_steps).transpose(1, 2)  # (n, 32, 1)
+        loud = (steps > -60).float() * 20 - 10
+        frame_logits = torch.cat([loud, -10 * torch.ones_like(loud), -10 * torch.ones_like(loud)], dim=-1)
+        return htsat_hf.modeling_htsat.HTSATSoundEventDetectionOutput(
+            logits=frame_logits.mean(1), frame_logits=frame_logits
+        )
+
+    model.forward = forward
+    return model
+
+
+import htsat_hf  # noqa: E402
+
+
+def test_event_crossing_window_boundaries_comes_out_whole(folder):
+    model = loudness_model(folder)
+    detector = pipeline("sound-event-detection", model=model, feature_extractor=HTSATFeatureExtractor())
+    audio = np.zeros(int(30 * RATE), dtype=np.float32) + 1e-6
+    t = np.arange(int(5 * RATE)) / RATE
+    audio[int(8 * RATE) : int(13 * RATE)] = 0.5 * np.sin(2 * np.pi * 1000 * t)  # 8-13 s, across the 10-s boundary
+    events = detector(audio)["events"]
+    assert len(events) == 1
+    event = events[0]
+    assert event["label"] == "tone"
+    assert event["onset"] == pytest.approx(8.0, abs=0.3125)
+    assert event["offset"] == pytest.approx(13.0, abs=0.3125)
+
+
+def test_bad_inputs(folder):
+    detector = pipeline("sound-event-detection", model=str(folder))
+    with pytest.raises(ValueError, match="mono"):
+        detector(np.zeros((2, RATE * 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="sampling_rate"):
+        detector({"array": noise(2.0)})
+    with pytest.raises(ValueError, match="could not decode"):
+        detector(str(REPO_ROOT / "README.md"))
+
+
+def test_cli_writes_tsv_and_plot(folder, tmp_path):
+    audio = noise(12.0, seed=5)
+    sf.write(tmp_path / "a.wav", audio, 44100)
+    out = tmp_path / "events.tsv"
+    png = tmp_path / "events.png"
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "detect_events.py"), str(tmp_path / "a.wav"), "--model",
+         str(folder), "--threshold", "0.0", "--output", str(out), "--plot", str(png)],
+        check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    rows = out.read_text().strip().splitlines()
+    assert rows[0].split("\t") == ["filename", "onset", "offset", "event_label", "score"]
+    assert len(rows) > 1 and all(row.split("\t")[0] == "a.wav" for row in rows[1:])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
