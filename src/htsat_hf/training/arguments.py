@@ -52,6 +52,8 @@ class ModelArguments:
     hop_length: int | None = field(default=None, metadata={"help": "STFT hop (paper: 320; 160 for SCV2)."})
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (paper: 0.1)."})
     spec_augment: bool | None = field(default=None, metadata={"help": "SpecAugment in training (paper: on)."})
+    time_mask_width: int | None = field(default=None, metadata={"help": "SpecAugment time-mask width in frames (64)."})
+    freq_mask_width: int | None = field(default=None, metadata={"help": "SpecAugment mel-bin mask width (8)."})
     use_token_semantic_head: bool | None = field(default=None, metadata={"help": "Token-semantic head (paper: on)."})
 
 

@@ -465,7 +465,7 @@ class AudioTransform:
         return center_crop(waveform, self.max_samples) if self.eval_crop == "center" else waveform
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        features: list[torch.Tensor] = []
+        waveforms: list[np.ndarray] = []
         targets: list[Any] = []
         for row, cell in enumerate(batch[self.audio_column]):
             file = (cell or {}).get("path") or "<embedded audio>"
@@ -478,15 +478,22 @@ class AudioTransform:
                     logger.warning(f"Skipping {file}: {type(error).__name__}: {error}")
                     continue
                 raise BadExampleError(f"Cannot use {file}: {type(error).__name__}: {error}") from error
-            extracted = self.feature_extractor(
-                waveform, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
-            )[self.input_name]
-            features.append(extracted[0])
+            waveforms.append(waveform)
             targets.append(target)
-        out: dict[str, list] = {self.input_name: features}
+        out: dict[str, list] = {self.input_name: self.extract(waveforms)}
         if self.labels is not None:
             out["labels"] = targets
         return out
+
+    def extract(self, waveforms: list[np.ndarray]) -> list[torch.Tensor]:
+        """Features of each clip; one batched call when they end up equally long (all within the clip length)."""
+        if not waveforms:
+            return []
+        rate = self.feature_extractor.sampling_rate
+        fe_samples = int(round(self.feature_extractor.max_length_seconds * rate))
+        if all(len(w) <= fe_samples for w in waveforms):
+            return list(self.feature_extractor(waveforms, sampling_rate=rate, return_tensors="pt")[self.input_name])
+        return [self.feature_extractor(w, sampling_rate=rate, return_tensors="pt")[self.input_name][0] for w in waveforms]
 
 
 @dataclass

@@ -43,6 +43,8 @@ ARCH_OVERRIDES = (
     "hop_length",
     "drop_path_rate",
     "spec_augment",
+    "time_mask_width",
+    "freq_mask_width",
     "use_token_semantic_head",
 )
 FE_FIELDS = {"sampling_rate": "sampling_rate", "hop_length": "hop_length", "n_fft": "n_fft", "num_mel_bins": "feature_size",
