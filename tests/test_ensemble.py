@@ -26,8 +26,9 @@ def member(seed: int, embed_dim: int = 8, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8
     torch.manual_seed(seed)
     config = HTSATConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(heads), id2label=LABELS, **settings)
     model = cls(config).eval()
+    head = model.classifier.conv if hasattr(model.classifier, "conv") else model.classifier.dense
     with torch.no_grad():  # a head that gives spread-out logits, so the averaging rule matters
-        model.classifier.conv.weight.mul_(20) if hasattr(model.classifier, "conv") else model.classifier.dense.weight.mul_(20)
+        head.weight.mul_(20)
     return model
 
 
@@ -58,14 +59,14 @@ def test_ensemble_averages_members_probabilities(members):
     torch.testing.assert_close(output.frame_logits.sigmoid(), frames, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(output.logits, torch.stack([s.logits for s in singles]).mean(0), atol=1e-3)
 
-    long_features = torch.randn(1, 2501, 64)  # 25 s: overlapping 10-s windows
+    long_features = torch.randn(1, 1501, 64)  # 15 s: two overlapping 10-s windows
     with torch.no_grad():
         output = ensemble(long_features)
         singles = [model(long_features) for model in members]
-        starts, window = ensemble.htsat.window_layout(2501)
+        starts, window = ensemble.htsat.window_layout(1501)
         per_window = torch.cat([ensemble(long_features[:, s : s + window]).frame_logits for s in starts])
     torch.testing.assert_close(output.logits.sigmoid(), torch.stack([s.logits.sigmoid() for s in singles]).mean(0))
-    torch.testing.assert_close(output.frame_logits[0], ensemble.stitch_window_steps(per_window, starts, 2501),
+    torch.testing.assert_close(output.frame_logits[0], ensemble.stitch_window_steps(per_window, starts, 1501),
                                rtol=1e-4, atol=1e-4)
 
     logit_ensemble = HTSATEnsembleModel.from_members(members, average="logits")

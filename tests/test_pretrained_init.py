@@ -18,6 +18,16 @@ from htsat_hf.pretrained_init import (
 )
 
 DEPTHS = [1, 1, 2, 1]
+BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+V4_NAMES = {  # v5 Swin name -> v4 name
+    "attention.q_proj": "attention.self.query",
+    "attention.k_proj": "attention.self.key",
+    "attention.v_proj": "attention.self.value",
+    "attention.o_proj": "attention.output.dense",
+    "attention.relative_position_bias.relative_position_bias_table": "attention.self.relative_position_bias_table",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
 
 
 def small_swin(window: int = 7, heads=(1, 2, 2, 4), image_size: int = 224, classifier: bool = True):
@@ -47,7 +57,9 @@ def test_swin_tensors_land_where_they_should():
         ours["htsat.patch_embed.proj.weight"],
         source["swin.embeddings.patch_embeddings.projection.weight"].sum(1, keepdim=True),
     )
-    torch.testing.assert_close(ours["htsat.patch_embed.proj.bias"], source["swin.embeddings.patch_embeddings.projection.bias"])
+    torch.testing.assert_close(
+        ours["htsat.patch_embed.proj.bias"], source["swin.embeddings.patch_embeddings.projection.bias"]
+    )
     torch.testing.assert_close(ours["htsat.patch_embed.norm.weight"], source["swin.embeddings.norm.weight"])
     torch.testing.assert_close(ours["htsat.norm.bias"], source["swin.layernorm.bias"])
     for stage, depth in enumerate(DEPTHS):
@@ -67,13 +79,12 @@ def test_swin_tensors_land_where_they_should():
         if stage < len(DEPTHS) - 1:
             for name in ("reduction.weight", "norm.weight", "norm.bias"):
                 torch.testing.assert_close(
-                    ours[f"htsat.stages.{stage}.downsample.{name}"], source[f"swin.encoder.layers.{stage}.downsample.{name}"]
+                    ours[f"htsat.stages.{stage}.downsample.{name}"],
+                    source[f"swin.encoder.layers.{stage}.downsample.{name}"],
                 )
 
-    assert report.new == sorted(
-        ["classifier.conv.weight", "classifier.conv.bias"]
-        + [f"htsat.mel_batch_norm.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-    )
+    batch_norm = [f"htsat.mel_batch_norm.{n}" for n in BATCH_NORM_TENSORS]
+    assert report.new == sorted(["classifier.conv.weight", "classifier.conv.bias"] + batch_norm)
     assert report.unused == ["classifier.bias", "classifier.weight"]
     assert len(report.resized) == sum(DEPTHS)
     assert set(report.loaded) | set(report.new) == set(ours)
@@ -100,11 +111,8 @@ def test_swin_mean_reduction_and_old_key_names():
     state = swin.state_dict()
     old = {}  # the v4 layout (attention.self.query, attention.output.dense, intermediate/output.dense)
     for key, value in state.items():
-        key = (key.replace("attention.q_proj", "attention.self.query").replace("attention.k_proj", "attention.self.key")
-               .replace("attention.v_proj", "attention.self.value").replace("attention.o_proj", "attention.output.dense")
-               .replace("attention.relative_position_bias.relative_position_bias_table",
-                        "attention.self.relative_position_bias_table")
-               .replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense"))
+        for new_name, old_name in V4_NAMES.items():
+            key = key.replace(new_name, old_name)
         old[key] = value
     old["swin.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
     new_names = init_from_swin(htsat_config(), state, rgb_reduction="mean").model.state_dict()
@@ -123,7 +131,9 @@ def test_swin_with_the_same_window_computes_the_same_tokens():
     """With window 7 on both sides (a 224 x 224 image: 56 mel bins x 4 chunks) nothing is resized, and a grey image
     of the folded spectrogram through Swin gives exactly our tokens: every stage, merge order and norm is mapped."""
     swin = small_swin(classifier=False)
-    config = htsat_config(window_size=7, spec_size=224, num_mel_bins=56, clip_seconds=8.9, use_token_semantic_head=False)
+    config = htsat_config(
+        window_size=7, spec_size=224, num_mel_bins=56, clip_seconds=8.9, use_token_semantic_head=False
+    )
     report = init_from_swin(config, swin, rgb_reduction="sum")
     assert report.resized == []
     model = report.model.eval()
@@ -144,8 +154,7 @@ def test_swin_into_an_existing_model_and_from_a_file(tmp_path):
     assert report.model is model
     backbone = init_from_swin(HTSATModel(htsat_config()), swin)
     assert "patch_embed.proj.weight" in backbone.loaded
-    assert set(backbone.new) == {f"mel_batch_norm.{n}" for n in
-                                 ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert set(backbone.new) == {f"mel_batch_norm.{n}" for n in BATCH_NORM_TENSORS}
     with pytest.raises(ValueError, match="num_heads"):  # the paper's 4/8/16/32 heads cannot take 1/2/2/4-head weights
         init_from_swin(HTSATForAudioClassification(htsat_config(num_heads=[1, 2, 4, 8])), swin)
 
@@ -219,4 +228,5 @@ def test_clap_state_dict_from_a_whole_clap_model_and_a_mismatched_model():
         report.model.state_dict()["htsat.mel_batch_norm.running_var"], clap.audio_encoder.batch_norm.running_var
     )
     with pytest.raises(ValueError, match="embed_dim"):
-        init_from_clap(HTSATForAudioClassification(HTSATConfig(embed_dim=16, depths=DEPTHS, num_heads=[1, 2, 4, 8])), clap)
+        wider = HTSATConfig(embed_dim=16, depths=DEPTHS, num_heads=[1, 2, 4, 8])
+        init_from_clap(HTSATForAudioClassification(wider), clap)

@@ -85,8 +85,9 @@ def test_prepared_repository_card_and_files(trained_folder, tmp_path):
     assert values == {"mAP": 0.4712, "mAUC": 0.9712, "d'": 2.71}
     assert {result.dataset_type for result in card.data.eval_results} == {"agkphysics/AudioSet"}
     text = card.text
-    for piece in ("## How to use", "trust_remote_code=True", 'pipeline("audio-classification", model="someone/htsat-test"',
-                  "## Intended use", "## Limitations", "@inproceedings{chen2022hts", "| AudioSet | test | mAP | 0.4712 |"):
+    usage = 'pipeline("audio-classification", model="someone/htsat-test", trust_remote_code=True)'
+    for piece in ("## How to use", usage, "## Intended use", "## Limitations", "@inproceedings{chen2022hts",
+                  "| AudioSet | test | mAP | 0.4712 |"):
         assert piece in text, piece
 
     reloaded = HTSATForAudioClassification.from_pretrained(tmp_path / "hub").eval()
@@ -108,7 +109,12 @@ REMOTE = textwrap.dedent(
     with torch.no_grad():
         logits = model(**extractor(waveform, sampling_rate=32000, return_tensors="pt")).logits
     classify = pipeline("audio-classification", model=folder, trust_remote_code=True)
-    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "top": classify(waveform, top_k=2)}))
+    events = None
+    if "custom_pipelines" in json.load(open(folder + "/config.json")):
+        detect = pipeline("sound-event-detection", model=folder, trust_remote_code=True)
+        events = detect(waveform, return_frame_scores=True)["frame_scores"].shape[0]
+    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "top": classify(waveform, top_k=2),
+                      "frames": events}))
     """
 )
 
@@ -128,6 +134,8 @@ def test_prepared_repository_loads_as_remote_code(trained_folder, tmp_path):
         expected = model(**HTSATFeatureExtractor()(waveform, sampling_rate=32000, return_tensors="pt")).logits
     torch.testing.assert_close(torch.tensor(report["logits"]), expected, rtol=0, atol=1e-6)
     assert len(report["top"]) == 2
+    if (tmp_path / "hub" / "pipeline_htsat.py").exists():  # the SED pipeline ships with the repository
+        assert report["frames"] > 0
 
 
 def test_upload_through_a_stand_in_api_and_dry_run(trained_folder, tmp_path):
@@ -161,7 +169,8 @@ def test_pickles_are_refused(tmp_path):
                                   convert_trusted_pickle=True)
     assert "model.safetensors" in prepared.files and "pytorch_model.bin" not in prepared.files
     reloaded = HTSATForAudioClassification.from_pretrained(prepared.folder).eval()
-    torch.testing.assert_close(reloaded.state_dict()["classifier.conv.weight"], model.state_dict()["classifier.conv.weight"])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value)
 
     torch.save({}, prepared.folder / "extra.pt")  # something pickled slipped into the folder
     with pytest.raises(ValueError, match="pickled"):

@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 from .configuration_htsat import HTSATConfig
 from .configuration_htsat_ensemble import HTSATEnsembleConfig
 from .modeling_htsat import (
-    CUSTOM_PIPELINES,
     HTSATForAudioClassification,
     HTSATForSoundEventDetection,
     HTSATModel,
@@ -23,7 +22,6 @@ from .modeling_htsat import (
     HTSATSoundEventDetectionOutput,
     HTSATTimeAxisMixin,
     clip_loss,
-    save_pipeline_code,
 )
 
 PROBABILITY_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before going back to logits
@@ -153,13 +151,10 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
         return torch.stack([self.stitch_window_steps(example, starts, num_frames) for example in window_steps])
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves weights and config with an `auto_map` for the ensemble and the sound-event-detection pipeline, and
-        their code (this module, HTS-AT's modules and the pipeline's), for `trust_remote_code=True`."""
+        """Saves weights and config with an `auto_map` for every Auto class the ensemble serves, and its code (this
+        module and the HTS-AT modules it imports), so the folder loads with `trust_remote_code=True`."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **ENSEMBLE_AUTO_MAP}
-        self.config.custom_pipelines = CUSTOM_PIPELINES
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        save_pipeline_code(save_directory)
-        return result
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 HTSATEnsembleModel.register_for_auto_class("AutoModelForAudioClassification")

@@ -144,6 +144,16 @@ def _feature_extractor(source: Path, config):
     return extractor, "no preprocessor_config.json in the source: written from the model config's front end"
 
 
+def _add_sed_pipeline(output: Path) -> str:
+    """Ships the sound-event-detection pipeline's code in the repository (`custom_pipelines` in config.json)."""
+    try:
+        from .pipeline_htsat import add_remote_sed_pipeline
+    except ImportError as error:
+        return f"sound-event-detection pipeline code not available ({error}): not included"
+    add_remote_sed_pipeline(output)
+    return "sound-event-detection pipeline code included (custom_pipelines)"
+
+
 # ---------------------------------------------------------------------------------------------- model card
 def _architecture(config) -> str:
     if config.model_type == "htsat_ensemble":
@@ -199,6 +209,7 @@ def build_card(model, settings: CardSettings, results: dict[str, float], results
     dataset = settings.dataset_name or settings.dataset_id or "the data it was fine-tuned on (not stated)"
     kind = "multi-label audio tagging" if multi_label else "single-label audio classification"
     step_seconds = (config.clip_frames - 1) * config.hop_length / config.sampling_rate / config.token_steps
+    dataset_label = settings.dataset_name or settings.dataset_id or "evaluation set"
     return ModelCard.from_template(
         card_data,
         template_path=str(find_template(str(template))),
@@ -230,8 +241,8 @@ def build_card(model, settings: CardSettings, results: dict[str, float], results
         intended_use=settings.intended_use or _default_intended_use(multi_label, sed, config.num_labels),
         dataset_description=dataset,
         results=[
-            {"dataset": settings.dataset_name or settings.dataset_id or "evaluation set", "split": settings.dataset_split,
-             "name": METRICS[metric][1], "value": f"{value:.4f}"}
+            {"dataset": dataset_label, "split": settings.dataset_split, "name": METRICS[metric][1],
+             "value": f"{value:.4f}"}
             for metric, value in results.items()
         ],
         results_source=results_source,
@@ -277,6 +288,8 @@ def prepare_repository(
         notes.append(note)
     model.save_pretrained(output)
     extractor.save_pretrained(output)
+    if model.config.use_token_semantic_head:
+        notes.append(_add_sed_pipeline(output))
     results_path = Path(results_file) if results_file else find_results(source)
     results = read_results(results_path) if results_path else {}
     if results and not settings.dataset_id:
