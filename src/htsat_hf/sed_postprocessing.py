@@ -1,0 +1,327 @@
+"""Frame scores -> sound events, and AudioSet -> target label mapping (numpy/scipy only, no torch).
+
+This file is also shipped next to saved models as remote code, so it imports nothing from the package.
+
+Pipeline of `frames_to_events`, per class (the DCASE task 4 order, with dcase_util's event clean-up):
+
+1. upsample the step scores ("repeat": each step held constant, as the original HTS-AT; "linear": straight
+   lines between step centres, so boundaries are not quantised to one step),
+2. median filter over time (window in seconds, rounded to an odd number of working frames),
+3. binarise: `score > threshold` (strict, as DCASE), or hysteresis (start above `onset`, stay above `offset`),
+4. contiguous active regions -> events,
+5. drop events shorter than `min_duration_seconds`,
+6. merge same-class events separated by a gap <= `min_gap_seconds`,
+7. clip to the audio duration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+PerClass = Union[float, Sequence[float], Mapping[str, float]]
+TIME_DECIMALS = 6
+DEFAULT_LINEAR_FACTOR = 5  # odd, so step centres (the original values) are on the grid; 62.5 ms for HTS-AT
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_scores(scores: np.ndarray, labels: Sequence[str] | None = None) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a 2-D array (frames, classes), got shape {scores.shape}.")
+    if labels is not None and len(labels) != scores.shape[1]:
+        raise ValueError(f"Got {len(labels)} labels for {scores.shape[1]} score columns; they must match.")
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
+        raise ValueError(f"scores must be real numbers, got dtype {scores.dtype}.")
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values.")
+    if scores.size and (scores.min() < 0.0 or scores.max() > 1.0):
+        raise ValueError(
+            f"scores must be probabilities in [0, 1] (got {scores.min():.4g}..{scores.max():.4g}); "
+            "apply a sigmoid to logits first."
+        )
+    return scores
+
+
+def _check_probability(value: float, what: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {value}.")
+    return value
+
+
+def per_class_values(value: PerClass | None, labels: Sequence[str], what: str, default: float | None) -> list:
+    """Expands a scalar, a per-class sequence or a {label: value} dict (missing labels -> `default`) to a list."""
+    if value is None or np.isscalar(value):
+        return [value if value is not None else default] * len(labels)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(labels))
+        if unknown:
+            raise ValueError(f"{what} names unknown labels {unknown}; known labels: {list(labels)}.")
+        return [value.get(label, default) for label in labels]
+    values = list(value)
+    if len(values) != len(labels):
+        raise ValueError(f"{what} has {len(values)} values for {len(labels)} labels; give one per label.")
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ time grid
+def upsample_scores(scores: np.ndarray, factor: int, mode: str = "repeat") -> np.ndarray:
+    """Upsamples (frames, ...) step scores by an integer factor along time.
+
+    "repeat" holds each step constant; "linear" interpolates between step centres and holds the first and last
+    half step constant, so the output covers exactly the same time span.
+    """
+    if mode not in ("repeat", "linear"):
+        raise ValueError(f'upsample must be "repeat" or "linear", got {mode!r}.')
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"upsample_factor must be a positive integer, got {factor}.")
+    factor = int(factor)
+    if factor == 1 or len(scores) == 0:
+        return scores
+    if mode == "repeat":
+        return np.repeat(scores, factor, axis=0)
+    num_steps = len(scores)
+    step_centres = np.arange(num_steps) + 0.5
+    fine_centres = (np.arange(num_steps * factor) + 0.5) / factor
+    flat = scores.reshape(num_steps, -1)
+    columns = [np.interp(fine_centres, step_centres, flat[:, k]) for k in range(flat.shape[1])]
+    return np.stack(columns, axis=1).reshape((num_steps * factor,) + scores.shape[1:])
+
+
+def median_window_frames(seconds: float | None, frame_seconds: float) -> int:
+    """Median-filter length in frames: `seconds / frame_seconds` rounded, made odd; 1 means no filtering."""
+    if seconds is None:
+        return 1
+    if seconds < 0:
+        raise ValueError(f"median_filter_seconds must be >= 0, got {seconds}.")
+    frames = int(round(seconds / frame_seconds))
+    return max(1, frames + 1 - frames % 2)
+
+
+def apply_median_filter(scores: np.ndarray, window_frames: Sequence[int]) -> np.ndarray:
+    """Median filter along time with a per-class window (frames; 1 = unchanged), scipy 'reflect' edges as DCASE."""
+    filtered = np.array(scores, dtype=np.float64, copy=True)
+    for k, window in enumerate(window_frames):
+        if window > 1 and len(filtered):
+            filtered[:, k] = median_filter(filtered[:, k], size=int(window), mode="reflect")
+    return filtered
+
+
+# ------------------------------------------------------------------------------------------------ regions
+def contiguous_regions(active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start (inclusive) and end (exclusive) indices of the runs of True in a 1-D boolean array."""
+    padded = np.concatenate(([False], np.asarray(active, dtype=bool), [False]))
+    changes = np.flatnonzero(padded[1:] != padded[:-1])
+    return changes[0::2], changes[1::2]
+
+
+def binarise(column: np.ndarray, threshold: float, hysteresis: tuple[float, float] | None) -> np.ndarray:
+    """`column > threshold`, or with hysteresis the runs above `offset` that contain a value above `onset`."""
+    if hysteresis is None:
+        return column > threshold
+    onset_threshold, offset_threshold = hysteresis
+    starts, ends = contiguous_regions(column > offset_threshold)
+    active = np.zeros(len(column), dtype=bool)
+    if len(starts):
+        keep = np.maximum.reduceat(column, starts) > onset_threshold
+        # reduceat over [start_i, start_{i+1}) includes inactive frames, which are all <= offset <= onset threshold
+        for start, end in zip(starts[keep], ends[keep]):
+            active[start:end] = True
+    return active
+
+
+def _drop_short_and_merge(
+    starts: np.ndarray, ends: np.ndarray, min_frames: float, gap_frames: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """dcase_util order: first drop regions shorter than `min_frames`, then merge gaps <= `gap_frames`."""
+    keep = (ends - starts) >= min_frames - 1e-9
+    starts, ends = starts[keep], ends[keep]
+    if gap_frames > 0 and len(starts) > 1:
+        gap_before = starts[1:] - ends[:-1]
+        new_event = np.concatenate(([True], gap_before > gap_frames + 1e-9))
+        group = np.cumsum(new_event) - 1
+        merged_starts = starts[new_event]
+        merged_ends = np.zeros(len(merged_starts), dtype=ends.dtype)
+        np.maximum.at(merged_ends, group, ends)
+        starts, ends = merged_starts, merged_ends
+    return starts, ends
+
+
+# ------------------------------------------------------------------------------------------------ main API
+def frames_to_events(
+    scores: np.ndarray,
+    step_seconds: float,
+    labels: Sequence[str],
+    threshold: PerClass = 0.5,
+    median_filter_seconds: float | Sequence[float] | Mapping[str, float] | None = None,
+    min_duration_seconds: float = 0.0,
+    min_gap_seconds: float = 0.0,
+    hysteresis: tuple[float, float] | None = None,
+    upsample: str = "repeat",
+    upsample_factor: int | None = None,
+    offset_seconds: float = 0.0,
+    duration_seconds: float | None = None,
+) -> list[dict]:
+    """Turns frame probabilities into events `{"label", "onset", "offset", "score"}` (seconds, sorted by onset).
+
+    Args:
+        scores: (frames, classes) probabilities in [0, 1]; frame `i` covers `[i, i + 1) * step_seconds`.
+        step_seconds: time step of one input frame (HTS-AT: clip length / 32 per 10-s window).
+        labels: one name per score column.
+        threshold: scalar, one per class, or `{label: value}` (labels left out use 0.5). Active means `> threshold`.
+        median_filter_seconds: median-filter length (scalar, per class, or `{label: seconds}`), None = off.
+        min_duration_seconds: events shorter than this are dropped (before merging).
+        min_gap_seconds: same-class events separated by at most this are merged (after dropping short ones).
+        hysteresis: `(onset, offset)` thresholds (offset <= onset), replacing `threshold`: an event starts where the
+            score exceeds `onset` and lasts while it stays above `offset`.
+        upsample: "repeat" (hold each step, the original HTS-AT) or "linear" (interpolate between step centres).
+        upsample_factor: working frames per input frame; default 1 for "repeat", 5 for "linear".
+        offset_seconds: time of the first frame's start in the audio (added to all times).
+        duration_seconds: audio duration; offsets are clipped to it and events starting after it dropped.
+
+    The event score is the highest (post-filter) score inside the event.
+    """
+    scores = _check_scores(scores, labels)
+    if not step_seconds > 0:
+        raise ValueError(f"step_seconds must be > 0, got {step_seconds}.")
+    if min_duration_seconds < 0 or min_gap_seconds < 0:
+        raise ValueError("min_duration_seconds and min_gap_seconds must be >= 0.")
+    thresholds = [_check_probability(t, "threshold") for t in per_class_values(threshold, labels, "threshold", 0.5)]
+    if hysteresis is not None:
+        hysteresis = _check_hysteresis(hysteresis)
+    if upsample not in ("repeat", "linear"):
+        raise ValueError(f'upsample must be "repeat" or "linear", got {upsample!r}.')
+    factor = upsample_factor if upsample_factor is not None else (1 if upsample == "repeat" else DEFAULT_LINEAR_FACTOR)
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"upsample_factor must be a positive integer, got {factor}.")
+    factor = int(factor)
+    frame_seconds = step_seconds / factor
+    medians = per_class_values(median_filter_seconds, labels, "median_filter_seconds", None)
+    windows = [median_window_frames(seconds, frame_seconds) for seconds in medians]
+
+    events = []
+    for k, label in enumerate(labels):
+        column = upsample_scores(scores[:, k : k + 1], factor, upsample)
+        column = apply_median_filter(column, [windows[k]])[:, 0]
+        starts, ends = contiguous_regions(binarise(column, thresholds[k], hysteresis))
+        starts, ends = _drop_short_and_merge(
+            starts, ends, min_duration_seconds / frame_seconds, min_gap_seconds / frame_seconds
+        )
+        for start, end in zip(starts, ends):
+            events.append(_make_event(label, start, end, column, frame_seconds, offset_seconds, duration_seconds))
+    order = {label: k for k, label in enumerate(labels)}
+    events = [event for event in events if event is not None]
+    events.sort(key=lambda event: (event["onset"], order[event["label"]]))
+    return events
+
+
+def _check_hysteresis(hysteresis: Sequence[float]) -> tuple[float, float]:
+    if len(hysteresis) != 2:
+        raise ValueError(f"hysteresis must be (onset, offset) thresholds, got {hysteresis!r}.")
+    onset_threshold = _check_probability(hysteresis[0], "hysteresis onset threshold")
+    offset_threshold = _check_probability(hysteresis[1], "hysteresis offset threshold")
+    if offset_threshold > onset_threshold:
+        raise ValueError(
+            f"hysteresis offset threshold {offset_threshold} must be <= onset threshold {onset_threshold}."
+        )
+    return onset_threshold, offset_threshold
+
+
+def _make_event(label, start, end, column, frame_seconds, offset_seconds, duration_seconds) -> dict | None:
+    onset = offset_seconds + start * frame_seconds
+    offset = offset_seconds + end * frame_seconds
+    if duration_seconds is not None:
+        if onset >= duration_seconds:
+            return None
+        offset = min(offset, duration_seconds)
+    return {
+        "label": label,
+        "onset": round(float(onset), TIME_DECIMALS),
+        "offset": round(float(offset), TIME_DECIMALS),
+        "score": float(column[start:end].max()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ label mapping
+def resolve_label_mapping(
+    mapping: Mapping[str, Sequence[int | str]], source_labels: Sequence[str]
+) -> dict[str, list[int]]:
+    """Resolves a {target: [source names or indices]} mapping to source column indices, with clear errors."""
+    index_of = {label: i for i, label in enumerate(source_labels)}
+    resolved, unknown = {}, []
+    for target, group in mapping.items():
+        if isinstance(group, (str, int)):
+            group = [group]
+        if len(group) == 0:
+            raise ValueError(f"Label mapping for {target!r} is empty.")
+        indices = []
+        for source in group:
+            if isinstance(source, (bool, np.bool_)):
+                raise ValueError(f"Label mapping for {target!r}: {source!r} is neither a label name nor an index.")
+            if isinstance(source, (int, np.integer)):
+                if not 0 <= source < len(source_labels):
+                    raise ValueError(
+                        f"Label mapping for {target!r}: index {source} is outside 0..{len(source_labels) - 1}."
+                    )
+                indices.append(int(source))
+            elif source in index_of:
+                indices.append(index_of[source])
+            else:
+                unknown.append(str(source))
+        resolved[str(target)] = sorted(set(indices))
+    if unknown:
+        raise ValueError(f"Label mapping names labels the model does not have: {sorted(set(unknown))}.")
+    return resolved
+
+
+def map_scores(
+    scores: np.ndarray, mapping: Mapping[str, Sequence[int | str]], source_labels: Sequence[str]
+) -> tuple[np.ndarray, list[str]]:
+    """(frames, source classes) -> (frames, target classes): each target is the max over its source group.
+
+    A target class is therefore active whenever any of its source classes is (e.g. DESED "Dog" from AudioSet "Dog",
+    "Bark", ...). Targets keep the mapping's order.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a 2-D array (frames, classes), got shape {scores.shape}.")
+    if len(source_labels) != scores.shape[1]:
+        raise ValueError(f"Got {len(source_labels)} source labels for {scores.shape[1]} score columns.")
+    resolved = resolve_label_mapping(mapping, source_labels)
+    if not resolved:
+        raise ValueError("Label mapping is empty.")
+    target_labels = list(resolved)
+    mapped = np.stack([scores[:, resolved[t]].max(axis=1) for t in target_labels], axis=1)
+    return mapped, target_labels
+
+
+def load_label_mapping(path: str | Path) -> dict[str, list[int | str]]:
+    """Reads a {target label: [source label names or indices]} mapping from JSON (or YAML when PyYAML is installed)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON.") from error
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping {{target label: [source labels]}}, got {type(data).__name__}.")
+    mapping = {}
+    for target, group in data.items():
+        group = [group] if isinstance(group, (str, int)) else group
+        if not isinstance(group, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in group):
+            raise ValueError(f"{path}: the entry for {target!r} must be a list of label names or indices.")
+        mapping[str(target)] = list(group)
+    return mapping

@@ -1,0 +1,207 @@
+"""Frame scores -> events on synthetic scores with known answers, label mapping, and input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from htsat_hf.sed_postprocessing import (
+    contiguous_regions,
+    frames_to_events,
+    load_label_mapping,
+    map_scores,
+    median_window_frames,
+    upsample_scores,
+)
+
+
+def spans(events, label=None):
+    return [(e["onset"], e["offset"]) for e in events if label is None or e["label"] == label]
+
+
+def column(values) -> np.ndarray:
+    return np.asarray(values, dtype=float)[:, None]
+
+
+def test_contiguous_regions_edges():
+    starts, ends = contiguous_regions(np.array([1, 1, 0, 1, 0, 1], dtype=bool))
+    assert starts.tolist() == [0, 3, 5] and ends.tolist() == [2, 4, 6]
+    assert [len(x) for x in contiguous_regions(np.zeros(0, dtype=bool))] == [0, 0]
+
+
+def test_repeat_events_times_scores_and_order():
+    scores = np.zeros((32, 2))
+    scores[4:10, 0] = [0.6, 0.9, 0.9, 0.7, 0.6, 0.55]
+    scores[2, 1] = 0.8
+    events = frames_to_events(scores, 0.3125, ["Dog", "Cat"])
+    assert events == [
+        {"label": "Cat", "onset": 0.625, "offset": 0.9375, "score": 0.8},
+        {"label": "Dog", "onset": 1.25, "offset": 3.125, "score": 0.9},
+    ]
+
+
+def test_threshold_is_strict():
+    scores = column([0.0, 0.5, 0.5, 0.0])
+    assert frames_to_events(scores, 1.0, ["a"], threshold=0.5) == []
+    assert spans(frames_to_events(scores, 1.0, ["a"], threshold=0.49)) == [(1.0, 3.0)]
+
+
+def test_median_filter_removes_one_frame_blip_and_keeps_event():
+    scores = np.zeros((40, 1))
+    scores[5, 0] = 0.9  # blip
+    scores[20:26, 0] = 0.9  # 0.6-s event
+    assert spans(frames_to_events(scores, 0.1, ["a"])) == [(0.5, 0.6), (2.0, 2.6)]
+    assert spans(frames_to_events(scores, 0.1, ["a"], median_filter_seconds=0.3)) == [(2.0, 2.6)]
+    assert median_window_frames(0.3, 0.1) == 3 and median_window_frames(0.4, 0.1) == 5
+    assert median_window_frames(None, 0.1) == 1 and median_window_frames(0.04, 0.1) == 1
+
+
+def test_median_filter_per_class():
+    scores = np.zeros((20, 2))
+    scores[5, :] = 0.9
+    events = frames_to_events(scores, 0.1, ["a", "b"], median_filter_seconds={"a": 0.3})
+    assert spans(events, "a") == [] and spans(events, "b") == [(0.5, 0.6)]
+
+
+def test_min_duration_drops_short_events():
+    scores = column([0, 0.9, 0, 0, 0.9, 0.9, 0.9, 0])
+    events = frames_to_events(scores, 0.1, ["a"], min_duration_seconds=0.2)
+    assert spans(events) == [(0.4, 0.7)]
+    assert spans(frames_to_events(scores, 0.1, ["a"], min_duration_seconds=0.3)) == [(0.4, 0.7)]  # == kept
+
+
+def test_min_gap_merges_same_class_events():
+    scores = column([0.9, 0.9, 0, 0, 0.9, 0.9, 0])
+    assert spans(frames_to_events(scores, 0.1, ["a"], min_gap_seconds=0.1)) == [(0.0, 0.2), (0.4, 0.6)]
+    merged = frames_to_events(scores, 0.1, ["a"], min_gap_seconds=0.2)
+    assert spans(merged) == [(0.0, 0.6)] and merged[0]["score"] == 0.9
+
+
+def test_short_events_are_dropped_before_merging():
+    # long [0, .5), short [.6, .7), long [.8, 1.3): dropping first leaves a 0.3-s gap, which is not merged
+    scores = column([0.9] * 5 + [0, 0.9, 0] + [0.9] * 5)
+    events = frames_to_events(scores, 0.1, ["a"], min_duration_seconds=0.2, min_gap_seconds=0.15)
+    assert spans(events) == [(0.0, 0.5), (0.8, 1.3)]
+
+
+def test_hysteresis():
+    scores = column([0, 0.8, 0.8, 0.4, 0.8, 0.8, 0, 0.5, 0.5, 0])
+    assert spans(frames_to_events(scores, 0.1, ["a"])) == [(0.1, 0.3), (0.4, 0.6)]
+    # the dip to 0.4 stays above the offset threshold; the 0.5 bump never exceeds the onset threshold
+    assert spans(frames_to_events(scores, 0.1, ["a"], hysteresis=(0.7, 0.3))) == [(0.1, 0.6)]
+    assert spans(frames_to_events(scores, 0.1, ["a"], hysteresis=(0.45, 0.3))) == [(0.1, 0.6), (0.7, 0.9)]
+
+
+def test_per_class_thresholds_list_and_dict():
+    scores = np.tile([[0.3, 0.6]], (4, 1))
+    assert {e["label"] for e in frames_to_events(scores, 1.0, ["a", "b"])} == {"b"}
+    assert {e["label"] for e in frames_to_events(scores, 1.0, ["a", "b"], threshold=[0.2, 0.7])} == {"a"}
+    assert {e["label"] for e in frames_to_events(scores, 1.0, ["a", "b"], threshold={"a": 0.2})} == {"a", "b"}
+
+
+def test_linear_boundaries_are_not_quantised_to_steps():
+    scores = column([0, 0, 1, 1, 0, 0])  # 1-s steps, centres at 0.5, 1.5, ...
+    assert spans(frames_to_events(scores, 1.0, ["a"], threshold=0.7)) == [(2.0, 4.0)]
+    # linear: score(t) = t - 1.5 on [1.5, 2.5] > 0.7 from t = 2.2; working frames of 0.2 s (factor 5)
+    assert spans(frames_to_events(scores, 1.0, ["a"], threshold=0.7, upsample="linear")) == [(2.2, 3.8)]
+    fine = frames_to_events(scores, 1.0, ["a"], threshold=0.7, upsample="linear", upsample_factor=20)
+    assert spans(fine) == [(2.2, 3.8)]
+
+
+def test_linear_keeps_step_values_and_time_span():
+    steps = np.array([[0.1], [0.8], [0.3]])
+    fine = upsample_scores(steps, 5, "linear")
+    assert fine.shape == (15, 1) and np.allclose(fine[[2, 7, 12], 0], [0.1, 0.8, 0.3])
+    assert np.allclose(fine[:3, 0], 0.1) and np.allclose(fine[-3:, 0], 0.3)
+    assert np.array_equal(upsample_scores(steps, 3, "repeat")[:, 0], np.repeat(steps[:, 0], 3))
+    events = frames_to_events(column([0, 0, 0.8, 0, 0]), 1.0, ["a"], upsample="linear")
+    assert len(events) == 1 and events[0]["score"] == pytest.approx(0.8)
+
+
+def test_offset_and_duration_clipping():
+    scores = column([0, 0.9, 0.9, 0.9])
+    assert spans(frames_to_events(scores, 1.0, ["a"], offset_seconds=10.0)) == [(11.0, 14.0)]
+    assert spans(frames_to_events(scores, 1.0, ["a"], duration_seconds=3.5)) == [(1.0, 3.5)]
+    assert frames_to_events(scores, 1.0, ["a"], duration_seconds=1.0) == []
+    assert frames_to_events(np.zeros((0, 1)), 1.0, ["a"]) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scores=np.zeros(5)), "2-D"),
+        (dict(labels=["a", "b", "c"]), "3 labels for 2"),
+        (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+        (dict(threshold=[0.5]), "1 values for 2 labels"),
+        (dict(threshold={"x": 0.5}), "unknown labels"),
+        (dict(hysteresis=(0.3, 0.7)), "must be <= onset"),
+        (dict(hysteresis=(0.5,)), "onset, offset"),
+        (dict(scores=np.full((4, 2), 3.0)), "sigmoid"),
+        (dict(scores=np.full((4, 2), np.nan)), "NaN"),
+        (dict(upsample="cubic"), "repeat"),
+        (dict(upsample_factor=0), "positive integer"),
+        (dict(step_seconds=0.0), "step_seconds"),
+        (dict(median_filter_seconds=-1.0), "median_filter_seconds"),
+        (dict(min_duration_seconds=-1.0), "min_duration"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, message):
+    arguments = dict(scores=np.zeros((4, 2)), step_seconds=0.1, labels=["a", "b"]) | kwargs
+    with pytest.raises(ValueError, match=message):
+        frames_to_events(**arguments)
+
+
+def test_map_scores_takes_the_group_maximum():
+    source = ["Speech", "Bark", "Dog", "Cat"]
+    scores = np.array([[0.1, 0.7, 0.2, 0.3], [0.9, 0.1, 0.4, 0.0]])
+    mapped, labels = map_scores(scores, {"Dog": ["Dog", "Bark"], "Speech": [0], "Cat": "Cat"}, source)
+    assert labels == ["Dog", "Speech", "Cat"]
+    assert np.allclose(mapped, [[0.7, 0.1, 0.3], [0.4, 0.9, 0.0]])
+
+
+def test_map_scores_errors_name_the_problem():
+    source = ["Speech", "Bark"]
+    with pytest.raises(ValueError, match=r"\['Meow', 'Purr'\]"):
+        map_scores(np.zeros((2, 2)), {"Cat": ["Meow", "Purr"], "Dog": ["Bark"]}, source)
+    with pytest.raises(ValueError, match="index 5"):
+        map_scores(np.zeros((2, 2)), {"Dog": [5]}, source)
+    with pytest.raises(ValueError, match="empty"):
+        map_scores(np.zeros((2, 2)), {"Dog": []}, source)
+    with pytest.raises(ValueError, match="3 source labels"):
+        map_scores(np.zeros((2, 2)), {"Dog": [0]}, source + ["x"])
+
+
+def test_load_label_mapping_json_and_yaml(tmp_path):
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps({"Dog": ["Dog", "Bark", 74], "Speech": "Speech"}))
+    assert load_label_mapping(path) == {"Dog": ["Dog", "Bark", 74], "Speech": ["Speech"]}
+    pytest.importorskip("yaml")
+    yaml_path = tmp_path / "mapping.yaml"
+    yaml_path.write_text("Dog: [Dog, Bark, 74]\nCat:\n  - Cat\n")
+    assert load_label_mapping(yaml_path) == {"Dog": ["Dog", "Bark", 74], "Cat": ["Cat"]}
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"Dog": [1.5]}', "{not json"])
+def test_load_label_mapping_rejects_bad_files(tmp_path, text):
+    path = tmp_path / "mapping.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="mapping.json"):
+        load_label_mapping(path)
+
+
+def test_module_is_standalone_without_torch(repo_root):
+    """The file is shipped as remote code: importable on its own, and it must not pull in torch."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import sed_postprocessing, numpy as np; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "print(len(sed_postprocessing.frames_to_events(np.ones((3, 1)) * 0.9, 1.0, ['a'])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(repo_root / "src" / "htsat_hf")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
