@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Evaluates sound event detections on DCASE task 4 metrics and prints one JSON object.
+
+    python scripts/evaluate_sed.py --ground-truth gt.tsv --durations durations.tsv --predictions det.tsv \
+        [--operating-points DIR_OF_predictions_th_*.tsv] [--scores DIR_OF_<audio_id>.tsv]
+
+Prints intersection_f1 (dtc = gtc = 0.5, cttc = 0.3), collar_f1 (200 ms onset collar, offset collar
+max(200 ms, 20 % of the event length)) and segment_f1 (1-s segments), each with macro, micro and per-class values,
+plus psds1 and psds2 when operating points or frame scores are given. Scores are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from htsat_hf.sed_metrics import evaluate_files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ground-truth", required=True, help="TSV: filename onset offset event_label")
+    parser.add_argument("--durations", required=True, help="TSV: filename duration")
+    parser.add_argument("--predictions", required=True, help="TSV of detections at one operating point")
+    parser.add_argument("--operating-points", help="folder of predictions_th_<threshold>.tsv files (for PSDS)")
+    parser.add_argument("--scores", help="folder of per-clip <audio_id>.tsv frame scores (for PSDS)")
+    parser.add_argument("--indent", type=int, default=2, help="JSON indentation (0: one line)")
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+            report = evaluate_files(
+                args.ground_truth, args.durations, args.predictions, args.operating_points, args.scores
+            )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=args.indent or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
