@@ -14,6 +14,7 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_htsat import HTSATConfig
+from .configuration_htsat_ensemble import HTSATEnsembleConfig
 from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import (
     HTSATForAudioClassification,
@@ -21,6 +22,7 @@ from .modeling_htsat import (
     HTSATModel,
     HTSATPreTrainedModel,
 )
+from .modeling_htsat_ensemble import HTSATEnsembleModel
 from .pipeline_htsat import SoundEventDetectionPipeline
 
 __version__ = "0.1.0"
@@ -30,6 +32,10 @@ AutoModel.register(HTSATConfig, HTSATModel, exist_ok=True)
 AutoModelForAudioClassification.register(HTSATConfig, HTSATForAudioClassification, exist_ok=True)
 AutoModelForAudioFrameClassification.register(HTSATConfig, HTSATForSoundEventDetection, exist_ok=True)
 AutoFeatureExtractor.register(HTSATConfig, HTSATFeatureExtractor, exist_ok=True)
+AutoConfig.register(HTSATEnsembleConfig.model_type, HTSATEnsembleConfig, exist_ok=True)
+for auto_class in (AutoModel, AutoModelForAudioClassification, AutoModelForAudioFrameClassification):
+    auto_class.register(HTSATEnsembleConfig, HTSATEnsembleModel, exist_ok=True)
+AutoFeatureExtractor.register(HTSATEnsembleConfig, HTSATFeatureExtractor, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(
     "sound-event-detection",
     pipeline_class=SoundEventDetectionPipeline,
@@ -39,6 +45,8 @@ PIPELINE_REGISTRY.register_pipeline(
 
 __all__ = [
     "HTSATConfig",
+    "HTSATEnsembleConfig",
+    "HTSATEnsembleModel",
     "HTSATFeatureExtractor",
     "HTSATForAudioClassification",
     "HTSATForSoundEventDetection",
