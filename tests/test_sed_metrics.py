@@ -142,6 +142,12 @@ def test_intersection_counts_dtc_gtc_and_cross_triggers():
     assert strict["counts"]["Dog"] == {"tp": 0, "fp": 2, "fn": 1}
 
 
+def test_exact_half_coverage_passes_despite_float_error():
+    gt = events((0.007, 0.011, "Dog"))
+    det = events((0.007, 0.009, "Dog"))  # covers exactly half: (0.009 - 0.007) / 0.004 = 0.4999999999999999
+    assert m.intersection_f1(gt, det)["counts"]["Dog"] == {"tp": 1, "fp": 0, "fn": 0}
+
+
 def test_segment_f1_known_answer():
     gt = events((1.1, 3.1, "Dog"))  # segments 1, 2, 3
     result = m.segment_f1(gt, events((1.0, 3.0, "Dog")), segment_seconds=1.0)  # segments 1, 2

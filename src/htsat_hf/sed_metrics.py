@@ -43,6 +43,7 @@ EVENT_COLUMNS = ("filename", "onset", "offset", "event_label")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif")
 TIME_DECIMALS = 6
 LINE_COLUMN = "__line__"
+RATIO_TOLERANCE = 1e-9  # an exact 0.5 coverage computed as 0.4999999999999993 still passes a 0.5 criterion
 DCASE_THRESHOLDS = tuple(np.round(np.arange(0.01, 1.0, 0.02), 2).tolist())
 SECONDS_PER_UNIT = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 PSDS1 = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=0.3, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)
@@ -398,11 +399,11 @@ def intersection_counts(
     same = det.label[i] == gt.label[j]
 
     dtc_sum = np.bincount(i[same], weights=det_fraction[same], minlength=len(det))
-    passes_dtc = dtc_sum >= dtc
+    passes_dtc = dtc_sum >= dtc - RATIO_TOLERANCE
     covering = same & passes_dtc[i]
     gt_fraction = inter[covering] / (gt.offset - gt.onset)[j[covering]]
     gtc_sum = np.bincount(j[covering], weights=gt_fraction, minlength=len(gt))
-    tp = np.bincount(gt.label[gtc_sum >= gtc], minlength=num_classes)
+    tp = np.bincount(gt.label[gtc_sum >= gtc - RATIO_TOLERANCE], minlength=num_classes)
 
     in_file = np.ones(len(det), dtype=bool)
     if evaluation.durations is not None:
@@ -413,7 +414,7 @@ def intersection_counts(
     key = i[cross] * num_classes + gt.label[j[cross]]
     ct_sum = np.bincount(key, weights=det_fraction[cross], minlength=len(det) * num_classes)
     present = np.bincount(key, minlength=len(det) * num_classes) > 0
-    det_ids, gt_classes = np.nonzero((present & (ct_sum >= cttc)).reshape(len(det), num_classes))
+    det_ids, gt_classes = np.nonzero((present & (ct_sum >= cttc - RATIO_TOLERANCE)).reshape(len(det), num_classes))
     cross_triggers = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cross_triggers, (det.label[det_ids], gt_classes), 1)
     return IntersectionCounts(tp, fp, cross_triggers, np.bincount(gt.label, minlength=num_classes))
