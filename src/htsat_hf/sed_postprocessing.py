@@ -127,13 +127,14 @@ def binarise(column: np.ndarray, threshold: float, hysteresis: tuple[float, floa
         return column > threshold
     onset_threshold, offset_threshold = hysteresis
     starts, ends = contiguous_regions(column > offset_threshold)
-    active = np.zeros(len(column), dtype=bool)
-    if len(starts):
-        keep = np.maximum.reduceat(column, starts) > onset_threshold
-        # reduceat over [start_i, start_{i+1}) includes inactive frames, which are all <= offset <= onset threshold
-        for start, end in zip(starts[keep], ends[keep]):
-            active[start:end] = True
-    return active
+    if len(starts) == 0:
+        return np.zeros(len(column), dtype=bool)
+    # reduceat over [start_i, start_{i+1}) also sees the inactive frames, all <= offset <= onset threshold
+    keep = np.maximum.reduceat(column, starts) > onset_threshold
+    change = np.zeros(len(column) + 1, dtype=np.int64)
+    np.add.at(change, starts[keep], 1)
+    np.add.at(change, ends[keep], -1)
+    return np.cumsum(change)[:-1] > 0
 
 
 def _drop_short_and_merge(
