@@ -192,8 +192,23 @@ def shifted_window_mask(grid: int, window: int, shift: int) -> torch.Tensor:
     return torch.zeros(different.shape).masked_fill(different, SHIFT_MASK_VALUE)
 
 
+def shifted_window_order(grid: int, window: int, shift: int) -> torch.Tensor:
+    """(grid^2,) flat grid positions of the tokens of each window after a cyclic shift by `shift`, in window order:
+    `tokens[:, order]` does `torch.roll` and `window_partition` in one gather."""
+    positions = torch.arange(grid * grid).view(1, grid, grid, 1)
+    positions = torch.roll(positions, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(positions, window).flatten()
+
+
 class HTSATWindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, with a learned relative position bias; SDPA by default."""
+    """
+    Multi-head self-attention inside windows, with a learned relative position bias; SDPA by default.
+
+    The relative position bias and the shift mask are summed into one additive mask (windows or 1, heads, tokens,
+    tokens). In inference it is cached (rebuilt when the bias table changes or moves); in training it is recomputed
+    every call so the bias table gets its gradient. SDPA runs on 4-D (batch * windows, heads, tokens, head_dim) views
+    of the qkv projection, which PyTorch's fused CPU kernel accepts (a 5-D layout falls back to the slow math path).
+    """
 
     def __init__(self, config: HTSATConfig, dim: int, num_heads: int, window: int):
         super().__init__()
@@ -208,31 +223,53 @@ class HTSATWindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None  # (key, mask); never saved
 
     def relative_position_bias(self) -> torch.Tensor:
         tokens = self.window * self.window
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
+    def attention_mask(self, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        """Relative position bias plus shift mask: (windows or 1, heads, tokens, tokens), cached in inference."""
+        table = self.relative_position_bias_table
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not torch.compiler.is_compiling()
+        if cacheable:
+            shift_key = None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version)
+            key = (table.data_ptr(), table._version, table.device, table.dtype, shift_key)
+            if self._mask_cache is not None and self._mask_cache[0] == key:
+                return self._mask_cache[1]
+        mask = self.relative_position_bias().unsqueeze(0)
+        if shift_mask is not None:
+            mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
+        if cacheable:
+            self._mask_cache = (key, mask)
+        return mask
+
     def forward(
         self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """windows: (batch, num_windows, tokens, dim); shift_mask: (num_windows, tokens, tokens) or None."""
         batch, num_windows, tokens, dim = windows.shape
-        qkv = self.qkv(windows).view(batch, num_windows, tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (batch, windows, heads, tokens, head_dim)
-        mask = self.relative_position_bias()  # (heads, tokens, tokens)
-        if shift_mask is not None:
-            mask = mask + shift_mask.unsqueeze(1)  # (windows, heads, tokens, tokens)
+        heads, head_dim = self.num_heads, self.head_dim
+        mask = self.attention_mask(shift_mask)  # (num_windows or 1, heads, tokens, tokens)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        weights = None
+        qkv = self.qkv(windows)
         if output_attentions or self.config._attn_implementation == "eager":
+            qkv = qkv.view(batch, num_windows, tokens, 3, heads, head_dim)
+            query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (batch, windows, heads, tokens, head_dim)
             scores = torch.matmul(query * self.scale, key.transpose(-2, -1)) + mask
             weights = scores.softmax(dim=-1)
-            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), value).transpose(2, 3)
         else:
+            qkv = qkv.view(batch * num_windows, tokens, 3, heads, head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views (batch * windows, heads, ...)
+            if mask.shape[0] > 1:  # a per-window mask cannot broadcast over batch * windows (a view for batch 1)
+                mask = mask.expand(batch, *mask.shape).reshape(batch * num_windows, heads, tokens, tokens)
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(2, 3).reshape(batch, num_windows, tokens, dim)
+            weights = None
+            context = context.transpose(1, 2)  # (batch * windows, tokens, heads, head_dim)
+        context = context.reshape(batch, num_windows, tokens, dim)
         return self.proj_drop(self.proj(context)), weights
 
 
@@ -282,6 +319,9 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = HTSATMlp(config, dim)
         self.register_buffer("shift_mask", self.create_shift_mask(), persistent=False)
+        order = shifted_window_order(self.grid, self.window, self.shift) if self.shift else None
+        self.register_buffer("window_order", order, persistent=False)
+        self.register_buffer("inverse_window_order", None if order is None else order.argsort(), persistent=False)
 
     def create_shift_mask(self) -> torch.Tensor | None:
         return shifted_window_mask(self.grid, self.window, self.shift) if self.shift else None
@@ -289,16 +329,19 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
     def forward(
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, _, dim = hidden.shape
-        grid, window, shift = self.grid, self.window, self.shift
-        tokens = self.norm1(hidden).view(batch, grid, grid, dim)
-        if shift:
-            tokens = torch.roll(tokens, shifts=(-shift, -shift), dims=(1, 2))
-        attended, weights = self.attn(window_partition(tokens, window), self.shift_mask, output_attentions)
-        tokens = window_reverse(attended, window, grid, grid)
-        if shift:
-            tokens = torch.roll(tokens, shifts=(shift, shift), dims=(1, 2))
-        hidden = hidden + self.drop_path(tokens.reshape(batch, grid * grid, dim))
+        batch, tokens, dim = hidden.shape
+        grid, window = self.grid, self.window
+        normed = self.norm1(hidden)
+        if self.shift:  # cyclic shift + window partition as one gather (roll alone costs two copies)
+            windows = normed.index_select(1, self.window_order).view(batch, -1, window * window, dim)
+        else:
+            windows = window_partition(normed.view(batch, grid, grid, dim), window)
+        attended, weights = self.attn(windows, self.shift_mask, output_attentions)
+        if self.shift:
+            attended = attended.reshape(batch, tokens, dim).index_select(1, self.inverse_window_order)
+        else:
+            attended = window_reverse(attended, window, grid, grid).reshape(batch, tokens, dim)
+        hidden = hidden + self.drop_path(attended)
         hidden = hidden + self.drop_path(self.mlp(self.norm2(hidden)))
         return hidden, weights
 
@@ -384,6 +427,9 @@ class HTSATPreTrainedModel(PreTrainedModel):
             init.copy_(module.relative_position_index, relative_position_index(module.window))
         elif isinstance(module, HTSATSwinBlock) and module.shift_mask is not None:
             init.copy_(module.shift_mask, module.create_shift_mask())
+            order = shifted_window_order(module.grid, module.window, module.shift)
+            init.copy_(module.window_order, order)
+            init.copy_(module.inverse_window_order, order.argsort())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights and config with an `auto_map` for every HTS-AT class, so the folder also loads with
