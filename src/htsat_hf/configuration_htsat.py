@@ -81,6 +81,8 @@ class HTSATConfig(PreTrainedConfig):
         if self.id2label is None and kwargs.get("num_labels") is None:
             kwargs["num_labels"] = AUDIOSET_NUM_LABELS
         super().__post_init__(**kwargs)
+        if self.id2label is not None and not self.label2id:
+            self.label2id = {label: index for index, label in self.id2label.items()}
         self.depths = list(self.depths)
         self.num_heads = list(self.num_heads)
         self.validate_architecture()
