@@ -1,0 +1,97 @@
+"""Deployment paths give the same answers as the eager model: ONNX (dynamic batch), int8 dynamic quantisation, the
+cached attention masks, and the feature extractor's cached filter bank. Correctness only; speed is benchmarked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
+from htsat_hf.export import export_onnx, onnx_session, quantize_dynamic_int8, run_onnx
+
+TINY = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], num_labels=10)
+
+
+def features(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 1001, 64, generator=torch.Generator().manual_seed(seed)) * 10 - 40
+
+
+def tiny(cls, seed: int = 0):
+    torch.manual_seed(seed)
+    return cls(HTSATConfig(**TINY)).eval()
+
+
+@pytest.mark.parametrize("cls", [HTSATForAudioClassification, HTSATForSoundEventDetection])
+def test_onnx_matches_pytorch_for_any_batch(cls, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny(cls)
+    session = onnx_session(export_onnx(model, tmp_path / "model.onnx", example_batch=2))
+    for batch in (1, 3):
+        x = features(batch, seed=batch)
+        with torch.no_grad():
+            expected = model(x)
+        outputs = run_onnx(session, x)
+        torch.testing.assert_close(outputs[0], expected.logits, atol=1e-4, rtol=0)
+        if cls is HTSATForSoundEventDetection:
+            torch.testing.assert_close(outputs[1], expected.frame_logits, atol=1e-4, rtol=0)
+
+
+def test_int8_dynamic_quantisation_stays_close():
+    model = tiny(HTSATForAudioClassification)
+    quantized = quantize_dynamic_int8(model)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # the original is left untouched
+    x = features(2)
+    with torch.no_grad():
+        reference, approx = model(x).logits, quantized(x).logits
+    scale = reference.abs().max()
+    assert (approx - reference).abs().max() < 0.05 * scale
+    assert torch.corrcoef(torch.stack([reference.flatten(), approx.flatten()]))[0, 1] > 0.999
+
+
+def test_cached_attention_mask_follows_new_weights():
+    model = tiny(HTSATForSoundEventDetection)
+    x = features(2)
+    with torch.no_grad():
+        model(x)  # fills the masks cache
+        other = tiny(HTSATForSoundEventDetection, seed=1)
+        model.load_state_dict(other.state_dict())  # in-place copies: the cache must notice
+        torch.testing.assert_close(model(x).frame_logits, other(x).frame_logits, atol=1e-6, rtol=0)
+    assert not any("cache" in key for key in model.state_dict())
+
+
+def test_training_recomputes_the_bias_so_it_gets_gradients():
+    model = tiny(HTSATForAudioClassification)
+    with torch.no_grad():
+        model(features(1))  # an inference pass caches masks; training must not reuse them
+    model.train()
+    model(features(2), labels=torch.ones(2, 10)).loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_shifted_window_gather_equals_roll_and_partition():
+    from htsat_hf.modeling_htsat import shifted_window_order, window_partition
+
+    grid, window, shift = 16, 8, 4
+    tokens = torch.randn(2, grid, grid, 3)
+    rolled = window_partition(torch.roll(tokens, (-shift, -shift), (1, 2)), window).flatten(1, 2)
+    gathered = tokens.flatten(1, 2)[:, shifted_window_order(grid, window, shift)]
+    torch.testing.assert_close(gathered, rolled, atol=0, rtol=0)
+
+
+def test_feature_extractor_caches_buffers_outside_its_json():
+    extractor = HTSATFeatureExtractor()
+    audio = np.random.default_rng(0).standard_normal(32000).astype(np.float32)
+    first = extractor(audio, sampling_rate=32000, return_tensors="pt")["input_features"]
+    assert extractor.mel_filters() is extractor.mel_filters()
+    second = extractor(audio, sampling_rate=32000, return_tensors="pt")["input_features"]
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    saved = json.loads(extractor.to_json_string())
+    assert not any("cache" in key for key in saved) and "n_fft" in saved
+    assert extractor.mel_filters(dtype=torch.float64).dtype == torch.float64
