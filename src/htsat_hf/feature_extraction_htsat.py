@@ -81,8 +81,12 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         """Frames the centred STFT gives for a waveform of `num_samples` samples."""
         return num_samples // self.hop_length + 1
 
-    def mel_filters(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(n_fft // 2 + 1, num_mel_bins) Slaney mel filter bank, identical to `librosa.filters.mel`."""
+    def mel_filters(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(n_fft // 2 + 1, num_mel_bins) Slaney mel filter bank, identical to `librosa.filters.mel`. Cached per
+        device and dtype (building it costs more than the matmul that applies it)."""
+        return self._cached("mel_filters", device, dtype, self._build_mel_filters)
+
+    def _build_mel_filters(self) -> torch.Tensor:
         return torchaudio.functional.melscale_fbanks(
             n_freqs=self.n_fft // 2 + 1,
             f_min=float(self.f_min),
@@ -91,11 +95,25 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
             sample_rate=self.sampling_rate,
             norm="slaney",
             mel_scale="slaney",
-        ).to(device)
+        )
+
+    def _cached(self, name: str, device, dtype: torch.dtype, build) -> torch.Tensor:
+        """A tensor built once per (parameters, device, dtype); kept out of `to_dict()` / the saved JSON."""
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        key = (name, self.n_fft, self.feature_size, self.sampling_rate, self.f_min, self.f_max, str(device), dtype)
+        if key not in cache:
+            cache[key] = build().to(device=device, dtype=dtype)
+        return cache[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_tensor_cache", None)
+        return output
 
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """(batch, samples) float waveforms -> (batch, frames, num_mel_bins) log-mel in dB."""
-        window = torch.hann_window(self.n_fft, periodic=True, device=waveforms.device, dtype=waveforms.dtype)
+        device, dtype = waveforms.device, waveforms.dtype
+        window = self._cached("window", device, dtype, lambda: torch.hann_window(self.n_fft, periodic=True))
         stft = torch.stft(
             waveforms,
             n_fft=self.n_fft,
@@ -107,7 +125,7 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
             return_complex=True,
         )
         power = stft.real.square() + stft.imag.square()  # (batch, freq, frames)
-        mel = torch.matmul(power.transpose(1, 2), self.mel_filters(waveforms.device).to(waveforms.dtype))
+        mel = torch.matmul(power.transpose(1, 2), self.mel_filters(device, dtype))
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
     def repeat_to_length(self, waveform: np.ndarray) -> np.ndarray:
