@@ -25,6 +25,7 @@ from .configuration_htsat import HTSATConfig
 
 logger = logging.get_logger(__name__)
 
+MLP_CHUNK_ROWS = 2048  # tokens per MLP chunk in CPU inference (fc1's output, 2048 x 4C floats, stays in L2/L3)
 SHIFT_MASK_VALUE = -100.0  # the original's additive mask between tokens of different shifted regions
 
 
@@ -342,7 +343,14 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         else:
             attended = window_reverse(attended, window, grid, grid).reshape(batch, tokens, dim)
         hidden = hidden + self.drop_path(attended)
-        hidden = hidden + self.drop_path(self.mlp(self.norm2(hidden)))
+        if torch.is_grad_enabled() or hidden.device.type != "cpu" or torch.compiler.is_compiling():
+            return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
+        # CPU inference: the MLP is per token, so run it on row chunks whose 4x-wide hidden layer stays in cache
+        # (the unchunked passes are memory bound); `hidden` is a fresh tensor here, updated in place.
+        rows = hidden.view(-1, dim)
+        for start in range(0, rows.shape[0], MLP_CHUNK_ROWS):
+            part = rows[start : start + MLP_CHUNK_ROWS]
+            part += self.mlp(self.norm2(part))
         return hidden, weights
 
 
