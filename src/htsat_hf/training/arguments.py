@@ -41,6 +41,14 @@ class ModelArguments:
     freeze_feature_encoder: bool = field(
         default=False, metadata={"help": "Freeze the mel BatchNorm and patch embedding (HTS-AT fine-tunes them)."}
     )
+    init_from_swin: str | None = field(
+        default=None, metadata={"help": "Start from an ImageNet Swin checkpoint (Transformers SwinModel layout): folder or .safetensors."}
+    )
+    init_from_clap: str | None = field(
+        default=None, metadata={"help": "Start from the audio tower of a CLAP checkpoint (Transformers ClapAudioModel layout)."}
+    )
+    rgb_reduction: str = field(default="mean", metadata={"help": "Swin's RGB patch filters -> one channel: mean or sum."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow pickled (.bin) start checkpoints you trust."})
     # Model settings (from-scratch runs, or overrides of a loaded config)
     embed_dim: int | None = field(default=None, metadata={"help": "Width of the first stage (paper: 96)."})
     depths: list[int] | None = field(default=None, metadata={"help": "Blocks per stage (paper: 2 2 6 2)."})

@@ -83,7 +83,18 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
             config.validate_architecture()
     else:
         config = HTSATConfig(**label_kwargs, **overrides)
-    if model_args.model_name_or_path:
+    if model_args.init_from_swin or model_args.init_from_clap:
+        if model_args.model_name_or_path:
+            raise ValueError("--init_from_swin/--init_from_clap start a new model; leave out --model_name_or_path.")
+        from ..pretrained_init import initialise_model
+
+        report = initialise_model(
+            config, init_from_swin_path=model_args.init_from_swin, init_from_clap_path=model_args.init_from_clap,
+            rgb_reduction=model_args.rgb_reduction, allow_pickle=model_args.allow_pickle,
+        )
+        logger.info(report.summary())
+        model, config = report.model, report.model.config
+    elif model_args.model_name_or_path:
         model = AutoModelForAudioClassification.from_pretrained(
             model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             **common,
@@ -255,9 +266,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Process rank {training_args.process_index} of {training_args.world_size}, device {training_args.device}, "
         f"distributed: {training_args.parallel_mode.value}"
     )
+    push = training_args.push_to_hub
+    if push:  # the Trainer's own push would upload the pickled training_args.bin: publish safetensors-only instead
+        training_args = replace(training_args, push_to_hub=False)
     if data_args.cross_validation:
         return cross_validate(model_args, data_args, recipe, training_args)
-    return train_and_evaluate(model_args, data_args, recipe, training_args)
+    results = train_and_evaluate(model_args, data_args, recipe, training_args)
+    if push and training_args.process_index == 0:
+        push_trained_model(model_args, data_args, training_args)
+    return results
+
+
+def push_trained_model(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
+                       api: Any = None) -> None:
+    """`--push_to_hub`: a clean repository (safetensors, remote code, model card with the eval results) uploaded to
+    `--hub_model_id` (default: the output folder's name)."""
+    from ..publishing import CardSettings, publish
+
+    output = Path(training_args.output_dir)
+    settings = CardSettings(
+        repo_id=training_args.hub_model_id or output.name,
+        dataset_id=data_args.dataset_name if data_args.dataset_name and not Path(data_args.dataset_name).exists() else None,
+        dataset_name=data_args.dataset_name,
+        dataset_split=data_args.eval_split_name,
+        base_model=model_args.model_name_or_path or model_args.init_from_swin or model_args.init_from_clap,
+    )
+    prepared, uploaded = publish(output, output.with_name(output.name + "-hub"), settings, api=api,
+                                 private=training_args.hub_private_repo)
+    logger.info(uploaded.describe())
 
 
 __all__ = ["build_model", "cross_validate", "main", "parse_args", "train_and_evaluate"]
