@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: htsat_hf against Transformers' ClapAudioModel and AST, in one process, interleaved.
+
+Examples:
+    python scripts/benchmark.py --output results/benchmark_cpu.json           # full CPU run (several minutes)
+    python scripts/benchmark.py --quick                                      # batch 1 and 4, 5 min of SED audio
+    python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json
+See `htsat_hf.benchmarking` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 4, fewer repeats, 5 minutes of SED audio")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="inference batch sizes (default 1 4 16)")
+    parser.add_argument("--repeats", type=int, help="interleaved timing rounds per measurement")
+    parser.add_argument("--sed-seconds", type=float, help="audio length for sound event detection (default 3600)")
+    parser.add_argument("--sections", nargs="+", default=["inference", "training", "fe", "sed"],
+                        choices=["inference", "training", "fe", "sed"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd htsat_hf (slow to build)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 dynamically quantised htsat_hf row")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
+    parser.add_argument("--no-thp", action="store_true",
+                        help="do not set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for large CPU tensors)")
+    args = parser.parse_args()
+
+    if not args.no_thp:  # must be set before torch allocates anything; applies to every model alike
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import torch
+
+    from htsat_hf.benchmarking import BenchmarkSettings, format_report, run_benchmark, save_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile)
+    if args.batch_sizes:
+        overrides["batch_sizes"] = tuple(args.batch_sizes)
+    if args.repeats:
+        overrides["repeats"] = args.repeats
+    if args.sed_seconds:
+        overrides["sed_seconds"] = args.sed_seconds
+    settings = BenchmarkSettings.quick_settings(**overrides) if args.quick else BenchmarkSettings(**overrides)
+    if args.bf16 and not args.device.startswith("cuda"):
+        print("note: --bf16 on CPU runs bf16 autocast on the CPU", file=sys.stderr)
+    results = run_benchmark(settings, tuple(args.sections), log=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
+    print(format_report(results))
+    if args.output:
+        save_results(results, args.output)
+        print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

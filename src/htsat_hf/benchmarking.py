@@ -1,0 +1,574 @@
+"""
+Side-by-side performance benchmark of `htsat_hf` against Transformers' `ClapAudioModel` (its HTS-AT port) and
+`ASTForAudioClassification`, in one process, with the models interleaved so that load from other processes hits all
+of them alike. Every model is built from its default config with random weights (nothing is downloaded).
+
+Measured on 10-s clips:
+    - inference clips/s at each batch size (median of interleaved repeats), GFLOP per clip
+      (`torch.utils.flop_counter`, attention counted through SDPA's math kernel), the fraction of the fp32 matmul rate
+      measured in the same run, and peak memory of one forward pass;
+    - one training step (forward, backward, AdamW) at batch 8: samples/s and peak memory, HTS-AT against AST;
+    - feature extraction, seconds of audio per second, against `ClapFeatureExtractor` and `ASTFeatureExtractor`;
+    - sound event detection on one hour of audio: seconds and peak memory.
+
+Peak memory on CPU is the rise of the process's peak RSS (`VmHWM`, reset through `/proc/self/clear_refs` after
+`malloc_trim`) over its RSS before the measured call; on GPU it is `torch.cuda.max_memory_allocated`.
+
+GPU usage::
+
+    python scripts/benchmark.py --device cuda --output results/benchmark_gpu.json          # fp32
+    python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # bf16 autocast
+
+On GPU the models run under `torch.autocast("cuda", dtype=torch.bfloat16)` with `--bf16` (fp32 weights; matmuls and
+attention in bf16), timings synchronise the device, and the matmul reference is timed in the same dtype. Feature
+extraction then runs on the GPU for HTS-AT (`device="cuda"`); CLAP's and AST's extractors are CPU-only by design.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .configuration_htsat import HTSATConfig
+from .feature_extraction_htsat import HTSATFeatureExtractor
+from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
+
+CLIP_SECONDS = 10.0
+
+
+@dataclass
+class BenchmarkSettings:
+    device: str = "cpu"
+    bf16: bool = False
+    quick: bool = False
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    repeats: int = 5
+    train_batch_size: int = 8
+    train_steps: int = 3
+    fe_batch_sizes: tuple[int, ...] = (1, 16)
+    sed_seconds: float = 3600.0
+    sed_window_batch: int = 8
+    matmul_size: int = 4096
+    include_int8: bool = True
+    include_compile: bool = False
+    seed: int = 0
+
+    @classmethod
+    def quick_settings(cls, **overrides: Any) -> BenchmarkSettings:
+        values = dict(quick=True, batch_sizes=(1, 4), repeats=3, train_steps=1, fe_batch_sizes=(1, 4), sed_seconds=300.0)
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of the enclosed code above what was allocated on entry, in MiB (`self.mib` after exit)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.mib: float | None = None
+        self.process_peak_mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        _malloc_trim()
+        self._can_reset = _reset_peak_rss()
+        self._start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.mib = (peak - self._start) / 2**20
+            self.process_peak_mib = peak / 2**20
+        elif self._can_reset:
+            peak = _status_kib("VmHWM")
+            self.mib = (peak - self._start) / 1024
+            self.process_peak_mib = peak / 1024
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(name: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{name} not in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, list[float]]:
+    """One warm-up call each, then `repeats` rounds calling every entry once per round; seconds per call."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()
+    for _ in range(repeats):
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(size: int, device: str, dtype: torch.dtype, repeats: int = 7) -> float:
+    """Median rate of a (size x size) @ (size x size) matmul: the machine's attainable dense matmul rate."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = interleaved_times({"matmul": lambda: a @ b}, repeats, device)["matmul"]
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def gflop_per_clip(model: torch.nn.Module, inputs: dict[str, torch.Tensor], batch: int) -> float:
+    """FLOPs of one forward pass per clip; SDPA is routed through its math kernel so attention is counted too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(**inputs)
+    return counter.get_total_flops() / batch / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+@dataclass
+class Candidate:
+    """A model with its inputs for a given batch size (built by `make_inputs`)."""
+
+    name: str
+    model: torch.nn.Module
+    make_inputs: Callable[[int], dict[str, torch.Tensor]]
+    trainable: bool = False
+
+
+def random_clips(count: int, sampling_rate: int, seed: int) -> list[np.ndarray]:
+    """Band-limited noise plus a tone: 10-s clips that look like audio to every front end."""
+    generator = np.random.default_rng(seed)
+    t = np.arange(int(CLIP_SECONDS * sampling_rate)) / sampling_rate
+    return [
+        (0.05 * generator.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)).astype(np.float32)
+        for i in range(count)
+    ]
+
+
+def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
+    from transformers import (
+        ASTConfig,
+        ASTFeatureExtractor,
+        ASTForAudioClassification,
+        ClapAudioConfig,
+        ClapAudioModel,
+        ClapFeatureExtractor,
+    )
+
+    device = settings.device
+    max_batch = max(max(settings.batch_sizes), settings.train_batch_size)
+    torch.manual_seed(settings.seed)
+
+    def inputs_from(extractor: Any, rate: int, keys: tuple[str, ...]) -> Callable[[int], dict[str, torch.Tensor]]:
+        features = extractor(random_clips(max_batch, rate, settings.seed), sampling_rate=rate, return_tensors="pt")
+        features = {key: features[key].to(device) for key in keys}
+        if "input_features" in features:
+            features["input_features"] = features["input_features"].float()
+        return lambda batch: {key: value[:batch] for key, value in features.items()}
+
+    htsat = HTSATForAudioClassification(HTSATConfig()).to(device).eval()
+    clap = ClapAudioModel(ClapAudioConfig()).to(device).eval()
+    ast_config = ASTConfig(num_labels=527, problem_type="multi_label_classification")
+    ast = ASTForAudioClassification(ast_config).to(device).eval()
+    candidates = [
+        Candidate("htsat_hf", htsat, inputs_from(HTSATFeatureExtractor(), 32000, ("input_features",)), True),
+        # The default ClapAudioConfig is the unfused model, whose checkpoints ship a "rand_trunc" extractor (the
+        # extractor's default "fusion" mode stacks 4 mels, which only the fused model takes).
+        Candidate(
+            "ClapAudioModel",
+            clap,
+            inputs_from(ClapFeatureExtractor(truncation="rand_trunc"), 48000, ("input_features", "is_longer")),
+        ),
+        Candidate("AST", ast, inputs_from(ASTFeatureExtractor(), 16000, ("input_values",)), True),
+    ]
+    if settings.include_int8 and device == "cpu":
+        from .export import quantize_dynamic_int8
+
+        candidates.insert(1, Candidate("htsat_hf int8", quantize_dynamic_int8(htsat), candidates[0].make_inputs))
+    if settings.include_compile:
+        compiled = torch.compile(htsat)
+        candidates.insert(1, Candidate("htsat_hf compiled", compiled, candidates[0].make_inputs))
+    return candidates
+
+
+def _autocast(settings: BenchmarkSettings) -> contextlib.AbstractContextManager:
+    if settings.bf16:
+        return torch.autocast(settings.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------------ benchmarks
+def bench_inference(
+    candidates: list[Candidate], settings: BenchmarkSettings, matmul_rate: float
+) -> list[dict[str, Any]]:
+    rows = []
+    gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if "int8" not in c.name}
+    for batch in settings.batch_sizes:
+        inputs = {c.name: c.make_inputs(batch) for c in candidates}
+        calls = {}
+        for c in candidates:
+            calls[c.name] = (lambda c=c: _forward(c.model, inputs[c.name], settings))
+        times = interleaved_times(calls, settings.repeats, settings.device)
+        for c in candidates:
+            seconds = statistics.median(times[c.name])
+            with PeakMemory(settings.device) as memory:
+                _forward(c.model, inputs[c.name], settings)
+            clip_gflop = gflop.get(c.name, gflop.get("htsat_hf"))
+            change = _output_change(c, candidates[0], inputs, settings) if "int8" in c.name else None
+            rows.append(
+                dict(
+                    model=c.name,
+                    batch=batch,
+                    output_change_vs_fp32=change,
+                    clips_per_s=batch / seconds,
+                    seconds_per_batch=seconds,
+                    all_seconds=times[c.name],
+                    gflop_per_clip=clip_gflop,
+                    achieved_gflops=clip_gflop * batch / seconds,
+                    matmul_fraction=clip_gflop * batch / seconds / matmul_rate,
+                    peak_memory_mib=memory.mib,
+                )
+            )
+    return rows
+
+
+def _output_change(
+    candidate: Candidate, reference: Candidate, inputs: dict[str, dict[str, torch.Tensor]], settings: BenchmarkSettings
+) -> dict[str, float]:
+    """How far a variant's clip outputs are from the fp32 model's on the same inputs."""
+    ours = _forward(candidate.model, inputs[candidate.name], settings).logits.float()
+    theirs = _forward(reference.model, inputs[reference.name], settings).logits.float()
+    top = min(5, theirs.shape[-1])
+    same_top = (ours.topk(top).indices.sort().values == theirs.topk(top).indices.sort().values).all(-1)
+    return dict(
+        max_abs_logit=(ours - theirs).abs().max().item(),
+        max_abs_probability=(ours.sigmoid() - theirs.sigmoid()).abs().max().item(),
+        logit_std=theirs.std().item(),
+        top5_identical_fraction=same_top.float().mean().item(),
+    )
+
+
+def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], settings: BenchmarkSettings) -> Any:
+    with torch.inference_mode(), _autocast(settings):
+        return model(**inputs)
+
+
+def bench_training(candidates: list[Candidate], settings: BenchmarkSettings) -> list[dict[str, Any]]:
+    """One AdamW step per call at `train_batch_size`; peak memory includes weights, gradients and optimizer state."""
+    batch = settings.train_batch_size
+    rows = []
+    trainable = [c for c in candidates if c.trainable]
+    steps: dict[str, Callable[[], None]] = {}
+    memory: dict[str, float | None] = {}
+    keep = []
+    for c in trainable:  # build each training copy under its own memory measurement
+        inputs = c.make_inputs(batch)
+        with PeakMemory(settings.device) as peak:
+            model = type(c.model)(c.model.config).to(settings.device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            labels = (torch.rand(batch, model.config.num_labels, device=settings.device) < 0.05).float()
+            step = _training_step(model, optimizer, inputs, labels, settings)
+            step()
+        memory[c.name] = peak.mib
+        steps[c.name] = step
+        keep.append((model, optimizer))
+    times = interleaved_times(steps, settings.train_steps, settings.device)
+    for c in trainable:
+        seconds = statistics.median(times[c.name])
+        rows.append(
+            dict(
+                model=c.name,
+                batch=batch,
+                samples_per_s=batch / seconds,
+                all_seconds=times[c.name],
+                peak_memory_mib=memory[c.name],
+            )
+        )
+    del keep
+    return rows
+
+
+def _training_step(model, optimizer, inputs, labels, settings) -> Callable[[], None]:
+    def step() -> None:
+        with _autocast(settings):
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_feature_extraction(settings: BenchmarkSettings) -> list[dict[str, Any]]:
+    from transformers import ASTFeatureExtractor, ClapFeatureExtractor
+
+    extractors = {
+        "htsat_hf": (HTSATFeatureExtractor(), 32000, {"device": settings.device}),
+        "ClapFeatureExtractor": (ClapFeatureExtractor(), 48000, {}),
+        "ASTFeatureExtractor": (ASTFeatureExtractor(), 16000, {}),
+    }
+    rows = []
+    for batch in settings.fe_batch_sizes:
+        clips = {name: random_clips(batch, rate, settings.seed) for name, (_, rate, _) in extractors.items()}
+        calls = {
+            name: (lambda name=name, fe=fe, rate=rate, kw=kw: fe(clips[name], sampling_rate=rate, return_tensors="pt", **kw))
+            for name, (fe, rate, kw) in extractors.items()
+        }
+        times = interleaved_times(calls, settings.repeats, settings.device)
+        for name in extractors:
+            seconds = statistics.median(times[name])
+            rows.append(
+                dict(
+                    extractor=name,
+                    batch=batch,
+                    audio_seconds_per_s=batch * CLIP_SECONDS / seconds,
+                    all_seconds=times[name],
+                )
+            )
+    return rows
+
+
+def synthetic_audio(start: int, length: int, rate: int) -> torch.Tensor:
+    """Deterministic audio for samples [start, start + length) of an endless recording (noise seeded per second)."""
+    first, last = start // rate, (start + length - 1) // rate
+    pieces = []
+    for second in range(first, last + 1):
+        generator = torch.Generator().manual_seed(second)
+        pieces.append(0.1 * torch.randn(rate, generator=generator))
+    audio = torch.cat(pieces)[start - first * rate : start - first * rate + length]
+    return audio + 0.2 * torch.sin(2 * math.pi * 440.0 * torch.arange(start, start + length) / rate)
+
+
+def bench_sed(settings: BenchmarkSettings) -> dict[str, Any]:
+    """
+    Sound event detection over `sed_seconds` of audio with `HTSATForSoundEventDetection`: the audio is produced window
+    by window (as a streamed file would be), features computed per batch of windows, step logits stitched with
+    `StepStitcher` onto one time grid exactly as the model does for a long input.
+    """
+    config = HTSATConfig()
+    extractor = HTSATFeatureExtractor()
+    rate, hop = config.sampling_rate, config.hop_length
+    with PeakMemory(settings.device) as peak:
+        start_time = time.perf_counter()
+        model = HTSATForSoundEventDetection(config).to(settings.device).eval()
+        total_samples = int(settings.sed_seconds * rate)
+        total_frames = extractor.num_frames(total_samples)
+        window_frames = config.clip_frames
+        hop_frames = max(1, int(round(config.long_input_hop_seconds * rate / hop)))
+        starts = window_starts(total_frames, window_frames, hop_frames)
+        window_samples = (window_frames - 1) * hop
+        step = model.frame_step_seconds(total_frames)
+        total_steps = math.ceil((total_frames - 1) * (hop / rate) / step - 1e-6)
+        stitcher = StepStitcher(total_steps, step, config.num_labels, settings.device)
+        for batch_starts in _chunks(starts, settings.sed_window_batch):
+            audio = torch.stack([synthetic_audio(s * hop, window_samples, rate) for s in batch_starts])
+            features = extractor(audio, sampling_rate=rate, padding=False, return_tensors="pt", device=settings.device)
+            with torch.inference_mode(), _autocast(settings):
+                frame_logits = model(features["input_features"]).frame_logits.float()
+            stitcher.add(frame_logits.sigmoid(), [s * hop / rate for s in batch_starts])
+        scores = stitcher.result()
+        _sync(settings.device)
+        seconds = time.perf_counter() - start_time
+    return dict(
+        path="HTSATForSoundEventDetection + StepStitcher",
+        audio_seconds=settings.sed_seconds,
+        windows=len(starts),
+        window_batch=settings.sed_window_batch,
+        seconds=seconds,
+        realtime_factor=settings.sed_seconds / seconds,
+        peak_memory_mib=peak.mib,
+        process_peak_rss_mib=peak.process_peak_mib,
+        score_shape=list(scores.shape),
+    )
+
+
+def bench_sed_isolated(settings: BenchmarkSettings) -> dict[str, Any]:
+    """`bench_sed` in a freshly spawned process, so its peak RSS is the whole cost of SED (interpreter, torch and
+    model included) and not whatever the benchmark process allocated before."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(bench_sed, (settings,))
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for index in range(0, len(items), size):
+        yield items[index : index + size]
+
+
+# ------------------------------------------------------------------------------------------------------- reporting
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+
+    def inference(model: str, batch: int) -> dict[str, Any] | None:
+        return next((r for r in results["inference"] if r["model"] == model and r["batch"] == batch), None)
+
+    targets = []
+    ours, clap, ast = (inference(m, 4) for m in ("htsat_hf", "ClapAudioModel", "AST"))
+    if ours and clap:
+        targets.append(_target("inference vs ClapAudioModel, batch 4", ours["clips_per_s"] / clap["clips_per_s"], 2.0, "x"))
+    if ours and ast:
+        targets.append(_target("inference vs AST, batch 4", ours["clips_per_s"] / ast["clips_per_s"], 15.0, "x"))
+    big = inference("htsat_hf", 16)
+    if big:
+        targets.append(_target("fraction of fp32 matmul rate, batch 16", big["matmul_fraction"], 0.75, ""))
+    fe = {(r["extractor"], r["batch"]): r["audio_seconds_per_s"] for r in results["feature_extraction"]}
+    for batch in sorted({b for _, b in fe}):
+        if ("htsat_hf", batch) in fe and ("ClapFeatureExtractor", batch) in fe:
+            ratio = fe[("htsat_hf", batch)] / fe[("ClapFeatureExtractor", batch)]
+            targets.append(_target(f"feature extraction vs ClapFeatureExtractor, batch {batch}", ratio, 3.0, "x"))
+    train = {r["model"]: r for r in results.get("training", [])}
+    if "htsat_hf" in train and "AST" in train:
+        ours_t, ast_t = train["htsat_hf"], train["AST"]
+        targets.append(_target("training samples/s vs AST, batch 8", ours_t["samples_per_s"] / ast_t["samples_per_s"], 5.0, "x"))
+        if ours_t["peak_memory_mib"] and ast_t["peak_memory_mib"]:
+            ratio = ours_t["peak_memory_mib"] / ast_t["peak_memory_mib"]
+            targets.append(_target("training peak memory / AST's, batch 8", ratio, 1 / 3, "", higher_is_better=False))
+    sed = results.get("sed")
+    if sed and sed.get("process_peak_rss_mib") is not None:
+        label = f"SED peak process memory, {sed['audio_seconds'] / 3600:g} h of audio (MiB)"
+        targets.append(_target(label, sed["process_peak_rss_mib"], 2048, "", higher_is_better=False))
+    return targets
+
+
+def _target(name: str, value: float, goal: float, unit: str, higher_is_better: bool = True) -> dict[str, Any]:
+    met = value >= goal if higher_is_better else value <= goal
+    return dict(target=name, value=value, goal=goal, unit=unit, met=met, higher_is_better=higher_is_better)
+
+
+def format_report(results: dict[str, Any]) -> str:
+    lines = [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3): "
+             f"{results['matmul_gflops']:.0f} GFLOP/s", "", "Inference (10-s clips)"]
+    lines.append(f"{'model':<20}{'batch':>6}{'clips/s':>10}{'GFLOP/clip':>12}{'GFLOP/s':>10}{'of matmul':>11}{'peak MiB':>10}")
+    for r in results["inference"]:
+        memory = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
+        lines.append(
+            f"{r['model']:<20}{r['batch']:>6}{r['clips_per_s']:>10.2f}{r['gflop_per_clip']:>12.2f}"
+            f"{r['achieved_gflops']:>10.0f}{r['matmul_fraction']:>10.0%}{memory:>10}"
+        )
+    if results.get("training"):
+        lines += ["", f"Training step (AdamW), batch {results['settings']['train_batch_size']}"]
+        lines.append(f"{'model':<20}{'samples/s':>10}{'peak MiB':>10}")
+        for r in results["training"]:
+            memory = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
+            lines.append(f"{r['model']:<20}{r['samples_per_s']:>10.2f}{memory:>10}")
+    lines += ["", "Feature extraction (seconds of audio per second)"]
+    lines.append(f"{'extractor':<24}{'batch':>6}{'audio s/s':>11}")
+    for r in results["feature_extraction"]:
+        lines.append(f"{r['extractor']:<24}{r['batch']:>6}{r['audio_seconds_per_s']:>11.0f}")
+    sed = results.get("sed")
+    if sed:
+        rss = "n/a" if sed["process_peak_rss_mib"] is None else f"{sed['process_peak_rss_mib']:.0f} MiB"
+        lines += ["", f"Sound event detection: {sed['audio_seconds']:.0f} s of audio in {sed['seconds']:.1f} s "
+                  f"({sed['realtime_factor']:.0f}x real time), {sed['windows']} windows; process peak RSS {rss}"]
+    lines += ["", "Targets"]
+    for t in results["targets"]:
+        sign = ">=" if t["higher_is_better"] else "<="
+        value = f"{t['value']:.0%}" if t["unit"] == "" and t["goal"] <= 1 else f"{t['value']:.2f}{t['unit']}"
+        goal = f"{t['goal']:.0%}" if t["unit"] == "" and t["goal"] <= 1 else f"{t['goal']:g}{t['unit']}"
+        lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {value} (target {sign} {goal})")
+    return "\n".join(lines)
+
+
+def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    info = dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        machine=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        matmul_dtype=str(matmul_dtype).replace("torch.", ""),
+        matmul_size=settings.matmul_size,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
+    if settings.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(settings.device)
+    return info
+
+
+def run_benchmark(settings: BenchmarkSettings, sections: tuple[str, ...] = ("inference", "training", "fe", "sed"),
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the requested sections and returns a JSON-ready dict (with the issue's targets evaluated)."""
+    torch.manual_seed(settings.seed)
+    matmul_dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    results: dict[str, Any] = dict(settings=asdict(settings), inference=[], training=[], feature_extraction=[])
+    log("measuring the matmul rate")
+    results["matmul_gflops"] = matmul_gflops(settings.matmul_size, settings.device, matmul_dtype)
+    if "inference" in sections or "training" in sections:
+        candidates = build_candidates(settings)
+        if "inference" in sections:
+            log(f"inference at batch sizes {settings.batch_sizes}")
+            results["inference"] = bench_inference(candidates, settings, results["matmul_gflops"])
+        if "training" in sections:
+            log(f"training step at batch {settings.train_batch_size}")
+            results["training"] = bench_training(candidates, settings)
+        del candidates
+    if "fe" in sections:
+        log("feature extraction")
+        results["feature_extraction"] = bench_feature_extraction(settings)
+    if "sed" in sections:
+        log(f"sound event detection over {settings.sed_seconds:.0f} s (in a fresh process, for a clean peak RSS)")
+        results["sed"] = bench_sed_isolated(settings)
+    results["matmul_gflops_end"] = matmul_gflops(settings.matmul_size, settings.device, matmul_dtype)
+    results["environment"] = environment(settings, matmul_dtype)
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def save_results(results: dict[str, Any], path: str) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2, default=str)
+
+
+__all__ = ["BenchmarkSettings", "PeakMemory", "format_report", "run_benchmark", "save_results"]

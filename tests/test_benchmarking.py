@@ -1,0 +1,55 @@
+"""The benchmark's bookkeeping: targets, report and memory probe (the timings themselves are not tested)."""
+
+from __future__ import annotations
+
+import torch
+
+from htsat_hf.benchmarking import PeakMemory, evaluate_targets, format_report, synthetic_audio
+
+
+def fake_results() -> dict:
+    def row(model, batch, clips):
+        return dict(model=model, batch=batch, clips_per_s=clips, gflop_per_clip=12.0, achieved_gflops=12.0 * clips,
+                    matmul_fraction=12.0 * clips / 400.0, peak_memory_mib=100.0, seconds_per_batch=batch / clips)
+
+    return dict(
+        settings=dict(train_batch_size=8),
+        environment=dict(matmul_dtype="float32", matmul_size=4096),
+        matmul_gflops=400.0,
+        inference=[row("htsat_hf", 4, 20.0), row("ClapAudioModel", 4, 8.0), row("AST", 4, 1.0), row("htsat_hf", 16, 20.0)],
+        training=[dict(model="htsat_hf", samples_per_s=6.0, peak_memory_mib=900.0),
+                  dict(model="AST", samples_per_s=1.0, peak_memory_mib=3000.0)],
+        feature_extraction=[dict(extractor="htsat_hf", batch=1, audio_seconds_per_s=900.0),
+                            dict(extractor="ClapFeatureExtractor", batch=1, audio_seconds_per_s=250.0)],
+        sed=dict(audio_seconds=3600.0, seconds=100.0, realtime_factor=36.0, windows=719, process_peak_rss_mib=1500.0),
+    )
+
+
+def test_targets_are_evaluated_against_the_issue():
+    results = fake_results()
+    targets = {t["target"]: t for t in evaluate_targets(results)}
+    assert targets["inference vs ClapAudioModel, batch 4"]["value"] == 2.5
+    assert targets["inference vs ClapAudioModel, batch 4"]["met"]
+    assert targets["inference vs AST, batch 4"]["value"] == 20.0
+    assert targets["fraction of fp32 matmul rate, batch 16"]["value"] == 12.0 * 20.0 / 400.0
+    assert not targets["fraction of fp32 matmul rate, batch 16"]["met"]
+    assert targets["feature extraction vs ClapFeatureExtractor, batch 1"]["value"] == 3.6
+    assert targets["training peak memory / AST's, batch 8"]["met"]  # 0.30 <= 1/3
+    results["targets"] = list(targets.values())
+    report = format_report(results)
+    assert "MISSED" in report and "htsat_hf" in report
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if memory.mib is not None:  # None where /proc/self/clear_refs is not writable
+        assert memory.mib > 48
+
+
+def test_synthetic_audio_is_consistent_across_overlapping_windows():
+    rate = 32000
+    whole = synthetic_audio(0, 3 * rate, rate)
+    part = synthetic_audio(rate + 123, rate, rate)
+    torch.testing.assert_close(part, whole[rate + 123 : 2 * rate + 123])
