@@ -598,6 +598,30 @@ class HTSATTimeAxisMixin:
         _, window_frames = self.htsat.window_layout(num_frames)
         return (window_frames - 1) * frame_seconds / self.config.token_steps
 
+    def freeze_feature_encoder(self) -> None:
+        self.htsat.freeze_feature_encoder()
+
+    def encode_and_score(
+        self,
+        input_features: torch.Tensor,
+        mixup_lambda: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None, tuple | None]:
+        """Runs the backbone; returns its tokens (batch, windows, tokens, hidden), the stitched token-semantic
+        `frame_logits` (None for the pooled head), and the hidden states / attentions when requested."""
+        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
+            input_features,
+            mixup_lambda,
+            bool(output_hidden_states or self.config.output_hidden_states),
+            bool(output_attentions or self.config.output_attentions),
+        )
+        frame_logits = None
+        if self.config.use_token_semantic_head:
+            num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
+            frame_logits = self.frame_logits_from_tokens(tokens, starts, num_frames)
+        return tokens, frame_logits, hidden_states, attentions
+
     def frame_logits_from_tokens(self, tokens: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
         """tokens (batch, windows, tokens, hidden) -> (batch, steps, labels) stitched over time."""
         batch, windows = tokens.shape[:2]
@@ -638,9 +662,6 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         self.classifier = HTSATTokenSemanticHead(config)
         self.post_init()
 
-    def freeze_feature_encoder(self) -> None:
-        self.htsat.freeze_feature_encoder()
-
     def forward(
         self,
         input_features: torch.Tensor,
@@ -657,14 +678,9 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         labels on the `frame_logits` grid (0/1 or soft), trained with frame-level BCE added to the clip loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
-            input_features,
-            mixup_lambda,
-            bool(output_hidden_states or self.config.output_hidden_states),
-            bool(output_attentions or self.config.output_attentions),
+        tokens, frame_logits, hidden_states, attentions = self.encode_and_score(
+            input_features, mixup_lambda, output_hidden_states, output_attentions
         )
-        num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
-        frame_logits = self.frame_logits_from_tokens(tokens, starts, num_frames)
         logits = frame_logits.mean(dim=1)
         loss = None
         if labels is not None:
@@ -706,9 +722,6 @@ class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
             self.classifier = HTSATPooledHead(config)
         self.post_init()
 
-    def freeze_feature_encoder(self) -> None:
-        self.htsat.freeze_feature_encoder()
-
     def forward(
         self,
         input_features: torch.Tensor,
@@ -725,15 +738,11 @@ class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         cross-entropy. Regression (num_labels == 1): MSE.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
-            input_features,
-            mixup_lambda,
-            bool(output_hidden_states or self.config.output_hidden_states),
-            bool(output_attentions or self.config.output_attentions),
+        tokens, frame_logits, hidden_states, attentions = self.encode_and_score(
+            input_features, mixup_lambda, output_hidden_states, output_attentions
         )
-        if self.config.use_token_semantic_head:
-            num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
-            logits = self.frame_logits_from_tokens(tokens, starts, num_frames).mean(dim=1)
+        if frame_logits is not None:
+            logits = frame_logits.mean(dim=1)
         else:
             logits = self.classifier(tokens.mean(dim=(1, 2)))
         loss = clip_loss(logits, labels, self.config) if labels is not None else None
