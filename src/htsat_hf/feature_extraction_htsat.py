@@ -72,6 +72,19 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
                 "all zero (as in the original Speech Commands model)."
             )
 
+    @classmethod
+    def for_model_config(cls, config: Any) -> HTSATFeatureExtractor:
+        """The feature extractor matching an `HTSATConfig`'s front end (rate, FFT, hop, mel range, clip length)."""
+        return cls(
+            feature_size=config.num_mel_bins,
+            sampling_rate=config.sampling_rate,
+            n_fft=config.n_fft,
+            hop_length=config.hop_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            max_length_seconds=config.clip_seconds,
+        )
+
     # --------------------------------------------------------------------------------------------------- helpers
     @property
     def max_length_samples(self) -> int:

@@ -502,16 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = {f"init_from_{args.source_type}_path": args.source}
     report = initialise_model(config, rgb_reduction=args.rgb_reduction, allow_pickle=args.allow_pickle, **paths)
     report.model.save_pretrained(args.output_dir)
-    model_config = report.model.config
-    HTSATFeatureExtractor(
-        feature_size=model_config.num_mel_bins,
-        sampling_rate=model_config.sampling_rate,
-        n_fft=model_config.n_fft,
-        hop_length=model_config.hop_length,
-        f_min=model_config.f_min,
-        f_max=model_config.f_max,
-        max_length_seconds=model_config.clip_seconds,
-    ).save_pretrained(args.output_dir)
+    HTSATFeatureExtractor.for_model_config(report.model.config).save_pretrained(args.output_dir)
     print(report.summary())
     print(f"wrote {args.output_dir}")
 

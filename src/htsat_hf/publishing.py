@@ -137,10 +137,7 @@ def _feature_extractor(source: Path, config):
 
     if (source / "preprocessor_config.json").exists():
         return HTSATFeatureExtractor.from_pretrained(source), None
-    extractor = HTSATFeatureExtractor(
-        feature_size=config.num_mel_bins, sampling_rate=config.sampling_rate, n_fft=config.n_fft,
-        hop_length=config.hop_length, f_min=config.f_min, f_max=config.f_max, max_length_seconds=config.clip_seconds,
-    )
+    extractor = HTSATFeatureExtractor.for_model_config(config)
     return extractor, "no preprocessor_config.json in the source: written from the model config's front end"
 
 

@@ -105,10 +105,7 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
     if fe_source:
         feature_extractor = AutoFeatureExtractor.from_pretrained(fe_source, **common)
     else:
-        feature_extractor = HTSATFeatureExtractor(
-            **{fe_name: getattr(config, name) for name, fe_name in FE_FIELDS.items()},
-            max_length_seconds=config.clip_seconds,
-        )
+        feature_extractor = HTSATFeatureExtractor.for_model_config(config)
     for name, fe_name in FE_FIELDS.items():
         if hasattr(config, name) and getattr(feature_extractor, fe_name, getattr(config, name)) != getattr(config, name):
             raise ValueError(
