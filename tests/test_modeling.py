@@ -252,3 +252,37 @@ def test_auto_classes_resolve_after_import(sed_model, tmp_path):
     assert isinstance(AutoConfig.from_pretrained(tmp_path), HTSATConfig)
     assert isinstance(AutoModel.from_pretrained(tmp_path), HTSATModel)
     assert isinstance(AutoModelForAudioClassification.from_pretrained(tmp_path), HTSATForAudioClassification)
+
+
+# ------------------------------------------------------------------------------------ CPU inference in chunks
+@pytest.mark.parametrize("chunk_elements, chunks", [(32 * 64 * 8, (8, 4, 2)), (256 * 64 * 8, (64, 32, 16))])
+def test_chunked_cpu_inference_equals_the_whole_tensor_path(monkeypatch, chunk_elements, chunks):
+    """No-grad CPU inference runs blocks on chunks of windows in place: slices of the shift mask for chunks inside an
+    image, repeats for chunks of several images, a short last chunk. It must equal the grad-mode path, and the
+    hidden states it returns must not be overwritten by later in-place updates."""
+    from htsat_hf import modeling_htsat
+
+    monkeypatch.setattr(modeling_htsat, "CHUNK_HIDDEN_ELEMENTS", chunk_elements)
+    torch.manual_seed(3)
+    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
+    assert tuple(model.htsat.stages[stage].blocks[1].windows_per_chunk for stage in range(3)) == chunks
+    inputs = features(batch=3)
+    with torch.no_grad():
+        chunked = model(inputs, output_hidden_states=True)
+    with torch.enable_grad():
+        whole = model(inputs, output_hidden_states=True)
+    torch.testing.assert_close(chunked.frame_logits, whole.frame_logits, atol=1e-5, rtol=1e-5)
+    for ours, reference in zip(chunked.hidden_states, whole.hidden_states, strict=True):
+        torch.testing.assert_close(ours, reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_token_semantic_head_equals_its_convolution(sed_model):
+    """The head computes its Conv2d as one GEMM over time patches; it must equal the convolution it stores."""
+    head = sed_model.classifier
+    tokens = torch.randn(3, head.grid * head.grid, sed_model.config.hidden_size)
+    n, _, hidden = tokens.shape
+    ratio, groups, grid = sed_model.config.freq_ratio, head.freq_groups, head.grid
+    feature_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid).permute(0, 1, 3, 2, 4)
+    expected = head.conv(feature_map.reshape(n, hidden, groups, ratio * grid)).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(head(tokens), expected, atol=1e-5, rtol=1e-5)
