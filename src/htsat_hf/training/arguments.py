@@ -108,6 +108,21 @@ class DataTrainingArguments:
     validation_split_fraction: float | None = field(
         default=None, metadata={"help": "Hold out this fraction of the training split when there is no eval split."}
     )
+    strong_labels_train: str | None = field(
+        default=None,
+        metadata={"help": "DESED-style TSV (filename onset offset event_label) of the training clips: trains sound "
+                          "event detection (frame-level + clip-level loss) and saves an HTSATForSoundEventDetection."},
+    )
+    strong_labels_eval: str | None = field(
+        default=None, metadata={"help": "DESED-style TSV of the evaluation clips (needs --strong_labels_train)."}
+    )
+    audio_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the audio files --strong_labels_train names (default: the TSV's)."}
+    )
+    eval_audio_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the audio files --strong_labels_eval names (default: --audio_dir, else the TSV's)."},
+    )
     skip_bad_examples: bool = field(
         default=False, metadata={"help": "Skip unreadable audio / missing or unknown labels instead of stopping."}
     )
@@ -127,7 +142,9 @@ class HTSATRecipeArguments:
                           "which leaves targets unmixed."},
     )
     balanced_sampling: bool | None = field(
-        default=None, metadata={"help": "Class-balanced training queue (default: on for multi-label data)."}
+        default=None,
+        metadata={"help": "Class-balanced training queue (default: on for multi-label data, off for strong labels, "
+                          "whose clips without events the class queue would never draw)."},
     )
     htsat_lr_schedule: bool = field(
         default=True, metadata={"help": "The original warm-up/step schedule instead of --lr_scheduler_type."}

@@ -405,20 +405,28 @@ def validate_split(
 
 
 # ------------------------------------------------------------------------------------------------ transforms
+def random_crop_start(num_samples: int, length: int, rng: np.random.Generator | None = None) -> int:
+    """Start sample of a random `length`-sample window of a clip of `num_samples` (0 when it is not longer)."""
+    if num_samples <= length:
+        return 0
+    high = num_samples - length + 1
+    return int(rng.integers(0, high)) if rng is not None else int(np.random.randint(0, high))
+
+
+def center_crop_start(num_samples: int, length: int) -> int:
+    """Start sample of the central `length`-sample window of a clip of `num_samples` (0 when it is not longer)."""
+    return max(0, (num_samples - length) // 2)
+
+
 def random_crop(waveform: np.ndarray, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """One random `length`-sample window of a longer clip (shorter clips are returned unchanged)."""
-    if len(waveform) <= length:
-        return waveform
-    high = len(waveform) - length + 1
-    start = int(rng.integers(0, high)) if rng is not None else int(np.random.randint(0, high))
+    start = random_crop_start(len(waveform), length, rng)
     return waveform[start : start + length]
 
 
 def center_crop(waveform: np.ndarray, length: int) -> np.ndarray:
     """The central `length` samples of a longer clip (shorter clips are returned unchanged)."""
-    if len(waveform) <= length:
-        return waveform
-    start = (len(waveform) - length) // 2
+    start = center_crop_start(len(waveform), length)
     return waveform[start : start + length]
 
 
@@ -428,6 +436,8 @@ class AudioTransform:
     with `datasets`, crops it (random in training, central or none in evaluation), computes `input_features` with
     the feature extractor, and encodes the labels. With `skip_bad_examples` (streaming only) unreadable rows are
     dropped and counted in `self.skipped`; otherwise they raise naming the file.
+
+    Subclasses add targets that depend on the crop by overriding `targets` (see `strong_labels.StrongLabelTransform`).
     """
 
     def __init__(
@@ -456,22 +466,49 @@ class AudioTransform:
         self.decoder = Audio(sampling_rate=feature_extractor.sampling_rate, num_channels=1)
         self.input_name = feature_extractor.model_input_names[0]
 
-    def load(self, cell: dict[str, Any]) -> np.ndarray:
+    @property
+    def target_names(self) -> list[str]:
+        """The target columns this transform adds next to the input features."""
+        return ["labels"] if self.labels is not None else []
+
+    def decode(self, cell: dict[str, Any]) -> np.ndarray:
+        """The whole clip as float32 mono samples at the feature extractor's rate."""
         waveform = np.asarray(self.decoder.decode_example(cell)["array"], dtype=np.float32)
         if waveform.size == 0:
             raise ValueError("no audio samples")
+        return waveform
+
+    def crop_start(self, num_samples: int) -> int | None:
+        """Start sample of the window to use (random in training, central in evaluation); None keeps the clip whole."""
         if self.train:
-            return random_crop(waveform, self.max_samples)
-        return center_crop(waveform, self.max_samples) if self.eval_crop == "center" else waveform
+            return random_crop_start(num_samples, self.max_samples)
+        return center_crop_start(num_samples, self.max_samples) if self.eval_crop == "center" else None
+
+    def crop(self, waveform: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the samples to use, their start sample in the clip)."""
+        start = self.crop_start(len(waveform))
+        if start is None:
+            return waveform, 0
+        return waveform[start : start + self.max_samples], start
+
+    def load(self, cell: dict[str, Any]) -> np.ndarray:
+        """The decoded, cropped samples of one audio cell."""
+        return self.crop(self.decode(cell))[0]
+
+    def targets(self, batch: dict[str, list], row: int, start: int, num_samples: int) -> dict[str, Any]:
+        """The targets of one row whose audio was cut to `num_samples` samples from sample `start`."""
+        if self.labels is None:
+            return {}
+        return {"labels": self.labels.encode(batch[self.label_column][row])}
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         waveforms: list[np.ndarray] = []
-        targets: list[Any] = []
+        targets: list[dict[str, Any]] = []
         for row, cell in enumerate(batch[self.audio_column]):
             file = (cell or {}).get("path") or "<embedded audio>"
             try:
-                waveform = self.load(cell)
-                target = self.labels.encode(batch[self.label_column][row]) if self.labels is not None else None
+                waveform, start = self.crop(self.decode(cell))
+                target = self.targets(batch, row, start, len(waveform))
             except Exception as error:  # noqa: BLE001
                 if self.skip_bad_examples:
                     self.skipped += 1
@@ -481,8 +518,8 @@ class AudioTransform:
             waveforms.append(waveform)
             targets.append(target)
         out: dict[str, list] = {self.input_name: self.extract(waveforms)}
-        if self.labels is not None:
-            out["labels"] = targets
+        for name in self.target_names:
+            out[name] = [target[name] for target in targets]
         return out
 
     def extract(self, waveforms: list[np.ndarray]) -> list[torch.Tensor]:
@@ -591,6 +628,7 @@ __all__: list[str] = [
     "SplitReport",
     "build_label_space",
     "center_crop",
+    "center_crop_start",
     "fold_values",
     "load_esc50_folder",
     "load_manifests",
@@ -598,6 +636,7 @@ __all__: list[str] = [
     "load_speech_commands_folder",
     "prepare_data",
     "random_crop",
+    "random_crop_start",
     "select_splits",
     "validate_split",
 ]

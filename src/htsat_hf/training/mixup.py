@@ -32,24 +32,26 @@ def mix_targets(labels: torch.Tensor, mixup_lambda: torch.Tensor, num_labels: in
     """
     Mix targets the way the model mixes inputs: `y * lam + y.flip(0) * (1 - lam)`.
 
-    `labels` is either (batch,) class indices (turned into one-hot rows first; needs `num_labels`) or (batch, classes)
-    multi-hot / soft targets. Returns float32 (batch, classes).
+    `labels` is either (batch,) class indices (turned into one-hot rows first; needs `num_labels`), (batch, classes)
+    multi-hot / soft targets, or (batch, steps, classes) frame targets. Returns float32 of the (one-hot) shape.
     """
     if labels.ndim == 1:
         if num_labels is None:
             raise ValueError("num_labels is needed to mix class-index labels (they are one-hot encoded first).")
         labels = torch.nn.functional.one_hot(labels.long(), num_labels)
     labels = labels.float()
-    lam = mixup_lambda.to(labels.dtype).view(-1, 1)
+    lam = mixup_lambda.to(labels.dtype).view(-1, *([1] * (labels.ndim - 1)))
     return labels * lam + labels.flip(0) * (1.0 - lam)
 
 
 @dataclass
 class HTSATDataCollator:
     """
-    Stacks `input_features` (frames, mel) into (batch, frames, mel) and `labels` into (batch,) long class indices
-    or (batch, classes) float multi-hot targets. When `mixup_alpha > 0` it adds `mixup_lambda` (batch,) for the model
-    and, if `mix_targets`, mixes the labels (see the module docstring for the default).
+    Stacks `input_features` (frames, mel) into (batch, frames, mel), `labels` into (batch,) long class indices
+    or (batch, classes) float multi-hot targets, and strong-label `frame_labels` (steps, classes) into (batch, steps,
+    classes) floats. When `mixup_alpha > 0` it adds `mixup_lambda` (batch,) for the model and, if `mix_targets`,
+    mixes the labels and the frame labels with the same weights and partners as the inputs (see the module
+    docstring for the default).
 
     Use mixup for training batches only: `HTSATTrainer` builds its evaluation loaders with `for_eval()`, a copy
     without mixup. Lambdas come from NumPy's global generator (seeded by the `Trainer` and restored when it resumes
@@ -85,9 +87,15 @@ from a checkpoint, so a resumed run draws the same lambdas); `seed` gives the co
         if "labels" in features[0]:
             labels = torch.stack([torch.as_tensor(np.asarray(f["labels"])) for f in features])
             batch["labels"] = labels.float() if labels.ndim == 2 or labels.is_floating_point() else labels.long()
+        if "frame_labels" in features[0]:
+            batch["frame_labels"] = torch.stack(
+                [torch.as_tensor(np.asarray(f["frame_labels"]), dtype=torch.float32) for f in features]
+            )
         if self.mixup_alpha > 0 and len(features) > 1:
             lam = sample_mixup_lambda(len(features), self.mixup_alpha, self._rng)
             batch["mixup_lambda"] = lam
-            if self.mix_targets and "labels" in batch:
-                batch["labels"] = mix_targets(batch["labels"], lam, self.num_labels)
+            if self.mix_targets:
+                for name in ("labels", "frame_labels"):
+                    if name in batch:
+                        batch[name] = mix_targets(batch[name], lam, self.num_labels)
         return batch

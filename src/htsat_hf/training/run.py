@@ -1,5 +1,6 @@
 """The training driver behind `scripts/train.py`: data -> model -> `HTSATTrainer` -> saved model + metrics, and the
-k-fold cross-validation loop (ESC-50)."""
+k-fold cross-validation loop (ESC-50). With `--strong_labels_train` (DESED-style TSVs) it trains sound event
+detection: an `HTSATForSoundEventDetection` on frame-level plus clip-level targets."""
 
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ from transformers import (
     AutoConfig,
     AutoFeatureExtractor,
     AutoModelForAudioClassification,
+    AutoModelForAudioFrameClassification,
     HfArgumentParser,
     TrainingArguments,
     set_seed,
 )
 
-from .. import HTSATConfig, HTSATFeatureExtractor
+from .. import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
 from .arguments import TRAINING_DEFAULTS, DataTrainingArguments, HTSATRecipeArguments, ModelArguments
 from .data import build_label_space, fold_values, load_source, prepare_data, select_splits
 from .labels import LabelSpace
-from .metrics import compute_metrics_for, default_metric_name
+from .metrics import compute_metrics_for, default_metric_name, sound_event_metrics
 from .mixup import HTSATDataCollator
+from .strong_labels import StepGrid, load_strong_labels, prepare_strong_data
 from .trainer import HTSATTrainer
 
 logger = logging.getLogger("htsat_hf.train")
@@ -62,8 +65,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataT
 
 
 # ------------------------------------------------------------------------------------------------------- model
-def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_seconds: float | None):
-    """(model, feature extractor) for the label space: fine-tuned from `model_name_or_path`, or from scratch."""
+def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_seconds: float | None,
+                sound_event_detection: bool = False):
+    """(model, feature extractor) for the label space: fine-tuned from `model_name_or_path`, or from scratch.
+    `sound_event_detection` builds an `HTSATForSoundEventDetection` (strong labels) instead of the classifier."""
     overrides = {k: getattr(model_args, k) for k in ARCH_OVERRIDES if getattr(model_args, k) is not None}
     if "clip_seconds" in overrides:  # keep the paper's half-window hop between windows of long inputs
         overrides["long_input_hop_seconds"] = overrides["clip_seconds"] / 2
@@ -72,10 +77,11 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
         "id2label": labels.id2label,
         "label2id": labels.label2id,
         "problem_type": labels.problem_type,
-        "finetuning_task": "audio-classification",
+        "finetuning_task": "sound-event-detection" if sound_event_detection else "audio-classification",
     }
     common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
               "trust_remote_code": model_args.trust_remote_code}
+    auto_class = AutoModelForAudioFrameClassification if sound_event_detection else AutoModelForAudioClassification
     config_source = model_args.config_name or model_args.model_name_or_path
     if config_source:
         config = AutoConfig.from_pretrained(config_source, **label_kwargs, **overrides, **common)
@@ -91,16 +97,17 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
         report = initialise_model(
             config, init_from_swin_path=model_args.init_from_swin, init_from_clap_path=model_args.init_from_clap,
             rgb_reduction=model_args.rgb_reduction, allow_pickle=model_args.allow_pickle,
+            model_class=HTSATForSoundEventDetection if sound_event_detection else HTSATForAudioClassification,
         )
         logger.info(report.summary())
         model, config = report.model, report.model.config
     elif model_args.model_name_or_path:
-        model = AutoModelForAudioClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             **common,
         )
     else:
-        model = AutoModelForAudioClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     fe_source = model_args.feature_extractor_name or model_args.model_name_or_path
     if fe_source:
         feature_extractor = AutoFeatureExtractor.from_pretrained(fe_source, **common)
@@ -139,6 +146,8 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """One run: returns the metrics written to `output_dir/all_results.json`."""
     set_seed(training_args.seed)
+    if uses_strong_labels(data_args):
+        return train_on_strong_labels(model_args, data_args, recipe, training_args)
     if raw is None:
         raw = load_source(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_file, data_args.eval_file,
@@ -161,9 +170,73 @@ def train_and_evaluate(
             data_args.eval_crop, data_args.check_audio, data_args.skip_bad_examples, data_args.max_train_samples,
             data_args.max_eval_samples, training_args.seed,
         )
-    _log_data(prepared, labels)
+    return fit(model, feature_extractor, prepared, labels, recipe, training_args,
+               compute_metrics_for(labels.problem_type), default_balanced=labels.multi_label)
 
-    balanced = recipe.balanced_sampling if recipe.balanced_sampling is not None else labels.multi_label
+
+# --------------------------------------------------------------------------------------------- strong labels
+def uses_strong_labels(data_args: DataTrainingArguments) -> bool:
+    """Whether the run trains sound event detection on strong-label TSVs; checks the options that go with them."""
+    if not (data_args.strong_labels_train or data_args.strong_labels_eval):
+        return False
+    if not data_args.strong_labels_train:
+        raise ValueError("--strong_labels_eval needs --strong_labels_train (its clips define the classes).")
+    conflicts = [flag for flag, used in (
+        ("--dataset_name", data_args.dataset_name), ("--train_file", data_args.train_file),
+        ("--eval_file", data_args.eval_file), ("--streaming", data_args.streaming),
+        ("--cross_validation", data_args.cross_validation), ("--eval_fold", data_args.eval_fold),
+    ) if used]
+    if conflicts:
+        raise ValueError(f"--strong_labels_train reads its clips from the TSV; it does not combine with {conflicts}.")
+    if data_args.eval_crop != "center":
+        raise ValueError("With strong labels every example is one model window: --eval_crop must be 'center'.")
+    return True
+
+
+def train_on_strong_labels(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    recipe: HTSATRecipeArguments,
+    training_args: TrainingArguments,
+) -> dict[str, Any]:
+    """A sound event detection run on DESED-style TSVs: `HTSATForSoundEventDetection`, frame + clip targets."""
+    if training_args.do_eval and not (data_args.strong_labels_eval or data_args.validation_split_fraction):
+        raise ValueError("Evaluating on strong labels needs --strong_labels_eval or --validation_split_fraction "
+                         "(or --do_eval False).")
+    source = load_strong_labels(
+        data_args.strong_labels_train, data_args.strong_labels_eval if training_args.do_eval else None,
+        data_args.audio_dir, data_args.eval_audio_dir, data_args.label_csv, data_args.class_names,
+        data_args.skip_bad_examples,
+    )
+    train, eval_ = select_splits(source.splits, "train", "eval" if training_args.do_eval else None,
+                                 validation_split_fraction=data_args.validation_split_fraction, seed=training_args.seed)
+    labels = LabelSpace(names=source.names, multi_label=True)
+    model, feature_extractor = build_model(model_args, labels, data_args.max_length_seconds, sound_event_detection=True)
+    with training_args.main_process_first(desc="validating the data"):
+        prepared = prepare_strong_data(
+            train if training_args.do_train else None, eval_ if training_args.do_eval else None, feature_extractor,
+            StepGrid.from_config(model.config), labels, data_args.max_length_seconds, data_args.check_audio,
+            data_args.skip_bad_examples, data_args.max_train_samples, data_args.max_eval_samples, training_args.seed,
+            reports=source.reports,
+        )
+    return fit(model, feature_extractor, prepared, labels, recipe, training_args, sound_event_metrics(),
+               default_balanced=False)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def fit(
+    model: Any,
+    feature_extractor: Any,
+    prepared: Any,
+    labels: LabelSpace,
+    recipe: HTSATRecipeArguments,
+    training_args: TrainingArguments,
+    compute_metrics: Any,
+    default_balanced: bool,
+) -> dict[str, Any]:
+    """Train and/or evaluate `model` on the prepared splits with the HTS-AT recipe; save the model and metrics."""
+    _log_data(prepared, labels)
+    balanced = recipe.balanced_sampling if recipe.balanced_sampling is not None else default_balanced
     if balanced and prepared.train_example_labels is None and training_args.do_train:
         logger.warning("Balanced sampling needs a non-streaming training set; using the data's own order.")
         balanced = False
@@ -180,7 +253,7 @@ def train_and_evaluate(
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=feature_extractor,
-        compute_metrics=compute_metrics_for(labels.problem_type),
+        compute_metrics=compute_metrics,
         train_example_labels=prepared.train_example_labels,
         balanced_sampling=bool(balanced),
         htsat_lr_schedule=recipe.htsat_lr_schedule,
@@ -223,6 +296,7 @@ def cross_validate(
 ) -> dict[str, Any]:
     """Train/evaluate once per fold (each in `output_dir/fold_<k>`), then write `cv_results.json` with the per-fold
     metrics and their mean and standard deviation (population std, as ESC-50 results are usually reported)."""
+    uses_strong_labels(data_args)  # raises: strong-label TSVs have no folds
     raw = load_source(
         data_args.dataset_name, data_args.dataset_config_name, data_args.train_file, data_args.eval_file,
         data_args.audio_column_name, False, model_args.cache_dir, model_args.token,
@@ -293,4 +367,4 @@ def push_trained_model(model_args: ModelArguments, data_args: DataTrainingArgume
     logger.info(uploaded.describe())
 
 
-__all__ = ["build_model", "cross_validate", "main", "parse_args", "train_and_evaluate"]
+__all__ = ["build_model", "cross_validate", "fit", "main", "parse_args", "train_and_evaluate", "train_on_strong_labels"]
