@@ -193,6 +193,20 @@ def test_frame_labels_add_a_frame_level_loss(sed_model):
         sed_model(features(), frame_labels=torch.zeros(2, 31, 6))
 
 
+def test_frame_labels_with_an_input_the_model_would_crop_are_refused():
+    """In training, inputs longer than one image are randomly cropped inside the model; frame targets built for the
+    whole input would silently point at the wrong steps."""
+    model = HTSATForSoundEventDetection(tiny_config()).train()
+    with pytest.raises(ValueError, match="randomly cropped"):
+        model(features(frames=1400), frame_labels=torch.zeros(2, 32, 6))
+    model.eval()  # in inference long inputs are windowed and stitched, so the check does not apply
+    with torch.no_grad():
+        out = model(features(frames=1400))
+    with pytest.raises(ValueError, match="frame_labels has shape"):
+        model(features(frames=1400), frame_labels=torch.zeros(2, 32, 6))
+    assert out.frame_logits.shape[1] > 32
+
+
 # ----------------------------------------------------------------------------------------------- training
 def test_training_mode_augments_and_mixup_mixes_the_batch():
     torch.manual_seed(0)

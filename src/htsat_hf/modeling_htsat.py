@@ -741,6 +741,13 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         labels on the `frame_logits` grid (0/1 or soft), trained with frame-level BCE added to the clip loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if frame_labels is not None and self.training and input_features.shape[1] > self.config.image_frames:
+            raise ValueError(
+                f"frame_labels need inputs of at most {self.config.image_frames} frames in training: longer inputs "
+                f"({input_features.shape[1]} frames) are randomly cropped to one window, so the frame targets would "
+                "not line up. Crop the audio in the data pipeline and shift the targets with it "
+                "(htsat_hf.training.strong_labels.events_to_step_targets(offset_seconds=...))."
+            )
         tokens, frame_logits, hidden_states, attentions = self.encode_and_score(
             input_features, mixup_lambda, output_hidden_states, output_attentions
         )
