@@ -138,6 +138,23 @@ def test_stitcher_weights_off_grid_windows_by_overlap():
     assert result[2].item() == pytest.approx(4.0)  # only the second window reaches past 2 s
 
 
+def test_growing_stitcher_equals_one_of_known_length():
+    """A stream's length is known only at its end: the growing grid (batches added as they come, past its initial
+    size) must give what a stitcher of the final length gives, including dropping steps past the end."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(700, 8, 3, generator=generator)
+    starts = [i * 3.0 + 0.25 * (i % 3) for i in range(700)]  # 2100 s, off-grid windows
+    known = StepStitcher(total_steps=2100, step_seconds=1.0, num_labels=3)
+    known.add(values, starts)
+    growing = StepStitcher(total_steps=None, step_seconds=1.0, num_labels=3)
+    for first in range(0, 700, 64):
+        growing.add(values[first : first + 64], starts[first : first + 64])
+    assert growing.sums.shape[0] > 2100  # it grew past its initial 1025 rows
+    torch.testing.assert_close(growing.result(2100), known.result())
+    with pytest.raises(ValueError, match="final number of steps"):
+        growing.result()
+
+
 def test_long_input_keeps_every_step_of_audio(sed_model):
     """30 s of features: 96 steps (3.2 per second), each window's steps land at their own time."""
     long = features(1, 3001)

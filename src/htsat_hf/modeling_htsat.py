@@ -87,11 +87,16 @@ class StepStitcher:
     Accumulates window by window, so memory stays bounded for audio of any length.
     """
 
-    def __init__(self, total_steps: int, step_seconds: float, num_labels: int, device=None, dtype=torch.float32):
+    def __init__(
+        self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32
+    ):
+        """total_steps None: the grid grows with the windows added (a stream of unknown length); `result` then takes
+        the final number of steps, and steps at or past it are dropped, as a known length would clamp them."""
         self.total_steps = total_steps
         self.step_seconds = step_seconds
-        self.sums = torch.zeros(total_steps + 1, num_labels, device=device, dtype=dtype)
-        self.weights = torch.zeros(total_steps + 1, 1, device=device, dtype=dtype)
+        rows = (total_steps if total_steps is not None else 1024) + 1
+        self.sums = torch.zeros(rows, num_labels, device=device, dtype=dtype)
+        self.weights = torch.zeros(rows, 1, device=device, dtype=dtype)
 
     def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
         """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
@@ -100,8 +105,12 @@ class StepStitcher:
         position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
         first = torch.floor(position + 1e-6).clamp(min=0)
         fraction = (position - first).clamp(min=0.0, max=1.0)
-        first = first.long().clamp(max=self.total_steps)
-        second = (first + 1).clamp(max=self.total_steps)
+        first = first.long()
+        second = first + 1
+        if self.total_steps is None:
+            self._reserve(int(second.max()) + 1)
+        else:
+            first, second = first.clamp(max=self.total_steps), second.clamp(max=self.total_steps)
         flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
         for index, weight in ((first, 1.0 - fraction), (second, fraction)):
             weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
@@ -109,12 +118,22 @@ class StepStitcher:
             self.sums.index_add_(0, index, flat_values * weight)
             self.weights.index_add_(0, index, weight)
 
-    def result(self) -> torch.Tensor:
+    def _reserve(self, rows: int) -> None:
+        """Grows the grid to at least `rows` steps (by half its size at least, so growing stays linear overall)."""
+        if rows > self.sums.shape[0]:
+            extra = max(rows, self.sums.shape[0] * 3 // 2) - self.sums.shape[0]
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
+            self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, 1)])
+
+    def result(self, total_steps: int | None = None) -> torch.Tensor:
         """(total_steps, labels) weighted mean of every window step over each grid step."""
-        return self.sums[: self.total_steps] / self.weights[: self.total_steps].clamp(min=1e-12)
+        total = self.total_steps if self.total_steps is not None else total_steps
+        if total is None:
+            raise ValueError("This stitcher grows with its input: pass the final number of steps to result().")
+        self._reserve(total)
+        return self.sums[:total] / self.weights[:total].clamp(min=1e-12)
 
 
-# ------------------------------------------------------------------------------------------------ front of model
 def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
     """
     (batch, 1, frames, mel) -> (batch, 1, spec_size, spec_size). Fewer frames than the image holds are stretched
@@ -694,13 +713,19 @@ class HTSATTimeAxisMixin:
         step_logits = step_logits.view(batch, windows, *step_logits.shape[1:])
         return torch.stack([self.stitch_window_steps(example, starts, num_frames) for example in step_logits])
 
+    def total_steps(self, num_frames: int) -> int:
+        """Number of `frame_logits` steps for an input of `num_frames` feature frames."""
+        frame_seconds = self.config.hop_length / self.config.sampling_rate
+        return math.ceil((num_frames - 1) * frame_seconds / self.frame_step_seconds(num_frames) - 1e-6)
+
     def stitch_window_steps(self, step_values: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
         """One input's per-window step values (windows, steps, labels), windows starting at frames `starts` of an
         input of `num_frames` frames -> (total steps, labels) on one time grid of `frame_step_seconds` steps."""
-        step = self.frame_step_seconds(num_frames)
         frame_seconds = self.config.hop_length / self.config.sampling_rate
-        total_steps = math.ceil((num_frames - 1) * frame_seconds / step - 1e-6)
-        stitcher = StepStitcher(total_steps, step, step_values.shape[-1], step_values.device, step_values.dtype)
+        stitcher = StepStitcher(
+            self.total_steps(num_frames), self.frame_step_seconds(num_frames), step_values.shape[-1],
+            step_values.device, step_values.dtype,
+        )
         stitcher.add(step_values, [start * frame_seconds for start in starts])
         return stitcher.result()
 

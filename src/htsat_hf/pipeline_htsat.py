@@ -21,6 +21,7 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .modeling_htsat import StepStitcher
 from .sed_postprocessing import frames_to_events, load_label_mapping, map_scores
 
 logger = logging.get_logger(__name__)
@@ -175,17 +176,27 @@ class SoundEventDetectionPipeline(Pipeline):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=round(source.duration_hint or 0, 1) or None, unit="s", desc="sound event detection")
-        window_logits, starts = [], []
+        # Windows are stitched as they come onto a grid that grows with the stream: memory holds the audio of about
+        # one window and one row of scores per step (no per-window copy of the whole recording's scores).
+        frame_seconds = self.model.config.hop_length / self.model.config.sampling_rate
+        stitcher, frame_logits = None, None
         for features, batch_starts in stream.window_batches(window_batch_size):
             with torch.no_grad():
                 output = self.model(input_features=features.to(self.device, self.model.dtype))
-            window_logits.append(output.frame_logits.float().cpu())
-            starts.extend(batch_starts)
+            logits = output.frame_logits.float().cpu()
+            if not stream.windowed:  # an input of at most one image: one window, already on its own grid
+                frame_logits = logits[0]
+            else:
+                if stitcher is None:
+                    step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed length
+                    stitcher = StepStitcher(None, step, logits.shape[-1])
+                stitcher.add(logits, [start * frame_seconds for start in batch_starts])
             if bar is not None:
                 bar.update(round(stream.seconds_read - bar.n, 1))
         if bar is not None:
             bar.close()
-        frame_logits = self.model.stitch_window_steps(torch.cat(window_logits), starts, stream.num_frames)
+        if stitcher is not None:
+            frame_logits = stitcher.result(self.model.total_steps(stream.num_frames))
         return {
             "frame_logits": frame_logits,
             "step_seconds": self.model.frame_step_seconds(stream.num_frames),
@@ -249,6 +260,7 @@ class WindowStream:
         self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
         self.num_samples = 0
         self.num_frames = 0
+        self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
 
     @property
     def seconds_read(self) -> float:
@@ -278,8 +290,9 @@ class WindowStream:
                 raise ValueError("The audio contains NaN or Inf samples.")
             buffer = np.concatenate([buffer, samples])
             self.num_samples += len(samples)
+            self.windowed = self.num_samples >= self.long_after
             while (
-                self.num_samples >= self.long_after
+                self.windowed
                 and buffer_start + len(buffer) >= next_frame * self.hop + self.window_samples + self.margin
             ):
                 pending.append(self.window_features(buffer, buffer_start, next_frame, None))
@@ -296,6 +309,7 @@ class WindowStream:
             raise ValueError("The audio is empty: no samples were decoded.")
         self.num_frames = self.num_samples // self.hop + 1
         starts, window_frames = self.model.htsat.window_layout(self.num_frames)
+        self.windowed = len(starts) > 1
         if len(starts) == 1:  # short input: the model stretches all of its frames into one window
             features = self.feature_extractor(buffer, sampling_rate=self.source.sampling_rate, padding=False,
                                               return_tensors="pt")["input_features"]
