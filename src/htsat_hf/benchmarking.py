@@ -48,6 +48,7 @@ from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
 
 CLIP_SECONDS = 10.0
+FE_SAMPLE_SECONDS = 0.2  # feature-extraction calls are repeated back to back to fill timing samples this long
 
 
 @dataclass
@@ -358,18 +359,33 @@ def bench_feature_extraction(settings: BenchmarkSettings) -> list[dict[str, Any]
             name: (lambda name=name, fe=fe, rate=rate, kw=kw: fe(clips[name], sampling_rate=rate, return_tensors="pt", **kw))
             for name, (fe, rate, kw) in extractors.items()
         }
-        times = interleaved_times(calls, settings.repeats, settings.device)
+        counts = {name: calls_per_sample(call, FE_SAMPLE_SECONDS, settings.device) for name, call in calls.items()}
+        looped = {name: (lambda call=call, n=counts[name]: [call() for _ in range(n)]) for name, call in calls.items()}
+        times = interleaved_times(looped, settings.repeats, settings.device)
         for name in extractors:
-            seconds = statistics.median(times[name])
+            per_call = [sample / counts[name] for sample in times[name]]
+            seconds = statistics.median(per_call)
             rows.append(
                 dict(
                     extractor=name,
                     batch=batch,
                     audio_seconds_per_s=batch * CLIP_SECONDS / seconds,
-                    all_seconds=times[name],
+                    all_seconds=per_call,
+                    calls_per_sample=counts[name],
                 )
             )
     return rows
+
+
+def calls_per_sample(call: Callable[[], Any], min_seconds: float, device: str) -> int:
+    """How many back-to-back calls make one timing sample last `min_seconds`: a call of a few milliseconds timed
+    alone is dominated by scheduler and page-fault noise on a shared machine."""
+    call()
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
 
 
 def synthetic_audio(start: int, length: int, rate: int) -> torch.Tensor:
