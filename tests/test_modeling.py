@@ -307,6 +307,21 @@ def test_chunked_cpu_inference_equals_the_whole_tensor_path(monkeypatch, chunk_e
         torch.testing.assert_close(ours, reference.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_training_mode_without_gradients_keeps_stochastic_depth(monkeypatch):
+    """The chunked path is for inference only: a model in train() mode under no_grad (e.g. Monte-Carlo dropout)
+    must still take the path that applies stochastic depth and dropout."""
+    from htsat_hf import modeling_htsat
+
+    def refuse(self, hidden):
+        raise AssertionError("the chunked inference path ran in training mode")
+
+    monkeypatch.setattr(modeling_htsat.HTSATSwinBlock, "forward_in_chunks", refuse)
+    model = HTSATForSoundEventDetection(tiny_config(drop_path_rate=0.5, spec_augment=False)).train()
+    with torch.no_grad():
+        first, second = model(features(1)).frame_logits, model(features(1)).frame_logits
+    assert not torch.allclose(first, second)  # blocks were dropped at random
+
+
 def test_token_semantic_head_equals_its_convolution(sed_model):
     """The head computes its Conv2d as one GEMM over time patches; it must equal the convolution it stores."""
     head = sed_model.classifier

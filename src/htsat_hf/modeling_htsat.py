@@ -371,7 +371,13 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden: (batch, grid * grid, dim) in this block's window order."""
-        if not (output_attentions or torch.is_grad_enabled() or hidden.device.type != "cpu" or torch.compiler.is_compiling()):
+        if not (
+            self.training
+            or output_attentions
+            or torch.is_grad_enabled()
+            or hidden.device.type != "cpu"
+            or torch.compiler.is_compiling()
+        ):
             return self.forward_in_chunks(hidden), None
         batch, tokens, dim = hidden.shape
         windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
