@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,38 +587,65 @@ def prepare_data(
     seed: int = 42,
 ) -> PreparedData:
     """Validate, subsample and attach the decoding transforms to the train / eval splits."""
-    if train is None and eval_ is None:
-        raise ValueError("Nothing to prepare: no train and no eval split.")
     reference = train if train is not None else eval_
-    labels = label_space or build_label_space(reference, label_column)
-    reports: list[SplitReport] = []
-    transforms: list[AudioTransform] = []
-    train_example_labels = None
-    splits: dict[str, Any] = {"train": train, "eval": eval_}
-    for name, split in splits.items():
-        if split is None:
-            continue
-        split = limit(split, max_train_samples if name == "train" else max_eval_samples, seed)
-        if isinstance(split, Dataset):
-            split, report = validate_split(
-                split, name, audio_column, label_column, labels, check_audio, skip_bad_examples
-            )
-            reports.append(report)
-            if name == "train":
-                train_example_labels = [labels.indices(cell) for cell in split[label_column]]
-        transform = AudioTransform(
+    labels = label_space or (build_label_space(reference, label_column) if reference is not None else None)
+    return prepare_splits(
+        {"train": train, "eval": eval_},
+        labels,
+        make_transform=lambda is_train: AudioTransform(
             feature_extractor,
             labels,
             audio_column,
             label_column,
-            train=name == "train",
+            train=is_train,
             max_length_seconds=max_length_seconds,
             eval_crop=eval_crop,
             skip_bad_examples=skip_bad_examples,
-        )
+        ),
+        validate=lambda split, name: validate_split(
+            split, name, audio_column, label_column, labels, check_audio, skip_bad_examples
+        ),
+        example_labels=lambda split: [labels.indices(cell) for cell in split[label_column]],
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        seed=seed,
+    )
+
+
+def prepare_splits(
+    splits: dict[str, Dataset | IterableDataset | None],
+    labels: LabelSpace,
+    make_transform: Callable[[bool], AudioTransform],
+    validate: Callable[[Dataset, str], tuple[Dataset, SplitReport]],
+    example_labels: Callable[[Dataset], list[list[int]]],
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+    reports: Sequence[SplitReport] = (),
+) -> PreparedData:
+    """The loop `prepare_data` and the strong-label preparation share: for each of the "train" / "eval" splits,
+    subsample, validate a map-style split (and take the train examples' classes for the balanced sampler), then attach
+    `make_transform(is_train)`. `reports` from earlier checks are carried into the result."""
+    if all(split is None for split in splits.values()):
+        raise ValueError("Nothing to prepare: no train and no eval split.")
+    all_reports = list(reports)
+    transforms: list[AudioTransform] = []
+    train_example_labels = None
+    prepared: dict[str, Dataset | IterableDataset | None] = {}
+    for name, split in splits.items():
+        if split is None:
+            prepared[name] = None
+            continue
+        split = limit(split, max_train_samples if name == "train" else max_eval_samples, seed)
+        if isinstance(split, Dataset):
+            split, report = validate(split, name)
+            all_reports.append(report)
+            if name == "train":
+                train_example_labels = example_labels(split)
+        transform = make_transform(name == "train")
         transforms.append(transform)
-        splits[name] = attach_transform(split, transform, shuffle_seed=seed if name == "train" else None)
-    return PreparedData(splits["train"], splits["eval"], labels, train_example_labels, reports, transforms)
+        prepared[name] = attach_transform(split, transform, shuffle_seed=seed if name == "train" else None)
+    return PreparedData(prepared["train"], prepared["eval"], labels, train_example_labels, all_reports, transforms)
 
 
 __all__: list[str] = [
@@ -635,6 +662,7 @@ __all__: list[str] = [
     "load_source",
     "load_speech_commands_folder",
     "prepare_data",
+    "prepare_splits",
     "random_crop",
     "random_crop_start",
     "select_splits",

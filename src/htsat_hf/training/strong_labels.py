@@ -25,7 +25,7 @@ import numpy as np
 from datasets import Audio, Dataset
 
 from ..sed_metrics import LINE_COLUMN, _read_table, events_table
-from .data import AudioTransform, BadExampleError, PreparedData, SplitReport, attach_transform, limit, validate_split
+from .data import AudioTransform, BadExampleError, PreparedData, SplitReport, prepare_splits, validate_split
 from .labels import LabelSpace, read_label_csv
 
 EVENTS_COLUMN = "events"
@@ -313,27 +313,21 @@ def prepare_strong_data(
 ) -> PreparedData:
     """`prepare_data` for splits from `load_strong_labels`: validate the audio, subsample, attach
     `StrongLabelTransform`s. `reports` (the TSV files skipped) are carried into the result."""
-    if train is None and eval_ is None:
-        raise ValueError("Nothing to prepare: no train and no eval split.")
-    all_reports = list(reports)
-    transforms: list[AudioTransform] = []
-    train_example_labels = None
-    splits: dict[str, Any] = {"train": train, "eval": eval_}
-    for name, split in splits.items():
-        if split is None:
-            continue
-        split = limit(split, max_train_samples if name == "train" else max_eval_samples, seed)
-        split, report = validate_split(split, name, "audio", None, None, check_audio, skip_bad_examples)
-        all_reports.append(report)
-        if name == "train":
-            train_example_labels = [[labels.label2id[n] for n in cell] for cell in split[EVENT_LABELS_COLUMN]]
-        transform = StrongLabelTransform(
-            feature_extractor, labels, grid, train=name == "train", max_length_seconds=max_length_seconds,
+    return prepare_splits(
+        {"train": train, "eval": eval_},
+        labels,
+        make_transform=lambda is_train: StrongLabelTransform(
+            feature_extractor, labels, grid, train=is_train, max_length_seconds=max_length_seconds,
             skip_bad_examples=skip_bad_examples,
-        )
-        transforms.append(transform)
-        splits[name] = attach_transform(split, transform)
-    return PreparedData(splits["train"], splits["eval"], labels, train_example_labels, all_reports, transforms)
+        ),
+        validate=lambda split, name: validate_split(split, name, "audio", None, None, check_audio, skip_bad_examples),
+        # clips without events have no labels, so the names are looked up directly (LabelSpace.indices refuses them)
+        example_labels=lambda split: [[labels.label2id[n] for n in cell] for cell in split[EVENT_LABELS_COLUMN]],
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        seed=seed,
+        reports=reports,
+    )
 
 
 __all__ = [
