@@ -22,6 +22,7 @@ from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
+from .cpu_kernels import linear
 
 logger = logging.get_logger(__name__)
 
@@ -283,7 +284,7 @@ class HTSATWindowAttention(nn.Module):
         fused CPU kernel; the eager path (also used for `output_attentions`) returns the weights."""
         count, tokens, dim = windows.shape
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        qkv = self.qkv(windows).view(count, tokens, 3, self.num_heads, self.head_dim)
+        qkv = linear(windows, self.qkv).view(count, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views (windows, heads, tokens, head_dim)
         weights = None
         if output_attentions or self.config._attn_implementation == "eager":
@@ -292,7 +293,7 @@ class HTSATWindowAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
         context = context.transpose(1, 2).reshape(count, tokens, dim)
-        return self.proj_drop(self.proj(context)), (weights if output_attentions else None)
+        return self.proj_drop(linear(context, self.proj)), (weights if output_attentions else None)
 
 
 class HTSATDropPath(nn.Module):
@@ -314,16 +315,17 @@ class HTSATDropPath(nn.Module):
 
 
 class HTSATMlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2, with dropout; in CPU inference fc1 and GELU run as one fused oneDNN op."""
+
     def __init__(self, config: HTSATConfig, dim: int):
         super().__init__()
         hidden = int(dim * config.mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(hidden)))))
+        return self.drop(linear(self.drop(linear(hidden, self.fc1, "gelu")), self.fc2))
 
 
 class HTSATSwinBlock(GradientCheckpointingLayer):
@@ -428,7 +430,7 @@ class HTSATPatchMerging(nn.Module):
         merged = torch.cat(
             [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1
         ).view(batch, -1, 4 * dim)
-        return self.reduction(self.norm(merged))
+        return linear(self.norm(merged), self.reduction)
 
 
 class HTSATStage(nn.Module):
