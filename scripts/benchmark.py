@@ -29,11 +29,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd htsat_hf (slow to build)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 dynamically quantised htsat_hf row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
-    parser.add_argument("--no-thp", action="store_true",
-                        help="do not set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for large CPU tensors)")
+    parser.add_argument("--thp", action="store_true",
+                        help="set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for large CPU tensors; on the 2-core "
+                             "benchmark machine it slowed every model by 5-10 %%)")
     args = parser.parse_args()
 
-    if not args.no_thp:  # must be set before torch allocates anything; applies to every model alike
+    if args.thp:  # must be set before torch allocates anything; applies to every model alike
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
 
