@@ -56,3 +56,22 @@ def test_plain_path_where_fusion_does_not_apply():
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation must be one of"):
         linear(torch.randn(2, 96), _layer(), "relu")
+
+
+def test_flop_counter_counts_the_fused_path():
+    """FLOP counts (the benchmark's GFLOP per clip) are the same whether the fused or the plain path runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from htsat_hf import HTSATConfig, HTSATForAudioClassification
+
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(HTSATConfig(embed_dim=16, num_heads=[1, 2, 4, 8], num_labels=5)).eval()
+    features = torch.randn(1, 1001, 64)
+    counts = []
+    for context in (torch.inference_mode, torch.enable_grad):
+        counter = FlopCounterMode(display=False)
+        with context(), sdpa_kernel(SDPBackend.MATH), counter:
+            model(input_features=features)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -9,9 +9,12 @@ compiler tracing, oneDNN enabled); everything else takes `torch.nn.functional.li
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 _ACTIVATIONS = {"none": None, "gelu": F.gelu}
 
@@ -27,6 +30,18 @@ def _onednn_linear_op():
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
+
+
+def _linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+    """FLOPs of the fused linear op as `torch.utils.flop_counter` counts addmm: 2 per multiply-add."""
+    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
+
+
+if _ONEDNN_LINEAR is not None:  # PyTorch's FLOP counter knows no formula for this op; without one it counts nothing
+    try:
+        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_flops)
+    except (RuntimeError, ValueError):  # already registered (the module is imported again as remote code)
+        pass
 
 
 def fused_linear_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
