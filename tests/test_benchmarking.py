@@ -10,12 +10,12 @@ from htsat_hf.benchmarking import PeakMemory, evaluate_targets, format_report, s
 def fake_results() -> dict:
     def row(model, batch, clips):
         return dict(model=model, batch=batch, clips_per_s=clips, gflop_per_clip=12.0, achieved_gflops=12.0 * clips,
-                    matmul_fraction=12.0 * clips / 400.0, peak_memory_mib=100.0, seconds_per_batch=batch / clips)
+                    matmul_gflops=400.0, matmul_fraction=12.0 * clips / 400.0, peak_memory_mib=100.0, seconds_per_batch=batch / clips)
 
     return dict(
         settings=dict(train_batch_size=8),
         environment=dict(matmul_dtype="float32", matmul_size=4096),
-        matmul_gflops=400.0,
+        matmul_gflops=390.0,  # timed alone; the rows' own interleaved rate (400) is what the ceiling uses
         inference=[row("htsat_hf", 4, 20.0), row("ClapAudioModel", 4, 8.0), row("AST", 4, 1.0), row("htsat_hf", 16, 20.0)],
         training=[dict(model="htsat_hf", samples_per_s=6.0, peak_memory_mib=900.0),
                   dict(model="AST", samples_per_s=1.0, peak_memory_mib=3000.0)],

@@ -6,7 +6,7 @@ of them alike. Every model is built from its default config with random weights 
 Measured on 10-s clips:
     - inference clips/s at each batch size (median of interleaved repeats), GFLOP per clip
       (`torch.utils.flop_counter`, attention counted through SDPA's math kernel), the fraction of the fp32 matmul rate
-      measured in the same run, and peak memory of one forward pass;
+      (a 4096^3 matmul timed in the same interleaved rounds), and peak memory of one forward pass;
     - one training step (forward, backward, AdamW) at batch 8: samples/s and peak memory, HTS-AT against AST;
     - feature extraction, seconds of audio per second, against `ClapFeatureExtractor` and `ASTFeatureExtractor`;
     - sound event detection on one hour of audio: seconds and peak memory.
@@ -48,6 +48,7 @@ from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
 
 CLIP_SECONDS = 10.0
+REFERENCE_MATMUL = "reference matmul"
 FE_SAMPLE_SECONDS = 0.2  # feature-extraction calls are repeated back to back to fill timing samples this long
 
 
@@ -151,11 +152,16 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, device:
     return times
 
 
-def matmul_gflops(size: int, device: str, dtype: torch.dtype, repeats: int = 7) -> float:
-    """Median rate of a (size x size) @ (size x size) matmul: the machine's attainable dense matmul rate."""
+def reference_matmul(size: int, device: str, dtype: torch.dtype) -> Callable[[], Any]:
+    """A (size x size) @ (size x size) matmul: its rate is the machine's attainable dense matmul rate."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = interleaved_times({"matmul": lambda: a @ b}, repeats, device)["matmul"]
+    return lambda: a @ b
+
+
+def matmul_gflops(size: int, device: str, dtype: torch.dtype, repeats: int = 7) -> float:
+    """Median rate of the reference matmul, timed on its own."""
+    times = interleaved_times({"matmul": reference_matmul(size, device, dtype)}, repeats, device)["matmul"]
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
@@ -243,17 +249,20 @@ def _autocast(settings: BenchmarkSettings) -> contextlib.AbstractContextManager:
 
 
 # ------------------------------------------------------------------------------------------------------ benchmarks
-def bench_inference(
-    candidates: list[Candidate], settings: BenchmarkSettings, matmul_rate: float
-) -> list[dict[str, Any]]:
+def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) -> list[dict[str, Any]]:
+    """Clips/s per model and batch size. The reference matmul is timed in the same interleaved rounds, so each row's
+    share of the matmul rate compares timings taken under the same machine conditions (a shared VM drifts)."""
     rows = []
     gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if "int8" not in c.name}
+    matmul_dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    matmul = reference_matmul(settings.matmul_size, settings.device, matmul_dtype)
     for batch in settings.batch_sizes:
         inputs = {c.name: c.make_inputs(batch) for c in candidates}
-        calls = {}
+        calls = {REFERENCE_MATMUL: matmul}
         for c in candidates:
             calls[c.name] = (lambda c=c: _forward(c.model, inputs[c.name], settings))
         times = interleaved_times(calls, settings.repeats, settings.device)
+        matmul_rate = 2 * settings.matmul_size**3 / statistics.median(times[REFERENCE_MATMUL]) / 1e9
         for c in candidates:
             seconds = statistics.median(times[c.name])
             with PeakMemory(settings.device) as memory:
@@ -270,6 +279,7 @@ def bench_inference(
                     all_seconds=times[c.name],
                     gflop_per_clip=clip_gflop,
                     achieved_gflops=clip_gflop * batch / seconds,
+                    matmul_gflops=matmul_rate,
                     matmul_fraction=clip_gflop * batch / seconds / matmul_rate,
                     peak_memory_mib=memory.mib,
                 )
@@ -468,7 +478,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if ours and clap:
         target = _target("inference vs ClapAudioModel, batch 4", ours["clips_per_s"] / clap["clips_per_s"], 2.0, "x")
         # What ours would reach with every FLOP at the measured fp32 matmul rate: the bound this target is under.
-        target["ceiling"] = results["matmul_gflops"] / ours["gflop_per_clip"] / clap["clips_per_s"]
+        target["ceiling"] = ours["matmul_gflops"] / ours["gflop_per_clip"] / clap["clips_per_s"]
         targets.append(target)
     if ours and ast:
         targets.append(_target("inference vs AST, batch 4", ours["clips_per_s"] / ast["clips_per_s"], 15.0, "x"))
@@ -500,14 +510,18 @@ def _target(name: str, value: float, goal: float, unit: str, higher_is_better: b
 
 
 def format_report(results: dict[str, Any]) -> str:
-    lines = [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3): "
-             f"{results['matmul_gflops']:.0f} GFLOP/s", "", "Inference (10-s clips)"]
-    lines.append(f"{'model':<20}{'batch':>6}{'clips/s':>10}{'GFLOP/clip':>12}{'GFLOP/s':>10}{'of matmul':>11}{'peak MiB':>10}")
+    end = results.get("matmul_gflops_end")
+    lines = [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3) "
+             f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
+             + (f", {end:.0f} at the end" if end else ""), "",
+             "Inference (10-s clips; 'matmul' is the reference matmul's rate in the same interleaved rounds)"]
+    lines.append(f"{'model':<20}{'batch':>6}{'clips/s':>10}{'GFLOP/clip':>12}{'GFLOP/s':>10}{'matmul':>8}"
+                 f"{'of matmul':>11}{'peak MiB':>10}")
     for r in results["inference"]:
         memory = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         lines.append(
             f"{r['model']:<20}{r['batch']:>6}{r['clips_per_s']:>10.2f}{r['gflop_per_clip']:>12.2f}"
-            f"{r['achieved_gflops']:>10.0f}{r['matmul_fraction']:>10.0%}{memory:>10}"
+            f"{r['achieved_gflops']:>10.0f}{r['matmul_gflops']:>8.0f}{r['matmul_fraction']:>10.0%}{memory:>10}"
         )
     if results.get("training"):
         lines += ["", f"Training step (AdamW), batch {results['settings']['train_batch_size']}"]
@@ -566,7 +580,7 @@ def run_benchmark(settings: BenchmarkSettings, sections: tuple[str, ...] = ("inf
         candidates = build_candidates(settings)
         if "inference" in sections:
             log(f"inference at batch sizes {settings.batch_sizes}")
-            results["inference"] = bench_inference(candidates, settings, results["matmul_gflops"])
+            results["inference"] = bench_inference(candidates, settings)
         if "training" in sections:
             log(f"training step at batch {settings.train_batch_size}")
             results["training"] = bench_training(candidates, settings)
