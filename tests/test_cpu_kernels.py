@@ -24,7 +24,7 @@ def _layer(inputs: int = 96, outputs: int = 384, bias: bool = True) -> nn.Linear
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_linear_matches_nn_linear(activation, bias):
     layer = _layer(bias=bias)
-    inputs = torch.randn(3, 70, 96) * 2  # 3-D input, a row count no kernel block divides
+    inputs = torch.randn(70, 3, 192)[..., ::2].transpose(0, 1) * 2  # strided 3-D input, a row count no block divides
     with torch.no_grad():
         assert fused_linear_applies(inputs, layer)
         fused = linear(inputs, layer, activation)
