@@ -11,6 +11,7 @@ compiler tracing, oneDNN enabled); everything else takes `torch.nn.functional.li
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,8 @@ _ACTIVATIONS = {"none": None, "gelu": F.gelu}
 
 
 def _onednn_linear_op():
-    """The fused oneDNN linear op of this PyTorch build, or None."""
-    if not torch.backends.mkldnn.is_available():
+    """The fused oneDNN linear op of this PyTorch build on x86-64 (where it was measured), or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default
