@@ -332,3 +332,25 @@ def test_token_semantic_head_equals_its_convolution(sed_model):
     expected = head.conv(feature_map.reshape(n, hidden, groups, ratio * grid)).flatten(2).transpose(1, 2)
     with torch.no_grad():
         torch.testing.assert_close(head(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stitcher_hands_out_final_steps_and_stays_small():
+    """`pop_final` + `result` give the same grid as one stitcher that keeps everything, while holding only the steps
+    that later windows can still reach."""
+    step = 10.0 / 32
+    torch.manual_seed(0)
+    windows = [(start * 0.01, torch.rand(1, 32, 3)) for start in range(0, 360000, 500)]  # an hour, every 5 s
+    keep_all = StepStitcher(None, step, 3)
+    streaming = StepStitcher(None, step, 3)
+    parts, largest = [], 0
+    for start, values in windows:
+        keep_all.add(values, [start])
+        streaming.add(values, [start])
+        parts.append(streaming.pop_final(streaming.first_step(start)))
+        largest = max(largest, streaming.sums.shape[0])
+    total = keep_all.first_step(windows[-1][0]) + 32
+    parts.append(streaming.result(total))
+    torch.testing.assert_close(torch.cat(parts), keep_all.result(total), rtol=0, atol=0)
+    assert total > 11000 and largest <= 1025  # an hour's 11,000 steps went through its first 1025 rows, never grown
+    with pytest.raises(ValueError, match="already handed out"):
+        streaming.add(windows[0][1], [0.0])

@@ -128,3 +128,28 @@ def test_cli_writes_tsv_and_plot(folder, tmp_path):
     assert rows[0].split("\t") == ["filename", "onset", "offset", "event_label", "score"]
     assert len(rows) > 1 and all(row.split("\t")[0] == "a.wav" for row in rows[1:])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("seconds", [4.0, 63.0])
+def test_events_found_while_streaming_equal_those_from_the_whole_grid(folder, seconds, monkeypatch):
+    """Without `return_frame_scores` the pipeline keeps no score grid: steps go to an `EventStream` as soon as no
+    later window can reach them. The events must be exactly those of post-processing the whole grid."""
+    monkeypatch.setattr(pipeline_module, "READ_BLOCK_SECONDS", 7.0)
+    detector = pipeline("sound-event-detection", model=str(folder))
+    audio = noise(seconds, seed=3)
+    whole = detector(audio, return_frame_scores=True, window_batch_size=2)
+    scores = whole["frame_scores"]
+    middle = [float(np.median(scores[:, k])) for k in range(scores.shape[1])]  # about half the steps active
+    settings = [
+        dict(threshold=middle),
+        dict(threshold=middle, upsample="linear", median_filter_seconds=0.7, min_gap_seconds=0.5),
+        dict(hysteresis=(max(middle), min(middle)), min_duration_seconds=0.4),
+        dict(threshold=0.5, label_mapping={"any": ["tone", "noise", "other"], "tone": ["tone"]}),
+    ]
+    for options in settings:
+        expected = detector(audio, return_frame_scores=True, window_batch_size=2, **options)["events"]
+        streamed = detector(audio, window_batch_size=2, **options)
+        assert set(streamed) == {"events"}
+        assert streamed["events"] == expected
+    assert any(detector(audio, window_batch_size=2, **options)["events"] for options in settings)
+

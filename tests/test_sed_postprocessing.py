@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from htsat_hf.sed_postprocessing import (
+    EventStream,
     contiguous_regions,
     frames_to_events,
     load_label_mapping,
@@ -17,6 +18,8 @@ from htsat_hf.sed_postprocessing import (
     median_window_frames,
     upsample_scores,
 )
+
+STEP = 10.0 / 32  # HTS-AT's step: 32 per 10-s window
 
 
 def spans(events, label=None):
@@ -205,3 +208,65 @@ def test_module_is_standalone_without_torch(repo_root):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+STREAM_SETTINGS = [
+    dict(),
+    dict(threshold=[0.3, 0.5, 0.7]),
+    dict(median_filter_seconds={"a": 0.3, "c": 1.5}),  # per-class windows, one class unfiltered
+    dict(hysteresis=(0.6, 0.4), min_duration_seconds=0.7),
+    dict(min_duration_seconds=0.4, min_gap_seconds=1.1, median_filter_seconds=0.5),
+    dict(upsample="linear", median_filter_seconds=0.5, min_gap_seconds=0.5, hysteresis=(0.55, 0.45)),
+    dict(upsample="linear", upsample_factor=3, min_duration_seconds=0.3),
+]
+
+
+def wandering_scores(rng: np.random.Generator, steps: int) -> np.ndarray:
+    """Probabilities that drift in and out of activity, so thresholds cut them into many events of all lengths."""
+    return (1 / (1 + np.exp(-np.cumsum(rng.normal(0, 0.15, (steps, 3)), axis=0)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("settings", STREAM_SETTINGS)
+def test_event_stream_equals_frames_to_events_for_any_blocks(settings):
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    found = 0
+    for _ in range(12):
+        steps = int(rng.integers(1, 400))
+        scores = wandering_scores(rng, steps)
+        duration = steps * STEP - 0.1
+        expected = frames_to_events(scores, STEP, labels, duration_seconds=duration, **settings)
+        cuts = sorted(set(rng.integers(0, steps + 1, int(rng.integers(0, 12))).tolist())) + [steps]
+        stream = EventStream(STEP, labels, **settings)
+        previous = 0
+        for cut in cuts:  # blocks of any size, empty ones included
+            stream.push(scores[previous:cut])
+            previous = cut
+        assert stream.finish(duration) == expected
+        found += len(expected)
+    assert found > 20  # the comparison saw many events
+
+
+def test_event_stream_step_by_step_keeps_only_its_context():
+    rng = np.random.default_rng(1)
+    settings = dict(upsample="linear", median_filter_seconds=1.0, min_gap_seconds=0.6)
+    scores = wandering_scores(rng, 3000)
+    stream = EventStream(STEP, ["a", "b", "c"], **settings)
+    held = 0
+    for step in range(len(scores)):
+        stream.push(scores[step : step + 1])
+        held = max(held, len(stream.frames), len(stream.steps))
+    assert stream.finish() == frames_to_events(scores, STEP, ["a", "b", "c"], **settings)
+    assert held <= 2 * stream.halo + 2 * stream.settings.factor  # the filter's context, not the 15,000 frames
+
+
+def test_event_stream_checks_its_input():
+    stream = EventStream(STEP, ["a"], threshold=0.5)
+    with pytest.raises(ValueError, match="probabilities"):
+        stream.push(np.full((3, 1), 2.0))
+    with pytest.raises(ValueError, match="threshold"):
+        EventStream(STEP, ["a"], threshold=1.5)
+    stream.finish()
+    with pytest.raises(RuntimeError, match="finished"):
+        stream.push(np.zeros((1, 1)))

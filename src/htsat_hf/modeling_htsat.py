@@ -85,7 +85,8 @@ class StepStitcher:
 
     Each window step covers `[start + j * step, start + (j + 1) * step)` seconds; it contributes to the (at most two)
     grid steps it overlaps, weighted by the overlap. Windows that start on the grid reduce to a plain average.
-    Accumulates window by window, so memory stays bounded for audio of any length.
+    Accumulates window by window; with `pop_final`, steps no later window can reach are handed out and dropped, so
+    memory stays bounded for audio of any length.
     """
 
     def __init__(
@@ -98,6 +99,11 @@ class StepStitcher:
         rows = (total_steps if total_steps is not None else 1024) + 1
         self.sums = torch.zeros(rows, num_labels, device=device, dtype=dtype)
         self.weights = torch.zeros(rows, 1, device=device, dtype=dtype)
+        self.offset = 0  # grid step of row 0: the steps before it were handed out by `pop_final`
+
+    def first_step(self, start_seconds: float) -> int:
+        """The earliest grid step a window starting at `start_seconds` adds to."""
+        return max(0, math.floor(start_seconds / self.step_seconds + 1e-6))
 
     def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
         """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
@@ -112,27 +118,42 @@ class StepStitcher:
             self._reserve(int(second.max()) + 1)
         else:
             first, second = first.clamp(max=self.total_steps), second.clamp(max=self.total_steps)
+        if int(first.min()) < self.offset:
+            raise ValueError(f"A window reaches step {int(first.min())}, before step {self.offset} already handed out.")
         flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
         for index, weight in ((first, 1.0 - fraction), (second, fraction)):
             weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
-            index = index.reshape(-1).to(self.sums.device)
+            index = (index.reshape(-1) - self.offset).to(self.sums.device)
             self.sums.index_add_(0, index, flat_values * weight)
             self.weights.index_add_(0, index, weight)
 
-    def _reserve(self, rows: int) -> None:
-        """Grows the grid to at least `rows` steps (by half its size at least, so growing stays linear overall)."""
+    def _reserve(self, steps: int) -> None:
+        """Grows the grid to hold steps up to `steps` (by half its size at least, so growing stays linear overall)."""
+        rows = steps - self.offset
         if rows > self.sums.shape[0]:
             extra = max(rows, self.sums.shape[0] * 3 // 2) - self.sums.shape[0]
             self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
             self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, 1)])
 
+    def pop_final(self, before_step: int) -> torch.Tensor:
+        """(steps, labels) weighted means of the steps from the last one handed out up to `before_step` (exclusive),
+        which the caller guarantees no later window reaches; they are dropped from the grid."""
+        count = min(before_step - self.offset, self.sums.shape[0])
+        if count <= 0:
+            return self.sums[:0].clone()
+        final = self.sums[:count] / self.weights[:count].clamp(min=1e-12)
+        self.sums, self.weights = self.sums[count:].clone(), self.weights[count:].clone()
+        self.offset += count
+        return final
+
     def result(self, total_steps: int | None = None) -> torch.Tensor:
-        """(total_steps, labels) weighted mean of every window step over each grid step."""
+        """(total_steps - steps handed out, labels) weighted mean of every window step over each remaining grid step."""
         total = self.total_steps if self.total_steps is not None else total_steps
         if total is None:
             raise ValueError("This stitcher grows with its input: pass the final number of steps to result().")
         self._reserve(total)
-        return self.sums[:total] / self.weights[:total].clamp(min=1e-12)
+        rows = max(0, total - self.offset)
+        return self.sums[:rows] / self.weights[:rows].clamp(min=1e-12)
 
 
 def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Audio longer than one window is read as a stream (files go through an ffmpeg pipe, so an hour of audio is never held
 in memory whole), cut into the model's overlapping 10-s windows, and the windows' step logits are stitched onto one
-time grid exactly as `HTSATForSoundEventDetection` does for a long input. Scores are then post-processed into events.
+time grid exactly as `HTSATForSoundEventDetection` does for a long input. Steps that no later window reaches are
+post-processed into events as they are complete (`EventStream`), so memory does not grow with the recording; with
+`return_frame_scores=True` the whole grid is kept and returned.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .modeling_htsat import StepStitcher
-from .sed_postprocessing import frames_to_events, load_label_mapping, map_scores
+from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 
 logger = logging.get_logger(__name__)
 
@@ -131,6 +133,7 @@ class SoundEventDetectionPipeline(Pipeline):
             post["label_mapping"] = (
                 label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
             )
+        forward["postprocessing"] = post  # events are found while the audio streams, unless frame scores are wanted
         return {}, forward, post
 
     # ------------------------------------------------------------------------------------------------- input
@@ -167,17 +170,35 @@ class SoundEventDetectionPipeline(Pipeline):
         return {"source": AudioSource(rate, array=array, duration_hint=len(array) / rate)}
 
     # ----------------------------------------------------------------------------------------------- forward
-    def _forward(self, model_inputs: dict, window_batch_size: int = 8, progress: bool | None = None) -> dict:
+    def _forward(
+        self,
+        model_inputs: dict,
+        window_batch_size: int = 8,
+        progress: bool | None = None,
+        postprocessing: dict | None = None,
+    ) -> dict:
+        """Runs the windows as the audio streams in and stitches their step logits. Steps that no later window reaches
+        go straight into an `EventStream`, so memory does not grow with the recording; with `return_frame_scores`
+        the whole grid of scores is kept (it is part of the answer)."""
+        settings = dict(postprocessing or {})
+        keep_scores = settings.pop("return_frame_scores", False)
+        label_mapping = settings.pop("label_mapping", None)
         source: AudioSource = model_inputs["source"]
         stream = WindowStream(self.model, self.feature_extractor, source)
+        labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        if label_mapping is not None:
+            label_mapping = resolve_label_mapping(label_mapping, labels)
+        events = None if keep_scores else EventStream(
+            self.model.frame_step_seconds(self.model.config.image_frames + 1),  # the step of every windowed input
+            list(label_mapping) if label_mapping is not None else labels,
+            **settings,
+        )
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
         bar = None
         if show:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=round(source.duration_hint or 0, 1) or None, unit="s", desc="sound event detection")
-        # Windows are stitched as they come onto a grid that grows with the stream: memory holds the audio of about
-        # one window and one row of scores per step (no per-window copy of the whole recording's scores).
         frame_seconds = self.model.config.hop_length / self.model.config.sampling_rate
         stitcher, frame_logits = None, None
         for features, batch_starts in stream.window_batches(window_batch_size):
@@ -190,18 +211,32 @@ class SoundEventDetectionPipeline(Pipeline):
                 if stitcher is None:
                     step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed length
                     stitcher = StepStitcher(None, step, logits.shape[-1])
-                stitcher.add(logits, [start * frame_seconds for start in batch_starts])
+                start_seconds = [start * frame_seconds for start in batch_starts]
+                stitcher.add(logits, start_seconds)
+                if events is not None:  # windows come in time order: no later one reaches before the newest's start
+                    final = stitcher.pop_final(stitcher.first_step(max(start_seconds)))
+                    events.push(self._scores(final, label_mapping))
             if bar is not None:
                 bar.update(round(stream.seconds_read - bar.n, 1))
         if bar is not None:
             bar.close()
         if stitcher is not None:
             frame_logits = stitcher.result(self.model.total_steps(stream.num_frames))
-        return {
-            "frame_logits": frame_logits,
-            "step_seconds": self.model.frame_step_seconds(stream.num_frames),
-            "duration": stream.num_samples / source.sampling_rate,
-        }
+        duration = stream.num_samples / source.sampling_rate
+        step_seconds = self.model.frame_step_seconds(stream.num_frames)
+        if events is None:
+            return {"frame_logits": frame_logits, "step_seconds": step_seconds, "duration": duration}
+        if not stream.windowed:  # one stretched window: its own step length
+            events = EventStream(step_seconds, events.labels, **settings)
+        events.push(self._scores(frame_logits, label_mapping))
+        return {"events": events.finish(duration)}
+
+    def _scores(self, logits: torch.Tensor, label_mapping: dict[str, list[int]] | None) -> np.ndarray:
+        """Probabilities of (steps, model labels) logits, mapped to the target labels when a mapping is given."""
+        scores = torch.sigmoid(logits).numpy()
+        if label_mapping is None:
+            return scores
+        return np.stack([scores[:, group].max(axis=1) for group in label_mapping.values()], axis=1)
 
     # ----------------------------------------------------------------------------------------------- output
     def postprocess(
@@ -216,6 +251,8 @@ class SoundEventDetectionPipeline(Pipeline):
         label_mapping: dict | None = None,
         return_frame_scores: bool = False,
     ) -> dict:
+        if "events" in model_outputs:  # found while streaming (see `_forward`)
+            return {"events": model_outputs["events"]}
         scores = torch.sigmoid(model_outputs["frame_logits"]).numpy()
         labels = [self.model.config.id2label[i] for i in range(scores.shape[1])]
         if label_mapping is not None:

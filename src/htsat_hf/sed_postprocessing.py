@@ -12,12 +12,16 @@ Pipeline of `frames_to_events`, per class (the DCASE task 4 order, with dcase_ut
 5. drop events shorter than `min_duration_seconds`,
 6. merge same-class events separated by a gap <= `min_gap_seconds`,
 7. clip to the audio duration.
+
+`EventStream` does the same over scores that arrive block by block (the pipeline's long recordings), keeping only
+the context each stage needs.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -189,37 +193,236 @@ def frames_to_events(
     The event score is the highest (post-filter) score inside the event.
     """
     scores = _check_scores(scores, labels)
-    if not step_seconds > 0:
-        raise ValueError(f"step_seconds must be > 0, got {step_seconds}.")
-    if min_duration_seconds < 0 or min_gap_seconds < 0:
-        raise ValueError("min_duration_seconds and min_gap_seconds must be >= 0.")
-    thresholds = [_check_probability(t, "threshold") for t in per_class_values(threshold, labels, "threshold", 0.5)]
-    if hysteresis is not None:
-        hysteresis = _check_hysteresis(hysteresis)
-    if upsample not in ("repeat", "linear"):
-        raise ValueError(f'upsample must be "repeat" or "linear", got {upsample!r}.')
-    factor = upsample_factor if upsample_factor is not None else (1 if upsample == "repeat" else DEFAULT_LINEAR_FACTOR)
-    if int(factor) != factor or factor < 1:
-        raise ValueError(f"upsample_factor must be a positive integer, got {factor}.")
-    factor = int(factor)
-    frame_seconds = step_seconds / factor
-    medians = per_class_values(median_filter_seconds, labels, "median_filter_seconds", None)
-    windows = [median_window_frames(seconds, frame_seconds) for seconds in medians]
-
+    settings = EventSettings.create(
+        step_seconds, labels, threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis,
+        upsample, upsample_factor,
+    )
     events = []
     for k, label in enumerate(labels):
-        column = upsample_scores(scores[:, k : k + 1], factor, upsample)
-        column = apply_median_filter(column, [windows[k]])[:, 0]
-        starts, ends = contiguous_regions(binarise(column, thresholds[k], hysteresis))
-        starts, ends = _drop_short_and_merge(
-            starts, ends, min_duration_seconds / frame_seconds, min_gap_seconds / frame_seconds
-        )
+        column = upsample_scores(scores[:, k : k + 1], settings.factor, upsample)
+        column = apply_median_filter(column, [settings.median_windows[k]])[:, 0]
+        starts, ends = contiguous_regions(binarise(column, settings.thresholds[k], settings.hysteresis))
+        starts, ends = _drop_short_and_merge(starts, ends, settings.min_frames, settings.gap_frames)
         for start, end in zip(starts, ends):
-            events.append(_make_event(label, start, end, column, frame_seconds, offset_seconds, duration_seconds))
+            score = column[start:end].max()
+            events.append(_make_event(label, start, end, score, settings.frame_seconds, offset_seconds, duration_seconds))
+    return _sorted_events(events, labels)
+
+
+def _sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dict]:
+    """Drops the None entries (events past the audio's end); sorts by onset, then by label order."""
     order = {label: k for k, label in enumerate(labels)}
     events = [event for event in events if event is not None]
     events.sort(key=lambda event: (event["onset"], order[event["label"]]))
     return events
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """Validated post-processing settings of `frames_to_events`, with durations in working frames."""
+
+    factor: int  # working frames per score step
+    frame_seconds: float
+    thresholds: list[float]
+    hysteresis: tuple[float, float] | None
+    median_windows: list[int]  # per class, odd, in working frames
+    min_frames: float
+    gap_frames: float
+
+    @classmethod
+    def create(
+        cls,
+        step_seconds: float,
+        labels: Sequence[str],
+        threshold: PerClass = 0.5,
+        median_filter_seconds: float | Sequence[float] | Mapping[str, float] | None = None,
+        min_duration_seconds: float = 0.0,
+        min_gap_seconds: float = 0.0,
+        hysteresis: tuple[float, float] | None = None,
+        upsample: str = "repeat",
+        upsample_factor: int | None = None,
+    ) -> EventSettings:
+        if not step_seconds > 0:
+            raise ValueError(f"step_seconds must be > 0, got {step_seconds}.")
+        if min_duration_seconds < 0 or min_gap_seconds < 0:
+            raise ValueError("min_duration_seconds and min_gap_seconds must be >= 0.")
+        thresholds = [_check_probability(t, "threshold") for t in per_class_values(threshold, labels, "threshold", 0.5)]
+        if hysteresis is not None:
+            hysteresis = _check_hysteresis(hysteresis)
+        if upsample not in ("repeat", "linear"):
+            raise ValueError(f'upsample must be "repeat" or "linear", got {upsample!r}.')
+        factor = upsample_factor if upsample_factor is not None else (1 if upsample == "repeat" else DEFAULT_LINEAR_FACTOR)
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"upsample_factor must be a positive integer, got {factor}.")
+        frame_seconds = step_seconds / int(factor)
+        medians = per_class_values(median_filter_seconds, labels, "median_filter_seconds", None)
+        return cls(
+            factor=int(factor),
+            frame_seconds=frame_seconds,
+            thresholds=thresholds,
+            hysteresis=hysteresis,
+            median_windows=[median_window_frames(seconds, frame_seconds) for seconds in medians],
+            min_frames=min_duration_seconds / frame_seconds,
+            gap_frames=min_gap_seconds / frame_seconds,
+        )
+
+
+class EventStream:
+    """
+    `frames_to_events` over scores that arrive block by block, in time order: the same events, with memory that does
+    not grow with the recording (a few working frames of context per class, plus the events found).
+
+        stream = EventStream(step_seconds, labels, threshold=0.3, median_filter_seconds=0.5)
+        for block in blocks:  # (steps, classes) probabilities, consecutive
+            stream.push(block)
+        events = stream.finish(duration_seconds)
+
+    Each stage keeps only the context it needs: "linear" upsampling one step on each side, the median filter half
+    its longest window on each side (its 'reflect' edges are the recording's own ends), and per class the open active
+    region and the last event, which a later region within `min_gap_seconds` may still extend.
+    """
+
+    def __init__(self, step_seconds: float, labels: Sequence[str], offset_seconds: float = 0.0, **settings):
+        """`settings`: the post-processing keywords of `frames_to_events` (threshold ... upsample_factor)."""
+        self.labels = list(labels)
+        self.upsample = settings.get("upsample", "repeat")
+        self.settings = EventSettings.create(step_seconds, self.labels, **settings)
+        self.offset_seconds = offset_seconds
+        self.halo = max(self.settings.median_windows) // 2  # filter context on each side, in working frames
+        classes = len(self.labels)
+        self.steps = np.zeros((0, classes))  # received steps not yet upsampled (and one before them, for "linear")
+        self.steps_start = 0  # global index of self.steps[0]
+        self.next_step = 0  # first step not yet upsampled
+        self.frames = np.zeros((0, classes))  # upsampled frames: filter context and frames not yet filtered
+        self.frames_start = 0
+        self.next_frame = 0  # first frame not yet filtered
+        self.regions = [_RegionTracker(self.settings, k) for k in range(classes)]
+        self.finished = False
+
+    def push(self, scores: np.ndarray) -> None:
+        """Adds the next (steps, classes) probabilities."""
+        if self.finished:
+            raise RuntimeError("This EventStream is finished; start a new one.")
+        scores = _check_scores(scores, self.labels).astype(np.float64)
+        self.steps = np.concatenate([self.steps, scores])
+        self._advance(final=False)
+
+    def finish(self, duration_seconds: float | None = None) -> list[dict]:
+        """Ends the stream; returns every event, sorted by onset (offsets clipped to `duration_seconds`)."""
+        if not self.finished:
+            self._advance(final=True)
+            self.finished = True
+        events = []
+        for k, label in enumerate(self.labels):
+            for start, end, score in self.regions[k].finish(self.next_frame):
+                events.append(_make_event(label, start, end, score, self.settings.frame_seconds, self.offset_seconds,
+                                          duration_seconds))
+        return _sorted_events(events, self.labels)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def _advance(self, final: bool) -> None:
+        total_steps = self.steps_start + len(self.steps)
+        # "linear" frames of step i interpolate towards step i + 1: wait for it unless the stream has ended
+        ready = total_steps if (final or self.upsample == "repeat") else total_steps - 1
+        if ready > self.next_step:
+            self.frames = np.concatenate([self.frames, self._upsample(self.next_step, ready, total_steps, final)])
+            self.next_step = ready
+            keep_from = max(self.steps_start, ready - 1)  # one step of look-behind for "linear"
+            self.steps, self.steps_start = self.steps[keep_from - self.steps_start :], keep_from
+        frames_end = self.frames_start + len(self.frames)
+        ready_frames = frames_end if final else frames_end - self.halo
+        if ready_frames > self.next_frame:
+            filtered = self._median_filter(self.next_frame, ready_frames)
+            for k, tracker in enumerate(self.regions):
+                tracker.add(filtered[:, k], self.next_frame)
+            self.next_frame = ready_frames
+            keep_from = max(self.frames_start, ready_frames - self.halo)
+            self.frames, self.frames_start = self.frames[keep_from - self.frames_start :], keep_from
+
+    def _upsample(self, first: int, last: int, total_steps: int, final: bool) -> np.ndarray:
+        """Working frames of steps [first, last), equal to `upsample_scores` over the whole recording."""
+        factor = self.settings.factor
+        local = self.steps[first - self.steps_start : last - self.steps_start]
+        if self.upsample == "repeat" or factor == 1:
+            return np.repeat(local, factor, axis=0)
+        known = self.steps  # steps_start .. total_steps - 1: one before `first` and (unless final) one after `last`
+        centres = np.arange(self.steps_start, total_steps) + 0.5
+        fine = (np.arange(first * factor, last * factor) + 0.5) / factor
+        return np.stack([np.interp(fine, centres, known[:, k]) for k in range(known.shape[1])], axis=1)
+
+    def _median_filter(self, first: int, last: int) -> np.ndarray:
+        """Filtered frames [first, last): each class's window sees real frames, or the recording's reflected ends."""
+        start = max(self.frames_start, first - self.halo)
+        context = self.frames[start - self.frames_start :]  # ends at the last frame received
+        filtered = apply_median_filter(context, self.settings.median_windows)
+        return filtered[first - start : last - start]
+
+
+class _RegionTracker:
+    """One class's events over filtered frames that arrive in order, as `frames_to_events` finds them in the whole
+    column: runs above the threshold (or above the hysteresis offset, kept if they pass the onset), short ones
+    dropped, then merged across gaps of at most `gap_frames`. An event's score is the max over its whole span."""
+
+    def __init__(self, settings: EventSettings, k: int):
+        hysteresis = settings.hysteresis
+        self.level = hysteresis[1] if hysteresis else settings.thresholds[k]  # active while above this
+        self.keep_level = hysteresis[0] if hysteresis else settings.thresholds[k]  # kept if it ever exceeds this
+        self.min_frames, self.gap_frames = settings.min_frames, settings.gap_frames
+        self.open_run: tuple[int, float] | None = None  # (start, max so far) of a run active at the last frame seen
+        self.pending: list | None = None  # [start, end, score] of the last kept event: a later run may extend it
+        self.after_pending = -np.inf  # max over frames [pending end, noted_upto)
+        self.noted_upto = 0
+        self.events: list[tuple[int, int, float]] = []
+
+    def add(self, column: np.ndarray, first: int) -> None:
+        """column: the filtered values of frames [first, first + len(column))."""
+        padded = np.concatenate(([False], column > self.level, [False]))
+        changes = np.flatnonzero(padded[1:] != padded[:-1])
+        starts, ends = changes[0::2], changes[1::2]
+        if self.open_run is not None and (len(starts) == 0 or starts[0] != 0):  # it ended with the last block
+            self._close(*self.open_run, end=first, column=column, first=first)
+            self.open_run = None
+        for start, end in zip(starts, ends):
+            run_start, run_max = first + start, column[start:end].max()
+            if start == 0 and self.open_run is not None:  # the run carried over from the last block goes on
+                run_start, run_max = self.open_run[0], max(self.open_run[1], run_max)
+                self.open_run = None
+            if end == len(column):  # active up to the last frame seen: decided later
+                self.open_run = (run_start, run_max)
+            else:
+                self._close(run_start, run_max, end=first + end, column=column, first=first)
+        self._note(column, first, first + len(column))
+
+    def finish(self, total_frames: int) -> list[tuple[int, int, float]]:
+        if self.open_run is not None:
+            self._close(*self.open_run, end=total_frames, column=np.zeros(0), first=total_frames)
+            self.open_run = None
+        if self.pending is not None:
+            self.events.append(tuple(self.pending))
+            self.pending = None
+        return self.events
+
+    def _close(self, start: int, run_max: float, end: int, column: np.ndarray, first: int) -> None:
+        """The run [start, end) has ended: keep it if it passed the keep level and is long enough, then merge."""
+        if not (run_max > self.keep_level and (end - start) >= self.min_frames - 1e-9):
+            return
+        pending = self.pending
+        if pending is not None and self.gap_frames > 0 and start - pending[1] <= self.gap_frames + 1e-9:
+            self._note(column, first, end)  # the gap and the run: [pending end, end)
+            pending[1], pending[2] = end, max(pending[2], self.after_pending)
+        else:
+            if pending is not None:
+                self.events.append(tuple(pending))
+            self.pending = [start, end, run_max]
+        self.after_pending, self.noted_upto = -np.inf, end
+
+    def _note(self, column: np.ndarray, first: int, upto: int) -> None:
+        """Folds the frames [noted_upto, upto) of this block (they follow the pending event) into `after_pending`."""
+        if self.pending is not None and upto > self.noted_upto:
+            low = max(self.noted_upto, first) - first
+            if upto - first > low:
+                self.after_pending = max(self.after_pending, column[low : upto - first].max())
+        self.noted_upto = max(self.noted_upto, upto)
 
 
 def _check_hysteresis(hysteresis: Sequence[float]) -> tuple[float, float]:
@@ -234,7 +437,7 @@ def _check_hysteresis(hysteresis: Sequence[float]) -> tuple[float, float]:
     return onset_threshold, offset_threshold
 
 
-def _make_event(label, start, end, column, frame_seconds, offset_seconds, duration_seconds) -> dict | None:
+def _make_event(label, start, end, score, frame_seconds, offset_seconds, duration_seconds) -> dict | None:
     onset = offset_seconds + start * frame_seconds
     offset = offset_seconds + end * frame_seconds
     if duration_seconds is not None:
@@ -245,7 +448,7 @@ def _make_event(label, start, end, column, frame_seconds, offset_seconds, durati
         "label": label,
         "onset": round(float(onset), TIME_DECIMALS),
         "offset": round(float(offset), TIME_DECIMALS),
-        "score": float(column[start:end].max()),
+        "score": float(score),
     }
 
 
