@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -153,3 +154,41 @@ def test_events_found_while_streaming_equal_those_from_the_whole_grid(folder, se
         assert streamed["events"] == expected
     assert any(detector(audio, window_batch_size=2, **options)["events"] for options in settings)
 
+
+FAKE_FFMPEG = """#!{python}
+import sys
+import threading
+import numpy as np
+sys.stderr.write("[flac] invalid frame header\\n" * 20000)  # ~560 KB of warnings before any audio
+sys.stderr.flush()
+sys.stdout.buffer.write(np.ones(32000 * 3, dtype=np.float32).tobytes())
+sys.exit({code})
+"""
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_ffmpeg_warnings_do_not_stall_the_stream(tmp_path, monkeypatch, caplog, code):
+    """ffmpeg's stderr is drained while the samples are read: a file with many decoding warnings used to fill the
+    pipe and block ffmpeg (and the pipeline with it) forever. Warnings are reported; a failure names the file."""
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_FFMPEG.format(python=sys.executable, code=code))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    outcome = {}
+
+    def read():
+        try:
+            outcome["samples"] = sum(len(b) for b in pipeline_module.stream_with_ffmpeg("x.flac", RATE, RATE))
+        except ValueError as error:
+            outcome["error"] = str(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "reading stalled on ffmpeg's stderr"
+    if code == 0:
+        assert outcome["samples"] == 3 * RATE
+        assert "invalid frame header" in caplog.text
+    else:
+        assert "ffmpeg could not decode x.flac" in outcome["error"] and "invalid frame header" in outcome["error"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +58,28 @@ def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Ite
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-ac", "1",
                "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # ffmpeg's messages are drained as they come: unread, a file with many decoding warnings fills the stderr pipe and
+    # ffmpeg blocks on it while we wait for samples. The last lines are kept for the error message.
+    messages: deque[bytes] = deque(maxlen=20)
+    drain = threading.Thread(target=lambda: messages.extend(process.stderr), daemon=True)
+    drain.start()
+    read_to_end = False
     try:
         while chunk := process.stdout.read(block_samples * 4):
             yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
+        read_to_end = True
     finally:
+        if not read_to_end:  # the consumer stopped early (an error downstream): stop ffmpeg too
+            process.kill()
         process.stdout.close()
-        error = process.stderr.read().decode(errors="replace").strip()
-        if process.wait() != 0:
-            raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
+        returncode = process.wait()
+        drain.join()
+        process.stderr.close()
+    error = b"".join(messages).decode(errors="replace").strip()
+    if returncode != 0:
+        raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
+    if error:
+        logger.warning(f"ffmpeg reported problems decoding {path} (the audio may be incomplete): {error[-2000:]}")
 
 
 def probe_duration(path: str) -> float | None:
