@@ -79,7 +79,9 @@ def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Ite
     if returncode != 0:
         raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
     if error:
-        logger.warning(f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}")
+        logger.warning(
+            f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}"
+        )
 
 
 def probe_duration(path: str) -> float | None:
