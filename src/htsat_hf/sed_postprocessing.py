@@ -325,7 +325,7 @@ class EventStream:
         # "linear" frames of step i interpolate towards step i + 1: wait for it unless the stream has ended
         ready = total_steps if (final or self.upsample == "repeat") else total_steps - 1
         if ready > self.next_step:
-            self.frames = np.concatenate([self.frames, self._upsample(self.next_step, ready, total_steps, final)])
+            self.frames = np.concatenate([self.frames, self._upsample(self.next_step, ready, total_steps)])
             self.next_step = ready
             keep_from = max(self.steps_start, ready - 1)  # one step of look-behind for "linear"
             self.steps, self.steps_start = self.steps[keep_from - self.steps_start :], keep_from
@@ -339,7 +339,7 @@ class EventStream:
             keep_from = max(self.frames_start, ready_frames - self.halo)
             self.frames, self.frames_start = self.frames[keep_from - self.frames_start :], keep_from
 
-    def _upsample(self, first: int, last: int, total_steps: int, final: bool) -> np.ndarray:
+    def _upsample(self, first: int, last: int, total_steps: int) -> np.ndarray:
         """Working frames of steps [first, last), equal to `upsample_scores` over the whole recording."""
         factor = self.settings.factor
         local = self.steps[first - self.steps_start : last - self.steps_start]
@@ -376,9 +376,7 @@ class _RegionTracker:
 
     def add(self, column: np.ndarray, first: int) -> None:
         """column: the filtered values of frames [first, first + len(column))."""
-        padded = np.concatenate(([False], column > self.level, [False]))
-        changes = np.flatnonzero(padded[1:] != padded[:-1])
-        starts, ends = changes[0::2], changes[1::2]
+        starts, ends = contiguous_regions(column > self.level)
         if self.open_run is not None and (len(starts) == 0 or starts[0] != 0):  # it ended with the last block
             self._close(*self.open_run, end=first, column=column, first=first)
             self.open_run = None
