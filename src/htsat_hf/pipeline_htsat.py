@@ -203,14 +203,9 @@ class SoundEventDetectionPipeline(Pipeline):
         label_mapping = settings.pop("label_mapping", None)
         source: AudioSource = model_inputs["source"]
         stream = WindowStream(self.model, self.feature_extractor, source)
-        labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        if label_mapping is not None:
-            label_mapping = resolve_label_mapping(label_mapping, labels)
-        events = None if keep_scores else EventStream(
-            self.model.frame_step_seconds(self.model.config.image_frames + 1),  # the step of every windowed input
-            list(label_mapping) if label_mapping is not None else labels,
-            **settings,
-        )
+        window_step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed input's step
+        labels = self._labels() if label_mapping is None else list(resolve_label_mapping(label_mapping, self._labels()))
+        events = None if keep_scores else EventStream(window_step, labels, **settings)
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
         bar = None
         if show:
@@ -227,13 +222,12 @@ class SoundEventDetectionPipeline(Pipeline):
                 frame_logits = logits[0]
             else:
                 if stitcher is None:
-                    step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed length
-                    stitcher = StepStitcher(None, step, logits.shape[-1])
+                    stitcher = StepStitcher(None, window_step, logits.shape[-1])
                 start_seconds = [start * frame_seconds for start in batch_starts]
                 stitcher.add(logits, start_seconds)
                 if events is not None:  # windows come in time order: no later one reaches before the newest's start
                     final = stitcher.pop_final(stitcher.first_step(max(start_seconds)))
-                    events.push(self._scores(final, label_mapping))
+                    events.push(self._scores(final, label_mapping)[0])
             if bar is not None:
                 bar.update(round(stream.seconds_read - bar.n, 1))
         if bar is not None:
@@ -246,15 +240,19 @@ class SoundEventDetectionPipeline(Pipeline):
             return {"frame_logits": frame_logits, "step_seconds": step_seconds, "duration": duration}
         if not stream.windowed:  # one stretched window: its own step length
             events = EventStream(step_seconds, events.labels, **settings)
-        events.push(self._scores(frame_logits, label_mapping))
+        events.push(self._scores(frame_logits, label_mapping)[0])
         return {"events": events.finish(duration)}
 
-    def _scores(self, logits: torch.Tensor, label_mapping: dict[str, list[int]] | None) -> np.ndarray:
-        """Probabilities of (steps, model labels) logits, mapped to the target labels when a mapping is given."""
+    def _labels(self) -> list[str]:
+        return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    def _scores(self, logits: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
+        """Probabilities of (steps, model labels) logits and their labels, mapped to the target labels when a mapping
+        is given."""
         scores = torch.sigmoid(logits).numpy()
         if label_mapping is None:
-            return scores
-        return np.stack([scores[:, group].max(axis=1) for group in label_mapping.values()], axis=1)
+            return scores, self._labels()
+        return map_scores(scores, label_mapping, self._labels())
 
     # ----------------------------------------------------------------------------------------------- output
     def postprocess(
@@ -271,10 +269,7 @@ class SoundEventDetectionPipeline(Pipeline):
     ) -> dict:
         if "events" in model_outputs:  # found while streaming (see `_forward`)
             return {"events": model_outputs["events"]}
-        scores = torch.sigmoid(model_outputs["frame_logits"]).numpy()
-        labels = [self.model.config.id2label[i] for i in range(scores.shape[1])]
-        if label_mapping is not None:
-            scores, labels = map_scores(scores, label_mapping, labels)
+        scores, labels = self._scores(model_outputs["frame_logits"], label_mapping)
         events = frames_to_events(
             scores,
             model_outputs["step_seconds"],

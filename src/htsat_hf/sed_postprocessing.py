@@ -199,7 +199,7 @@ def frames_to_events(
     )
     events = []
     for k, label in enumerate(labels):
-        column = upsample_scores(scores[:, k : k + 1], settings.factor, upsample)
+        column = upsample_scores(scores[:, k : k + 1], settings.factor, settings.upsample)
         column = apply_median_filter(column, [settings.median_windows[k]])[:, 0]
         starts, ends = contiguous_regions(binarise(column, settings.thresholds[k], settings.hysteresis))
         starts, ends = _drop_short_and_merge(starts, ends, settings.min_frames, settings.gap_frames)
@@ -221,6 +221,7 @@ def _sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dic
 class EventSettings:
     """Validated post-processing settings of `frames_to_events`, with durations in working frames."""
 
+    upsample: str  # "repeat" or "linear"
     factor: int  # working frames per score step
     frame_seconds: float
     thresholds: list[float]
@@ -257,6 +258,7 @@ class EventSettings:
         frame_seconds = step_seconds / int(factor)
         medians = per_class_values(median_filter_seconds, labels, "median_filter_seconds", None)
         return cls(
+            upsample=upsample,
             factor=int(factor),
             frame_seconds=frame_seconds,
             thresholds=thresholds,
@@ -285,7 +287,6 @@ class EventStream:
     def __init__(self, step_seconds: float, labels: Sequence[str], offset_seconds: float = 0.0, **settings):
         """`settings`: the post-processing keywords of `frames_to_events` (threshold ... upsample_factor)."""
         self.labels = list(labels)
-        self.upsample = settings.get("upsample", "repeat")
         self.settings = EventSettings.create(step_seconds, self.labels, **settings)
         self.offset_seconds = offset_seconds
         self.halo = max(self.settings.median_windows) // 2  # filter context on each side, in working frames
@@ -323,7 +324,7 @@ class EventStream:
     def _advance(self, final: bool) -> None:
         total_steps = self.steps_start + len(self.steps)
         # "linear" frames of step i interpolate towards step i + 1: wait for it unless the stream has ended
-        ready = total_steps if (final or self.upsample == "repeat") else total_steps - 1
+        ready = total_steps if (final or self.settings.upsample == "repeat") else total_steps - 1
         if ready > self.next_step:
             self.frames = np.concatenate([self.frames, self._upsample(self.next_step, ready, total_steps)])
             self.next_step = ready
@@ -343,7 +344,7 @@ class EventStream:
         """Working frames of steps [first, last), equal to `upsample_scores` over the whole recording."""
         factor = self.settings.factor
         local = self.steps[first - self.steps_start : last - self.steps_start]
-        if self.upsample == "repeat" or factor == 1:
+        if self.settings.upsample == "repeat" or factor == 1:
             return np.repeat(local, factor, axis=0)
         known = self.steps  # steps_start .. total_steps - 1: one before `first` and (unless final) one after `last`
         centres = np.arange(self.steps_start, total_steps) + 0.5
