@@ -89,6 +89,8 @@ class StepStitcher:
     memory stays bounded for audio of any length.
     """
 
+    GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
+
     def __init__(
         self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32
     ):
@@ -103,14 +105,14 @@ class StepStitcher:
 
     def first_step(self, start_seconds: float) -> int:
         """The earliest grid step a window starting at `start_seconds` adds to."""
-        return max(0, math.floor(start_seconds / self.step_seconds + 1e-6))
+        return max(0, math.floor(start_seconds / self.step_seconds + self.GRID_TOLERANCE))
 
     def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
         """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
         windows, steps, _ = values.shape
         starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
         position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
-        first = torch.floor(position + 1e-6).clamp(min=0)
+        first = torch.floor(position + self.GRID_TOLERANCE).clamp(min=0)
         fraction = (position - first).clamp(min=0.0, max=1.0)
         first = first.long()
         second = first + 1
