@@ -75,6 +75,11 @@ class BenchmarkSettings:
         values.update(overrides)
         return cls(**values)
 
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The reference matmul's dtype: the one the models compute in."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
 
 # --------------------------------------------------------------------------------------------------------- memory
 class PeakMemory:
@@ -254,8 +259,7 @@ def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) ->
     share of the matmul rate compares timings taken under the same machine conditions (a shared VM drifts)."""
     rows = []
     gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if "int8" not in c.name}
-    matmul_dtype = torch.bfloat16 if settings.bf16 else torch.float32
-    matmul = reference_matmul(settings.matmul_size, settings.device, matmul_dtype)
+    matmul = reference_matmul(settings.matmul_size, settings.device, settings.matmul_dtype)
     for batch in settings.batch_sizes:
         inputs = {c.name: c.make_inputs(batch) for c in candidates}
         calls = {REFERENCE_MATMUL: matmul}
@@ -572,7 +576,7 @@ def run_benchmark(settings: BenchmarkSettings, sections: tuple[str, ...] = ("inf
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the requested sections and returns a JSON-ready dict (with the issue's targets evaluated)."""
     torch.manual_seed(settings.seed)
-    matmul_dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    matmul_dtype = settings.matmul_dtype
     results: dict[str, Any] = dict(settings=asdict(settings), inference=[], training=[], feature_extraction=[])
     log("measuring the matmul rate")
     results["matmul_gflops"] = matmul_gflops(settings.matmul_size, settings.device, matmul_dtype)
