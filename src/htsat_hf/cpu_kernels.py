@@ -4,8 +4,8 @@
 activation is applied while the GEMM's output tile is still in cache, instead of streaming the 4x-wide MLP hidden
 layer through memory a second time, and the bias is added there too (addmm first copies it into its whole output).
 On the 2-core AVX-512 machine we benchmark on, its fp32 GEMMs measured 0-15 % faster than MKL's for the Swin blocks'
-shapes. Used only where it applies (fp32 CPU tensors, no autograd, no
-compiler tracing, oneDNN enabled); everything else takes `torch.nn.functional.linear`.
+shapes. Used only where it applies (x86-64, fp32 CPU tensors, no autograd, autocast or compiler tracing, oneDNN
+enabled); everything else takes the layer itself.
 """
 
 from __future__ import annotations
