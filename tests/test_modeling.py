@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATModel
-from htsat_hf.modeling_htsat import StepStitcher, window_starts
+from htsat_hf.modeling_htsat import StepStitcher, gather_tokens, window_starts
 
 TINY = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)
 
@@ -354,3 +354,14 @@ def test_stitcher_hands_out_final_steps_and_stays_small():
     assert total > 11000 and largest <= 1025  # an hour's 11,000 steps went through its first 1025 rows, never grown
     with pytest.raises(ValueError, match="already handed out"):
         streaming.add(windows[0][1], [0.0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_tokens_equals_indexing_along_tokens_with_gradients(batch):
+    hidden = torch.randn(batch, 20, 5, requires_grad=True)
+    order = torch.randperm(20)
+    gathered = gather_tokens(hidden, order)
+    assert torch.equal(gathered, hidden[:, order])
+    weights = torch.randn(batch, 20, 5)
+    (gradient,) = torch.autograd.grad((gathered * weights).sum(), hidden)
+    assert torch.equal(gradient[:, order], weights)
