@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from htsat_hf.benchmarking import PeakMemory, evaluate_targets, format_report, synthetic_audio
+from htsat_hf.benchmarking import (
+    PeakMemory,
+    evaluate_targets,
+    format_report,
+    matmul_rates,
+    reference_matmuls,
+    synthetic_audio,
+)
 
 
 def fake_results() -> dict:
@@ -56,3 +63,13 @@ def test_synthetic_audio_is_consistent_across_overlapping_windows():
     whole = synthetic_audio(0, 3 * rate, rate)
     part = synthetic_audio(rate + 123, rate, rate)
     torch.testing.assert_close(part, whole[rate + 123 : 2 * rate + 123])
+
+
+def test_reference_matmuls_compute_the_same_product_and_rates_come_per_library():
+    matmuls = reference_matmuls(64, "cpu", torch.float32)
+    products = [call() for call in matmuls.values()]
+    for product in products[1:]:
+        torch.testing.assert_close(product, products[0], rtol=1e-4, atol=1e-3)
+    rates = matmul_rates({name: [0.5, 1.0, 2.0] for name in matmuls} | {"htsat_hf": [1.0]}, 64)
+    assert set(rates) <= {"torch.mm", "oneDNN"} and "torch.mm" in rates
+    assert rates["torch.mm"] == 2 * 64**3 / 1.0 / 1e9

@@ -6,7 +6,8 @@ of them alike. Every model is built from its default config with random weights 
 Measured on 10-s clips:
     - inference clips/s at each batch size (median of interleaved repeats), GFLOP per clip
       (`torch.utils.flop_counter`, attention counted through SDPA's math kernel), the fraction of the fp32 matmul rate
-      (a 4096^3 matmul timed in the same interleaved rounds), and peak memory of one forward pass;
+      (4096^3 matmuls through PyTorch's GEMM libraries, MKL and oneDNN on CPU, timed in the same interleaved rounds:
+      the faster one is the machine's rate), and peak memory of one forward pass;
     - one training step (forward, backward, AdamW) at batch 8: samples/s and peak memory, HTS-AT against AST;
     - feature extraction, seconds of audio per second, against `ClapFeatureExtractor` and `ASTFeatureExtractor`;
     - sound event detection on one hour of audio: seconds and peak memory.
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .configuration_htsat import HTSATConfig
 from .feature_extraction_htsat import HTSATFeatureExtractor
+from .cpu_kernels import _ONEDNN_LINEAR
 from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
 
 CLIP_SECONDS = 10.0
@@ -157,17 +159,32 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, device:
     return times
 
 
-def reference_matmul(size: int, device: str, dtype: torch.dtype) -> Callable[[], Any]:
-    """A (size x size) @ (size x size) matmul: its rate is the machine's attainable dense matmul rate."""
+def reference_matmuls(size: int, device: str, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+    """(size x size) @ (size x size) matmuls through each GEMM library PyTorch has for this device and dtype:
+    `torch.mm` (MKL on x86 CPUs) and, for fp32 on CPU, oneDNN. The faster one's rate is the machine's attainable
+    dense matmul rate (on AMD CPUs MKL's 4096^3 fp32 GEMM measured 25-35 % slower than oneDNN's)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    return lambda: a @ b
+    matmuls = {f"{REFERENCE_MATMUL} (torch.mm)": lambda: a @ b}
+    if _ONEDNN_LINEAR is not None and device == "cpu" and dtype == torch.float32:
+        b_rows = b.t().contiguous()  # a linear layer's (out, in) weight: a @ b_rows.T == a @ b
+        matmuls[f"{REFERENCE_MATMUL} (oneDNN)"] = lambda: _ONEDNN_LINEAR(a, b_rows, None, "none", [], "")
+    return matmuls
+
+
+def matmul_rates(times: dict[str, list[float]], size: int) -> dict[str, float]:
+    """GFLOP/s of each reference matmul among `times` (median of its timings)."""
+    return {
+        name.split("(")[-1].rstrip(")"): 2 * size**3 / statistics.median(seconds) / 1e9
+        for name, seconds in times.items()
+        if name.startswith(REFERENCE_MATMUL)
+    }
 
 
 def matmul_gflops(size: int, device: str, dtype: torch.dtype, repeats: int = 7) -> float:
-    """Median rate of the reference matmul, timed on its own."""
-    times = interleaved_times({"matmul": reference_matmul(size, device, dtype)}, repeats, device)["matmul"]
-    return 2 * size**3 / statistics.median(times) / 1e9
+    """Rate of the faster reference matmul, each timed on its own (interleaved with the other)."""
+    times = interleaved_times(reference_matmuls(size, device, dtype), repeats, device)
+    return max(matmul_rates(times, size).values())
 
 
 def gflop_per_clip(model: torch.nn.Module, inputs: dict[str, torch.Tensor], batch: int) -> float:
@@ -259,14 +276,15 @@ def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) ->
     share of the matmul rate compares timings taken under the same machine conditions (a shared VM drifts)."""
     rows = []
     gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if "int8" not in c.name}
-    matmul = reference_matmul(settings.matmul_size, settings.device, settings.matmul_dtype)
+    matmuls = reference_matmuls(settings.matmul_size, settings.device, settings.matmul_dtype)
     for batch in settings.batch_sizes:
         inputs = {c.name: c.make_inputs(batch) for c in candidates}
-        calls = {REFERENCE_MATMUL: matmul}
+        calls = dict(matmuls)
         for c in candidates:
             calls[c.name] = (lambda c=c: _forward(c.model, inputs[c.name], settings))
         times = interleaved_times(calls, settings.repeats, settings.device)
-        matmul_rate = 2 * settings.matmul_size**3 / statistics.median(times[REFERENCE_MATMUL]) / 1e9
+        library_rates = matmul_rates(times, settings.matmul_size)
+        matmul_rate = max(library_rates.values())
         for c in candidates:
             seconds = statistics.median(times[c.name])
             with PeakMemory(settings.device) as memory:
@@ -284,6 +302,7 @@ def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) ->
                     gflop_per_clip=clip_gflop,
                     achieved_gflops=clip_gflop * batch / seconds,
                     matmul_gflops=matmul_rate,
+                    matmul_gflops_by_library=library_rates,
                     matmul_fraction=clip_gflop * batch / seconds / matmul_rate,
                     peak_memory_mib=memory.mib,
                 )
@@ -527,6 +546,10 @@ def format_report(results: dict[str, Any]) -> str:
             f"{r['model']:<20}{r['batch']:>6}{r['clips_per_s']:>10.2f}{r['gflop_per_clip']:>12.2f}"
             f"{r['achieved_gflops']:>10.0f}{r['matmul_gflops']:>8.0f}{r['matmul_fraction']:>10.0%}{memory:>10}"
         )
+    by_batch = {r["batch"]: r["matmul_gflops_by_library"] for r in results["inference"] if "matmul_gflops_by_library" in r}
+    for batch, rates in by_batch.items():
+        listed = ", ".join(f"{library} {rate:.0f}" for library, rate in rates.items())
+        lines.append(f"  reference matmul GFLOP/s in the batch-{batch} rounds: {listed} (the faster one is 'matmul')")
     if results.get("training"):
         lines += ["", f"Training step (AdamW), batch {results['settings']['train_batch_size']}"]
         lines.append(f"{'model':<20}{'samples/s':>10}{'peak MiB':>10}")
