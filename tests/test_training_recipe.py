@@ -95,6 +95,30 @@ def test_balanced_sampler_shards_between_ranks():
     assert shards[0][:50] == full[0::2][:50] and shards[1][:50] == full[1::2][:50]
 
 
+def test_balanced_queue_under_accelerate_sharding_gives_each_rank_its_own_batches():
+    """As under `accelerate launch` with HTSATTrainer: every rank builds the same queue (num_replicas=1) and
+    Accelerate's batch sharding hands rank r batches r, r + 2, ...; set_epoch reaches the sampler through it."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    labels = [[0]] * 12 + [[1]] * 3 + [[2]]  # skewed: 12 / 3 / 1
+    seen = {}
+    for rank in range(2):
+        sampler = ClassBalancedSampler(labels, 3, num_samples=16, seed=5, num_replicas=1, rank=0)
+        loader = DataLoader(list(range(16)), batch_size=2, sampler=sampler)
+        shard = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False)
+        for epoch in (0, 1):
+            shard.set_epoch(epoch)
+            seen[rank, epoch] = [batch.tolist() for batch in shard]
+    for epoch in (0, 1):
+        queue = sampler.epoch_queue(epoch)
+        batches = [queue[i : i + 2] for i in range(0, 16, 2)]
+        assert seen[0, epoch] == batches[0::2] and seen[1, epoch] == batches[1::2]
+        counts = Counter(labels[i][0] for i in queue)
+        assert min(counts.values()) >= 5  # balanced: the single class-2 clip is drawn about a third of the time
+    assert seen[0, 0] != seen[0, 1]
+
+
 def test_balanced_sampler_skips_empty_classes():
     queue = list(ClassBalancedSampler([[0], [0], [2]], 4, seed=0, num_replicas=1, rank=0))
     assert set(queue) <= {0, 1, 2} and len(queue) == 3
