@@ -213,3 +213,27 @@ def test_publish_script_dry_run(trained_folder, tmp_path, monkeypatch, capsys, r
     runpy.run_path(str(repo_root / "scripts" / "publish.py"), run_name="__main__")
     output = capsys.readouterr().out
     assert "would send" in output and "model.safetensors" in output and "training_args.bin" not in output
+
+
+def test_every_data_file_the_package_reads_ships_in_wheels(repo_root):
+    """Model-card templates, metric modules and label mappings live in the package and are declared as package data,
+    so an installed wheel (not only a checkout) can publish, load local metrics and map labels."""
+    import configparser
+    import fnmatch
+
+    from htsat_hf.publishing import find_template
+
+    package = repo_root / "src" / "htsat_hf"
+    assert find_template().resolve().is_relative_to(package.resolve())
+    setup = configparser.ConfigParser()
+    setup.read(repo_root / "setup.cfg")
+    patterns = setup["options.package_data"]["htsat_hf"].split()
+    data_files = [
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+        and not (path.suffix == ".py" and (path.parent / "__init__.py").exists())  # modules of packages ship anyway
+    ]
+    assert any(name.startswith("model_cards/") for name in data_files)
+    missing = [name for name in data_files if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+    assert not missing, f"not declared in setup.cfg [options.package_data]: {missing}"

@@ -71,13 +71,13 @@ class UploadResult:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def find_template(name: str = DEFAULT_TEMPLATE) -> Path:
-    """A model card template: a path, or a name looked up in the package's and the repository's `model_cards/`."""
+    """A model card template: a path, or a name in the package's `model_cards/` (shipped in wheels; the repository's
+    top-level `model_cards/` links to it)."""
     if Path(name).is_file():
         return Path(name)
-    here = Path(__file__).resolve().parent
-    for folder in (here / "model_cards", here.parents[1] / "model_cards"):
-        if (folder / name).is_file():
-            return folder / name
+    shipped = Path(__file__).resolve().parent / "model_cards" / name
+    if shipped.is_file():
+        return shipped
     raise FileNotFoundError(f"Model card template {name!r} not found; pass its path (template=...).")
 
 
