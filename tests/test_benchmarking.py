@@ -21,7 +21,7 @@ def fake_results() -> dict:
 
     return dict(
         settings=dict(train_batch_size=8),
-        environment=dict(matmul_dtype="float32", matmul_size=4096),
+        environment=dict(matmul_dtype="float32", matmul_size=4096, cpu="Test CPU (avx2)", torch_threads=2),
         matmul_gflops=390.0,  # timed alone; the rows' own interleaved rate (400) is what the ceiling uses
         inference=[row("htsat_hf", 4, 20.0), row("ClapAudioModel", 4, 8.0), row("AST", 4, 1.0), row("htsat_hf", 16, 20.0)],
         training=[dict(model="htsat_hf", samples_per_s=6.0, peak_memory_mib=900.0),
@@ -48,6 +48,14 @@ def test_targets_are_evaluated_against_the_issue():
     report = format_report(results)
     assert "MISSED" in report and "htsat_hf" in report
     assert "2.50x (target >= 2x; at 100% of the matmul rate: 4.17x)" in report
+    assert report.startswith("CPU: Test CPU (avx2), 2 threads")
+
+
+def test_report_lists_each_matmul_library_rate():
+    results = fake_results()
+    results["inference"][0]["matmul_gflops_by_library"] = {"torch.mm": 350.0, "oneDNN": 400.0}
+    results["targets"] = evaluate_targets(results)
+    assert "batch-4 rounds: torch.mm 350, oneDNN 400 (the faster one is 'matmul')" in format_report(results)
 
 
 def test_peak_memory_sees_a_large_allocation():

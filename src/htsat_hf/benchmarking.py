@@ -534,7 +534,8 @@ def _target(name: str, value: float, goal: float, unit: str, higher_is_better: b
 
 def format_report(results: dict[str, Any]) -> str:
     end = results.get("matmul_gflops_end")
-    lines = [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3) "
+    cpu = results["environment"].get("cpu")
+    lines = ([f"CPU: {cpu}, {results['environment'].get('torch_threads')} threads"] if cpu else []) + [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3) "
              f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
              + (f", {end:.0f} at the end" if end else ""), "",
              "Inference (10-s clips; 'matmul' is the reference matmul's rate in the same interleaved rounds)"]
@@ -575,6 +576,20 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions from /proc/cpuinfo (the machine varies between runs)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info = dict(line.split(":", 1) for line in handle.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {key.strip(): value.strip() for key, value in info.items()}
+    flags = set(info.get("flags", "").split())
+    vector = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    family = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}; "
+    return f"{info.get('model name', platform.machine())} ({family}{', '.join(vector) or 'no AVX2'})"
+
+
 def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
@@ -583,6 +598,7 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         transformers=transformers.__version__,
         python=platform.python_version(),
         machine=platform.processor() or platform.machine(),
+        cpu=cpu_model(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
