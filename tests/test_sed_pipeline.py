@@ -192,3 +192,14 @@ def test_ffmpeg_warnings_do_not_stall_the_stream(tmp_path, monkeypatch, caplog, 
         assert "invalid frame header" in caplog.text
     else:
         assert "ffmpeg could not decode x.flac" in outcome["error"] and "invalid frame header" in outcome["error"]
+
+
+def test_step_probabilities_do_not_depend_on_how_the_steps_are_split():
+    """Streamed blocks and the whole grid must score each step identically, whatever the block lengths."""
+    logits = torch.randn(203, 7, generator=torch.Generator().manual_seed(0)) * 4
+    whole = pipeline_module.step_probabilities(logits)
+    for cut in (1, 2, 5, 13, 64, 101, 202):
+        parts = [pipeline_module.step_probabilities(logits[:cut]), pipeline_module.step_probabilities(logits[cut:])]
+        assert np.array_equal(np.concatenate(parts), whole)
+    assert whole.dtype == np.float32
+    np.testing.assert_allclose(whole, torch.sigmoid(logits).numpy(), rtol=1e-6)

@@ -84,6 +84,14 @@ def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Ite
         )
 
 
+def step_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """float32 sigmoid of step logits whose value does not depend on the tensor's length or a step's place in it.
+    PyTorch's float32 sigmoid differs by an ulp between its vectorised loop and its scalar tail (seen on AVX2), so
+    blocks streamed one by one would score a step differently from the whole grid; in float64, rounded to float32,
+    the two agree (and the result is the correctly rounded sigmoid but for vanishingly rare ties)."""
+    return torch.sigmoid(logits.double()).float().numpy()
+
+
 def probe_duration(path: str) -> float | None:
     """Duration from the container header (for the progress bar), or None."""
     try:
@@ -249,7 +257,7 @@ class SoundEventDetectionPipeline(Pipeline):
     def _scores(self, logits: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
         """Probabilities of (steps, model labels) logits and their labels, mapped to the target labels when a mapping
         is given."""
-        scores = torch.sigmoid(logits).numpy()
+        scores = step_probabilities(logits)
         if label_mapping is None:
             return scores, self._labels()
         return map_scores(scores, label_mapping, self._labels())
