@@ -45,8 +45,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .configuration_htsat import HTSATConfig
-from .feature_extraction_htsat import HTSATFeatureExtractor
 from .cpu_kernels import _ONEDNN_LINEAR
+from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
 
 CLIP_SECONDS = 10.0
@@ -534,11 +534,12 @@ def _target(name: str, value: float, goal: float, unit: str, higher_is_better: b
 
 def format_report(results: dict[str, Any]) -> str:
     end = results.get("matmul_gflops_end")
-    cpu = results["environment"].get("cpu")
-    lines = ([f"CPU: {cpu}, {results['environment'].get('torch_threads')} threads"] if cpu else []) + [f"matmul rate ({results['environment']['matmul_dtype']}, {results['environment']['matmul_size']}^3) "
-             f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
-             + (f", {end:.0f} at the end" if end else ""), "",
-             "Inference (10-s clips; 'matmul' is the reference matmul's rate in the same interleaved rounds)"]
+    env = results["environment"]
+    lines = [f"CPU: {env['cpu']}, {env.get('torch_threads')} threads"] if env.get("cpu") else []
+    lines += [f"matmul rate ({env['matmul_dtype']}, {env['matmul_size']}^3) "
+              f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
+              + (f", {end:.0f} at the end" if end else ""), "",
+              "Inference (10-s clips; 'matmul' is the reference matmul's rate in the same interleaved rounds)"]
     lines.append(f"{'model':<20}{'batch':>6}{'clips/s':>10}{'GFLOP/clip':>12}{'GFLOP/s':>10}{'matmul':>8}"
                  f"{'of matmul':>11}{'peak MiB':>10}")
     for r in results["inference"]:
