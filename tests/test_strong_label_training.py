@@ -250,7 +250,7 @@ def test_train_py_trains_sound_event_detection_on_a_tsv_folder(desed_folder, tmp
         assert step["frame_labels"] == (4, 16, 2) and step["mixup"]
         assert step["loss"] == pytest.approx(step["clip_plus_frame"], rel=1e-5)
         assert step["loss"] > step["clip_only"] + 1e-3  # the frame term is in the loss
-    assert results["train_num_skipped_examples"] == 1
+    assert results["train_num_skipped_examples"] == 1 and results["eval_num_skipped_examples"] == 0  # per split
     for key in ("eval_mAP", "eval_frame_mAP", "eval_frame_f1"):
         assert key in results and (np.isnan(results[key]) or 0.0 <= results[key] <= 1.0)
     config = json.loads((out / "config.json").read_text())

@@ -52,11 +52,17 @@ class BadExampleError(ValueError):
 
 @dataclass
 class SplitReport:
-    """What `validate_split` found: rows kept, and (row, file, reason) of the rows skipped."""
+    """What `validate_split` found: rows kept, and (row, file, reason) of the rows skipped. `name` is for messages;
+    `split` is the split the rows belong to ("train" or "eval")."""
 
     name: str
     kept: int
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split is None:
+            self.split = self.name
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -546,7 +552,15 @@ class PreparedData:
 
     @property
     def num_skipped(self) -> int:
+        """Bad examples skipped in every split."""
         return sum(len(r.skipped) for r in self.reports) + sum(t.skipped for t in self.transforms)
+
+    def num_skipped_in(self, split: str) -> int:
+        """Bad examples skipped in the "train" or the "eval" split (validation, and the transform when streamed)."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+        reported = sum(len(r.skipped) for r in self.reports if r.split == split)
+        return reported + sum(t.skipped for t in self.transforms if t.train == (split == "train"))
 
 
 def attach_transform(

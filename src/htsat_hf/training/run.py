@@ -270,7 +270,7 @@ def fit(
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()
         train_metrics = dict(train_result.metrics)
-        train_metrics["train_num_skipped_examples"] = prepared.num_skipped
+        train_metrics["train_num_skipped_examples"] = prepared.num_skipped_in("train")
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
@@ -279,7 +279,7 @@ def fit(
         trainer.save_model()
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_num_skipped_examples"] = prepared.num_skipped
+        metrics["eval_num_skipped_examples"] = prepared.num_skipped_in("eval")
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)

@@ -198,7 +198,7 @@ def strong_label_split(
         }
     )
     dataset = Dataset.from_dict(table, features=features)
-    return dataset, SplitReport(name=f"{name} ({Path(tsv).name})", kept=len(dataset), skipped=skipped)
+    return dataset, SplitReport(name=f"{name} ({Path(tsv).name})", kept=len(dataset), skipped=skipped, split=name)
 
 
 @dataclass
