@@ -1,15 +1,20 @@
 """Training sound event detection from DESED-style strong-label TSVs: targets that follow the crop and the repeat
-padding, frame targets through the collator's mixup, the `scripts/train.py` driver end to end, and clear errors."""
+padding, frame targets through the collator's mixup, the `scripts/train.py` driver end to end (one process and
+two-process DDP), and clear errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO_ROOT
+from test_training_end_to_end import free_port, training_env
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
 from htsat_hf.training.data import BadExampleError
@@ -278,3 +283,36 @@ def test_train_py_refuses_strong_labels_with_options_that_break_the_alignment(de
         main(common)
     with pytest.raises(BadExampleError, match=r"train\.tsv, line \d+: audio file .*missing\.wav not found"):
         main([*common, "--do_eval", "False"])
+
+
+def test_strong_label_training_under_two_process_ddp_evaluates_like_one_process(desed_folder, tmp_path):
+    """`accelerate launch` with 2 CPU processes: frame targets are sharded with their clips, and the evaluation
+    gathered from both ranks (clip and frame metrics) equals a one-process evaluation of the saved model."""
+    from htsat_hf.training.run import main
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate CLI not installed next to the interpreter")
+    data = ["--strong_labels_train", str(desed_folder / "metadata" / "train.tsv"),
+            "--audio_dir", str(desed_folder / "audio" / "train"),
+            "--strong_labels_eval", str(desed_folder / "metadata" / "validation.tsv"),
+            "--eval_audio_dir", str(desed_folder / "audio" / "validation"), "--skip_bad_examples",
+            "--per_device_eval_batch_size", "2", "--use_cpu", "--report_to", "none", "--disable_tqdm", "True"]
+    out = tmp_path / "ddp"
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(REPO_ROOT / "scripts" / "train.py"), *data, *TINY_SED, "--output_dir", str(out),
+        "--per_device_train_batch_size", "2", "--num_train_epochs", "2", "--logging_steps", "1",
+        "--save_strategy", "no", "--seed", "0", "--ddp_find_unused_parameters", "False",
+    ]
+    result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Process rank 0 of 2" in result.stdout + result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # 8 usable clips / (2 ranks x 2) = 2 steps per epoch, 2 epochs
+    ddp = json.loads((out / "all_results.json").read_text())
+    assert ddp["train_num_skipped_examples"] == 1 and ddp["eval_num_skipped_examples"] == 0
+    single = main([*data, "--model_name_or_path", str(out), "--do_train", "False", "--output_dir", str(tmp_path / "e")])
+    for key in ("eval_mAP", "eval_frame_mAP", "eval_frame_f1", "eval_loss"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key

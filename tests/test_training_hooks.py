@@ -42,3 +42,27 @@ def test_push_to_hub_publishes_a_safetensors_only_repository(tmp_path):
     uploaded = {p.name for p in (tmp_path / "run-hub").iterdir()}
     assert "model.safetensors" in uploaded and "README.md" in uploaded and "training_args.bin" not in uploaded
     assert "0.75" in (tmp_path / "run-hub" / "README.md").read_text()
+
+
+def test_sync_batchnorm_only_for_several_processes_on_an_accelerator_and_the_checkpoint_still_loads(tmp_path):
+    from htsat_hf.training.trainer import broadcast_persistent_buffers, sync_batchnorm_for_distributed
+
+    def tiny():
+        return HTSATForAudioClassification(HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]))
+
+    assert type(sync_batchnorm_for_distributed(tiny(), 2, "cpu").htsat.mel_batch_norm) is torch.nn.BatchNorm2d
+    assert type(sync_batchnorm_for_distributed(tiny(), 1, "cuda").htsat.mel_batch_norm) is torch.nn.BatchNorm2d
+    model = tiny()
+    plain_keys = set(model.state_dict())
+    model.htsat.mel_batch_norm.running_mean.normal_()
+    converted = sync_batchnorm_for_distributed(model, 2, "cuda")
+    assert type(converted.htsat.mel_batch_norm) is torch.nn.SyncBatchNorm
+    assert set(converted.state_dict()) == plain_keys
+    broadcast_persistent_buffers(converted)  # one process: nothing to align, nothing changes
+    converted.save_pretrained(tmp_path)
+    loaded = HTSATForAudioClassification.from_pretrained(tmp_path)
+    assert type(loaded.htsat.mel_batch_norm) is torch.nn.BatchNorm2d
+    torch.testing.assert_close(loaded.htsat.mel_batch_norm.running_mean, model.htsat.mel_batch_norm.running_mean)
+    features = torch.randn(2, 1001, 64)
+    with torch.no_grad():  # eval mode: SyncBatchNorm uses its running statistics, also on CPU
+        torch.testing.assert_close(converted.eval()(features).logits, loaded.eval()(features).logits)

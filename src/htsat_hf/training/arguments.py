@@ -157,3 +157,8 @@ class HTSATRecipeArguments:
     decay_all_parameters: bool = field(
         default=True, metadata={"help": "Weight decay on all parameters (original) rather than not on biases/norms."}
     )
+    sync_batchnorm: bool = field(
+        default=True,
+        metadata={"help": "Under several processes on GPUs, SyncBatchNorm for the mel BatchNorm (original): statistics "
+                          "of the global batch. PyTorch has no CPU SyncBatchNorm; CPU runs keep per-process statistics."},
+    )

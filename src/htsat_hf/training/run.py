@@ -31,7 +31,7 @@ from .labels import LabelSpace
 from .metrics import compute_metrics_for, default_metric_name, sound_event_metrics
 from .mixup import HTSATDataCollator
 from .strong_labels import StepGrid, load_strong_labels, prepare_strong_data
-from .trainer import HTSATTrainer
+from .trainer import HTSATTrainer, sync_batchnorm_for_distributed
 
 logger = logging.getLogger("htsat_hf.train")
 
@@ -244,6 +244,8 @@ def fit(
         num_labels=labels.num_labels, mixup_alpha=recipe.mixup_alpha, mix_targets=recipe.mix_targets,
         input_name=feature_extractor.model_input_names[0],
     )
+    if recipe.sync_batchnorm and training_args.do_train:
+        model = sync_batchnorm_for_distributed(model, training_args.world_size, training_args.device.type)
     if training_args.metric_for_best_model is None and training_args.load_best_model_at_end:
         training_args.metric_for_best_model = default_metric_name(labels.problem_type)
     trainer = HTSATTrainer(

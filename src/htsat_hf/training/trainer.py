@@ -3,7 +3,10 @@
 - class-balanced sampling of the training set (`ClassBalancedSampler`, the original's per-epoch queue);
 - the original warm-up / step learning-rate schedule, stepped per optimizer step (`schedule.py`);
 - optionally weight decay on every parameter, as the original AdamW (the `Trainer` exempts biases and norms);
-- mixup only in training batches: evaluation loaders get `data_collator.for_eval()`.
+- mixup only in training batches: evaluation loaders get `data_collator.for_eval()`;
+- under several processes, the mel BatchNorm statistics of rank 0 (those saved) on every rank before each evaluation:
+  each rank updates its running statistics from its own batches, and DDP only re-aligns them at the next training
+  forward, so ranks would otherwise score their share of the evaluation set with different models.
 
 Everything else (optimizer = AdamW with `TrainingArguments`' betas / eps / weight decay, gradient clipping at
 `max_grad_norm`, DDP, checkpoints and resuming) is the stock `Trainer`.
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import has_length
@@ -76,6 +80,11 @@ class HTSATTrainer(Trainer):
             rank=0,
         )
 
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        broadcast_persistent_buffers(self.model)
+        return super().evaluation_loop(*args, **kwargs)
+
     # -------------------------------------------------------------------------------------------- collators
     def _with_eval_collator(self, make_loader, *args: Any) -> DataLoader:
         collator = self.data_collator
@@ -119,3 +128,24 @@ class HTSATTrainer(Trainer):
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+def broadcast_persistent_buffers(model: torch.nn.Module, source_rank: int = 0) -> None:
+    """Copies the saved buffers (BatchNorm running statistics) of `source_rank` to every process; no-op in a single
+    process. Non-persistent buffers (index tables, masks) are rebuilt identically everywhere and are left alone."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                dist.broadcast(buffer.data, src=source_rank)
+
+
+def sync_batchnorm_for_distributed(model: torch.nn.Module, world_size: int, device_type: str) -> torch.nn.Module:
+    """The original trains with SyncBatchNorm across GPUs: batch statistics over the global batch. Converts the
+    model's BatchNorm layers when several processes train on an accelerator; PyTorch's SyncBatchNorm has no CPU
+    kernel, so CPU runs keep per-process statistics (aligned before evaluation). Weight names do not change, so the
+    saved checkpoint loads into the plain model."""
+    if world_size > 1 and device_type in ("cuda", "xpu", "hpu"):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
