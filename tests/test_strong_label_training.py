@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO_ROOT
-from test_training_end_to_end import free_port, training_env
+from test_training_end_to_end import training_env, two_process_train_command
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
 from htsat_hf.training.data import BadExampleError
@@ -290,19 +288,15 @@ def test_strong_label_training_under_two_process_ddp_evaluates_like_one_process(
     gathered from both ranks (clip and frame metrics) equals a one-process evaluation of the saved model."""
     from htsat_hf.training.run import main
 
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip("accelerate CLI not installed next to the interpreter")
+    command = two_process_train_command()
     data = ["--strong_labels_train", str(desed_folder / "metadata" / "train.tsv"),
             "--audio_dir", str(desed_folder / "audio" / "train"),
             "--strong_labels_eval", str(desed_folder / "metadata" / "validation.tsv"),
             "--eval_audio_dir", str(desed_folder / "audio" / "validation"), "--skip_bad_examples",
             "--per_device_eval_batch_size", "2", "--use_cpu", "--report_to", "none", "--disable_tqdm", "True"]
     out = tmp_path / "ddp"
-    command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(REPO_ROOT / "scripts" / "train.py"), *data, *TINY_SED, "--output_dir", str(out),
+    command += [
+        *data, *TINY_SED, "--output_dir", str(out),
         "--per_device_train_batch_size", "2", "--num_train_epochs", "2", "--logging_steps", "1",
         "--save_strategy", "no", "--seed", "0", "--ddp_find_unused_parameters", "False",
     ]

@@ -47,18 +47,25 @@ def training_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def two_process_train_command() -> list[str]:
+    """`accelerate launch` of scripts/train.py as 2 CPU processes (real DDP, see training_env); skips without the CLI."""
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate CLI not installed next to the interpreter")
-    tmp = tmp_path_factory.mktemp("ddp")
-    write_audiofolder(tmp / "data")
-    out = tmp / "out"
-    command = [
+    return [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(REPO / "scripts" / "train.py"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    command = two_process_train_command()
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_audiofolder(tmp / "data")
+    out = tmp / "out"
+    command += [
         "--dataset_name", str(tmp / "data"), "--eval_split_name", "test", "--output_dir", str(out),
         *TINY_MODEL, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
         "--num_train_epochs", "2", "--save_strategy", "epoch", "--logging_steps", "1", "--use_cpu",
