@@ -47,7 +47,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import _ONEDNN_LINEAR
 from .feature_extraction_htsat import HTSATFeatureExtractor
-from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, StepStitcher, window_starts
+from .modeling_htsat import (
+    HTSATForAudioClassification,
+    HTSATForSoundEventDetection,
+    StepStitcher,
+    long_input_hop_frames,
+    window_starts,
+)
 
 CLIP_SECONDS = 10.0
 REFERENCE_MATMUL = "reference matmul"
@@ -447,8 +453,7 @@ def bench_sed(settings: BenchmarkSettings) -> dict[str, Any]:
         total_samples = int(settings.sed_seconds * rate)
         total_frames = extractor.num_frames(total_samples)
         window_frames = config.clip_frames
-        hop_frames = max(1, int(round(config.long_input_hop_seconds * rate / hop)))
-        starts = window_starts(total_frames, window_frames, hop_frames)
+        starts = window_starts(total_frames, window_frames, long_input_hop_frames(config))
         window_samples = (window_frames - 1) * hop
         step = model.frame_step_seconds(total_frames)
         total_steps = math.ceil((total_frames - 1) * (hop / rate) / step - 1e-6)

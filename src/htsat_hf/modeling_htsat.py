@@ -79,6 +79,19 @@ def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[
     return starts
 
 
+def long_input_hop_frames(config: HTSATConfig) -> int:
+    """Frames between the starts of the overlapping windows of a long input (`long_input_hop_seconds`)."""
+    return max(1, int(round(config.long_input_hop_seconds * config.sampling_rate / config.hop_length)))
+
+
+def window_layout(config: HTSATConfig, num_frames: int) -> tuple[list[int], int]:
+    """Start frames of the windows an input of `num_frames` frames is cut into, and the frames per window: one
+    window of all frames (stretched to the image) up to `image_frames`, else `clip_frames` windows."""
+    if num_frames <= config.image_frames:
+        return [0], num_frames
+    return window_starts(num_frames, config.clip_frames, long_input_hop_frames(config)), config.clip_frames
+
+
 class StepStitcher:
     """
     Averages the step outputs of overlapping windows onto one uniform time grid.
@@ -598,10 +611,7 @@ class HTSATModel(HTSATPreTrainedModel):
     # -- time axis
     def window_layout(self, num_frames: int) -> tuple[list[int], int]:
         """Start frames of the windows an input of `num_frames` frames is cut into, and the frames per window."""
-        if num_frames <= self.config.image_frames:
-            return [0], num_frames
-        hop = max(1, int(round(self.config.long_input_hop_seconds * self.config.sampling_rate / self.config.hop_length)))
-        return window_starts(num_frames, self.config.clip_frames, hop), self.config.clip_frames
+        return window_layout(self.config, num_frames)
 
     def normalize_features(self, input_features: torch.Tensor, mixup_lambda: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, frames, mel) -> (batch, 1, frames, mel): mel BatchNorm, then in training SpecAugment and mixup."""
@@ -641,7 +651,23 @@ class HTSATModel(HTSATPreTrainedModel):
         if len(starts) > 1:
             features = torch.stack([features[:, :, s : s + window_frames] for s in starts], dim=1)
             features = features.reshape(batch * len(starts), 1, window_frames, mel_bins)
-        hidden = self.patch_embed(fold_spectrogram(features, self.config))
+        hidden, all_hidden, all_attentions = self.encode_images(
+            fold_spectrogram(features, self.config), output_hidden_states, output_attentions
+        )
+        tokens = hidden.view(batch, len(starts), hidden.shape[1], hidden.shape[2])
+        return tokens, starts, window_frames, all_hidden, all_attentions
+
+    def window_images(self, window_features: torch.Tensor) -> torch.Tensor:
+        """(n, frames, mel) features of n windows (at most one image of frames each) -> (n, 1, spec, spec) images,
+        mel-normalised and folded exactly as `encode_windows` does (for callers that pack windows themselves)."""
+        return fold_spectrogram(self.normalize_features(window_features), self.config)
+
+    def encode_images(
+        self, images: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """(n, 1, spec, spec) folded spectrogram images -> final LayerNorm'ed tokens (n, tokens, hidden), and the
+        hidden states / attentions when requested."""
+        hidden = self.patch_embed(images)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for stage in self.stages:
@@ -650,9 +676,7 @@ class HTSATModel(HTSATPreTrainedModel):
                 all_hidden += (hidden,)
             if output_attentions:
                 all_attentions += (weights,)
-        hidden = self.norm(hidden)
-        tokens = hidden.view(batch, len(starts), hidden.shape[1], hidden.shape[2])
-        return tokens, starts, window_frames, all_hidden, all_attentions
+        return self.norm(hidden), all_hidden, all_attentions
 
     def forward(
         self,
@@ -934,5 +958,7 @@ __all__ = [
     "HTSATModel",
     "HTSATPreTrainedModel",
     "StepStitcher",
+    "long_input_hop_frames",
+    "window_layout",
     "window_starts",
 ]

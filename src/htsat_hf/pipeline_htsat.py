@@ -25,7 +25,7 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .modeling_htsat import StepStitcher
+from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 
 logger = logging.get_logger(__name__)
@@ -42,17 +42,60 @@ class AudioSource:
     array: np.ndarray | None = None
     path: str | None = None
     duration_hint: float | None = None
+    warnings: list[str] | None = None  # where ffmpeg's warnings go instead of the log (see `stream_with_ffmpeg`)
 
     def blocks(self, block_samples: int) -> Iterator[np.ndarray]:
         if self.array is not None:
             for start in range(0, len(self.array), block_samples):
                 yield self.array[start : start + block_samples]
             return
-        yield from stream_with_ffmpeg(self.path, self.sampling_rate, block_samples)
+        yield from stream_with_ffmpeg(self.path, self.sampling_rate, block_samples, self.warnings)
 
 
-def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Iterator[np.ndarray]:
-    """Decodes any file ffmpeg reads to mono float32 at `sampling_rate`, block by block."""
+def audio_source(inputs: Any, sampling_rate: int) -> AudioSource:
+    """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`: a file path (streamed
+    through ffmpeg), bytes of a file (decoded by ffmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
+    torchaudio), a torchcodec `AudioDecoder` (channels averaged, resampled), or a 1-D array / tensor at the rate."""
+    rate = sampling_rate
+    if isinstance(inputs, str):
+        return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs))
+    if isinstance(inputs, bytes):
+        from transformers.pipelines.audio_utils import ffmpeg_read
+
+        inputs = ffmpeg_read(inputs, rate)
+    elif type(inputs).__name__ == "AudioDecoder":  # what `datasets` gives for a decoded Audio column
+        samples = inputs.get_all_samples()
+        inputs = {"array": samples.data.mean(dim=0).numpy(), "sampling_rate": samples.sample_rate}
+    if isinstance(inputs, dict):
+        if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
+            raise ValueError('A dict input needs "array" (or "raw") and "sampling_rate" keys.')
+        array = inputs.get("array", inputs.get("raw"))
+        array = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        if int(inputs["sampling_rate"]) != rate:
+            logger.info(f"resampling audio from {inputs['sampling_rate']} Hz to {rate} Hz")
+            array = torchaudio.functional.resample(array, int(inputs["sampling_rate"]), rate)
+        inputs = array.numpy()
+    elif isinstance(inputs, torch.Tensor):
+        inputs = inputs.detach().cpu().numpy()
+    if not isinstance(inputs, np.ndarray):
+        raise ValueError(
+            f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
+            '{"array": ..., "sampling_rate": ...}.'
+        )
+    if inputs.ndim != 1:
+        raise ValueError(
+            f"Expected mono audio (samples,), got shape {inputs.shape}; average the channels first "
+            "(e.g. x.mean(axis=0))."
+        )
+    array = inputs.astype(np.float32, copy=False)
+    return AudioSource(rate, array=array, duration_hint=len(array) / rate)
+
+
+def stream_with_ffmpeg(
+    path: str, sampling_rate: int, block_samples: int, warnings: list[str] | None = None
+) -> Iterator[np.ndarray]:
+    """Decodes any file ffmpeg reads to mono float32 at `sampling_rate`, block by block. ffmpeg's complaints about a
+    file it could still decode (e.g. a truncated FLAC) are appended to `warnings` when given, else logged."""
     if shutil.which("ffmpeg") is None:
         raise ValueError("ffmpeg was not found: install it (e.g. apt-get install ffmpeg) to read audio files.")
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-ac", "1",
@@ -79,9 +122,11 @@ def stream_with_ffmpeg(path: str, sampling_rate: int, block_samples: int) -> Ite
     if returncode != 0:
         raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
     if error:
-        logger.warning(
-            f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}"
-        )
+        message = f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}"
+        if warnings is None:
+            logger.warning(message)
+        else:
+            warnings.append(message)
 
 
 def step_probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -164,36 +209,7 @@ class SoundEventDetectionPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------- input
     def preprocess(self, inputs: Any) -> dict:
-        rate = self.feature_extractor.sampling_rate
-        if isinstance(inputs, str):
-            return {"source": AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs))}
-        if isinstance(inputs, bytes):
-            from transformers.pipelines.audio_utils import ffmpeg_read
-
-            inputs = ffmpeg_read(inputs, rate)
-        elif isinstance(inputs, dict):
-            if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
-                raise ValueError('A dict input needs "array" (or "raw") and "sampling_rate" keys.')
-            array = inputs.get("array", inputs.get("raw"))
-            array = torch.as_tensor(np.asarray(array, dtype=np.float32))
-            if int(inputs["sampling_rate"]) != rate:
-                logger.info(f"resampling audio from {inputs['sampling_rate']} Hz to {rate} Hz")
-                array = torchaudio.functional.resample(array, int(inputs["sampling_rate"]), rate)
-            inputs = array.numpy()
-        elif isinstance(inputs, torch.Tensor):
-            inputs = inputs.detach().cpu().numpy()
-        if not isinstance(inputs, np.ndarray):
-            raise ValueError(
-                f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
-                '{"array": ..., "sampling_rate": ...}.'
-            )
-        if inputs.ndim != 1:
-            raise ValueError(
-                f"Expected mono audio (samples,), got shape {inputs.shape}; average the channels first "
-                "(e.g. x.mean(axis=0))."
-            )
-        array = inputs.astype(np.float32, copy=False)
-        return {"source": AudioSource(rate, array=array, duration_hint=len(array) / rate)}
+        return {"source": audio_source(inputs, self.feature_extractor.sampling_rate)}
 
     # ----------------------------------------------------------------------------------------------- forward
     def _forward(
@@ -210,7 +226,7 @@ class SoundEventDetectionPipeline(Pipeline):
         keep_scores = settings.pop("return_frame_scores", False)
         label_mapping = settings.pop("label_mapping", None)
         source: AudioSource = model_inputs["source"]
-        stream = WindowStream(self.model, self.feature_extractor, source)
+        stream = WindowStream(self.model.config, self.feature_extractor, source)
         window_step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed input's step
         labels = self._labels() if label_mapping is None else list(resolve_label_mapping(label_mapping, self._labels()))
         events = None if keep_scores else EventStream(window_step, labels, **settings)
@@ -305,20 +321,20 @@ class WindowStream:
     same as running the model on the whole input at once, with bounded memory.
     """
 
-    def __init__(self, model, feature_extractor, source: AudioSource):
-        config = model.config
-        self.model = model
+    def __init__(self, config, feature_extractor, source: AudioSource):
+        self.config = config
         self.feature_extractor = feature_extractor
         self.source = source
         self.hop = config.hop_length
         self.window_frames = config.clip_frames
         self.window_samples = (config.clip_frames - 1) * self.hop
-        self.hop_frames = max(1, int(round(config.long_input_hop_seconds * config.sampling_rate / self.hop)))
+        self.hop_frames = long_input_hop_frames(config)
         self.margin = 2 * self.hop
         self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
         self.num_samples = 0
         self.num_frames = 0
         self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
+        self.whole_audio: np.ndarray | None = None  # an input of one window keeps its samples here, once read
 
     @property
     def seconds_read(self) -> float:
@@ -366,9 +382,10 @@ class WindowStream:
         if self.num_samples == 0:
             raise ValueError("The audio is empty: no samples were decoded.")
         self.num_frames = self.num_samples // self.hop + 1
-        starts, window_frames = self.model.htsat.window_layout(self.num_frames)
+        starts, window_frames = window_layout(self.config, self.num_frames)
         self.windowed = len(starts) > 1
         if len(starts) == 1:  # short input: the model stretches all of its frames into one window
+            self.whole_audio = buffer
             features = self.feature_extractor(buffer, sampling_rate=self.source.sampling_rate, padding=False,
                                               return_tensors="pt")["input_features"]
             yield features, [0]
