@@ -11,30 +11,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
+from htsat_hf.sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
 from transformers import pipeline
-
-
-def parse_threshold(text: str) -> float | dict:
-    """A number, or a JSON object {label: threshold}."""
-    return json.loads(text) if text.strip().startswith("{") else float(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
     parser.add_argument("--model", required=True, help="HTS-AT folder or Hub id")
-    parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
-    parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
-    parser.add_argument("--median-filter", type=float, help="median filter length in seconds")
-    parser.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (s)")
-    parser.add_argument("--min-gap", type=float, default=0.0, help="merge same-class events closer than this (s)")
-    parser.add_argument("--upsample", choices=["repeat", "linear"], default="repeat")
-    parser.add_argument("--label-mapping", help="JSON/YAML mapping of new labels to groups of the model's labels")
+    add_postprocessing_arguments(parser)
     parser.add_argument("--window-batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="e.g. cuda:0")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -51,13 +40,7 @@ def main() -> None:
     for audio in args.audio:
         result = detector(
             audio,
-            threshold=args.threshold,
-            hysteresis=tuple(args.hysteresis) if args.hysteresis else None,
-            median_filter_seconds=args.median_filter,
-            min_duration_seconds=args.min_duration,
-            min_gap_seconds=args.min_gap,
-            upsample=args.upsample,
-            label_mapping=args.label_mapping,
+            **postprocessing_from_arguments(args),
             window_batch_size=args.window_batch_size,
             return_frame_scores=bool(args.plot),
         )

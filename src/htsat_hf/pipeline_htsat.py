@@ -34,6 +34,15 @@ READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
 
 
+class AudioInputError(ValueError):
+    """Audio that cannot be used, with the `stage` where that was found: "decode" (unreadable, or an unsupported
+    input), "empty" (no samples), "too_short" (fewer samples than one STFT frame needs), "invalid_audio" (NaN/Inf)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
 @dataclass
 class AudioSource:
     """Mono audio at the model's rate, as an in-memory array or a file streamed through ffmpeg."""
@@ -55,20 +64,26 @@ class AudioSource:
 def audio_source(inputs: Any, sampling_rate: int) -> AudioSource:
     """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`: a file path (streamed
     through ffmpeg), bytes of a file (decoded by ffmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
-    torchaudio), a torchcodec `AudioDecoder` (channels averaged, resampled), or a 1-D array / tensor at the rate."""
+    torchaudio), an undecoded `datasets` Audio cell `{"bytes", "path"}`, a torchcodec `AudioDecoder` (channels
+    averaged, resampled), or a 1-D array / tensor at the rate."""
     rate = sampling_rate
+    if isinstance(inputs, dict) and not ({"array", "raw"} & set(inputs)) and (inputs.get("bytes") or inputs.get("path")):
+        inputs = inputs.get("bytes") or inputs["path"]  # an undecoded `datasets` Audio cell
     if isinstance(inputs, str):
         return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs))
     if isinstance(inputs, bytes):
         from transformers.pipelines.audio_utils import ffmpeg_read
 
-        inputs = ffmpeg_read(inputs, rate)
+        try:
+            inputs = ffmpeg_read(inputs, rate)
+        except ValueError as error:
+            raise AudioInputError("decode", f"ffmpeg could not decode the bytes given: {error}") from error
     elif type(inputs).__name__ == "AudioDecoder":  # what `datasets` gives for a decoded Audio column
         samples = inputs.get_all_samples()
         inputs = {"array": samples.data.mean(dim=0).numpy(), "sampling_rate": samples.sample_rate}
     if isinstance(inputs, dict):
         if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
-            raise ValueError('A dict input needs "array" (or "raw") and "sampling_rate" keys.')
+            raise AudioInputError("decode", 'A dict input needs "array" (or "raw") and "sampling_rate" keys.')
         array = inputs.get("array", inputs.get("raw"))
         array = torch.as_tensor(np.asarray(array, dtype=np.float32))
         if int(inputs["sampling_rate"]) != rate:
@@ -78,12 +93,14 @@ def audio_source(inputs: Any, sampling_rate: int) -> AudioSource:
     elif isinstance(inputs, torch.Tensor):
         inputs = inputs.detach().cpu().numpy()
     if not isinstance(inputs, np.ndarray):
-        raise ValueError(
+        raise AudioInputError(
+            "decode",
             f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
-            '{"array": ..., "sampling_rate": ...}.'
+            '{"array": ..., "sampling_rate": ...}.',
         )
     if inputs.ndim != 1:
-        raise ValueError(
+        raise AudioInputError(
+            "decode",
             f"Expected mono audio (samples,), got shape {inputs.shape}; average the channels first "
             "(e.g. x.mean(axis=0))."
         )
@@ -120,7 +137,7 @@ def stream_with_ffmpeg(
         process.stderr.close()
     error = b"".join(messages).decode(errors="replace").strip()
     if returncode != 0:
-        raise ValueError(f"ffmpeg could not decode {path}: {error or 'unknown error'}")
+        raise AudioInputError("decode", f"ffmpeg could not decode {path}: {error or 'unknown error'}")
     if error:
         message = f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}"
         if warnings is None:
@@ -361,7 +378,7 @@ class WindowStream:
         block = int(READ_BLOCK_SECONDS * self.source.sampling_rate)
         for samples in self.source.blocks(block):
             if not np.isfinite(samples).all():
-                raise ValueError("The audio contains NaN or Inf samples.")
+                raise AudioInputError("invalid_audio", "The audio contains NaN or Inf samples.")
             buffer = np.concatenate([buffer, samples])
             self.num_samples += len(samples)
             self.windowed = self.num_samples >= self.long_after
@@ -380,7 +397,14 @@ class WindowStream:
                     yield torch.stack(pending), pending_starts
                     pending, pending_starts = [], []
         if self.num_samples == 0:
-            raise ValueError("The audio is empty: no samples were decoded.")
+            raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
+        min_samples = self.feature_extractor.n_fft // 2 + 1
+        if self.num_samples < min_samples:
+            raise AudioInputError(
+                "too_short",
+                f"The audio has {self.num_samples} samples ({self.num_samples / self.source.sampling_rate:.4f} s), "
+                f"fewer than the {min_samples} that one STFT frame needs (n_fft // 2 + 1); pass longer audio.",
+            )
         self.num_frames = self.num_samples // self.hop + 1
         starts, window_frames = window_layout(self.config, self.num_frames)
         self.windowed = len(starts) > 1
@@ -430,4 +454,4 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["SoundEventDetectionPipeline", "add_remote_sed_pipeline"]
+__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source"]

@@ -528,3 +528,33 @@ def load_label_mapping(path: str | Path) -> dict[str, list[int | str]]:
             raise ValueError(f"{path}: the entry for {target!r} must be a list of label names or indices.")
         mapping[str(target)] = list(group)
     return mapping
+
+
+# ------------------------------------------------------------------------------------------- command-line flags
+def parse_threshold(text: str) -> float | dict:
+    """A command-line threshold: a number, or a JSON object {label: threshold}."""
+    return json.loads(text) if text.strip().startswith("{") else float(text)
+
+
+def add_postprocessing_arguments(parser) -> None:
+    """The post-processing flags shared by scripts/detect_events.py and scripts/annotate.py."""
+    parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
+    parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
+    parser.add_argument("--median-filter", type=float, help="median filter length in seconds")
+    parser.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (s)")
+    parser.add_argument("--min-gap", type=float, default=0.0, help="merge same-class events closer than this (s)")
+    parser.add_argument("--upsample", choices=["repeat", "linear"], default="repeat")
+    parser.add_argument("--label-mapping", help="JSON/YAML mapping of new labels to groups of the model's labels")
+
+
+def postprocessing_from_arguments(args) -> dict:
+    """Keyword arguments of the SED pipeline / `frames_to_events` from the flags of `add_postprocessing_arguments`."""
+    return dict(
+        threshold=args.threshold,
+        hysteresis=tuple(args.hysteresis) if args.hysteresis else None,
+        median_filter_seconds=args.median_filter,
+        min_duration_seconds=args.min_duration,
+        min_gap_seconds=args.min_gap,
+        upsample=args.upsample,
+        label_mapping=args.label_mapping,
+    )

@@ -1,0 +1,371 @@
+"""The engine-agnostic core: a batch of audio in, one row per input out, windows of many inputs packed per forward.
+
+    annotator = Annotator("path/to/htsat-folder", tasks=("tags", "events"), threshold=0.3)
+    rows = list(annotator.annotate([("a.wav", "a.wav"), ("b", {"array": x, "sampling_rate": 16000})]))
+    dataset = dataset.map(annotator, batched=True, with_rank=True)        # columns in, columns out
+
+Each row equals what `pipeline("audio-classification")` (tags, embedding) and `pipeline("sound-event-detection")`
+(events, frame scores) give for that input; see `windows.py` for how the windows are cut.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..pipeline_htsat import step_probabilities
+from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
+from .schema import task_columns, typed_column
+from .windows import (
+    CLIP_TASKS,
+    TASKS,
+    TIMELINE,
+    TIMELINE_TASKS,
+    InputEnd,
+    InputFailed,
+    WindowChunk,
+    WindowCutter,
+    WindowItem,
+    clip_view,
+)
+
+DEFAULT_TASKS = ("tags", "events")
+POSTPROCESSING_KEYS = (
+    "threshold", "median_filter_seconds", "min_duration_seconds", "min_gap_seconds", "hysteresis", "upsample",
+)
+
+
+@dataclass
+class AnnotationError:
+    """An input that could not be annotated: its id, the stage that found the problem and the message."""
+
+    id: str
+    stage: str
+    message: str
+    key: int = -1
+
+
+@dataclass
+class _InputState:
+    """Outputs gathered for one input while its windows are in flight."""
+
+    queued: int = 0
+    done: int = 0
+    timeline: list[tuple[int, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)  # start, steps, tokens
+    clip: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    end: InputEnd | None = None
+
+
+class Annotator:
+    """
+    Tags, events, embeddings and frame scores for batches of audio, with one HTS-AT model.
+
+    Args:
+        model: an HTS-AT folder or Hub id, or a loaded `HTSATForAudioClassification` / `HTSATForSoundEventDetection`.
+        feature_extractor: defaults to the folder's (or one matching the model's config).
+        tasks: any of "tags", "events", "embeddings", "frame_scores".
+        top_k: tags per input (sigmoid or softmax scores as the config's `problem_type` says, like the pipeline).
+        batch_size: windows per forward pass, packed across inputs.
+        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: the SED
+            pipeline's post-processing (`sed_postprocessing.frames_to_events`).
+        label_mapping: a dict or JSON/YAML path mapping new labels to groups of the model's labels (events and frame
+            scores; tags keep the model's labels).
+        device: where the model runs (default: the model's device, or CUDA when a path is given and one exists).
+        bf16: bfloat16 autocast for the forward pass.
+        audio_column, id_column: the columns `__call__` reads (batched `datasets.map`, Ray `map_batches`).
+        trust_remote_code: for loading a folder whose model code travels with it.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        feature_extractor: Any = None,
+        *,
+        tasks: Iterable[str] = DEFAULT_TASKS,
+        top_k: int = 5,
+        batch_size: int = 16,
+        threshold: Any = 0.5,
+        median_filter_seconds: Any = None,
+        min_duration_seconds: float = 0.0,
+        min_gap_seconds: float = 0.0,
+        hysteresis: tuple[float, float] | None = None,
+        upsample: str = "repeat",
+        label_mapping: Mapping | str | None = None,
+        device: str | torch.device | None = None,
+        bf16: bool = False,
+        audio_column: str = "audio",
+        id_column: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
+        self.config = self.model.config
+        self.tasks = _check_tasks(tasks)
+        if TIMELINE_TASKS & set(self.tasks) and not self.config.use_token_semantic_head:
+            raise ValueError(
+                "events and frame_scores need the token-semantic head; this model uses the pooled head "
+                "(use_token_semantic_head=False): ask for tags and embeddings only."
+            )
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.top_k = min(int(top_k), self.config.num_labels)
+        self.batch_size = int(batch_size)
+        self.bf16 = bool(bf16)
+        self.audio_column, self.id_column = audio_column, id_column
+        self.model_labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
+        if isinstance(label_mapping, str):
+            label_mapping = load_label_mapping(label_mapping)
+        self.label_mapping = dict(label_mapping) if label_mapping is not None else None
+        self.event_labels = (
+            list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping else self.model_labels
+        )
+        self.postprocessing = dict(
+            threshold=threshold, median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
+            min_gap_seconds=min_gap_seconds, hysteresis=tuple(hysteresis) if hysteresis is not None else None,
+            upsample=upsample,
+        )
+        if "events" in self.tasks:  # bad settings fail now, not at the first input
+            frames_to_events(np.zeros((2, len(self.event_labels))), 0.1, self.event_labels, **self.postprocessing)
+        self.cutter = WindowCutter(self.config, self.feature_extractor, self.tasks)
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------------------------------------- settings
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the rows (for a run's manifest): tasks, top_k, post-processing, mapping, bf16."""
+        return {
+            "tasks": list(self.tasks),
+            "top_k": self.top_k,
+            **{key: _plain(self.postprocessing[key]) for key in POSTPROCESSING_KEYS},
+            "label_mapping": self.label_mapping,
+            "bf16": self.bf16,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --------------------------------------------------------------------------------------------------- inputs
+    def annotate(self, inputs: Iterable[tuple[str, Any]]) -> Iterator[dict | AnnotationError]:
+        """(id, audio) pairs -> one row dict or `AnnotationError` per input, as inputs complete (windows of
+        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes."""
+        items = (item for key, (input_id, audio) in enumerate(inputs) for item in self.cutter.items(key, input_id, audio))
+        yield from self.annotate_items(items)
+
+    def annotate_items(self, items: Iterable[WindowItem]) -> Iterator[dict | AnnotationError]:
+        """`WindowCutter` items (e.g. from decoding workers, any interleaving of inputs) -> rows, each with the input's
+        `key`, as soon as all of its windows have run."""
+        self._check_process()
+        states: dict[int, _InputState] = {}
+        pending: list[tuple[int, str, int, torch.Tensor]] = []  # key, view, start, (frames, mel)
+        for item in items:
+            if isinstance(item, WindowChunk):
+                state = states.setdefault(item.key, _InputState())
+                for start, features in zip(item.starts, item.features):
+                    pending.append((item.key, item.view, start, features))
+                    state.queued += 1
+                while len(pending) >= self.batch_size:
+                    self._run(pending[: self.batch_size], states)
+                    pending = pending[self.batch_size :]
+                    yield from self._finished(states)
+            elif isinstance(item, InputEnd):
+                states.setdefault(item.key, _InputState()).end = item
+                yield from self._finished(states)
+            elif isinstance(item, InputFailed):
+                states.pop(item.key, None)
+                pending = [window for window in pending if window[0] != item.key]
+                yield AnnotationError(item.id, item.stage, item.message, item.key)
+            else:
+                raise TypeError(f"Unexpected item {type(item).__name__}.")
+        if pending:
+            self._run(pending, states)
+        yield from self._finished(states)
+        if states:
+            raise RuntimeError(f"Inputs {sorted(states)} sent windows but never ended: the item stream was cut short.")
+
+    def __call__(self, batch: Mapping[str, Any], rank: int | None = None) -> pa.Table:
+        """Columns in, an Arrow table out (batched `datasets.map(..., with_rank=True)`, Ray `map_batches`): one row
+        per input row: the batch's other columns as they were (the audio column is dropped), then `duration_s`, the
+        task columns, `warning` and `error` ("stage: message", with empty results, where an input failed). Typed
+        Arrow columns, so a batch in which nothing failed still gives `error` its string type."""
+        if rank is not None:
+            self._place_for_rank(rank)
+        audio = list(batch[self.audio_column])
+        ids = [str(i) for i in batch[self.id_column]] if self.id_column else [str(i) for i in range(len(audio))]
+        rows: dict[int, dict | AnnotationError] = {}
+        for row in self.annotate(zip(ids, audio)):
+            rows[row.key if isinstance(row, AnnotationError) else row["key"]] = row
+        table = rows_to_arrow([rows[key] for key in range(len(audio))], self.tasks, include_id=False)
+        kept = [name for name in batch if name != self.audio_column and name not in table.column_names]
+        for position, name in enumerate(kept):
+            values = batch[name]
+            table = table.add_column(position, name, pa.array(values.tolist() if hasattr(values, "tolist") else
+                                                              list(values)))
+        return table
+
+    def _check_process(self) -> None:
+        """In a process forked from the one that built the annotator (`datasets.map(num_proc=N)`), torch's OpenMP
+        thread pool did not survive the fork and a parallel region would hang: run single-threaded there, as
+        DataLoader workers do (the N processes share the cores)."""
+        if os.getpid() != self._pid:
+            torch.set_num_threads(1)
+            self._pid = os.getpid()
+
+    def _place_for_rank(self, rank: int) -> None:
+        """One GPU per `datasets.map` worker: rank r runs on cuda:(r % GPUs) when CUDA is there."""
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            target = torch.device("cuda", rank % torch.cuda.device_count())
+            if self.device != target:
+                self.model.to(target)
+
+    # ---------------------------------------------------------------------------------------------------- model
+    def _run(self, windows: list[tuple[int, str, int, torch.Tensor]], states: dict[int, _InputState]) -> None:
+        """One forward pass over windows of any inputs: step logits and mean tokens back to each input's state."""
+        device = self.device
+        images = [None] * len(windows)
+        by_frames: dict[int, list[int]] = {}
+        for index, (_, _, _, features) in enumerate(windows):
+            by_frames.setdefault(features.shape[0], []).append(index)
+        htsat = self.model.htsat
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
+            for indices in by_frames.values():  # windows of one length fold together (stretching as the model does)
+                features = torch.stack([windows[i][3] for i in indices]).to(device, self.model.dtype)
+                for i, image in zip(indices, htsat.window_images(features)):
+                    images[i] = image
+            tokens, _, _ = htsat.encode_images(torch.stack(images))
+            steps = self.model.classifier(tokens).float() if self.config.use_token_semantic_head else None
+            token_means = tokens.float().mean(dim=1)
+        steps = steps.cpu() if steps is not None else None
+        token_means = token_means.cpu()
+        for index, (key, view, start, _) in enumerate(windows):
+            state = states.get(key)
+            if state is None:  # the input failed while its windows waited
+                continue
+            step = steps[index] if steps is not None else None
+            if view == TIMELINE:
+                state.timeline.append((start, step, token_means[index]))
+            else:
+                state.clip.append((step, token_means[index]))
+            state.done += 1
+
+    def _finished(self, states: dict[int, _InputState]) -> Iterator[dict]:
+        for key in [k for k, s in states.items() if s.end is not None and s.done == s.queued]:
+            yield self._row(key, states.pop(key))
+
+    # ------------------------------------------------------------------------------------------------- results
+    def _row(self, key: int, state: _InputState) -> dict:
+        end = state.end
+        row: dict[str, Any] = {"key": key, "id": end.id, "duration_s": end.num_samples / end.sampling_rate}
+        state.timeline.sort(key=lambda window: window[0])
+        starts = [start for start, _, _ in state.timeline]
+        frame_logits = None
+        if state.timeline and self.config.use_token_semantic_head:
+            steps = torch.stack([step for _, step, _ in state.timeline])
+            frame_logits = (
+                self.model.stitch_window_steps(steps, starts, end.num_frames) if end.windowed else steps[0]
+            )
+        if CLIP_TASKS & set(self.tasks):
+            if clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE:
+                clip_steps, clip_tokens = frame_logits, [tokens for _, _, tokens in state.timeline]
+            else:
+                clip_steps, clip_tokens = state.clip[0][0], [state.clip[0][1]]
+            embedding = torch.stack(clip_tokens).mean(dim=0)
+            if "tags" in self.tasks:
+                logits = clip_steps.mean(dim=0) if clip_steps is not None else self._pooled_logits(embedding)
+                row["tags"] = self._tags(logits)
+            if "embeddings" in self.tasks:
+                row["embedding"] = embedding.numpy().astype(np.float32)
+        if TIMELINE_TASKS & set(self.tasks):
+            scores = step_probabilities(frame_logits)
+            if self.label_mapping:
+                scores, _ = map_scores(scores, self.label_mapping, self.model_labels)
+            step_seconds = self.model.frame_step_seconds(end.num_frames)
+            if "events" in self.tasks:
+                row["events"] = frames_to_events(
+                    scores, step_seconds, self.event_labels, duration_seconds=row["duration_s"], **self.postprocessing
+                )
+            if "frame_scores" in self.tasks:
+                row["frame_scores"] = scores
+                row["frame_step_s"] = step_seconds
+        row["warning"] = end.warning
+        return row
+
+    def _pooled_logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Clip logits of the pooled-head ablation from the mean token."""
+        with torch.inference_mode():
+            return self.model.classifier(embedding.to(self.device, self.model.dtype)[None])[0].float().cpu()
+
+    def _tags(self, logits: torch.Tensor) -> list[dict]:
+        """Top-k {label, score}, the score as `pipeline("audio-classification")` applies it."""
+        problem_type = self.config.problem_type
+        if problem_type == "multi_label_classification":
+            probabilities = logits.sigmoid()
+        elif problem_type == "regression":
+            probabilities = logits
+        else:
+            probabilities = logits.softmax(-1)
+        scores, ids = probabilities.topk(self.top_k)
+        return [{"label": self.model_labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
+
+
+def rows_to_arrow(rows: list[dict | AnnotationError], tasks: tuple[str, ...], include_id: bool = True) -> pa.Table:
+    """Rows (results or errors) -> an Arrow table of typed columns (so a batch without errors still types `error`):
+    `id`, `duration_s`, the task columns, `warning` and `error` ("stage: message", None where the input succeeded)."""
+    names = (["id"] if include_id else []) + ["duration_s", *task_columns(tasks), "warning"]
+    columns = {
+        name: typed_column(name, [None if isinstance(row, AnnotationError) else row.get(name) for row in rows])
+        for name in names
+    }
+    if include_id:
+        columns["id"] = typed_column("id", [row.id if isinstance(row, AnnotationError) else row["id"] for row in rows])
+    columns["error"] = typed_column(
+        "error", [f"{row.stage}: {row.message}" if isinstance(row, AnnotationError) else None for row in rows]
+    )
+    return pa.table(columns)
+
+
+def _check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
+    tasks = tuple(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"Unknown or no tasks {unknown or list(tasks)}: choose from {list(TASKS)}.")
+    return tuple(task for task in TASKS if task in tasks)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly settings (tuples -> lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model in eval mode on its device, and its feature extractor."""
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    from ..feature_extraction_htsat import HTSATFeatureExtractor
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        name = str(model)
+        model = AutoModelForAudioClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if feature_extractor is None:
+            feature_extractor = AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")):
+        raise ValueError(
+            f"{type(model).__name__} is not a single HTS-AT model (HTSATForAudioClassification or "
+            "HTSATForSoundEventDetection); ensembles are not supported by the annotator yet."
+        )
+    if feature_extractor is None:
+        feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), feature_extractor
+
+
+__all__ = ["AnnotationError", "Annotator", "rows_to_arrow"]

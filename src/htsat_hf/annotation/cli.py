@@ -1,0 +1,98 @@
+"""`scripts/annotate.py`: a corpus run from the command line, one process or many under `accelerate launch`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+from .windows import TASKS
+
+EXAMPLES = """examples:
+  python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
+  python scripts/annotate.py --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
+      --tasks tags events embeddings --num_workers 2
+  accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
+      --output_dir out --bf16
+Running the same command again continues an interrupted run; the output loads with
+datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Tags, events and embeddings for every file of a corpus, as Parquet shards.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", required=True, help="HTS-AT folder or Hub id")
+    model.add_argument("--trust_remote_code", action="store_true")
+    inputs = parser.add_argument_group("inputs (files, or a datasets source)")
+    inputs.add_argument("--files", nargs="+", metavar="PATH", help="audio files (anything ffmpeg reads)")
+    inputs.add_argument("--file_list", metavar="TXT", help="a text file with one audio path per line")
+    inputs.add_argument("--dataset_name", help="Hub dataset id or local folder (as scripts/train.py loads data)")
+    inputs.add_argument("--dataset_config_name")
+    inputs.add_argument("--split", help="the split to annotate (needed when the source has several)")
+    inputs.add_argument("--audio_column_name", default="audio")
+    inputs.add_argument("--id_column_name", help="column with each row's id (default: the row index)")
+    inputs.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
+    inputs.add_argument("--limit", type=int, help="annotate only the first N inputs")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", required=True)
+    output.add_argument("--overwrite", action="store_true", help="delete a previous run's output and start over")
+    output.add_argument("--rows_per_shard", type=int, default=256, help="inputs per Parquet shard (commit unit)")
+    tasks = parser.add_argument_group("tasks and post-processing")
+    tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
+    tasks.add_argument("--top_k", type=int, default=5, help="tags per input")
+    add_postprocessing_arguments(tasks)
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch_size", type=int, default=16, help="windows per forward pass, packed across files")
+    run.add_argument("--num_workers", type=int, default=1, help="decoding processes (0: decode in the main process)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU, else the CPU)")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if bool(args.files or args.file_list) == bool(args.dataset_name):
+        raise SystemExit("error: give either --files / --file_list or --dataset_name.")
+    from accelerate import PartialState
+
+    from .annotator import Annotator
+    from .corpus import Processes, annotate_corpus
+    from .sources import dataset_source, file_source
+    from .store import ManifestMismatchError
+
+    wants_cpu = args.device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=wants_cpu or not _cuda_available())
+    device = args.device or str(state.device)
+    if args.dataset_name:
+        source = dataset_source(
+            args.dataset_name, args.dataset_config_name, args.split, args.audio_column_name, args.id_column_name,
+            args.streaming,
+        )
+    else:
+        source = file_source(args.files, args.file_list)
+    annotator = Annotator(
+        args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
+        bf16=args.bf16, trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
+    )
+    try:
+        return annotate_corpus(
+            annotator, source, args.output_dir, model_name=args.model_name_or_path, rows_per_shard=args.rows_per_shard,
+            num_workers=args.num_workers, limit=args.limit, overwrite=args.overwrite,
+            processes=Processes.from_accelerate(state), progress=not args.no_progress,
+        )
+    except ManifestMismatchError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+__all__ = ["build_parser", "main"]

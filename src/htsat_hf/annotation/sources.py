@@ -1,0 +1,104 @@
+"""Where a corpus run's inputs come from: files and file lists, or a `datasets` split (also streamed)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+Record = tuple[int, str, Any]  # (input index, id, audio: a path, bytes or anything `audio_source` takes)
+
+
+class InputSource:
+    """An ordered sequence of inputs: by index where the source allows it (files, a `datasets.Dataset`), else by
+    iteration (a streamed dataset). `description` identifies it in a run's manifest."""
+
+    def __init__(
+        self,
+        description: dict,
+        length: int | None,
+        get: Callable[[int], tuple[str, Any]] | None = None,
+        iterate: Callable[[], Iterator[tuple[str, Any]]] | None = None,
+    ):
+        if (get is None) == (iterate is None):
+            raise ValueError("Give exactly one of get (random access) or iterate (a stream).")
+        self.description = description
+        self.length = length
+        self._get, self._iterate = get, iterate
+
+    def records(self, wanted: Callable[[int], bool], limit: int | None = None) -> Iterator[Record]:
+        """The inputs whose index `wanted` accepts, in order, among the first `limit` (all when None)."""
+        end = self.length if limit is None else limit if self.length is None else min(limit, self.length)
+        if self._get is not None:
+            for index in range(end):
+                if wanted(index):
+                    yield (index, *self._get(index))
+            return
+        for index, (input_id, audio) in enumerate(self._iterate()):
+            if end is not None and index >= end:
+                return
+            if wanted(index):
+                yield index, input_id, audio
+
+
+def file_source(files: list[str] | None = None, file_list: str | None = None) -> InputSource:
+    """Audio files named on the command line and/or one per line in a text file (blank lines and # comments are
+    skipped); each file's id is its path as given."""
+    paths = list(files or [])
+    if file_list:
+        lines = Path(file_list).read_text(encoding="utf-8").splitlines()
+        paths += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not paths:
+        raise ValueError("No input files: pass --files PATH... or --file_list TXT (one path per line).")
+    duplicates = sorted(path for path, count in Counter(paths).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"These inputs are listed more than once (ids must be unique): {duplicates[:5]}.")
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    return InputSource({"files": len(paths), "sha256": digest}, len(paths), get=lambda i: (paths[i], paths[i]))
+
+
+def dataset_source(
+    dataset_name: str,
+    dataset_config_name: str | None = None,
+    split: str | None = None,
+    audio_column: str = "audio",
+    id_column: str | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> InputSource:
+    """A split of a Hub dataset or local folder, loaded as `scripts/train.py` loads data; the audio is decoded by
+    ffmpeg from each row's bytes or path. Ids: `id_column`'s values, else the row index."""
+    from ..training.data import load_source
+
+    splits = load_source(
+        dataset_name, dataset_config_name, audio_column=audio_column, streaming=streaming, cache_dir=cache_dir,
+        token=token,
+    )
+    if split is None:
+        if len(splits) != 1:
+            raise ValueError(f"{dataset_name} has the splits {sorted(splits)}: choose one with --split.")
+        split = next(iter(splits))
+    if split not in splits:
+        raise ValueError(f"{dataset_name} has no split {split!r}; its splits are {sorted(splits)}.")
+    data = splits[split]
+    columns = list(data.features) if data.features is not None else None
+    if id_column is not None and columns is not None and id_column not in columns:
+        raise ValueError(f"Split {split!r} has no id column {id_column!r} (columns: {columns}).")
+
+    def entry(row: dict, index: int) -> tuple[str, Any]:
+        return (str(row[id_column]) if id_column else str(index)), row[audio_column]
+
+    description = {
+        "dataset": dataset_name, "config": dataset_config_name, "split": split, "audio_column": audio_column,
+        "id_column": id_column, "streaming": streaming,
+    }
+    if streaming:
+        return InputSource(description, None, iterate=lambda: (entry(row, i) for i, row in enumerate(data)))
+    description["num_rows"] = len(data)
+    return InputSource(description, len(data), get=lambda i: entry(data[i], i))
+
+
+__all__ = ["InputSource", "Record", "dataset_source", "file_source"]

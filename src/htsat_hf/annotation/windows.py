@@ -1,0 +1,120 @@
+"""Decoding and window cutting: one input -> the model's windows as feature tensors, with no model involved.
+
+This is the part of annotation that runs where the audio is decoded (DataLoader workers, a Ray actor, a `datasets.map`
+process). Windows are cut exactly as the pipelines do:
+- the *timeline* view is what `pipeline("sound-event-detection")` runs: an input of more than one image is cut into
+  10-s windows every `long_input_hop_seconds` (features with real audio context, as `WindowStream` computes them), a
+  shorter one is one window of all its frames (the model stretches it to the image);
+- the *clip* view is what `pipeline("audio-classification")` runs: the same windows, except that a clip shorter than
+  `max_length_seconds` is repeated end to end to that length first (the feature extractor's `padding="repeat"`).
+  Only short clips need it as a window of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..pipeline_htsat import AudioInputError, WindowStream, audio_source
+
+TIMELINE = "timeline"
+CLIP = "clip"
+CLIP_TASKS = frozenset({"tags", "embeddings"})
+TIMELINE_TASKS = frozenset({"events", "frame_scores"})
+TASKS = ("tags", "events", "embeddings", "frame_scores")
+
+
+@dataclass
+class WindowChunk:
+    """Consecutive windows of one input, all of one view: features (windows, frames, mel), start frames."""
+
+    key: int
+    view: str
+    features: torch.Tensor
+    starts: list[int]
+
+
+@dataclass
+class InputEnd:
+    """All windows of input `key` have been sent; what the results need to know about its audio."""
+
+    key: int
+    id: str
+    num_samples: int
+    sampling_rate: int
+    num_frames: int  # frames of the timeline view
+    windowed: bool  # cut into windows (else one stretched window)
+    warning: str | None = None
+
+
+@dataclass
+class InputFailed:
+    """Input `key` cannot be annotated: the stage that found it and why. Windows already sent for it are void."""
+
+    key: int
+    id: str
+    stage: str
+    message: str
+
+
+WindowItem = WindowChunk | InputEnd | InputFailed
+
+
+class WindowCutter:
+    """Turns inputs into `WindowItem`s for the tasks asked: picklable, holds only the config and feature extractor."""
+
+    def __init__(self, config: Any, feature_extractor: Any, tasks: tuple[str, ...], chunk_windows: int = 16):
+        self.config = config
+        self.feature_extractor = feature_extractor
+        self.needs_clip = bool(CLIP_TASKS & set(tasks))
+        self.needs_timeline = bool(TIMELINE_TASKS & set(tasks))
+        self.chunk_windows = chunk_windows
+
+    def items(self, key: int, input_id: str, audio: Any) -> Iterator[WindowItem]:
+        """The windows of one input, then `InputEnd`; or, at any point, `InputFailed` (never an exception for bad
+        audio: the caller records it and goes on)."""
+        rate = self.feature_extractor.sampling_rate
+        warnings: list[str] = []
+        try:
+            source = audio_source(audio, rate)
+            source.warnings = warnings
+            stream = WindowStream(self.config, self.feature_extractor, source)
+            for features, starts in stream.window_batches(self.chunk_windows):
+                if stream.windowed:
+                    yield WindowChunk(key, TIMELINE, features, list(starts))
+            if not stream.windowed:
+                yield from self._short_input_windows(key, stream)
+        except AudioInputError as error:
+            yield InputFailed(key, input_id, error.stage, str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - any other failure of one input is recorded, not fatal
+            yield InputFailed(key, input_id, "decode", f"{type(error).__name__}: {error}")
+            return
+        yield InputEnd(
+            key, input_id, stream.num_samples, rate, stream.num_frames, stream.windowed,
+            "\n".join(warnings) if warnings else None,
+        )
+
+    def _short_input_windows(self, key: int, stream: WindowStream) -> Iterator[WindowChunk]:
+        """An input of one image: the stretched window of its own frames (timeline), and for a clip shorter than
+        `max_length_seconds` the window of the clip repeated to that length (clip), each only where a task needs it."""
+        audio = stream.whole_audio
+        extractor = self.feature_extractor
+        repeated = len(audio) < extractor.max_length_samples
+        if self.needs_timeline or (self.needs_clip and not repeated):
+            features = extractor(audio, sampling_rate=extractor.sampling_rate, padding=False, return_tensors="pt")
+            yield WindowChunk(key, TIMELINE, features["input_features"], [0])
+        if self.needs_clip and repeated:
+            features = extractor(audio, sampling_rate=extractor.sampling_rate, padding="repeat", return_tensors="pt")
+            yield WindowChunk(key, CLIP, features["input_features"], [0])
+
+
+def clip_view(end: InputEnd, max_length_samples: int) -> str:
+    """Which view an input's clip results (tags, embedding) come from."""
+    return TIMELINE if end.windowed or end.num_samples >= max_length_samples else CLIP
+
+
+__all__ = ["CLIP", "TASKS", "TIMELINE", "InputEnd", "InputFailed", "WindowChunk", "WindowCutter", "clip_view"]
