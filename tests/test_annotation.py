@@ -21,6 +21,7 @@ from htsat_hf.annotation.cli import main as annotate_main
 from htsat_hf.annotation.corpus import annotate_corpus
 from htsat_hf.annotation.sources import file_source
 from htsat_hf.annotation.store import committed_shards, read_errors, read_manifest
+from htsat_hf.annotation.windows import count_windows
 from htsat_hf.pipeline_htsat import stream_with_ffmpeg
 
 from test_training_end_to_end import free_port, training_env
@@ -138,6 +139,10 @@ def test_windows_of_many_files_share_forward_passes(annotator, corpus, monkeypat
     list(annotator.annotate([(f, f) for f in files]))
     assert max(len(set(keys)) for keys in batches) > 1
     assert all(len(keys) == annotator.batch_size for keys in batches[:-1])  # full batches but the last
+    sent = sum(len(keys) for keys in batches)
+    samples = [len(decoded_as_a_file(f)) for f in files[: len(CORPUS)]]
+    assert sent == sum(count_windows(n, annotator.config, annotator.feature_extractor, TASKS) for n in samples)
+    assert count_windows(16000, annotator.config, annotator.feature_extractor, ("events",)) == 1  # no clip view
 
 
 def test_softmax_tags_and_the_pooled_head(tmp_path, corpus):

@@ -61,16 +61,17 @@ class AudioSource:
         yield from stream_with_ffmpeg(self.path, self.sampling_rate, block_samples, self.warnings)
 
 
-def audio_source(inputs: Any, sampling_rate: int) -> AudioSource:
+def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSource:
     """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`: a file path (streamed
     through ffmpeg), bytes of a file (decoded by ffmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
     torchaudio), an undecoded `datasets` Audio cell `{"bytes", "path"}`, a torchcodec `AudioDecoder` (channels
-    averaged, resampled), or a 1-D array / tensor at the rate."""
+    averaged, resampled), or a 1-D array / tensor at the rate. `probe`: read a file's duration from its header
+    first (a progress-bar hint)."""
     rate = sampling_rate
     if isinstance(inputs, dict) and not ({"array", "raw"} & set(inputs)) and (inputs.get("bytes") or inputs.get("path")):
         inputs = inputs.get("bytes") or inputs["path"]  # an undecoded `datasets` Audio cell
     if isinstance(inputs, str):
-        return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs))
+        return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs) if probe else None)
     if isinstance(inputs, bytes):
         from transformers.pipelines.audio_utils import ffmpeg_read
 
@@ -333,9 +334,10 @@ class SoundEventDetectionPipeline(Pipeline):
 
 class WindowStream:
     """
-    Cuts streamed audio into the model's windows. A window's features are computed from its samples plus two hops
-    of real context on each side, so they equal the frames of the whole recording's spectrogram: the result is the
-    same as running the model on the whole input at once, with bounded memory.
+    Cuts streamed audio into the model's windows. The log-mel frames are computed block by block, each block with two
+    hops of real audio context on each side, so they equal the frames of the whole recording's spectrogram; windows
+    are slices of those frames (each frame computed once, though windows overlap). The result is the same as running
+    the model on the whole input at once, with bounded memory.
     """
 
     def __init__(self, config, feature_extractor, source: AudioSource):
@@ -344,7 +346,6 @@ class WindowStream:
         self.source = source
         self.hop = config.hop_length
         self.window_frames = config.clip_frames
-        self.window_samples = (config.clip_frames - 1) * self.hop
         self.hop_frames = long_input_hop_frames(config)
         self.margin = 2 * self.hop
         self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
@@ -352,26 +353,46 @@ class WindowStream:
         self.num_frames = 0
         self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
         self.whole_audio: np.ndarray | None = None  # an input of one window keeps its samples here, once read
+        self._samples = np.zeros(0, dtype=np.float32)  # samples from `_samples_start` on
+        self._samples_start = 0
+        self._frames = torch.zeros(0, config.num_mel_bins)  # log-mel frames from `_frames_start` on
+        self._frames_start = 0
 
     @property
     def seconds_read(self) -> float:
         return self.num_samples / self.source.sampling_rate
 
-    def window_features(self, buffer: np.ndarray, buffer_start: int, start_frame: int, total: int | None):
-        start = start_frame * self.hop
-        chunk_start = max(0, start - self.margin)
-        chunk_end = start + self.window_samples + self.margin
-        if total is not None:
-            chunk_end = min(chunk_end, total)
-        chunk = buffer[chunk_start - buffer_start : chunk_end - buffer_start]
+    @property
+    def _frames_end(self) -> int:
+        return self._frames_start + len(self._frames)
+
+    def _compute_frames(self, end_frame: int, final: bool) -> None:
+        """Appends frames up to `end_frame` (exclusive). Each needs `margin` samples on its right, or the recording's
+        end (`final`), where the STFT's reflect padding is the whole recording's."""
+        first = self._frames_end
+        if end_frame <= first:
+            return
+        chunk_start = max(0, first * self.hop - self.margin)
+        chunk_end = self.num_samples if final else (end_frame - 1) * self.hop + self.margin
+        chunk = self._samples[chunk_start - self._samples_start : chunk_end - self._samples_start]
         features = self.feature_extractor(chunk, sampling_rate=self.source.sampling_rate, padding=False,
                                           return_tensors="pt")["input_features"][0]
-        offset = (start - chunk_start) // self.hop
-        return features[offset : offset + self.window_frames]
+        offset = (first * self.hop - chunk_start) // self.hop
+        self._frames = torch.cat([self._frames, features[offset : offset + end_frame - first]])
+        keep_from = max(0, self._frames_end * self.hop - self.margin)  # context of the next frames
+        self._samples = self._samples[keep_from - self._samples_start :]
+        self._samples_start = keep_from
+
+    def _window(self, start_frame: int) -> torch.Tensor:
+        begin = start_frame - self._frames_start
+        return self._frames[begin : begin + self.window_frames]
+
+    def _drop_frames_before(self, frame: int) -> None:
+        if frame > self._frames_start:
+            self._frames = self._frames[frame - self._frames_start :].clone()
+            self._frames_start = frame
 
     def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
-        buffer = np.zeros(0, dtype=np.float32)
-        buffer_start = 0
         next_frame = 0
         done: set[int] = set()
         pending, pending_starts = [], []
@@ -379,23 +400,22 @@ class WindowStream:
         for samples in self.source.blocks(block):
             if not np.isfinite(samples).all():
                 raise AudioInputError("invalid_audio", "The audio contains NaN or Inf samples.")
-            buffer = np.concatenate([buffer, samples])
+            self._samples = np.concatenate([self._samples, samples])
             self.num_samples += len(samples)
             self.windowed = self.num_samples >= self.long_after
-            while (
-                self.windowed
-                and buffer_start + len(buffer) >= next_frame * self.hop + self.window_samples + self.margin
-            ):
-                pending.append(self.window_features(buffer, buffer_start, next_frame, None))
+            if not self.windowed:
+                continue
+            self._compute_frames((self.num_samples - self.margin) // self.hop + 1, final=False)
+            while self._frames_end >= next_frame + self.window_frames:
+                pending.append(self._window(next_frame))
                 pending_starts.append(next_frame)
                 done.add(next_frame)
                 next_frame += self.hop_frames
-                # the end-aligned last window starts after the last window done, but maybe before next_frame
-                keep_from = max(0, (next_frame - self.hop_frames) * self.hop - self.margin)
-                buffer, buffer_start = buffer[keep_from - buffer_start :], keep_from
                 if len(pending) == batch_size:
                     yield torch.stack(pending), pending_starts
                     pending, pending_starts = [], []
+            # the end-aligned last window starts after the last window done, but maybe before next_frame
+            self._drop_frames_before(next_frame - self.hop_frames)
         if self.num_samples == 0:
             raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
         min_samples = self.feature_extractor.n_fft // 2 + 1
@@ -409,15 +429,16 @@ class WindowStream:
         starts, window_frames = window_layout(self.config, self.num_frames)
         self.windowed = len(starts) > 1
         if len(starts) == 1:  # short input: the model stretches all of its frames into one window
-            self.whole_audio = buffer
-            features = self.feature_extractor(buffer, sampling_rate=self.source.sampling_rate, padding=False,
+            self.whole_audio = self._samples
+            features = self.feature_extractor(self._samples, sampling_rate=self.source.sampling_rate, padding=False,
                                               return_tensors="pt")["input_features"]
             yield features, [0]
             return
+        self._compute_frames(self.num_frames, final=True)
         for start_frame in starts:
             if start_frame in done:
                 continue
-            pending.append(self.window_features(buffer, buffer_start, start_frame, self.num_samples))
+            pending.append(self._window(start_frame))
             pending_starts.append(start_frame)
             if len(pending) == batch_size:
                 yield torch.stack(pending), pending_starts

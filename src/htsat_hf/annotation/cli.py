@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_postprocessing_arguments(tasks)
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=int, default=16, help="windows per forward pass, packed across files")
-    run.add_argument("--num_workers", type=int, default=1, help="decoding processes (0: decode in the main process)")
+    run.add_argument("--num_workers", type=int, default=2,
+                     help="decoding processes per model process (0: decode in the main process)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU, else the CPU)")
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")

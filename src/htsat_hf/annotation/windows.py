@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..modeling_htsat import window_layout
 from ..pipeline_htsat import AudioInputError, WindowStream, audio_source
 
 TIMELINE = "timeline"
@@ -79,7 +80,7 @@ class WindowCutter:
         rate = self.feature_extractor.sampling_rate
         warnings: list[str] = []
         try:
-            source = audio_source(audio, rate)
+            source = audio_source(audio, rate, probe=False)
             source.warnings = warnings
             stream = WindowStream(self.config, self.feature_extractor, source)
             for features, starts in stream.window_batches(self.chunk_windows):
@@ -112,9 +113,20 @@ class WindowCutter:
             yield WindowChunk(key, CLIP, features["input_features"], [0])
 
 
+def count_windows(num_samples: int, config: Any, feature_extractor: Any, tasks: tuple[str, ...]) -> int:
+    """Windows `WindowCutter` sends for an input of `num_samples` samples at the model's rate (for throughput
+    accounting: the model's work per hour of audio)."""
+    starts, _ = window_layout(config, feature_extractor.num_frames(num_samples))
+    if len(starts) > 1:
+        return len(starts)
+    repeated = num_samples < feature_extractor.max_length_samples
+    needs_clip, needs_timeline = bool(CLIP_TASKS & set(tasks)), bool(TIMELINE_TASKS & set(tasks))
+    return int(needs_timeline or (needs_clip and not repeated)) + int(needs_clip and repeated)
+
+
 def clip_view(end: InputEnd, max_length_samples: int) -> str:
     """Which view an input's clip results (tags, embedding) come from."""
     return TIMELINE if end.windowed or end.num_samples >= max_length_samples else CLIP
 
 
-__all__ = ["CLIP", "TASKS", "TIMELINE", "InputEnd", "InputFailed", "WindowChunk", "WindowCutter", "clip_view"]
+__all__ = ["CLIP", "TASKS", "TIMELINE", "InputEnd", "InputFailed", "WindowChunk", "WindowCutter", "clip_view", "count_windows"]

@@ -1,0 +1,280 @@
+"""Benchmark of corpus annotation on a generated corpus (`scripts/benchmark_annotation.py`).
+
+Measured in one run, interleaved (model-only, end to end 1 x 2, model-only, end to end 2 x 1, model-only), with the
+paper-size model (random weights: speed does not depend on them):
+- model-only throughput: forward passes over ready window features at the run's batch size, expressed as hours of
+  audio per hour through the corpus's own windows per second of audio;
+- end to end: `scripts/annotate.py` as a subprocess (decoding in DataLoader workers, features, model, Parquet), hours
+  of audio per hour from its manifest, and peak RSS of its whole process tree once 10 % and 100 % of the inputs are
+  committed;
+- 2 processes x 1 thread (`accelerate launch`, CPU ranks) against 1 process x 2 threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..benchmarking import cpu_model
+from ..configuration_htsat import HTSATConfig
+from ..feature_extraction_htsat import HTSATFeatureExtractor
+from ..modeling_htsat import HTSATForAudioClassification
+from .store import committed_shards, read_manifest
+from .windows import count_windows
+
+FORMATS = (("flac", 32000, 1), ("wav", 16000, 2), ("mp3", 44100, 2), ("flac", 48000, 1), ("wav", 22050, 1))
+
+
+@dataclass
+class AnnotationBenchmarkSettings:
+    hours: float = 2.0
+    batch_size: int = 16
+    num_workers: int = 2
+    tasks: tuple[str, ...] = ("tags", "events")
+    model_rounds: int = 3
+    model_batches: int = 6  # forward passes per model-only measurement
+    corpus_dir: str | None = None
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------------ corpus
+def make_corpus(root: Path, hours: float, seed: int = 0) -> list[Path]:
+    """Files of 10 s to 2 min in five formats (rates 16-48 kHz, mono and stereo) adding up to `hours`; reused when
+    `root` already holds the same corpus."""
+    root.mkdir(parents=True, exist_ok=True)
+    listing = root / "corpus.json"
+    if listing.exists():
+        saved = json.loads(listing.read_text())
+        if saved["hours"] == hours and saved["seed"] == seed and all((root / n).exists() for n in saved["files"]):
+            return [root / name for name in saved["files"]]
+    rng = np.random.default_rng(seed)
+    files, total = [], 0.0
+    while total < hours * 3600:
+        seconds = float(min(rng.uniform(10, 120), hours * 3600 - total + 1.0))
+        fmt, rate, channels = FORMATS[len(files) % len(FORMATS)]
+        path = root / f"file{len(files):04d}.{fmt}"
+        _write(path, seconds, rate, channels, rng)
+        files.append(path.name)
+        total += seconds
+    listing.write_text(json.dumps({"hours": hours, "seed": seed, "files": files}))
+    return [root / name for name in files]
+
+
+def _write(path: Path, seconds: float, rate: int, channels: int, rng: np.random.Generator) -> None:
+    import soundfile as sf
+
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    gate = (np.sin(2 * np.pi * t / rng.uniform(2, 6)) > 0.3).astype(np.float32)
+    mono = 0.2 * gate * np.sin(2 * np.pi * rng.uniform(200, 4000) * t) + 0.03 * rng.standard_normal(n)
+    audio = np.repeat(mono[:, None], channels, axis=1).astype(np.float32)
+    if path.suffix == ".mp3":
+        wav = path.with_suffix(".wav.tmp")
+        sf.write(wav, audio, rate, format="WAV")
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "wav", "-i", str(wav), str(path)],
+                       check=True)
+        wav.unlink()
+    else:
+        sf.write(path, audio, rate)
+
+
+def corpus_layout(files: list[Path], config: HTSATConfig, extractor: HTSATFeatureExtractor,
+                  tasks: tuple[str, ...]) -> tuple[float, int]:
+    """(seconds of audio, windows the annotator runs) of the corpus, from the files' headers."""
+    import soundfile as sf
+    from torchcodec.decoders import AudioDecoder
+
+    seconds, windows = 0.0, 0
+    for path in files:
+        duration = sf.info(path).duration if path.suffix != ".mp3" else AudioDecoder(str(path)).metadata.duration_seconds
+        samples = int(round(duration * extractor.sampling_rate))
+        seconds += duration
+        windows += count_windows(samples, config, extractor, tasks)
+    return seconds, windows
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+def model_only_windows_per_second(model: HTSATForAudioClassification, batch_size: int, batches: int) -> float:
+    """Windows per second through the model alone (mel normalisation, folding, Swin, head) on ready features."""
+    features = torch.randn(batch_size, model.config.clip_frames, model.config.num_mel_bins) * 10 - 40
+    htsat = model.htsat
+    with torch.inference_mode():
+        model.classifier(htsat.encode_images(htsat.window_images(features))[0])  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            tokens, _, _ = htsat.encode_images(htsat.window_images(features))
+            model.classifier(tokens)
+            tokens.mean(dim=1)
+        return batches * batch_size / (time.perf_counter() - start)
+
+
+class TreeMemory:
+    """Samples the RSS of a process and all of its descendants (decoding workers, ffmpeg) every `interval` s."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+                rss = 0
+                for process in processes:
+                    try:
+                        rss += process.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def end_to_end(command: list[str], out: Path, total_inputs: int, env: dict[str, str]) -> dict[str, Any]:
+    """Runs one annotation command; hours of audio per hour from its manifest, peak tree RSS at 10 % and 100 %."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    memory = TreeMemory(process.pid)
+    peak_at_10 = None
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        if peak_at_10 is None and _committed_inputs(out) >= 0.1 * total_inputs:
+            peak_at_10 = memory.peak
+        time.sleep(0.2)
+    memory.stop()
+    reader.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{''.join(output)[-4000:]}")
+    run = read_manifest(out)["runs"][-1]
+    return {
+        "audio_hours_per_hour": run["audio_hours_per_hour"], "wall_time_s": run["wall_time_s"],
+        "audio_hours": run["audio_hours"], "peak_rss_mib_at_10_percent": (peak_at_10 or memory.peak) / 2**20,
+        "peak_rss_mib_at_100_percent": memory.peak / 2**20, "summary": output[-1].strip() if output else "",
+    }
+
+
+def _committed_inputs(out: Path) -> int:
+    try:
+        return sum(marker["rows"] + marker["errors"] for marker in committed_shards(out).values())
+    except (OSError, ValueError):  # a marker being renamed into place
+        return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str, Any]:
+    scripts = Path(__file__).resolve().parents[3] / "scripts"
+    work = Path(tempfile.mkdtemp(prefix="htsat-annotation-bench-"))
+    corpus_dir = Path(settings.corpus_dir) if settings.corpus_dir else work / "corpus"
+    print(f"[bench] generating {settings.hours} h of audio in {corpus_dir}", flush=True)
+    files = make_corpus(corpus_dir, settings.hours, settings.seed)
+    (work / "files.txt").write_text("\n".join(str(p) for p in files) + "\n")
+    config, extractor = HTSATConfig(), HTSATFeatureExtractor()
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(config).eval()
+    model.save_pretrained(work / "model")
+    extractor.save_pretrained(work / "model")
+    seconds, windows = corpus_layout(files, config, extractor, settings.tasks)
+    print(f"[bench] {len(files)} files, {seconds / 3600:.2f} h, {windows} windows; CPU: {cpu_model()}", flush=True)
+
+    def model_only() -> float:
+        torch.set_num_threads(2)
+        rate = model_only_windows_per_second(model, settings.batch_size, settings.model_batches)
+        hours_per_hour = rate * seconds / windows
+        print(f"[bench] model only: {rate:.2f} windows/s = {hours_per_hour:.0f} h audio/h", flush=True)
+        return hours_per_hour
+
+    base = [
+        str(scripts / "annotate.py"), "--model_name_or_path", str(work / "model"), "--file_list",
+        str(work / "files.txt"), "--tasks", *settings.tasks, "--batch_size", str(settings.batch_size),
+        "--num_workers", str(settings.num_workers), "--no_progress", "--rows_per_shard", "2", "--overwrite",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    results: dict[str, Any] = {"model_only_audio_hours_per_hour": []}
+    results["model_only_audio_hours_per_hour"].append(model_only())
+    print("[bench] end to end, 1 process x 2 threads", flush=True)
+    single = end_to_end([sys.executable, *base, "--output_dir", str(work / "out1"), "--device", "cpu"],
+                        work / "out1", len(files), dict(env, OMP_NUM_THREADS="2"))
+    print(f"[bench]   {single['summary']}", flush=True)
+    results["model_only_audio_hours_per_hour"].append(model_only())
+    print("[bench] end to end, 2 processes x 1 thread (accelerate launch)", flush=True)
+    double = end_to_end(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *base,
+         "--output_dir", str(work / "out2")],
+        work / "out2", len(files), dict(env, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true"),
+    )
+    print(f"[bench]   {double['summary']}", flush=True)
+    results["model_only_audio_hours_per_hour"].append(model_only())
+    model_rate = statistics.median(results["model_only_audio_hours_per_hour"])
+    results.update(
+        settings=asdict(settings), cpu=cpu_model(), torch=torch.__version__, files=len(files),
+        audio_hours=seconds / 3600, windows=windows, one_process_two_threads=single, two_processes_one_thread=double,
+        end_to_end_share_of_model_only=single["audio_hours_per_hour"] / model_rate,
+        rss_growth_10_to_100_percent=single["peak_rss_mib_at_100_percent"] / single["peak_rss_mib_at_10_percent"] - 1,
+        two_by_one_over_one_by_two=double["audio_hours_per_hour"] / single["audio_hours_per_hour"],
+    )
+    return results
+
+
+def format_report(results: dict[str, Any]) -> str:
+    single, double = results["one_process_two_threads"], results["two_processes_one_thread"]
+    model = statistics.median(results["model_only_audio_hours_per_hour"])
+    lines = [
+        f"CPU: {results['cpu']}; torch {results['torch']}; {results['files']} files, {results['audio_hours']:.2f} h, "
+        f"{results['windows']} windows; batch {results['settings']['batch_size']} windows, "
+        f"{results['settings']['num_workers']} decoding worker(s) per process",
+        "",
+        "| | hours of audio per hour | wall s | peak RSS at 10 % / 100 %, MiB |",
+        "| --- | --- | --- | --- |",
+        "| model only (2 threads), median of " + ", ".join(f"{v:.0f}" for v in results["model_only_audio_hours_per_hour"])
+        + f" | {model:.0f} | | |",
+    ]
+    for name, run in (("end to end, 1 process x 2 threads", single), ("end to end, 2 processes x 1 thread", double)):
+        lines.append(f"| {name} | {run['audio_hours_per_hour']:.0f} | {run['wall_time_s']:.0f} | "
+                     f"{run['peak_rss_mib_at_10_percent']:.0f} / {run['peak_rss_mib_at_100_percent']:.0f} |")
+    targets = [
+        ("end to end >= 85 % of model only", results["end_to_end_share_of_model_only"], 0.85, True),
+        ("peak RSS at 100 % within 10 % of that at 10 %", results["rss_growth_10_to_100_percent"], 0.10, False),
+        ("2 x 1 >= 0.9 x (1 x 2)", results["two_by_one_over_one_by_two"], 0.9, True),
+    ]
+    lines.append("")
+    for name, value, goal, higher in targets:
+        met = value >= goal if higher else value <= goal
+        lines.append(f"{'PASS' if met else 'FAIL'}  {name}: {value:.3f} (target {'>=' if higher else '<='} {goal})")
+    return "\n".join(lines)
+
+
+__all__ = ["AnnotationBenchmarkSettings", "format_report", "make_corpus", "run_annotation_benchmark"]
