@@ -402,3 +402,36 @@ def test_manifest_is_json_and_names_the_model(one_process_run, model_folder):
     assert manifest["fingerprint"]["model"]["name_or_path"] == str(model_folder)
     assert len(manifest["fingerprint"]["model"]["sha256"]) == 64
     assert manifest["tag_labels"] == [f"LABEL_{i}" for i in range(6)]
+
+
+def test_dataset_source_streaming_through_the_command_line(model_folder, corpus, rows, tmp_path):
+    root, files = corpus
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    names = [Path(f).name for f in files[:4]]
+    for name in names:
+        (folder / name).write_bytes((root / name).read_bytes())
+    (folder / "metadata.csv").write_text("file_name,recording\n" + "".join(f"{n},rec-{n}\n" for n in names))
+    out = tmp_path / "out"
+    summary = annotate_main([
+        "--model_name_or_path", str(model_folder), "--dataset_name", str(folder), "--streaming", "--id_column_name",
+        "recording", "--output_dir", str(out), "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "3",
+        "--num_workers", "2", "--no_progress", "--device", "cpu",
+    ])
+    assert summary["done"] == 4 and read_manifest(out)["fingerprint"]["inputs"]["streaming"] is True
+    table = read_rows(out)
+    assert sorted(table["id"]) == sorted(f"rec-{n}" for n in names)
+    by_name = {f"rec-{Path(f).name}": rows[f] for f in files[:4]}
+    for _, row in table.iterrows():
+        assert [dict(e) for e in row["events"]] == by_name[row["id"]]["events"]
+
+
+def test_bf16_autocast_stays_close_to_fp32(annotator, corpus, rows):
+    _, files = corpus
+    bf16 = Annotator(annotator.model, annotator.feature_extractor, tasks=("tags",), top_k=4, batch_size=4, bf16=True)
+    assert bf16.settings()["bf16"] is True
+    for row in bf16.annotate([(f, f) for f in files[1:4]]):
+        expected = {t["label"]: t["score"] for t in rows[row["id"]]["tags"]}
+        for tag in row["tags"]:
+            if tag["label"] in expected:
+                assert tag["score"] == pytest.approx(expected[tag["label"]], abs=0.05)

@@ -96,9 +96,19 @@ def dataset_source(
         "id_column": id_column, "streaming": streaming,
     }
     if streaming:
-        return InputSource(description, None, iterate=lambda: (entry(row, i) for i, row in enumerate(data)))
+        return InputSource(description, None, iterate=lambda: (entry(row, i) for i, row in enumerate(_rows(data))))
     description["num_rows"] = len(data)
     return InputSource(description, len(data), get=lambda i: entry(data[i], i))
+
+
+def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
+    """Every row of a streamed dataset in order, wherever it is iterated. (Iterated directly inside a DataLoader
+    worker, a `datasets.IterableDataset` hands each worker only some of its file shards: the row numbers, which decide
+    the commit shards, would then differ between workers.)"""
+    for batch in stream.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[name] for name in columns)):
+            yield dict(zip(columns, values))
 
 
 __all__ = ["InputSource", "Record", "dataset_source", "file_source"]
