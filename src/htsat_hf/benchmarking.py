@@ -460,7 +460,8 @@ def bench_sed(settings: BenchmarkSettings) -> dict[str, Any]:
         stitcher = StepStitcher(total_steps, step, config.num_labels, settings.device)
         for batch_starts in _chunks(starts, settings.sed_window_batch):
             audio = torch.stack([synthetic_audio(s * hop, window_samples, rate) for s in batch_starts])
-            features = extractor(audio, sampling_rate=rate, padding=False, return_tensors="pt", device=settings.device)
+            features = extractor(list(audio), sampling_rate=rate, padding=False, return_tensors="pt",
+                                 device=settings.device)
             with torch.inference_mode(), _autocast(settings):
                 frame_logits = model(features["input_features"]).frame_logits.float()
             stitcher.add(frame_logits.sigmoid(), [s * hop / rate for s in batch_starts])

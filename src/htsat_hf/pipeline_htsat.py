@@ -25,6 +25,7 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .feature_extraction_htsat import pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 
@@ -86,7 +87,9 @@ def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSo
         if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
             raise AudioInputError("decode", 'A dict input needs "array" (or "raw") and "sampling_rate" keys.')
         array = inputs.get("array", inputs.get("raw"))
-        array = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        array = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+        _check_mono(array)
+        array = torch.from_numpy(_as_float(array))
         if int(inputs["sampling_rate"]) != rate:
             logger.info(f"resampling audio from {inputs['sampling_rate']} Hz to {rate} Hz")
             array = torchaudio.functional.resample(array, int(inputs["sampling_rate"]), rate)
@@ -99,14 +102,26 @@ def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSo
             f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
             '{"array": ..., "sampling_rate": ...}.',
         )
-    if inputs.ndim != 1:
+    _check_mono(inputs)
+    array = _as_float(inputs)
+    return AudioSource(rate, array=array, duration_hint=len(array) / rate)
+
+
+def _check_mono(array: np.ndarray) -> None:
+    if array.ndim != 1:
+        axis = 1 if array.ndim == 2 and array.shape[1] < array.shape[0] else 0
         raise AudioInputError(
             "decode",
-            f"Expected mono audio (samples,), got shape {inputs.shape}; average the channels first "
-            "(e.g. x.mean(axis=0))."
+            f"Expected mono audio (samples,), got shape {array.shape}; average the channels first "
+            f"(x.mean(axis={axis})), or pass the clips of a batch one by one.",
         )
-    array = inputs.astype(np.float32, copy=False)
-    return AudioSource(rate, array=array, duration_hint=len(array) / rate)
+
+
+def _as_float(array: np.ndarray) -> np.ndarray:
+    try:
+        return pcm_to_float(array)
+    except ValueError as error:
+        raise AudioInputError("decode", str(error)) from error
 
 
 def stream_with_ffmpeg(
@@ -418,13 +433,10 @@ class WindowStream:
             self._drop_frames_before(next_frame - self.hop_frames)
         if self.num_samples == 0:
             raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
-        min_samples = self.feature_extractor.n_fft // 2 + 1
-        if self.num_samples < min_samples:
-            raise AudioInputError(
-                "too_short",
-                f"The audio has {self.num_samples} samples ({self.num_samples / self.source.sampling_rate:.4f} s), "
-                f"fewer than the {min_samples} that one STFT frame needs (n_fft // 2 + 1); pass longer audio.",
-            )
+        try:
+            self.feature_extractor.check_length(self.num_samples)
+        except ValueError as error:
+            raise AudioInputError("too_short", str(error)) from error
         self.num_frames = self.num_samples // self.hop + 1
         starts, window_frames = window_layout(self.config, self.num_frames)
         self.windowed = len(starts) > 1

@@ -245,6 +245,7 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
         settings=asdict(settings), cpu=cpu_model(), torch=torch.__version__, files=len(files),
         audio_hours=seconds / 3600, windows=windows, one_process_two_threads=single, two_processes_one_thread=double,
         end_to_end_share_of_model_only=single["audio_hours_per_hour"] / model_rate,
+        two_process_share_of_model_only=double["audio_hours_per_hour"] / model_rate,
         memory_growth_10_to_100_percent=single["peak_pss_mib_at_100_percent"] / single["peak_pss_mib_at_10_percent"] - 1,
         two_by_one_over_one_by_two=double["audio_hours_per_hour"] / single["audio_hours_per_hour"],
     )
@@ -268,7 +269,8 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {run['audio_hours_per_hour']:.0f} | {run['wall_time_s']:.0f} | "
                      f"{run['peak_pss_mib_at_10_percent']:.0f} / {run['peak_pss_mib_at_100_percent']:.0f} |")
     targets = [
-        ("end to end >= 85 % of model only", results["end_to_end_share_of_model_only"], 0.85, True),
+        ("end to end (1 x 2) >= 85 % of model only", results["end_to_end_share_of_model_only"], 0.85, True),
+        ("end to end (2 x 1) >= 85 % of model only", results["two_process_share_of_model_only"], 0.85, True),
         ("peak memory at 100 % within 10 % of that at 10 %", results["memory_growth_10_to_100_percent"], 0.10, False),
         ("2 x 1 >= 0.9 x (1 x 2)", results["two_by_one_over_one_by_two"], 0.9, True),
     ]
