@@ -34,14 +34,14 @@ def converted():
 
 def test_features_match_original_front_end(converted, fixture_io):
     _, _, feature_extractor, _ = converted
-    features = feature_extractor(fixture_io["input_values"].numpy(), sampling_rate=32000, return_tensors="pt")
+    features = feature_extractor(list(fixture_io["input_values"].numpy()), sampling_rate=32000, return_tensors="pt")
     assert features["input_features"].shape == (2, 1001, 64)
     assert (features["input_features"] - fixture_io["log_mel"][:, 0]).abs().max() < 1e-3
 
 
 def test_clip_frame_and_latent_outputs_match_original(converted, fixture_io):
     classifier, sed, feature_extractor, _ = converted
-    features = feature_extractor(fixture_io["input_values"].numpy(), sampling_rate=32000, return_tensors="pt")
+    features = feature_extractor(list(fixture_io["input_values"].numpy()), sampling_rate=32000, return_tensors="pt")
     with torch.no_grad():
         out = sed(**features)
         clip_logits = classifier(**features).logits
@@ -57,7 +57,7 @@ def test_clip_frame_and_latent_outputs_match_original(converted, fixture_io):
 def test_short_clip_without_padding_matches_original(converted, fixture_io):
     _, sed, feature_extractor, _ = converted
     features = feature_extractor(
-        fixture_io["short_input_values"].numpy(), sampling_rate=32000, padding=False, return_tensors="pt"
+        list(fixture_io["short_input_values"].numpy()), sampling_rate=32000, padding=False, return_tensors="pt"
     )
     assert features["input_features"].shape == (1, 401, 64)
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_conversion_matches_original_for_other_sizes(case, tmp_path):
         checkpoint_state(checkpoint), waveform, front["hop_length"], config.spec_size, config.window_size, config.patch_size
     )
     features = feature_extractor(
-        waveform.numpy(), sampling_rate=front["sampling_rate"], padding=False, return_tensors="pt"
+        list(waveform.numpy()), sampling_rate=front["sampling_rate"], padding=False, return_tensors="pt"
     )
     reference_mel = log_mel(checkpoint_state(checkpoint), waveform, front["hop_length"])[:, 0]
     assert (features["input_features"] - reference_mel).abs().max() < 1e-3

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)
     detector = AutoModelForAudioFrameClassification.from_pretrained(folder, trust_remote_code=True)
     extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
-    features = extractor(torch.load(sys.argv[3]).numpy(), sampling_rate=32000, return_tensors="pt")
+    features = extractor(list(torch.load(sys.argv[3]).numpy()), sampling_rate=32000, return_tensors="pt")
     with torch.no_grad():
         logits = classifier(**features).logits
     classify = pipeline("audio-classification", model=folder, trust_remote_code=True)

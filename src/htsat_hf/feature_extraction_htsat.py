@@ -43,7 +43,7 @@ def check_not_channels(shape: tuple[int, ...]) -> None:
             f"Got an array of shape {shape}: that is {columns}-channel audio, channels last. Pass mono audio, e.g. "
             "x.mean(axis=1) to average the channels, or a list of 1-D arrays for a batch."
         )
-    if rows <= MAX_CHANNELS < columns:
+    if 1 < rows <= MAX_CHANNELS < columns:  # one row reads the same either way
         raise ValueError(
             f"Got an array of shape {shape}: {rows} channels of one recording, or a batch of {rows} clips? Average the "
             "channels for mono audio (x.mean(axis=0)), or pass a batch as a list of 1-D arrays "
