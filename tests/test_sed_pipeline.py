@@ -131,6 +131,44 @@ def test_cli_writes_tsv_and_plot(folder, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp_path, monkeypatch, capsys):
+    from htsat_hf import detection_cli
+
+    for name, seed in (("a.wav", 1), ("c.wav", 2)):
+        sf.write(tmp_path / name, noise(6.0, seed=seed), RATE)
+    (tmp_path / "b.flac").write_bytes(b"fLaC" + bytes(300))
+    out = tmp_path / "events.tsv"
+    out.write_text("previous results\n")
+    files = [str(tmp_path / n) for n in ("a.wav", "b.flac", "c.wav")]
+    status = detection_cli.main([*files, "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
+    assert status == 1
+    rows = out.read_text().strip().splitlines()
+    assert {row.split("\t")[0] for row in rows[1:]} == {"a.wav", "c.wav"}  # the file after the bad one too
+    report = capsys.readouterr().err
+    assert "3 files: 2 done" in report and "1 failed" in report and "b.flac" in report
+    out.write_text("previous results\n")
+    calls = []
+    original = detection_cli.csv.writer
+
+    def crash_on_second_file(*args, **kwargs):
+        writer = original(*args, **kwargs)
+
+        class Crashing:
+            def writerow(self, row):
+                calls.append(row)
+                if row[0] == "c.wav":
+                    raise RuntimeError("disk on fire")
+                writer.writerow(row)
+
+        return Crashing()
+
+    monkeypatch.setattr(detection_cli.csv, "writer", crash_on_second_file)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        detection_cli.main([files[0], files[2], "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
+    assert out.read_text() == "previous results\n" and calls  # untouched, and no temporary file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.flac", "c.wav", "events.tsv"]
+
+
 @pytest.mark.parametrize("seconds", [4.0, 63.0])
 def test_events_found_while_streaming_equal_those_from_the_whole_grid(folder, seconds, monkeypatch):
     """Without `return_frame_scores` the pipeline keeps no score grid: steps go to an `EventStream` as soon as no

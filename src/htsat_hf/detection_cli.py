@@ -1,0 +1,100 @@
+"""`scripts/detect_events.py`: sound event detection on audio files, written as DCASE task 4 TSV rows.
+
+A file that cannot be read is reported and skipped, the others are still processed, and the run exits non-zero with
+a summary. `--output` is written to a temporary file beside it and renamed into place at the end, so a failed or
+interrupted run never leaves a half-written file or destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+
+HEADER = ["filename", "onset", "offset", "event_label", "score"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Sound event detection on audio files of any length with an HTS-AT folder.",
+        epilog="example: python scripts/detect_events.py recording.wav --model htsat-audioset --threshold 0.3 "
+        "--median-filter 0.5 --output events.tsv --plot events.png",
+    )
+    parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
+    parser.add_argument("--model", required=True, help="HTS-AT folder or Hub id")
+    add_postprocessing_arguments(parser)
+    parser.add_argument("--window-batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None, help="e.g. cuda:0")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--output", help="TSV file for the events (default: stdout)")
+    parser.add_argument("--plot", help="PNG of class activity with the events (one file: this path; several: a folder)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the detection; returns the exit status (1 when any file failed)."""
+    args = build_parser().parse_args(argv)
+    import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
+    from transformers import pipeline
+
+    detector = pipeline(
+        "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    failures: list[tuple[str, str]] = []
+    events_written = 0
+    temporary = None
+    if args.output:
+        output = Path(args.output)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or ".")
+        handle = os.fdopen(descriptor, "w", newline="")
+    else:
+        handle = sys.stdout
+    try:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(HEADER)
+        for audio in args.audio:
+            try:
+                result = detector(audio, **postprocessing_from_arguments(args),
+                                  window_batch_size=args.window_batch_size, return_frame_scores=bool(args.plot))
+            except ValueError as error:  # unreadable, empty, too short...: report, go on with the other files
+                failures.append((audio, str(error)))
+                print(f"[detect_events] skipped {audio}: {error}", file=sys.stderr)
+                continue
+            for event in result["events"]:
+                writer.writerow([Path(audio).name, f"{event['onset']:.3f}", f"{event['offset']:.3f}", event["label"],
+                                 f"{event['score']:.4f}"])
+            events_written += len(result["events"])
+            if args.plot:
+                _plot(result, args.plot, audio, several=len(args.audio) > 1)
+        if temporary is not None:
+            handle.close()
+            os.replace(temporary, args.output)
+            temporary = None
+    finally:
+        if temporary is not None:  # interrupted: the previous output stays as it was
+            handle.close()
+            os.unlink(temporary)
+    done = len(args.audio) - len(failures)
+    print(f"[detect_events] {len(args.audio)} files: {done} done ({events_written} events), {len(failures)} failed"
+          + "".join(f"\n  {path}: {message}" for path, message in failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
+    from .visualization import plot_sound_events
+
+    target = Path(plot)
+    if several:
+        target.mkdir(parents=True, exist_ok=True)
+        target = target / (Path(audio).stem + ".png")
+    plot_sound_events(result, target, title=Path(audio).name)
+    print(f"wrote {target}", file=sys.stderr)
+
+
+__all__ = ["build_parser", "main"]
