@@ -44,7 +44,7 @@ def main() -> None:
         f"{'token-semantic' if config.use_token_semantic_head else 'pooled'} head"
     )
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {note}")  # report.warnings were logged as warnings while converting
     print(f"ignored {len(report.ignored_keys)} tensors: {', '.join(report.ignored_keys)}")
     print(f"wrote {args.output_dir}")
 

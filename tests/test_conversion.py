@@ -256,3 +256,18 @@ def test_label_csv_with_wrong_count_is_an_error():
         convert_original_checkpoint(
             shared_path(*FIXTURE, "htsat_tiny.ckpt"), labels_csv=shared_path("data", "audioset_class_labels_indices.csv")
         )
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("these are not weights\n")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint") as raised:
+        convert_original_checkpoint(path)
+    assert "weights_only" not in str(raised.value)  # no advice to unpickle an untrusted file
+
+
+def test_a_hop_that_changes_the_clip_length_is_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        _, _, report = convert_original_checkpoint(shared_path(*FIXTURE, "htsat_tiny.ckpt"), hop_length=160)
+    assert report.config.clip_seconds < 10 and len(report.warnings) == 1
+    assert "clip_seconds is set to" in report.warnings[0] and report.warnings[0] in caplog.text

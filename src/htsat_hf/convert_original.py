@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
 from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import HTSATForAudioClassification
+
+logger = logging.get_logger(__name__)
 
 ORIGINAL_PREFIXES = ("sed_model.", "module.")
 FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")
@@ -31,12 +34,23 @@ class ConversionReport:
     config: HTSATConfig
     ignored_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # settings that change what the model does: read these
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads a Lightning checkpoint (`{"state_dict": ...}`, keys prefixed `sed_model.`) or a bare state dict, with
     `torch.load(weights_only=True)` (no pickled code is run)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pickle, zip and format errors all mean the same thing here
+        # PyTorch's own message suggests weights_only=False, which would run the file's pickled code: not for a file
+        # that is not even a checkpoint.
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (torch.load could not read it: {type(error).__name__}). Pass the "
+            "authors' .ckpt file (e.g. HTSAT_AudioSet_Saved_1.ckpt)."
+        ) from None
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} is neither an HTS-AT Lightning checkpoint nor a state dict of tensors.")
@@ -204,9 +218,18 @@ def convert_original_checkpoint(
     problem_type = "single_label_classification" if single_label else "multi_label_classification"
     image_frames = architecture.get("spec_size", 256) ** 2 // architecture["num_mel_bins"]
     fitting_seconds = math.floor((image_frames - 1) * hop_length / sampling_rate * 100) / 100
+    warnings = []
     if fitting_seconds < HTSATConfig.clip_seconds:
         front_end["clip_seconds"] = fitting_seconds
-        notes.append(f"a {image_frames}-frame image holds {fitting_seconds} s: clip_seconds set to that")
+        warnings.append(
+            f"at hop {hop_length} and {sampling_rate} Hz a {image_frames}-frame image holds {fitting_seconds} s, not "
+            f"{HTSATConfig.clip_seconds} s: clip_seconds is set to {fitting_seconds}, so the model sees "
+            f"{fitting_seconds}-s windows, repeats short clips to {fitting_seconds} s and cuts long inputs into "
+            f"{fitting_seconds}-s windows. If the checkpoint was trained at another rate (Speech Commands: "
+            "--sample-rate 16000 --hop-length 160), give that."
+        )
+        for warning in warnings:
+            logger.warning(warning)
     config = HTSATConfig(**architecture, **front_end, **labels, problem_type=problem_type)
     feature_extractor.max_length_seconds = config.clip_seconds
 
@@ -231,7 +254,7 @@ def convert_original_checkpoint(
         raise ValueError(f"The checkpoint lacks tensors the model needs: {missing}")
     model.load_state_dict(converted, strict=True)
     model.eval()
-    return model, feature_extractor, ConversionReport(config=config, ignored_keys=sorted(ignored), notes=notes)
+    return model, feature_extractor, ConversionReport(config=config, ignored_keys=sorted(ignored), notes=notes, warnings=warnings)
 
 
 __all__ = [
