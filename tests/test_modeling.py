@@ -365,3 +365,51 @@ def test_gather_tokens_equals_indexing_along_tokens_with_gradients(batch):
     weights = torch.randn(batch, 20, 5)
     (gradient,) = torch.autograd.grad((gathered * weights).sum(), hidden)
     assert torch.equal(gradient[:, order], weights)
+
+
+def test_attention_weights_are_the_tensors_used_so_gradients_reach_them():
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(
+        HTSATConfig(embed_dim=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2], num_labels=3)
+    ).eval()
+    features = torch.randn(2, 1001, 64)
+    output = model(features, output_attentions=True)
+    grads = torch.autograd.grad(output.logits[:, 0].sum(), output.attentions)
+    assert all(g.shape == a.shape and g.abs().sum() > 0 for g, a in zip(grads, output.attentions))
+    assert output.attentions[0].shape == (2, 64, 1, 64, 64)  # (batch, windows, heads, tokens, tokens)
+    output.attentions[1].retain_grad()
+
+
+def test_set_attn_implementation_switches_the_attention_path(monkeypatch):
+    import htsat_hf.modeling_htsat as modeling
+
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(
+        HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=3)
+    ).eval()
+    calls = {"sdpa": 0, "eager": 0}
+    sdpa, eager = torch.nn.functional.scaled_dot_product_attention, modeling.eager_attention_forward
+
+    def count_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    def count_eager(*args, **kwargs):
+        calls["eager"] += 1
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(modeling, "eager_attention_forward", count_eager)
+    features = torch.randn(1, 1001, 64)
+    with torch.no_grad():
+        default = model(features).logits
+        assert calls == {"sdpa": calls["sdpa"], "eager": 0} and calls["sdpa"] > 0
+        model.set_attn_implementation("eager")
+        calls.update(sdpa=0, eager=0)
+        eager_logits = model(features).logits
+        assert calls["sdpa"] == 0 and calls["eager"] > 0
+        model.set_attn_implementation("sdpa")
+        calls.update(sdpa=0, eager=0)
+        model(features)
+        assert calls["eager"] == 0 and calls["sdpa"] > 0
+    torch.testing.assert_close(eager_logits, default, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
@@ -266,6 +267,28 @@ def gather_tokens(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(batch * tokens, dim).index_select(0, rows.flatten()).view(batch, tokens, dim)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    weights_shape: tuple[int, ...] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention by matmul and softmax, for Transformers' attention interface: (windows, heads, tokens, head_dim)
+    inputs, an additive mask -> context (windows, tokens, heads, head_dim) and the softmax weights. The weights are
+    reshaped to `weights_shape` (e.g. (batch, windows, heads, tokens, tokens)) *before* they are used, so that the
+    tensor returned is the one in the graph: gradients reach it (attention attribution)."""
+    weights = (torch.matmul(query * scaling, key.transpose(-2, -1)) + attention_mask).softmax(dim=-1)
+    if weights_shape is not None:
+        weights = weights.view(weights_shape)
+    used = F.dropout(weights, dropout, module.training).reshape(query.shape[0], *weights.shape[-3:])
+    return torch.matmul(used, value).transpose(1, 2), weights
+
+
 class HTSATWindowAttention(nn.Module):
     """
     Multi-head self-attention inside windows, with a learned relative position bias; SDPA by default.
@@ -322,28 +345,36 @@ class HTSATWindowAttention(nn.Module):
         mask = self.attention_mask(shift_mask)  # (num_windows or 1, heads, tokens, tokens)
         if mask.shape[0] > 1:  # a per-window mask cannot broadcast over batch * windows (a view for batch 1)
             mask = mask.expand(batch, *mask.shape).reshape(batch * num_windows, *mask.shape[1:])
-        attended, weights = self.attend(windows.reshape(batch * num_windows, tokens, dim), mask, output_attentions)
-        if weights is not None:
-            weights = weights.view(batch, num_windows, *weights.shape[1:])
+        weights_shape = (batch, num_windows, self.num_heads, tokens, tokens)
+        attended, weights = self.attend(
+            windows.reshape(batch * num_windows, tokens, dim), mask, output_attentions, weights_shape
+        )
         return attended.view(batch, num_windows, tokens, dim), weights
 
     def attend(
-        self, windows: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
+        self,
+        windows: torch.Tensor,
+        mask: torch.Tensor,
+        output_attentions: bool = False,
+        weights_shape: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over (windows, tokens, dim) with an additive mask (windows or 1, heads, tokens, tokens), then the
-        output projection. SDPA's 4-D (windows, heads, tokens, head_dim) views of the qkv projection reach PyTorch's
-        fused CPU kernel; the eager path (also used for `output_attentions`) returns the weights."""
+        output projection, through Transformers' attention interface: `config._attn_implementation` ("sdpa" by
+        default, "eager", or a registered function) decides, so `set_attn_implementation` takes effect. SDPA's 4-D
+        (windows, heads, tokens, head_dim) views of the qkv projection reach PyTorch's fused CPU kernel. With
+        `output_attentions` the eager path runs and returns the weights it used, laid out as `weights_shape`."""
         count, tokens, dim = windows.shape
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         qkv = linear(windows, self.qkv).view(count, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views (windows, heads, tokens, head_dim)
-        weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            weights = (torch.matmul(query * self.scale, key.transpose(-2, -1)) + mask).softmax(dim=-1)
-            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        if output_attentions:
+            attention = eager_attention_forward
         else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(count, tokens, dim)
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        context, weights = attention(
+            self, query, key, value, mask, dropout=dropout, scaling=self.scale, weights_shape=weights_shape
+        )
+        context = context.reshape(count, tokens, dim)  # (windows, tokens, heads, head_dim) from every implementation
         return self.proj_drop(linear(context, self.proj)), (weights if output_attentions else None)
 
 
