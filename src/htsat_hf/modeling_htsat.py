@@ -948,19 +948,33 @@ class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
 
 
 def clip_loss(logits: torch.Tensor, labels: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
-    """Mean loss chosen by `config.problem_type` (inferred from the labels when unset)."""
+    """
+    Mean clip loss; the labels decide, as in Transformers' models, and the choice is recorded in
+    `config.problem_type` so that a saved model's pipeline applies softmax or sigmoid to match:
+    - integer class ids (batch,): cross-entropy, single-label (also when the config said multi-label, as a converted
+      AudioSet folder does: Transformers' audio-classification example passes class ids and has no flag to change it);
+    - floats (batch, num_labels): BCE for multi-label, or cross-entropy on soft targets (mixup) for single-label;
+    - one label and float targets: MSE (regression).
+    """
     problem_type = config.problem_type
-    if problem_type is None:
-        if config.num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int) and labels.ndim == 1:
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    class_ids = not labels.is_floating_point() and labels.ndim == 1
+    if class_ids and config.num_labels > 1:
+        problem_type = "single_label_classification"
+    elif problem_type is None:
+        problem_type = "regression" if config.num_labels == 1 else "multi_label_classification"
+    if config.problem_type != problem_type:
+        if config.problem_type is not None:
+            logger.warning_once(
+                f"Integer class ids as labels: training as single-label classification (cross-entropy); "
+                f"problem_type changes from {config.problem_type!r} to {problem_type!r} in the config, so a saved "
+                "model's pipeline applies softmax."
+            )
+        config.problem_type = problem_type
     if problem_type == "multi_label_classification":
         if labels.shape != logits.shape:
             raise ValueError(
-                f"Multi-label targets must have shape {tuple(logits.shape)} (multi-hot), got {tuple(labels.shape)}."
+                f"Multi-label targets must have shape {tuple(logits.shape)} (multi-hot), got {tuple(labels.shape)}; "
+                "class ids (batch,) train a single-label model."
             )
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     if problem_type == "single_label_classification":
