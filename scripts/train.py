@@ -9,7 +9,7 @@ CPU, 2 processes: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_pr
 All options: python scripts/train.py --help. The logic lives in htsat_hf.training.run.
 """
 
-from htsat_hf.training.run import main
+from htsat_hf.training.run import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

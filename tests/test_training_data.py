@@ -199,3 +199,15 @@ def test_missing_splits_are_reported(tmp_path):
         select_splits(raw, eval_split="validation")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_source(str(tmp_path / "nothing_here"))
+
+
+@pytest.mark.parametrize("content, what", [("audio,label\n", "only a header"), ("", "nothing")])
+def test_an_empty_eval_manifest_names_the_split_and_file(tmp_path, content, what):
+    from htsat_hf.training.run import cli
+
+    sf.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000)
+    (tmp_path / "train.csv").write_text("audio,label\na.wav,x\n")
+    (tmp_path / "eval.csv").write_text(content)
+    with pytest.raises(SystemExit, match=rf"error: The eval manifest .*eval.csv holds {what}: no examples"):
+        cli(["--train_file", str(tmp_path / "train.csv"), "--eval_file", str(tmp_path / "eval.csv"),
+             "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"])

@@ -125,6 +125,20 @@ def load_speech_commands_folder(root: str | Path) -> datasets.DatasetDict:
     return datasets.DatasetDict({s: Dataset.from_dict(t, features=features) for s, t in splits.items() if t["audio"]})
 
 
+def check_manifest_has_rows(path: str, split: str) -> None:
+    """A manifest with no data rows (empty, or a CSV header only) is an error naming the split and the file, instead
+    of a `datasets` traceback ("Instruction 'eval' corresponds to no data")."""
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.strip()]
+    tabular = Path(path).suffix.lower() in (".csv", ".tsv")
+    if len(lines) <= (1 if tabular else 0):
+        what = "only a header" if lines else "nothing"
+        flag = "--train_file" if split == "train" else "--eval_file"
+        raise BadExampleError(
+            f"The {split} manifest {path} holds {what}: no examples. Add rows (one audio file each) or leave out {flag}."
+        )
+
+
 def load_manifests(
     train_file: str | None, eval_file: str | None, audio_column: str, streaming: bool = False
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
@@ -136,10 +150,17 @@ def load_manifests(
     suffix = suffixes.pop()
     builder = "csv" if suffix in (".csv", ".tsv") else "json"
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    for path in files.values():
+    for name, path in files.items():
         if not Path(path).exists():
             raise FileNotFoundError(f"Manifest {path} does not exist.")
-    raw = load_dataset(builder, data_files=files, streaming=streaming, **kwargs)
+        check_manifest_has_rows(path, name)
+    try:
+        raw = load_dataset(builder, data_files=files, streaming=streaming, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        raise BadExampleError(
+            f"Could not read the manifests {files}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+        ) from error
     resolved = {}
     for name, split in raw.items():
         base = Path(files[name]).resolve().parent

@@ -350,6 +350,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """`scripts/train.py`: `main`, with a data problem (an empty split or manifest, an unreadable file, an unknown
+    label) said in one line that names the split and file, instead of a traceback."""
+    from .data import BadExampleError
+
+    try:
+        main(argv)
+    except BadExampleError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def push_trained_model(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
                        api: Any = None) -> None:
     """`--push_to_hub`: a clean repository (safetensors, remote code, model card with the eval results) uploaded to
