@@ -53,9 +53,10 @@ class HTSATDataCollator:
     mixes the labels and the frame labels with the same weights and partners as the inputs (see the module
     docstring for the default).
 
-    Use mixup for training batches only: `HTSATTrainer` builds its evaluation loaders with `for_eval()`, a copy
-    without mixup. Lambdas come from NumPy's global generator (seeded by the `Trainer` and restored when it resumes
-from a checkpoint, so a resumed run draws the same lambdas); `seed` gives the collator a private generator instead.
+    Use mixup for training batches only. Called on its own, the collator draws from NumPy's global generator (`seed`
+    gives it a private one). Under `HTSATTrainer` the loaders collate without mixup and the trainer mixes each
+    training batch itself, drawing from a generator keyed by (seed, optimizer step, micro-batch, process): the draws
+    do not depend on how far a DataLoader had prefetched, so resuming from any checkpoint repeats them exactly.
     """
 
     num_labels: int | None = None
@@ -91,11 +92,18 @@ from a checkpoint, so a resumed run draws the same lambdas); `seed` gives the co
             batch["frame_labels"] = torch.stack(
                 [torch.as_tensor(np.asarray(f["frame_labels"]), dtype=torch.float32) for f in features]
             )
-        if self.mixup_alpha > 0 and len(features) > 1:
-            lam = sample_mixup_lambda(len(features), self.mixup_alpha, self._rng)
-            batch["mixup_lambda"] = lam
-            if self.mix_targets:
-                for name in ("labels", "frame_labels"):
-                    if name in batch:
-                        batch[name] = mix_targets(batch[name], lam, self.num_labels)
+        return self.mix(batch, self._rng)
+
+    def mix(self, batch: dict[str, torch.Tensor], generator: np.random.Generator | None = None) -> dict:
+        """Adds `mixup_lambda` drawn from `generator` (NumPy's global one when None) and, with `mix_targets`, mixes
+        the labels and frame labels; a no-op without mixup or for a batch of one. Lambdas go to the batch's device."""
+        size = batch[self.input_name].shape[0]
+        if self.mixup_alpha <= 0 or size < 2:
+            return batch
+        lam = sample_mixup_lambda(size, self.mixup_alpha, generator).to(batch[self.input_name].device)
+        batch["mixup_lambda"] = lam
+        if self.mix_targets:
+            for name in ("labels", "frame_labels"):
+                if name in batch:
+                    batch[name] = mix_targets(batch[name], lam, self.num_labels)
         return batch

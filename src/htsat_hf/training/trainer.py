@@ -3,7 +3,7 @@
 - class-balanced sampling of the training set (`ClassBalancedSampler`, the original's per-epoch queue);
 - the original warm-up / step learning-rate schedule, stepped per optimizer step (`schedule.py`);
 - optionally weight decay on every parameter, as the original AdamW (the `Trainer` exempts biases and norms);
-- mixup only in training batches: evaluation loaders get `data_collator.for_eval()`;
+- mixup only in training batches, drawn per (seed, step, micro-batch, process) so that resuming is exact;
 - under several processes, the mel BatchNorm statistics of rank 0 (those saved) on every rank before each evaluation:
   each rank updates its running statistics from its own batches, and DDP only re-aligns them at the next training
   forward, so ranks would otherwise score their share of the evaluation set with different models.
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -63,6 +64,28 @@ class HTSATTrainer(Trainer):
         self.schedule_steps_per_epoch = schedule_steps_per_epoch
         self.decay_all_parameters = decay_all_parameters
         self._update_steps_per_epoch: int | None = None
+        collator = self.data_collator
+        self.mixup = collator if getattr(collator, "mixup_alpha", 0) > 0 and hasattr(collator, "mix") else None
+        if self.mixup is not None:  # the loaders collate unmixed batches; `training_step` mixes them
+            self.data_collator = collator.for_eval()
+        self._mixup_position = (-1, 0)  # (optimizer step, micro-batch within it) of the last mixed batch
+
+    # ------------------------------------------------------------------------------------------------- mixup
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.mixup is not None:
+            inputs = self.mixup.mix(dict(inputs), self._mixup_generator())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _mixup_generator(self) -> np.random.Generator:
+        """The generator of this training batch's mixup draws, keyed by (seed, optimizer step, micro-batch within
+        the step, process): a run resumed from a checkpoint (always saved at a step boundary) draws what the
+        uninterrupted run drew, wherever in an epoch it stopped. (Collating with NumPy's global generator made the
+        draws depend on how many batches the DataLoader had prefetched when the checkpoint was written.)"""
+        step = self.state.global_step
+        last_step, micro = self._mixup_position
+        micro = micro + 1 if step == last_step else 0
+        self._mixup_position = (step, micro)
+        return np.random.default_rng([self.args.seed, step, micro, self.args.process_index])
 
     # ---------------------------------------------------------------------------------------------- sampling
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
