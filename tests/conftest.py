@@ -27,3 +27,16 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def save_tiny_classifier(path: Path, num_labels: int = 5, seed: int = 0) -> Path:
+    """A small random-weight HTS-AT classifier (4 stages, embed_dim 8) and its feature extractor, saved to `path`."""
+    import torch
+
+    from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
+
+    torch.manual_seed(seed)
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=num_labels)
+    HTSATForAudioClassification(config).save_pretrained(path)
+    HTSATFeatureExtractor().save_pretrained(path)
+    return path

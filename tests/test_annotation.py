@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 from transformers import pipeline
 
+from conftest import save_tiny_classifier
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
 from htsat_hf.annotation import Annotator
 from htsat_hf.annotation.cli import main as annotate_main
@@ -70,12 +71,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)
-    path = tmp_path_factory.mktemp("model")
-    HTSATForAudioClassification(config).save_pretrained(path)
-    HTSATFeatureExtractor().save_pretrained(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("model"), num_labels=6)
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +367,7 @@ def test_datasets_map_with_rank(annotator, corpus, rows):
 
 def test_ray_data_map_batches(model_folder, corpus, rows):
     ray = pytest.importorskip("ray")
-    import ray.data
+    pytest.importorskip("ray.data")
 
     _, files = corpus
     corrupt = [f for f in files if f.endswith("corrupt.flac")]

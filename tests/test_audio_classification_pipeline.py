@@ -8,17 +8,13 @@ import torch
 import torchaudio
 from transformers import pipeline
 
-from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
+from conftest import save_tiny_classifier
+from htsat_hf import HTSATFeatureExtractor, HTSATForAudioClassification
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=5)
-    path = tmp_path_factory.mktemp("model")
-    HTSATForAudioClassification(config).save_pretrained(path)
-    HTSATFeatureExtractor().save_pretrained(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("model"), num_labels=5)
 
 
 def test_scores_are_sigmoid_of_logits_after_resampling(folder):

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from transformers import pipeline
 
-from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
+from conftest import save_tiny_classifier
+from htsat_hf import HTSATFeatureExtractor
 
 RATE = 32000
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=5)
-    path = tmp_path_factory.mktemp("model")
-    HTSATForAudioClassification(config).save_pretrained(path)
-    HTSATFeatureExtractor().save_pretrained(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("model"), num_labels=5)
 
 
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
