@@ -85,3 +85,14 @@ def test_save_and_reload(extractor, tmp_path):
 def test_bad_input_raises_with_advice(extractor, audio, kwargs, message):
     with pytest.raises(ValueError, match=message):
         extractor(audio, **kwargs)
+
+
+def test_long_clips_are_computed_in_blocks_with_the_same_frames(extractor):
+    rng = np.random.default_rng(4)
+    audio = (rng.standard_normal(32000 * 75 + 123) * 0.1).astype(np.float32)
+    blocked = extractor(audio, sampling_rate=32000, return_tensors="pt")["input_features"]
+    whole = extractor.log_mel(torch.from_numpy(audio)[None])
+    assert blocked.shape == whole.shape == (1, extractor.num_frames(len(audio)), 64)
+    torch.testing.assert_close(blocked, whole, atol=1e-4, rtol=0)
+    small = extractor.log_mel_in_blocks(torch.from_numpy(audio)[None], block_frames=997)  # block edges everywhere
+    torch.testing.assert_close(small, whole, atol=1e-4, rtol=0)

@@ -23,6 +23,8 @@ from .modeling_htsat import (
     HTSATPreTrainedModel,
 )
 from .modeling_htsat_ensemble import HTSATEnsembleModel
+from .classification_pipeline import HTSATAudioClassificationPipeline
+from .classification_pipeline import install as install_audio_classification_pipeline
 from .pipeline_htsat import SoundEventDetectionPipeline
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ AutoConfig.register(HTSATEnsembleConfig.model_type, HTSATEnsembleConfig, exist_o
 for auto_class in (AutoModel, AutoModelForAudioClassification, AutoModelForAudioFrameClassification):
     auto_class.register(HTSATEnsembleConfig, HTSATEnsembleModel, exist_ok=True)
 AutoFeatureExtractor.register(HTSATEnsembleConfig, HTSATFeatureExtractor, exist_ok=True)
+install_audio_classification_pipeline()
 PIPELINE_REGISTRY.register_pipeline(
     "sound-event-detection",
     pipeline_class=SoundEventDetectionPipeline,
@@ -44,6 +47,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "HTSATAudioClassificationPipeline",
     "HTSATConfig",
     "HTSATEnsembleConfig",
     "HTSATEnsembleModel",

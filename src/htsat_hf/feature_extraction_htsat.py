@@ -16,6 +16,7 @@ logger = logging.get_logger(__name__)
 AMIN = 1e-10  # floor of the power mel spectrogram before the log (torchlibrosa's amin)
 
 
+BLOCK_FRAMES = 6000  # 60 s at hop 320: longer clips get their log-mel frames block by block
 MAX_CHANNELS = 8  # a 2-D array with a side this short is read as channels, not as a batch of clips or samples
 
 
@@ -195,6 +196,24 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         mel = torch.matmul(power.transpose(1, 2), self.mel_filters(device, dtype))
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
+    def log_mel_in_blocks(self, waveforms: torch.Tensor, block_frames: int = BLOCK_FRAMES) -> torch.Tensor:
+        """`log_mel` computed `block_frames` frames at a time, each block with two hops of real context on each side
+        (the STFT's reflect padding only at the recording's ends): the same frames, while the complex STFT and power
+        spectrum of an hour of audio (about 2 GB) never exist at once."""
+        frames = waveforms.shape[-1] // self.hop_length + 1
+        if frames <= block_frames:
+            return self.log_mel(waveforms)
+        margin = 2 * self.hop_length
+        blocks = []
+        for first in range(0, frames, block_frames):
+            last = min(first + block_frames, frames)
+            start = max(0, first * self.hop_length - margin)
+            end = min(waveforms.shape[-1], (last - 1) * self.hop_length + margin)
+            block = self.log_mel(waveforms[..., start:end])
+            offset = (first * self.hop_length - start) // self.hop_length
+            blocks.append(block[:, offset : offset + last - first])
+        return torch.cat(blocks, dim=1)
+
     def repeat_to_length(self, waveform: np.ndarray) -> np.ndarray:
         """Repeat a clip end to end until it is `max_length_seconds` long; longer clips are returned unchanged."""
         target = self.max_length_samples
@@ -297,9 +316,10 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
                 f"The clips have different lengths after padding ({sorted(lengths)} samples). Clips longer than "
                 f"{self.max_length_seconds} s are never cut, so pass them one at a time (or cut them yourself)."
             )
-        waveforms = torch.from_numpy(np.stack(clips)).to(device)
+        stacked = clips[0][None] if len(clips) == 1 else np.stack(clips)  # one clip: a view, no copy of an hour
+        waveforms = torch.from_numpy(np.ascontiguousarray(stacked)).to(device)
         with torch.no_grad():
-            features = self.log_mel(waveforms)
+            features = self.log_mel_in_blocks(waveforms)
         if return_tensors in ("pt", TensorType.PYTORCH):
             return BatchFeature({"input_features": features}, tensor_type=None)
         return BatchFeature({"input_features": features.cpu().numpy()}, tensor_type=return_tensors)

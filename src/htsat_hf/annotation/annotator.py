@@ -279,6 +279,7 @@ class Annotator:
             if "tags" in self.tasks:
                 logits = clip_steps.mean(dim=0) if clip_steps is not None else self._pooled_logits(embedding)
                 row["tags"] = self._tags(logits)
+                row["clip_logits"] = logits  # not a column: for `pipeline("audio-classification")`
             if "embeddings" in self.tasks:
                 row["embedding"] = embedding.numpy().astype(np.float32)
         if TIMELINE_TASKS & set(self.tasks):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..modeling_htsat import window_layout
-from ..pipeline_htsat import AudioInputError, WindowStream, audio_source
+from ..pipeline_htsat import AudioInputError, AudioSource, WindowStream, audio_source
 
 TIMELINE = "timeline"
 CLIP = "clip"
@@ -77,10 +77,21 @@ class WindowCutter:
     def items(self, key: int, input_id: str, audio: Any) -> Iterator[WindowItem]:
         """The windows of one input, then `InputEnd`; or, at any point, `InputFailed` (never an exception for bad
         audio: the caller records it and goes on)."""
+        try:
+            source = audio_source(audio, self.feature_extractor.sampling_rate, probe=False)
+        except AudioInputError as error:
+            yield InputFailed(key, input_id, error.stage, str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - an input that cannot even be opened is recorded, not fatal
+            yield InputFailed(key, input_id, "decode", f"{type(error).__name__}: {error}")
+            return
+        yield from self.source_items(key, input_id, source)
+
+    def source_items(self, key: int, input_id: str, source: AudioSource) -> Iterator[WindowItem]:
+        """`items` for audio already turned into an `AudioSource`."""
         rate = self.feature_extractor.sampling_rate
         warnings: list[str] = []
         try:
-            source = audio_source(audio, rate, probe=False)
             source.warnings = warnings
             stream = WindowStream(self.config, self.feature_extractor, source)
             for features, starts in stream.window_batches(self.chunk_windows):
