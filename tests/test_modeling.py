@@ -413,3 +413,14 @@ def test_set_attn_implementation_switches_the_attention_path(monkeypatch):
         model(features)
         assert calls["eager"] == 0 and calls["sdpa"] > 0
     torch.testing.assert_close(eager_logits, default, atol=1e-5, rtol=1e-5)
+
+
+def test_saving_and_loading_a_folder_shows_no_progress_bars(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model = HTSATForAudioClassification(HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]))
+    model.save_pretrained(tmp_path)
+    HTSATForAudioClassification.from_pretrained(tmp_path)
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards

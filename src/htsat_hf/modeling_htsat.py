@@ -8,7 +8,9 @@ LayerNorm -> token-semantic Conv2d head: per-class logits over 32 time steps per
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,22 @@ logger = logging.get_logger(__name__)
 # many floats (3 MiB: the chunk's intermediate tensors stay in cache instead of streaming through memory).
 CHUNK_HIDDEN_ELEMENTS = 2048 * 384
 SHIFT_MASK_VALUE = -100.0  # the original's additive mask between tokens of different shifted regions
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Transformers' progress bars off for the duration, then as they were (the Hub's too, which its switch shares)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    was_on, hub_was_off = logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+        if hub_was_off:
+            disable_progress_bars()
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -608,9 +626,19 @@ class HTSATPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights and config with an `auto_map` for every HTS-AT class, so the folder also loads with
-        `trust_remote_code=True` where `htsat_hf` is not installed."""
+        `trust_remote_code=True` where `htsat_hf` is not installed. (No "Writing model shards" bar for one file.)"""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with quiet_progress_bars():
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; from a local folder without the "Loading weights" bar, which for a
+        model of this size flashes by in a fraction of a second (downloads keep their bars)."""
+        if not os.path.isdir(str(pretrained_model_name_or_path)):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        with quiet_progress_bars():
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------- backbone
