@@ -196,23 +196,39 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         mel = torch.matmul(power.transpose(1, 2), self.mel_filters(device, dtype))
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
+    @property
+    def context_samples(self) -> int:
+        """Real audio a frame needs on each side to equal the whole spectrogram's frame: two hops (>= n_fft / 2)."""
+        return 2 * self.hop_length
+
+    def frame_range(
+        self, samples: torch.Tensor, samples_start: int, first: int, last: int, recording_end: int | None = None
+    ) -> torch.Tensor:
+        """Log-mel frames [first, last) of a recording, equal to those of its whole spectrogram, from `samples` (1-D,
+        the recording from sample `samples_start` on). Each frame gets two hops of real context on each side, or the
+        recording's end (`recording_end`, its length, when the range reaches it), where the STFT reflects as it would
+        for the whole recording."""
+        margin = self.context_samples
+        start = max(0, first * self.hop_length - margin)
+        end = (last - 1) * self.hop_length + margin
+        if recording_end is not None:
+            end = min(end, recording_end)
+        frames = self.log_mel(samples[start - samples_start : end - samples_start][None])[0]
+        offset = (first * self.hop_length - start) // self.hop_length
+        return frames[offset : offset + last - first]
+
     def log_mel_in_blocks(self, waveforms: torch.Tensor, block_frames: int = BLOCK_FRAMES) -> torch.Tensor:
-        """`log_mel` computed `block_frames` frames at a time, each block with two hops of real context on each side
-        (the STFT's reflect padding only at the recording's ends): the same frames, while the complex STFT and power
-        spectrum of an hour of audio (about 2 GB) never exist at once."""
-        frames = waveforms.shape[-1] // self.hop_length + 1
+        """`log_mel` computed `block_frames` frames at a time (`frame_range`): the same frames, while the complex STFT
+        and power spectrum of an hour of audio (about 2 GB) never exist at once."""
+        length = waveforms.shape[-1]
+        frames = length // self.hop_length + 1
         if frames <= block_frames:
             return self.log_mel(waveforms)
-        margin = 2 * self.hop_length
-        blocks = []
-        for first in range(0, frames, block_frames):
-            last = min(first + block_frames, frames)
-            start = max(0, first * self.hop_length - margin)
-            end = min(waveforms.shape[-1], (last - 1) * self.hop_length + margin)
-            block = self.log_mel(waveforms[..., start:end])
-            offset = (first * self.hop_length - start) // self.hop_length
-            blocks.append(block[:, offset : offset + last - first])
-        return torch.cat(blocks, dim=1)
+        return torch.stack([
+            torch.cat([self.frame_range(waveform, 0, first, min(first + block_frames, frames), length)
+                       for first in range(0, frames, block_frames)])
+            for waveform in waveforms
+        ])
 
     def repeat_to_length(self, waveform: np.ndarray) -> np.ndarray:
         """Repeat a clip end to end until it is `max_length_seconds` long; longer clips are returned unchanged."""

@@ -362,7 +362,7 @@ class WindowStream:
         self.hop = config.hop_length
         self.window_frames = config.clip_frames
         self.hop_frames = long_input_hop_frames(config)
-        self.margin = 2 * self.hop
+        self.margin = feature_extractor.context_samples
         self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
         self.num_samples = 0
         self.num_frames = 0
@@ -387,13 +387,12 @@ class WindowStream:
         first = self._frames_end
         if end_frame <= first:
             return
-        chunk_start = max(0, first * self.hop - self.margin)
-        chunk_end = self.num_samples if final else (end_frame - 1) * self.hop + self.margin
-        chunk = self._samples[chunk_start - self._samples_start : chunk_end - self._samples_start]
-        features = self.feature_extractor(chunk, sampling_rate=self.source.sampling_rate, padding=False,
-                                          return_tensors="pt")["input_features"][0]
-        offset = (first * self.hop - chunk_start) // self.hop
-        self._frames = torch.cat([self._frames, features[offset : offset + end_frame - first]])
+        with torch.no_grad():
+            frames = self.feature_extractor.frame_range(
+                torch.from_numpy(self._samples), self._samples_start, first, end_frame,
+                self.num_samples if final else None,
+            )
+        self._frames = torch.cat([self._frames, frames])
         keep_from = max(0, self._frames_end * self.hop - self.margin)  # context of the next frames
         self._samples = self._samples[keep_from - self._samples_start :]
         self._samples_start = keep_from
