@@ -201,7 +201,7 @@ class Annotator:
         rows: dict[int, dict | AnnotationError] = {}
         for row in self.annotate(zip(ids, audio)):
             rows[row.key if isinstance(row, AnnotationError) else row["key"]] = row
-        table = rows_to_arrow([rows[key] for key in range(len(audio))], self.tasks, include_id=False)
+        table = rows_to_arrow([rows[key] for key in range(len(audio))], self.tasks)
         kept = [name for name in batch if name != self.audio_column and name not in table.column_names]
         for position, name in enumerate(kept):
             values = batch[name]
@@ -315,16 +315,14 @@ class Annotator:
         return [{"label": self.model_labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
 
 
-def rows_to_arrow(rows: list[dict | AnnotationError], tasks: tuple[str, ...], include_id: bool = True) -> pa.Table:
+def rows_to_arrow(rows: list[dict | AnnotationError], tasks: tuple[str, ...]) -> pa.Table:
     """Rows (results or errors) -> an Arrow table of typed columns (so a batch without errors still types `error`):
-    `id`, `duration_s`, the task columns, `warning` and `error` ("stage: message", None where the input succeeded)."""
-    names = (["id"] if include_id else []) + ["duration_s", *task_columns(tasks), "warning"]
+    `duration_s`, the task columns, `warning` and `error` ("stage: message", None where the input succeeded)."""
+    names = ["duration_s", *task_columns(tasks), "warning"]
     columns = {
         name: typed_column(name, [None if isinstance(row, AnnotationError) else row.get(name) for row in rows])
         for name in names
     }
-    if include_id:
-        columns["id"] = typed_column("id", [row.id if isinstance(row, AnnotationError) else row["id"] for row in rows])
     columns["error"] = typed_column(
         "error", [f"{row.stage}: {row.message}" if isinstance(row, AnnotationError) else None for row in rows]
     )

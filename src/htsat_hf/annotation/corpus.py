@@ -147,9 +147,8 @@ def annotate_corpus(
     committed = set(committed_shards(out))
     total = None if source.length is None else source.length if limit is None else min(limit, source.length)
     wanted = _Wanted(rows_per_shard, processes, committed)
-    mine = None if total is None else sum(1 for index in range(total) if wanted(index))
-    _run(annotator, source, out, wanted, limit, total, mine, rows_per_shard, num_workers, processes, progress,
-         on_commit, on_progress)
+    _run(annotator, source, out, wanted, limit, total, rows_per_shard, num_workers, processes, progress, on_commit,
+         on_progress)
     processes.barrier()
     summary = summarize(out)
     wall = time.time() - started
@@ -180,8 +179,8 @@ def annotate_corpus(
     return summary
 
 
-def _run(annotator, source, out, wanted, limit, total, mine, rows_per_shard, num_workers, processes, progress,
-         on_commit, on_progress) -> None:
+def _run(annotator, source, out, wanted, limit, total, rows_per_shard, num_workers, processes, progress, on_commit,
+         on_progress) -> None:
     """Annotates this process's inputs and commits its shards as they complete."""
     items: Any = _WindowItems(source, wanted, annotator.cutter, limit)
     if num_workers > 0:
@@ -194,6 +193,7 @@ def _run(annotator, source, out, wanted, limit, total, mine, rows_per_shard, num
         for index in range(total):
             if wanted(index):
                 expected[index // rows_per_shard] = expected.get(index // rows_per_shard, 0) + 1
+    mine = None if total is None else sum(expected.values())  # this process's inputs, where known
     rows: dict[int, list] = {}
     errors: dict[int, list] = {}
     bar = _progress_bar(progress and processes.is_main, mine, processes)
