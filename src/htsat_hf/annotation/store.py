@@ -146,9 +146,8 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    temporary = run_dir(out) / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, out / RUN_DIR / MANIFEST)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    _write_atomically(run_dir(out) / MANIFEST, lambda path: path.write_text(text))
 
 
 def check_resumable(out: Path, fingerprint: dict) -> dict | None:

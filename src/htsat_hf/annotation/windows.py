@@ -115,13 +115,23 @@ class WindowCutter:
         `max_length_seconds` the window of the clip repeated to that length (clip), each only where a task needs it."""
         audio = stream.whole_audio
         extractor = self.feature_extractor
-        repeated = len(audio) < extractor.max_length_samples
-        if self.needs_timeline or (self.needs_clip and not repeated):
+        timeline, clip = short_input_views(len(audio), extractor.max_length_samples, self.needs_clip,
+                                           self.needs_timeline)
+        if timeline:
             features = extractor(audio, sampling_rate=extractor.sampling_rate, padding=False, return_tensors="pt")
             yield WindowChunk(key, TIMELINE, features["input_features"], [0])
-        if self.needs_clip and repeated:
+        if clip:
             features = extractor(audio, sampling_rate=extractor.sampling_rate, padding="repeat", return_tensors="pt")
             yield WindowChunk(key, CLIP, features["input_features"], [0])
+
+
+def short_input_views(num_samples: int, max_length_samples: int, needs_clip: bool, needs_timeline: bool
+                      ) -> tuple[bool, bool]:
+    """(timeline, clip): which windows an input of one image needs. The clip view (repeated to
+    `max_length_samples`) only for a shorter clip; a clip at least that long takes its clip results from the
+    timeline window."""
+    repeated = num_samples < max_length_samples
+    return needs_timeline or (needs_clip and not repeated), needs_clip and repeated
 
 
 def count_windows(num_samples: int, config: Any, feature_extractor: Any, tasks: tuple[str, ...]) -> int:
@@ -130,9 +140,9 @@ def count_windows(num_samples: int, config: Any, feature_extractor: Any, tasks: 
     starts, _ = window_layout(config, feature_extractor.num_frames(num_samples))
     if len(starts) > 1:
         return len(starts)
-    repeated = num_samples < feature_extractor.max_length_samples
-    needs_clip, needs_timeline = bool(CLIP_TASKS & set(tasks)), bool(TIMELINE_TASKS & set(tasks))
-    return int(needs_timeline or (needs_clip and not repeated)) + int(needs_clip and repeated)
+    views = short_input_views(num_samples, feature_extractor.max_length_samples, bool(CLIP_TASKS & set(tasks)),
+                              bool(TIMELINE_TASKS & set(tasks)))
+    return sum(views)
 
 
 def clip_view(end: InputEnd, max_length_samples: int) -> str:
