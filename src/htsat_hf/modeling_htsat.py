@@ -124,10 +124,15 @@ class StepStitcher:
     GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
 
     def __init__(
-        self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32
+        self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32,
+        drop_handed_out: bool = False,
     ):
         """total_steps None: the grid grows with the windows added (a stream of unknown length); `result` then takes
-        the final number of steps, and steps at or past it are dropped, as a known length would clamp them."""
+        the final number of steps, and steps at or past it are dropped, as a known length would clamp them.
+        drop_handed_out: a window reaching steps already handed out by `pop_final` adds nothing to them (a live
+        stream hands steps out before every window covering them has run); by default that is an error. Parts of
+        windows before time 0 (a stream's padded start) are always dropped."""
+        self.drop_handed_out = drop_handed_out
         self.total_steps = total_steps
         self.step_seconds = step_seconds
         rows = (total_steps if total_steps is not None else 1024) + 1
@@ -144,7 +149,7 @@ class StepStitcher:
         windows, steps, _ = values.shape
         starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
         position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
-        first = torch.floor(position + self.GRID_TOLERANCE).clamp(min=0)
+        first = torch.floor(position + self.GRID_TOLERANCE)
         fraction = (position - first).clamp(min=0.0, max=1.0)
         first = first.long()
         second = first + 1
@@ -152,10 +157,13 @@ class StepStitcher:
             self._reserve(int(second.max()) + 1)
         else:
             first, second = first.clamp(max=self.total_steps), second.clamp(max=self.total_steps)
-        if int(first.min()) < self.offset:
-            raise ValueError(f"A window reaches step {int(first.min())}, before step {self.offset} already handed out.")
+        reached = int(first[first >= 0].min()) if bool((first >= 0).any()) else self.offset
+        if reached < self.offset and not self.drop_handed_out:
+            raise ValueError(f"A window reaches step {reached}, before step {self.offset} already handed out.")
         flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
         for index, weight in ((first, 1.0 - fraction), (second, fraction)):
+            weight = torch.where(index >= self.offset, weight, 0.0)  # before time 0, or already handed out
+            index = index.clamp(min=self.offset)
             weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
             index = (index.reshape(-1) - self.offset).to(self.sums.device)
             self.sums.index_add_(0, index, flat_values * weight)

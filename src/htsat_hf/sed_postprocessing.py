@@ -320,6 +320,17 @@ class EventStream:
                                           duration_seconds))
         return _sorted_events(events, self.labels)
 
+    def pop_final_events(self) -> list[dict]:
+        """The events found so far that nothing later can change (ended, and too far back for a later event to merge
+        with), sorted by onset; they are handed out once and not kept, so a live stream's memory stays flat.
+        `finish` then returns only the events not handed out yet."""
+        events = []
+        for k, label in enumerate(self.labels):
+            for start, end, score in self.regions[k].pop_final():
+                events.append(_make_event(label, start, end, score, self.settings.frame_seconds, self.offset_seconds,
+                                          None))
+        return _sorted_events(events, self.labels)
+
     # ------------------------------------------------------------------------------------------------ stages
     def _advance(self, final: bool) -> None:
         total_steps = self.steps_start + len(self.steps)
@@ -400,6 +411,17 @@ class _RegionTracker:
             self.events.append(tuple(self.pending))
             self.pending = None
         return self.events
+
+    def pop_final(self) -> list[tuple[int, int, float]]:
+        """Hands out the closed events; the last one too once no run can still merge with it: a later run starts at
+        `noted_upto` at the earliest (or at the open run's start), and merges only within `gap_frames`."""
+        if self.pending is not None:
+            next_start = self.open_run[0] if self.open_run is not None else self.noted_upto
+            if self.gap_frames <= 0 or next_start - self.pending[1] > self.gap_frames + 1e-9:
+                self.events.append(tuple(self.pending))
+                self.pending = None
+        events, self.events = self.events, []
+        return events
 
     def _close(self, start: int, run_max: float, end: int, column: np.ndarray, first: int) -> None:
         """The run [start, end) has ended: keep it if it passed the keep level and is long enough, then merge."""

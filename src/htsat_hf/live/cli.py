@@ -1,0 +1,139 @@
+"""`scripts/listen.py`: live tags and events from a microphone, a URL, a file or raw PCM, as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+
+READ_SECONDS = 0.1  # audio per read from ffmpeg: the delay the reading itself adds
+
+EXAMPLES = """examples:
+  listen.py --model DIR --ffmpeg-input "-f pulse -i default"      # the default PulseAudio microphone
+  listen.py --model DIR --ffmpeg-input "-f alsa -i hw:0"          # an ALSA device
+  listen.py --model DIR --input http://host/stream.mp3            # a network stream
+  listen.py --model DIR --input rec.wav                           # a file, played in real time (ffmpeg -re)
+  listen.py --model DIR --input rec.wav --as-fast-as-possible     # a file, as fast as the model runs
+  arecord -f S16_LE -r 16000 | listen.py --model DIR --stdin --stdin-format s16le --stdin-rate 16000
+
+Output, one JSON object per line:
+  {"type": "tags", "time": 12.0, "tags": [{"label": ..., "score": ...}, ...]}     one per hop
+  {"type": "event", "label": ..., "onset": 8.4, "offset": 10.9, "score": 0.93}   once its offset is final
+"""
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HTS-AT folder (or Hub id in the local cache)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="a file or URL ffmpeg reads")
+    source.add_argument("--ffmpeg-input", help='ffmpeg input options, e.g. "-f pulse -i default"')
+    source.add_argument("--stdin", action="store_true", help="raw PCM on stdin (see --stdin-format/-rate/-channels)")
+    parser.add_argument("--stdin-format", default="s16le", help="ffmpeg sample format of the raw PCM (s16le, f32le...)")
+    parser.add_argument("--stdin-rate", type=int, default=16000)
+    parser.add_argument("--stdin-channels", type=int, default=1)
+    parser.add_argument("--as-fast-as-possible", action="store_true",
+                        help="read a file as fast as the model runs instead of in real time")
+    parser.add_argument("--hop", type=float, default=1.0, help="seconds of audio between runs of the model")
+    parser.add_argument("--lookahead", type=float, default=0.0,
+                        help="seconds of audio seen after a step before its score is emitted (more: closer to offline)")
+    parser.add_argument("--top-k", type=int, default=3, help="tags per hop")
+    parser.add_argument("--no-pad-start", action="store_true", help="wait for one full window before the first hop")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_postprocessing_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
+    """ffmpeg reading the chosen source and writing mono float32 at the model's rate to stdout."""
+    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
+    if args.stdin:
+        command = command[:1] + command[2:]  # ffmpeg reads our stdin
+        command += ["-f", args.stdin_format, "-ar", str(args.stdin_rate), "-ac", str(args.stdin_channels), "-i", "pipe:0"]
+    elif args.ffmpeg_input:
+        command += shlex.split(args.ffmpeg_input)
+    else:
+        if Path(args.input).exists() and not args.as_fast_as_possible:
+            command.append("-re")  # a file is played at its own pace, as a live source would deliver it
+        command += ["-i", args.input]
+    return command + ["-ac", "1", "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
+
+
+def read_blocks(command: list[str], block_samples: int, stdin: IO | None = None) -> Iterator[np.ndarray]:
+    """float32 blocks from ffmpeg's stdout; its errors, if it fails, as a `RuntimeError`."""
+    process = subprocess.Popen(command, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    messages: deque[bytes] = deque(maxlen=20)
+    drain = threading.Thread(target=lambda: messages.extend(process.stderr), daemon=True)
+    drain.start()
+    try:
+        while chunk := process.stdout.read(block_samples * 4):
+            yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        returncode = process.wait()
+        drain.join()
+    if returncode not in (0, -9):
+        error = b"".join(messages).decode(errors="replace").strip()
+        raise RuntimeError(f"ffmpeg failed ({' '.join(command)}): {error or 'unknown error'}")
+
+
+def json_lines(updates, out: IO) -> None:
+    for update in updates:
+        out.write(json.dumps({"type": "tags", "time": round(update.time, 4), "tags": update.tags}) + "\n")
+        for event in update.events:
+            out.write(json.dumps({"type": "event", **event}) + "\n")
+    out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if shutil.which("ffmpeg") is None:
+        print("listen.py reads audio through ffmpeg: install it (e.g. apt-get install ffmpeg).", file=sys.stderr)
+        return 1
+    import torch
+
+    from .detector import LiveDetector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    detector = LiveDetector(
+        args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
+        pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16, trust_remote_code=args.trust_remote_code,
+        **postprocessing_from_arguments(args),
+    )
+    rate = detector.sampling_rate
+    command = ffmpeg_command(args, rate)
+    try:
+        for block in read_blocks(command, int(READ_SECONDS * rate), sys.stdin.buffer if args.stdin else None):
+            json_lines(detector.push(block), sys.stdout)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends the stream: the open events are closed below
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except RuntimeError as error:
+        json_lines(detector.flush(), sys.stdout)
+        print(error, file=sys.stderr)
+        return 1
+    json_lines(detector.flush(), sys.stdout)
+    print(f"listened to {detector.seconds_seen:.1f} s of audio", file=sys.stderr)
+    return 0

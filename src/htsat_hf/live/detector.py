@@ -1,0 +1,285 @@
+"""Tags and sound events on a live stream, with a bounded delay.
+
+    detector = LiveDetector("path/to/htsat-folder", hop_seconds=1.0, lookahead_seconds=2.0, threshold=0.3)
+    for block in microphone_blocks():            # float32 (or int PCM) samples at the model's rate, any block size
+        for update in detector.push(block):      # one update per hop
+            print(update.time, update.tags, update.events)
+    for update in detector.flush():              # the stream has ended: last windows, open events closed
+        ...
+
+Every `hop_seconds` of audio the model runs on the latest `clip_seconds` window (the model's own 10-s window, never
+stretched; before the stream is that long, the missing start is digital silence, so times stay true). The windows'
+step logits are averaged onto one time grid (`StepStitcher`, as offline). A step is emitted at the first hop at
+which `lookahead_seconds` of audio after its end has been seen: its score is the mean over the windows run by then,
+and it goes through the same post-processing as `pipeline("sound-event-detection")` (`EventStream`). An event is
+emitted once its offset is final: it has ended and no later event can still merge with it (`min_gap_seconds`).
+
+Identity with the offline pipeline: with `hop_seconds == config.long_input_hop_seconds`, `pad_start=False` and
+`lookahead_seconds >= clip_seconds`, every window that covers a step has run before the step is emitted, the windows
+are the offline pipeline's, and so the steps' scores and the events equal `pipeline("sound-event-detection")`'s on a
+recording longer than one image (`image_frames` frames, 10.24 s for the paper's model; shorter ones are stretched
+offline). With the padded start (the default), the scores of steps that start at or after
+`clip_seconds - hop_seconds` are the offline ones under the same conditions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..feature_extraction_htsat import pcm_to_float
+from ..modeling_htsat import StepStitcher
+from ..pipeline_htsat import AudioInputError, step_probabilities
+from ..sed_postprocessing import EventStream, load_label_mapping, map_scores, resolve_label_mapping
+from .frames import LiveFrames
+
+
+@dataclass
+class LiveUpdate:
+    """What one hop produced.
+
+    time: stream time (s) at the end of the window that ran. tags: top-k {label, score} of that window's clip
+    scores. events: events whose offsets became final, {label, onset, offset, score} in stream seconds.
+    first_step / step_scores: the steps emitted at this hop (grid steps `first_step ...`, probabilities
+    (steps, labels) after any label mapping); step `i` covers [i, i + 1) * step_seconds.
+    """
+
+    time: float
+    tags: list[dict]
+    events: list[dict]
+    first_step: int
+    step_scores: np.ndarray = field(repr=False)
+
+
+class LiveDetector:
+    """
+    An online HTS-AT detector (see the module docstring for the timing rules).
+
+    Args:
+        model: an HTS-AT folder or a loaded `HTSATForSoundEventDetection` / `HTSATForAudioClassification` with the
+            token-semantic head. feature_extractor: defaults to the folder's (or one matching the config).
+        hop_seconds: audio between two runs of the model (a whole number of feature hops, at most `clip_seconds`).
+        lookahead_seconds: audio seen after a step before its score is emitted (more is closer to offline).
+        top_k: tags per hop. pad_start: run from the first hop on a start padded with silence (default); False waits
+            for one full window (and gives the offline windows).
+        sampling_rate: the rate of the pushed samples; it must be the model's (resample upstream, e.g. `ffmpeg -ar`).
+        channels: samples per frame of pushed blocks; blocks of several channels are (samples, channels) and are
+            averaged to mono.
+        window_batch_size: windows per forward pass when a block completes several windows.
+        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample,
+            label_mapping: the SED pipeline's post-processing.
+        device, trust_remote_code, bf16: as for `Annotator`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        feature_extractor: Any = None,
+        *,
+        hop_seconds: float = 1.0,
+        lookahead_seconds: float = 0.0,
+        top_k: int = 5,
+        pad_start: bool = True,
+        sampling_rate: int | None = None,
+        channels: int = 1,
+        window_batch_size: int = 8,
+        threshold: Any = 0.5,
+        median_filter_seconds: Any = None,
+        min_duration_seconds: float = 0.0,
+        min_gap_seconds: float = 0.0,
+        hysteresis: tuple[float, float] | None = None,
+        upsample: str = "repeat",
+        label_mapping: Mapping | str | None = None,
+        device: str | torch.device | None = None,
+        bf16: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        from ..annotation.annotator import _load
+
+        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
+        config = self.config = self.model.config
+        if not config.use_token_semantic_head:
+            raise ValueError("Live detection needs the token-semantic head; this model uses the pooled head "
+                             "(use_token_semantic_head=False).")
+        self.sampling_rate = int(self.feature_extractor.sampling_rate)
+        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+            raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: resample "
+                             f"it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; scripts/listen.py does).")
+        hop_length = config.hop_length
+        self.frame_seconds = hop_length / self.sampling_rate
+        self.hop_frames = _whole_frames(hop_seconds, self.sampling_rate, hop_length, "hop_seconds")
+        self.window_frames = config.clip_frames
+        if not 0 < self.hop_frames <= self.window_frames - 1:
+            raise ValueError(f"hop_seconds must be > 0 and at most the window ({config.clip_seconds} s), got {hop_seconds}.")
+        if not lookahead_seconds >= 0:
+            raise ValueError(f"lookahead_seconds must be >= 0, got {lookahead_seconds}.")
+        if int(top_k) < 1 or int(window_batch_size) < 1 or int(channels) < 1:
+            raise ValueError("top_k, window_batch_size and channels must be >= 1.")
+        self.hop_seconds = self.hop_frames * self.frame_seconds
+        self.lookahead_seconds = float(lookahead_seconds)
+        self.top_k = min(int(top_k), config.num_labels)
+        self.channels = int(channels)
+        self.window_batch_size = int(window_batch_size)
+        self.bf16 = bool(bf16)
+        self.device = next(self.model.parameters()).device
+        self.step_seconds = (self.window_frames - 1) * self.frame_seconds / config.token_steps
+        self.model_labels = [config.id2label[i] for i in range(config.num_labels)]
+        if isinstance(label_mapping, str):
+            label_mapping = load_label_mapping(label_mapping)
+        self.label_mapping = dict(label_mapping) if label_mapping is not None else None
+        self.labels = (list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping
+                       else self.model_labels)
+        self.events = EventStream(self.step_seconds, self.labels, threshold=threshold,
+                                  median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
+                                  min_gap_seconds=min_gap_seconds, hysteresis=hysteresis, upsample=upsample)
+        self.frames = LiveFrames(self.feature_extractor, config.num_mel_bins)
+        self.stitcher = StepStitcher(None, self.step_seconds, config.num_labels, drop_handed_out=True)
+        # window k starts at frame k * hop_frames; the first one ends at the first hop (or at one full window)
+        self.next_window = -((self.window_frames - 1) // self.hop_frames) + 1 if pad_start else 0
+        self.windows_run = 0
+        self.finished = False
+
+    # ------------------------------------------------------------------------------------------------ stream
+    @property
+    def seconds_seen(self) -> float:
+        return self.frames.num_samples / self.sampling_rate
+
+    def push(self, samples: Any, sampling_rate: int | None = None) -> list[LiveUpdate]:
+        """Adds the next block (1-D, or (samples, channels) with `channels > 1`; float or integer PCM) and returns
+        one update per window it completes."""
+        if self.finished:
+            raise RuntimeError("This stream was flushed; start a new LiveDetector.")
+        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+            raise ValueError(f"A block at {sampling_rate} Hz in a stream at {self.sampling_rate} Hz: the sampling rate "
+                             "cannot change within a stream; resample it, or start a new LiveDetector.")
+        block = self._as_mono(samples)
+        if len(block) == 0:
+            return []
+        self.frames.add(block)
+        return self._run_ready(final=False)
+
+    def flush(self) -> list[LiveUpdate]:
+        """Ends the stream: runs the last windows (the last one ending at the stream's end, as offline), emits every
+        remaining step and closes the open events."""
+        if self.finished:
+            return []
+        self.finished = True
+        if self.frames.num_samples == 0:
+            return []
+        try:
+            self.feature_extractor.check_length(self.frames.num_samples, what="The stream")
+        except ValueError as error:
+            raise AudioInputError("too_short", str(error)) from error
+        self.frames.finish()
+        updates = self._run_ready(final=True)
+        total = self.frames.total_frames()
+        last_start = total - self.window_frames
+        if self.windows_run == 0 or (self.next_window - 1) * self.hop_frames < last_start:
+            updates += self._run_windows([last_start], final=True)  # the end-aligned window, as offline
+        total_steps = math.ceil((total - 1) * self.frame_seconds / self.step_seconds - 1e-6)
+        first_step = self.stitcher.offset
+        rest = self.stitcher.result(total_steps)
+        scores = self._step_scores(rest)
+        self.events.push(scores)
+        events = self.events.finish(self.frames.num_samples / self.sampling_rate)
+        if updates:
+            last = updates[-1]
+            last.step_scores = np.concatenate([last.step_scores, scores])
+            last.events = _merge_sorted(last.events, events, self.labels)
+        else:
+            updates.append(LiveUpdate(self.seconds_seen, [], events, first_step, scores))
+        return updates
+
+    # ------------------------------------------------------------------------------------------------ windows
+    def _run_ready(self, final: bool) -> list[LiveUpdate]:
+        """Runs every window whose frames are all known."""
+        starts = []
+        while self.next_window * self.hop_frames + self.window_frames <= self.frames.frames_end:
+            starts.append(self.next_window * self.hop_frames)
+            self.next_window += 1
+        return self._run_windows(starts, final)
+
+    def _run_windows(self, starts: list[int], final: bool) -> list[LiveUpdate]:
+        updates = []
+        for first in range(0, len(starts), self.window_batch_size):
+            batch = starts[first : first + self.window_batch_size]
+            features = torch.stack([self.frames.window(start, self.window_frames) for start in batch])
+            for start, logits in zip(batch, self.step_logits(features)):
+                updates.append(self._after_window(start, logits))
+        if starts:  # the end-aligned last window starts after the last one run, maybe before the next one
+            self.frames.drop_before((self.next_window - 1) * self.hop_frames)
+        return updates
+
+    def step_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(windows, clip_frames, mel) log-mel windows -> (windows, token steps, labels) float32 step logits on the
+        CPU: the token-semantic head on each window, as the model runs a 10-s input."""
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            images = self.model.htsat.window_images(features.to(self.device, self.model.dtype))
+            step_logits = self.model.classifier(self.model.htsat.encode_images(images)[0])
+        return step_logits.float().cpu()
+
+    def _after_window(self, start: int, logits: torch.Tensor) -> LiveUpdate:
+        """Adds one window's (steps, labels) logits; emits the steps `lookahead_seconds` behind its end."""
+        self.windows_run += 1
+        self.stitcher.add(logits[None], [start * self.frame_seconds])
+        end_seconds = (start + self.window_frames - 1) * self.frame_seconds
+        before_step = math.floor((end_seconds - self.lookahead_seconds) / self.step_seconds + StepStitcher.GRID_TOLERANCE)
+        first_step = self.stitcher.offset
+        scores = self._step_scores(self.stitcher.pop_final(before_step))
+        self.events.push(scores)
+        return LiveUpdate(end_seconds, self._tags(logits.mean(dim=0)), self.events.pop_final_events(), first_step,
+                          scores)
+
+    def _step_scores(self, logits: torch.Tensor) -> np.ndarray:
+        scores = step_probabilities(logits)
+        if self.label_mapping is not None:
+            scores = map_scores(scores, self.label_mapping, self.model_labels)[0]
+        return scores
+
+    def _tags(self, logits: torch.Tensor) -> list[dict]:
+        """Top-k {label, score} of one window's clip logits, scored as `pipeline("audio-classification")` does."""
+        problem_type = self.config.problem_type
+        if problem_type in (None, "multi_label_classification"):
+            probabilities = logits.double().sigmoid()
+        elif problem_type == "regression":
+            probabilities = logits.double()
+        else:
+            probabilities = logits.double().softmax(-1)
+        scores, ids = probabilities.topk(self.top_k)
+        return [{"label": self.model_labels[i], "score": float(s)} for s, i in zip(scores.tolist(), ids.tolist())]
+
+    def _as_mono(self, samples: Any) -> np.ndarray:
+        array = np.asarray(samples)
+        if array.dtype.kind not in "iuf":
+            raise ValueError(f"Audio blocks must be numeric arrays, got dtype {array.dtype}.")
+        expected = "(samples,)" if self.channels == 1 else f"(samples, {self.channels})"
+        if (self.channels == 1 and array.ndim != 1) or (self.channels > 1 and (array.ndim != 2 or array.shape[1] != self.channels)):
+            raise ValueError(f"A block of shape {array.shape}; this stream takes {expected} blocks "
+                             f"(LiveDetector(channels={self.channels})).")
+        array = pcm_to_float(array, "The block")
+        if array.ndim == 2:
+            array = array.mean(axis=1)
+        if not np.isfinite(array).all():
+            raise AudioInputError("invalid_audio", f"A block of the stream (at {self.seconds_seen:.2f} s) contains "
+                                  "NaN or Inf samples.")
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _whole_frames(seconds: float, sampling_rate: int, hop_length: int, what: str) -> int:
+    frames = seconds * sampling_rate / hop_length
+    if not math.isfinite(frames) or abs(frames - round(frames)) > 1e-6:
+        raise ValueError(f"{what} must be a whole number of feature hops ({hop_length / sampling_rate} s), got {seconds}.")
+    return int(round(frames))
+
+
+def _merge_sorted(first: list[dict], second: list[dict], labels: list[str]) -> list[dict]:
+    order = {label: k for k, label in enumerate(labels)}
+    return sorted(first + second, key=lambda event: (event["onset"], order[event["label"]]))
+
+
+__all__ = ["LiveDetector", "LiveUpdate"]
