@@ -25,7 +25,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="interleaved timing rounds per measurement")
     parser.add_argument("--sed-seconds", type=float, help="audio length for sound event detection (default 3600)")
     parser.add_argument("--sections", nargs="+", default=["inference", "training", "fe", "sed"],
-                        choices=["inference", "training", "fe", "sed"])
+                        choices=["inference", "training", "fe", "sed", "fidelity"])
+    parser.add_argument("--fidelity-model", help="a trained HTS-AT folder: int8 / bf16 / ONNX against fp32 on its "
+                        "held-out data (adds the 'fidelity' section)")
+    parser.add_argument("--fidelity-data", help="the audiofolder that model was trained on (its 'test' split)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime row")
+    parser.add_argument("--no-cpu-bf16", action="store_true", help="skip the CPU bf16 autocast row")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd htsat_hf (slow to build)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 dynamically quantised htsat_hf row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
@@ -43,7 +48,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile)
+    overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
+                     include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16,
+                     fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data)
+    sections = list(args.sections) + (["fidelity"] if args.fidelity_model and "fidelity" not in args.sections else [])
     if args.batch_sizes:
         overrides["batch_sizes"] = tuple(args.batch_sizes)
     if args.repeats:
@@ -53,7 +61,7 @@ def main() -> None:
     settings = BenchmarkSettings.quick_settings(**overrides) if args.quick else BenchmarkSettings(**overrides)
     if args.bf16 and not args.device.startswith("cuda"):
         print("note: --bf16 on CPU runs bf16 autocast on the CPU", file=sys.stderr)
-    results = run_benchmark(settings, tuple(args.sections), log=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
+    results = run_benchmark(settings, tuple(sections), log=lambda m: print(f"[benchmark] {m}", file=sys.stderr))
     print(format_report(results))
     if args.output:
         save_results(results, args.output)

@@ -31,11 +31,15 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--snr_db", type=float, nargs=2, default=[10.0, 30.0], help="speech-to-noise range (dB)")
     parser.add_argument("--train_per_word", type=int, default=100, help="training clips per keyword")
     parser.add_argument("--test_per_word", type=int, default=30, help="held-out clips per keyword")
+    parser.add_argument("--clip_seconds", type=float, default=2.0,
+                        help="clip length and model window (10 s, the paper's, for a model to run on long audio)")
     parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--warmup_steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="peak of the warm-up + cosine schedule")
     parser.add_argument("--embed_dim", type=int, default=32)
+    parser.add_argument("--spec_size", type=int, default=128,
+                        help="side of the folded spectrogram image (256, the paper's, holds a 10-s window)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch CPU threads")
     parser.add_argument("--keep_data", action="store_true", help="reuse an existing dataset in output_dir/data")
@@ -59,7 +63,7 @@ def main() -> None:
     output = Path(args.output_dir)
     data_dir, model_dir = output / "data", output / "model"
     spec = KeywordDataSpec(words=tuple(args.words), train_per_word=args.train_per_word,
-                           test_per_word=args.test_per_word, snr_db=tuple(args.snr_db), seed=args.seed)
+                           test_per_word=args.test_per_word, clip_seconds=args.clip_seconds, snr_db=tuple(args.snr_db), seed=args.seed)
     if not (args.keep_data and (data_dir / "demo_info.json").exists()):
         print(f"[1/3] Synthesising {len(spec.words)} keywords x {spec.train_per_word} training / {spec.test_per_word} "
               f"held-out clips (held-out clips use voices never heard in training) into {data_dir}", flush=True)
@@ -68,7 +72,7 @@ def main() -> None:
     train_main([
         "--dataset_name", str(data_dir), "--eval_split_name", "test", "--output_dir", str(model_dir),
         "--embed_dim", str(args.embed_dim), "--depths", "1", "1", "2", "1", "--num_heads", "2", "4", "8", "16",
-        "--spec_size", "128", "--clip_seconds", str(spec.clip_seconds), "--time_mask_width", "16",
+        "--spec_size", str(args.spec_size), "--clip_seconds", str(spec.clip_seconds), "--time_mask_width", "16",
         "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", "64", "--learning_rate", str(args.learning_rate), "--mixup_alpha", "0",
         "--htsat_lr_schedule", "False", "--lr_scheduler_type", "cosine", "--warmup_steps", str(args.warmup_steps),

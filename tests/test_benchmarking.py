@@ -81,3 +81,30 @@ def test_reference_matmuls_compute_the_same_product_and_rates_come_per_library()
     rates = matmul_rates({name: [0.5, 1.0, 2.0] for name in matmuls} | {"htsat_hf": [1.0]}, 64)
     assert set(rates) <= {"torch.mm", "oneDNN"} and "torch.mm" in rates
     assert rates["torch.mm"] == 2 * 64**3 / 1.0 / 1e9
+
+
+def test_fidelity_of_int8_bf16_and_onnx_on_a_saved_model(tmp_path):
+    """The fidelity section runs end to end on a saved model and its audiofolder (a tiny random one here; the
+    benchmark uses a trained one) and reports each variant against fp32."""
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import save_tiny_classifier
+    from htsat_hf.benchmarking import trained_model_fidelity
+
+    folder = save_tiny_classifier(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / "test" / label).mkdir(parents=True)
+        for n in range(3):
+            sf.write(tmp_path / "data" / "test" / label / f"{n}.wav", rng.standard_normal(16000) * 0.1, 16000)
+    report = trained_model_fidelity(str(folder), str(tmp_path / "data"), batch=4)
+    assert report["clips"] == 6
+    variants = {v["variant"]: v for v in report["variants"]}
+    assert {"int8", "bf16"} <= set(variants)
+    for v in variants.values():
+        assert 0.0 <= v["top1_agreement"] <= 1.0 and v["max_probability_change"] >= 0.0
+    if "onnxruntime" in variants:  # the exported graph is the fp32 model
+        assert variants["onnxruntime"]["max_logit_change"] < 1e-4
+        assert variants["onnxruntime"]["top1_agreement"] == 1.0
+    assert variants["bf16"]["max_logit_change"] > 0.0  # bf16 really ran in bf16

@@ -75,6 +75,10 @@ class BenchmarkSettings:
     matmul_size: int = 4096
     include_int8: bool = True
     include_compile: bool = False
+    include_cpu_bf16: bool = True  # an "htsat_hf bf16" row: bf16 autocast on the CPU
+    include_onnx: bool = True  # an "htsat_hf onnxruntime" row: the exported graph in onnxruntime
+    fidelity_model: str | None = None  # a trained folder: int8 / bf16 / ONNX outputs against fp32 on its held-out data
+    fidelity_data: str | None = None  # the audiofolder it was trained on (its "test" split is used)
     seed: int = 0
 
     @classmethod
@@ -264,10 +268,70 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
         from .export import quantize_dynamic_int8
 
         candidates.insert(1, Candidate("htsat_hf int8", quantize_dynamic_int8(htsat), candidates[0].make_inputs))
+    if settings.include_cpu_bf16 and device == "cpu" and not settings.bf16:
+        candidates.insert(1, Candidate("htsat_hf bf16", CpuBf16(htsat), candidates[0].make_inputs))
+    if settings.include_onnx and device == "cpu" and not settings.bf16 and _onnx_available():
+        candidates.insert(1, Candidate("htsat_hf onnxruntime", OnnxRuntimeModel(htsat), candidates[0].make_inputs))
     if settings.include_compile:
         compiled = torch.compile(htsat)
         candidates.insert(1, Candidate("htsat_hf compiled", compiled, candidates[0].make_inputs))
     return candidates
+
+
+class CpuBf16(torch.nn.Module):
+    """A model run under bfloat16 autocast on the CPU (AMX / AVX512-BF16 kernels where the processor has them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(**inputs)
+
+
+class OnnxRuntimeModel:
+    """The model exported to ONNX (`export.export_onnx`, one window, dynamic batch), run by onnxruntime on the CPU;
+    called like the model, it returns an object with `.logits`."""
+
+    def __init__(self, model: torch.nn.Module, threads: int | None = None):
+        import tempfile
+
+        from .export import export_onnx, onnx_session
+
+        self._directory = tempfile.TemporaryDirectory()
+        path = export_onnx(model, os.path.join(self._directory.name, "model.onnx"))
+        self.session = onnx_session(path, threads or torch.get_num_threads())
+
+    def __call__(self, input_features: torch.Tensor, **_):
+        from types import SimpleNamespace
+
+        from .export import run_onnx
+
+        return SimpleNamespace(logits=run_onnx(self.session, input_features)[0])
+
+    def parameters(self):  # for callers that ask the model for its device
+        return iter([torch.zeros(0)])
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _autocast(settings: BenchmarkSettings) -> contextlib.AbstractContextManager:
@@ -281,7 +345,7 @@ def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) ->
     """Clips/s per model and batch size. The reference matmul is timed in the same interleaved rounds, so each row's
     share of the matmul rate compares timings taken under the same machine conditions (a shared VM drifts)."""
     rows = []
-    gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if "int8" not in c.name}
+    gflop = {c.name: gflop_per_clip(c.model, c.make_inputs(1), 1) for c in candidates if " " not in c.name}
     matmuls = reference_matmuls(settings.matmul_size, settings.device, settings.matmul_dtype)
     for batch in settings.batch_sizes:
         inputs = {c.name: c.make_inputs(batch) for c in candidates}
@@ -296,7 +360,8 @@ def bench_inference(candidates: list[Candidate], settings: BenchmarkSettings) ->
             with PeakMemory(settings.device) as memory:
                 _forward(c.model, inputs[c.name], settings)
             clip_gflop = gflop.get(c.name, gflop.get("htsat_hf"))
-            change = _output_change(c, candidates[0], inputs, settings) if "int8" in c.name else None
+            variant = c.name.startswith("htsat_hf ") and "compiled" not in c.name
+            change = _output_change(c, candidates[0], inputs, settings) if variant else None
             rows.append(
                 dict(
                     model=c.name,
@@ -511,9 +576,16 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append(target)
     if ours and ast:
         targets.append(_target("inference vs AST, batch 4", ours["clips_per_s"] / ast["clips_per_s"], 15.0, "x"))
+    int8 = inference("htsat_hf int8", 4)
+    if int8 and clap:
+        targets.append(_target("int8 inference vs ClapAudioModel, batch 4", int8["clips_per_s"] / clap["clips_per_s"],
+                               2.0, "x"))
     big = inference("htsat_hf", 16)
     if big:
-        targets.append(_target("fraction of fp32 matmul rate, batch 16", big["matmul_fraction"], 0.75, ""))
+        targets.append(_target("fraction of fp32 matmul rate, batch 16", big["matmul_fraction"], 0.85, ""))
+    for variant in results.get("fidelity", {}).get("variants", []):
+        if variant["variant"] == "int8":
+            targets.append(_target("int8 top-1 agreement with fp32 (trained model)", variant["top1_agreement"], 0.99, ""))
     fe = {(r["extractor"], r["batch"]): r["audio_seconds_per_s"] for r in results["feature_extraction"]}
     for batch in sorted({b for _, b in fe}):
         if ("htsat_hf", batch) in fe and ("ClapFeatureExtractor", batch) in fe:
@@ -554,6 +626,12 @@ def format_report(results: dict[str, Any]) -> str:
             f"{r['model']:<20}{r['batch']:>6}{r['clips_per_s']:>10.2f}{r['gflop_per_clip']:>12.2f}"
             f"{r['achieved_gflops']:>10.0f}{r['matmul_gflops']:>8.0f}{r['matmul_fraction']:>10.0%}{memory:>10}"
         )
+    for r in results["inference"]:
+        change = r.get("output_change_vs_fp32")
+        if change:
+            lines.append(f"  {r['model']} at batch {r['batch']} against fp32 (random weights): largest logit change "
+                         f"{change['max_abs_logit']:.3g} (logit std {change['logit_std']:.3g}), top-5 identical on "
+                         f"{change['top5_identical_fraction']:.0%} of clips")
     by_batch = {r["batch"]: r["matmul_gflops_by_library"] for r in results["inference"] if "matmul_gflops_by_library" in r}
     for batch, rates in by_batch.items():
         listed = ", ".join(f"{library} {rate:.0f}" for library, rate in rates.items())
@@ -573,6 +651,14 @@ def format_report(results: dict[str, Any]) -> str:
         rss = "n/a" if sed["process_peak_rss_mib"] is None else f"{sed['process_peak_rss_mib']:.0f} MiB"
         lines += ["", f"Sound event detection: {sed['audio_seconds']:.0f} s of audio in {sed['seconds']:.1f} s "
                   f"({sed['realtime_factor']:.0f}x real time), {sed['windows']} windows; process peak RSS {rss}"]
+    fidelity = results.get("fidelity")
+    if fidelity:
+        lines += ["", f"Against fp32 on the trained model {fidelity['model']} ({fidelity['clips']} held-out clips, fp32 "
+                  f"accuracy {fidelity['fp32_accuracy']:.1%})",
+                  f"{'variant':<14}{'top-1 agreement':>16}{'max prob change':>16}{'accuracy':>10}{'change':>8}"]
+        for v in fidelity["variants"]:
+            lines.append(f"{v['variant']:<14}{v['top1_agreement']:>16.1%}{v['max_probability_change']:>16.4f}"
+                         f"{v['accuracy']:>10.1%}{v['accuracy_change'] * 100:>+7.1f}%")
     lines += ["", "Targets"]
     for t in results["targets"]:
         sign = ">=" if t["higher_is_better"] else "<="
@@ -612,6 +698,7 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         matmul_dtype=str(matmul_dtype).replace("torch.", ""),
         matmul_size=settings.matmul_size,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        cpu_bf16_flags=sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"}),
     )
     if settings.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(settings.device)
@@ -635,6 +722,9 @@ def run_benchmark(settings: BenchmarkSettings, sections: tuple[str, ...] = ("inf
             log(f"training step at batch {settings.train_batch_size}")
             results["training"] = bench_training(candidates, settings)
         del candidates
+    if "fidelity" in sections and settings.fidelity_model:
+        log(f"fidelity of int8 / bf16 / ONNX on the trained model {settings.fidelity_model}")
+        results["fidelity"] = trained_model_fidelity(settings.fidelity_model, settings.fidelity_data)
     if "fe" in sections:
         log("feature extraction")
         results["feature_extraction"] = bench_feature_extraction(settings)
@@ -645,6 +735,51 @@ def run_benchmark(settings: BenchmarkSettings, sections: tuple[str, ...] = ("inf
     results["environment"] = environment(settings, matmul_dtype)
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "test", batch: int = 32) -> dict[str, Any]:
+    """On a trained model's held-out split: int8 (dynamic), bf16 autocast and ONNX outputs against fp32 — top-1
+    agreement, the largest change of a class probability (softmax or sigmoid as the config says), accuracy each."""
+    import datasets
+    from transformers import AutoFeatureExtractor
+
+    from .export import quantize_dynamic_int8
+
+    model = HTSATForAudioClassification.from_pretrained(model_dir).eval()
+    extractor = AutoFeatureExtractor.from_pretrained(model_dir)
+    rate = extractor.sampling_rate
+    data = datasets.load_dataset(data_dir or model_dir, split=split).cast_column("audio", datasets.Audio(sampling_rate=rate))
+    labels = torch.tensor(data["label"])
+    variants = {"fp32": model, "int8": quantize_dynamic_int8(model), "bf16": CpuBf16(model)}
+    if _onnx_available():
+        variants["onnxruntime"] = OnnxRuntimeModel(model)
+    logits = {name: [] for name in variants}
+    for first in range(0, len(data), batch):
+        rows = data[first : first + batch]["audio"]
+        arrays = [row["array"] if isinstance(row, dict) else row.get_all_samples().data.mean(0).numpy() for row in rows]
+        features = extractor(arrays, sampling_rate=rate, return_tensors="pt")["input_features"]
+        with torch.inference_mode():
+            for name, variant in variants.items():
+                logits[name].append(variant(input_features=features).logits.float())
+    logits = {name: torch.cat(values) for name, values in logits.items()}
+    single = model.config.problem_type == "single_label_classification"
+    probability = (lambda x: x.softmax(-1)) if single else (lambda x: x.sigmoid())
+    reference = logits["fp32"]
+    accuracy = lambda x: (x.argmax(-1) == labels).float().mean().item()  # noqa: E731
+    report = {"model": model_dir, "clips": len(data), "problem_type": model.config.problem_type,
+              "fp32_accuracy": accuracy(reference), "variants": []}
+    for name, values in logits.items():
+        if name == "fp32":
+            continue
+        report["variants"].append(dict(
+            variant=name,
+            top1_agreement=(values.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+            max_probability_change=(probability(values) - probability(reference)).abs().max().item(),
+            max_logit_change=(values - reference).abs().max().item(),
+            accuracy=accuracy(values),
+            accuracy_change=accuracy(values) - accuracy(reference),
+        ))
+    return report
 
 
 def save_results(results: dict[str, Any], path: str) -> None:

@@ -57,7 +57,7 @@ def export_onnx(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            OnnxWrapper(model),
+            OnnxWrapper(model).eval(),
             (example,),
             dynamo=True,
             input_names=["input_features"],
