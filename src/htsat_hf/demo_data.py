@@ -142,3 +142,70 @@ def build_keyword_dataset(root: str | Path, spec: KeywordDataSpec | None = None,
     info = {**asdict(spec), "train_voices": len(train_voices), "test_voices": len(test_voices)}
     (root / "demo_info.json").write_text(json.dumps(info, indent=2, default=list))
     return root
+
+
+# --------------------------------------------------------------------------------------- synthetic sound events
+SOUND_CLASSES = ("beep", "chirp", "buzz", "hiss")
+
+
+def sound_event(kind: str, seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """One synthetic event of `kind` (see SOUND_CLASSES), unit peak, with short fades."""
+    t = np.arange(int(seconds * rate)) / rate
+    if kind == "beep":  # a tone with a slow tremolo
+        wave = np.sin(2 * np.pi * rng.uniform(600, 1500) * t) * (0.75 + 0.25 * np.sin(2 * np.pi * rng.uniform(3, 8) * t))
+    elif kind == "chirp":  # a rising sweep
+        low, high = rng.uniform(300, 800), rng.uniform(2000, 4000)
+        wave = np.sin(2 * np.pi * (low * t + (high - low) * t**2 / (2 * seconds)))
+    elif kind == "buzz":  # a low square wave (many harmonics)
+        wave = np.sign(np.sin(2 * np.pi * rng.uniform(90, 200) * t)) * 0.5
+    elif kind == "hiss":  # band-limited noise
+        spectrum = np.fft.rfft(rng.standard_normal(len(t)))
+        frequencies = np.fft.rfftfreq(len(t), 1 / rate)
+        centre = rng.uniform(2500, 5000)
+        spectrum[np.abs(frequencies - centre) > 1000] = 0
+        wave = np.fft.irfft(spectrum, n=len(t))
+    else:
+        raise ValueError(f"unknown sound class {kind!r}; known: {SOUND_CLASSES}")
+    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02)
+    wave = wave * fade
+    return (wave / (np.abs(wave).max() + 1e-9)).astype(np.float32)
+
+
+def sound_event_scene(seconds: float, rate: int, rng: np.random.Generator, classes: Sequence[str] = SOUND_CLASSES,
+                      gap: tuple[float, float] = (0.5, 4.0), event_seconds: tuple[float, float] = (0.3, 1.5),
+                      snr_db: tuple[float, float] = (5.0, 25.0)) -> tuple[np.ndarray, list[dict]]:
+    """`seconds` of coloured noise with events of `classes` at random, non-overlapping times:
+    (float32 audio, events [{event_label, onset, offset}])."""
+    length = int(seconds * rate)
+    audio = coloured_noise(length, float(rng.choice([0.0, 1.0, 2.0])), rng) * 0.01
+    events, position = [], float(rng.uniform(0.0, gap[1]))
+    while True:
+        duration = float(rng.uniform(*event_seconds))
+        if position + duration >= seconds:
+            break
+        kind = str(classes[int(rng.integers(len(classes)))])
+        begin = int(position * rate)
+        event = sound_event(kind, duration, rate, rng)
+        audio[begin : begin + len(event)] += event * 0.01 * np.sqrt(2) * 10 ** (rng.uniform(*snr_db) / 20)
+        events.append({"event_label": kind, "onset": position, "offset": position + len(event) / rate})
+        position += duration + float(rng.uniform(*gap))
+    return (audio / (np.abs(audio).max() + 1e-9) * 0.8).astype(np.float32), events
+
+
+def build_sound_event_dataset(root: str | Path, per_class: tuple[int, int] = (100, 30), clip_seconds: float = 10.0,
+                              rate: int = 16000, seed: int = 0) -> Path:
+    """An audiofolder `<root>/{train,test}/<class>/<n>.wav` of `clip_seconds` clips, each with 1-3 events of its
+    class at random times in noise (weak labels: the class, not the times), for training an SED model offline."""
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    for s, (split, count) in enumerate(zip(("train", "test"), per_class)):
+        for c, kind in enumerate(SOUND_CLASSES):
+            (root / split / kind).mkdir(parents=True)
+            for n in range(count):
+                rng = np.random.default_rng([seed, s, c, n])
+                events = []
+                while not events:  # every clip holds at least one event of its class
+                    audio, events = sound_event_scene(clip_seconds, rate, rng, classes=[kind], gap=(1.0, 6.0))
+                sf.write(root / split / kind / f"{n:04d}.wav", audio, rate, subtype="PCM_16")
+    return root

@@ -111,6 +111,43 @@ def window_layout(config: HTSATConfig, num_frames: int) -> tuple[list[int], int]
     return window_starts(num_frames, config.clip_frames, long_input_hop_frames(config)), config.clip_frames
 
 
+def window_start_frames(config: HTSATConfig, num_frames: int) -> tuple[torch.Tensor, int]:
+    """`window_layout` as a tensor computed from the length alone (no Python loop over values), so that an exported
+    graph takes inputs of any length: (windows,) start frames and the frames per window."""
+    if num_frames <= config.image_frames:
+        return torch.zeros(1, dtype=torch.long), num_frames
+    window, hop = config.clip_frames, long_input_hop_frames(config)
+    count = (num_frames - window + hop - 1) // hop + 1  # ceil((num_frames - window) / hop) hops, plus the last window
+    return (torch.arange(count) * hop).clamp(max=num_frames - window), window
+
+
+GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
+
+
+def step_overlaps(position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window steps at `position` (float64, in grid steps) -> the first grid step each overlaps (the second is the
+    next one) and the share of the step that falls on the second."""
+    first = torch.floor(position + GRID_TOLERANCE)
+    return first.long(), (position - first).clamp(min=0.0, max=1.0)
+
+
+def stitch_on_grid(values: torch.Tensor, start_steps: torch.Tensor, total_steps: int) -> torch.Tensor:
+    """(windows, steps, labels) window step values, window starts in grid steps (float64) -> (total_steps, labels)
+    overlap-weighted means on the grid; computed from shapes only (exportable for any input length)."""
+    windows, steps, labels = values.shape
+    position = start_steps.reshape(-1, 1) + torch.arange(steps, dtype=torch.float64, device=start_steps.device)
+    first, fraction = step_overlaps(position)
+    sums = values.new_zeros(total_steps + 1, labels)
+    weights = values.new_zeros(total_steps + 1, 1)
+    flat = values.reshape(-1, labels)
+    for index, weight in ((first, 1.0 - fraction), (first + 1, fraction)):
+        weight = weight.reshape(-1, 1).to(values.device, values.dtype)
+        index = index.clamp(max=total_steps).reshape(-1).to(values.device)
+        sums = sums.index_add(0, index, flat * weight)
+        weights = weights.index_add(0, index, weight)
+    return sums[:total_steps] / weights[:total_steps].clamp(min=1e-12)
+
+
 class StepStitcher:
     """
     Averages the step outputs of overlapping windows onto one uniform time grid.
@@ -121,7 +158,7 @@ class StepStitcher:
     memory stays bounded for audio of any length.
     """
 
-    GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
+    GRID_TOLERANCE = GRID_TOLERANCE
 
     def __init__(
         self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32,
@@ -149,9 +186,7 @@ class StepStitcher:
         windows, steps, _ = values.shape
         starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
         position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
-        first = torch.floor(position + self.GRID_TOLERANCE)
-        fraction = (position - first).clamp(min=0.0, max=1.0)
-        first = first.long()
+        first, fraction = step_overlaps(position)
         second = first + 1
         if self.total_steps is None:
             self._reserve(int(second.max()) + 1)
@@ -714,14 +749,14 @@ class HTSATModel(HTSATPreTrainedModel):
             start = int(torch.randint(0, frames - self.config.image_frames + 1, ()).item())
             features = features[:, :, start : start + self.config.image_frames]
             frames = self.config.image_frames
-        starts, window_frames = self.window_layout(frames)
-        if len(starts) > 1:
-            features = torch.stack([features[:, :, s : s + window_frames] for s in starts], dim=1)
-            features = features.reshape(batch * len(starts), 1, window_frames, mel_bins)
+        starts, window_frames = window_start_frames(self.config, frames)
+        if frames > self.config.image_frames:  # windows gathered by index: the graph depends on the length only
+            index = starts.to(features.device)[:, None] + torch.arange(window_frames, device=features.device)
+            features = features[:, :, index].transpose(1, 2).reshape(-1, 1, window_frames, mel_bins)
         hidden, all_hidden, all_attentions = self.encode_images(
             fold_spectrogram(features, self.config), output_hidden_states, output_attentions
         )
-        tokens = hidden.view(batch, len(starts), hidden.shape[1], hidden.shape[2])
+        tokens = hidden.view(batch, -1, hidden.shape[1], hidden.shape[2])
         return tokens, starts, window_frames, all_hidden, all_attentions
 
     def window_images(self, window_features: torch.Tensor) -> torch.Tensor:
@@ -814,7 +849,7 @@ class HTSATTimeAxisMixin:
     def frame_step_seconds(self, num_frames: int) -> float:
         """Duration in seconds of one step of `frame_logits` for an input of `num_frames` feature frames."""
         frame_seconds = self.config.hop_length / self.config.sampling_rate
-        _, window_frames = self.htsat.window_layout(num_frames)
+        window_frames = num_frames if num_frames <= self.config.image_frames else self.config.clip_frames
         return (window_frames - 1) * frame_seconds / self.config.token_steps
 
     def freeze_feature_encoder(self) -> None:
@@ -837,34 +872,37 @@ class HTSATTimeAxisMixin:
         )
         frame_logits = None
         if self.config.use_token_semantic_head:
-            num_frames = input_features.shape[1] if len(starts) > 1 else window_frames
+            windowed = not self.training and input_features.shape[1] > self.config.image_frames
+            num_frames = input_features.shape[1] if windowed else window_frames
             frame_logits = self.frame_logits_from_tokens(tokens, starts, num_frames)
         return tokens, frame_logits, hidden_states, attentions
 
-    def frame_logits_from_tokens(self, tokens: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
+    def frame_logits_from_tokens(self, tokens: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
+                                 ) -> torch.Tensor:
         """tokens (batch, windows, tokens, hidden) -> (batch, steps, labels) stitched over time."""
         batch, windows = tokens.shape[:2]
         step_logits = self.classifier(tokens.flatten(0, 1))  # (batch * windows, steps, labels)
-        if windows == 1:
+        if num_frames <= self.config.image_frames:  # one window, on its own grid
             return step_logits
         step_logits = step_logits.view(batch, windows, *step_logits.shape[1:])
         return torch.stack([self.stitch_window_steps(example, starts, num_frames) for example in step_logits])
 
     def total_steps(self, num_frames: int) -> int:
         """Number of `frame_logits` steps for an input of `num_frames` feature frames."""
-        frame_seconds = self.config.hop_length / self.config.sampling_rate
-        return math.ceil((num_frames - 1) * frame_seconds / self.frame_step_seconds(num_frames) - 1e-6)
+        if num_frames <= self.config.image_frames:  # one window
+            return self.config.token_steps
+        # ceil((num_frames - 1) frames / frames per step) in integers: exact, and a shape expression when exported
+        per_window = self.config.clip_frames - 1
+        return ((num_frames - 1) * self.config.token_steps + per_window - 1) // per_window
 
-    def stitch_window_steps(self, step_values: torch.Tensor, starts: list[int], num_frames: int) -> torch.Tensor:
+    def stitch_window_steps(self, step_values: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
+                            ) -> torch.Tensor:
         """One input's per-window step values (windows, steps, labels), windows starting at frames `starts` of an
         input of `num_frames` frames -> (total steps, labels) on one time grid of `frame_step_seconds` steps."""
         frame_seconds = self.config.hop_length / self.config.sampling_rate
-        stitcher = StepStitcher(
-            self.total_steps(num_frames), self.frame_step_seconds(num_frames), step_values.shape[-1],
-            step_values.device, step_values.dtype,
-        )
-        stitcher.add(step_values, [start * frame_seconds for start in starts])
-        return stitcher.result()
+        start_seconds = torch.as_tensor(starts, dtype=torch.float64) * frame_seconds
+        start_steps = start_seconds / self.frame_step_seconds(num_frames)
+        return stitch_on_grid(step_values, start_steps, self.total_steps(num_frames))
 
 
 class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
@@ -1040,6 +1078,8 @@ __all__ = [
     "HTSATPreTrainedModel",
     "StepStitcher",
     "long_input_hop_frames",
+    "stitch_on_grid",
     "window_layout",
+    "window_start_frames",
     "window_starts",
 ]
