@@ -25,19 +25,36 @@ def tiny(cls, seed: int = 0):
 
 
 @pytest.mark.parametrize("cls", [HTSATForAudioClassification, HTSATForSoundEventDetection])
-def test_onnx_matches_pytorch_for_any_batch(cls, tmp_path):
+def test_onnx_matches_pytorch_for_any_batch_and_length(cls, tmp_path):
+    """One exported file: stretched short inputs, exactly one image, and windowed long inputs (any hop alignment)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = tiny(cls)
     session = onnx_session(export_onnx(model, tmp_path / "model.onnx", example_batch=2))
-    for batch in (1, 3):
-        x = features(batch, seed=batch)
+    for batch, seconds in ((1, 4.0), (3, 10.0), (2, 10.23), (1, 25.0), (2, 60.0), (1, 37.77)):
+        frames = int(round(seconds * 100)) + 1
+        x = torch.randn(batch, frames, 64, generator=torch.Generator().manual_seed(frames)) * 10 - 40
         with torch.no_grad():
             expected = model(x)
         outputs = run_onnx(session, x)
         torch.testing.assert_close(outputs[0], expected.logits, atol=1e-4, rtol=0)
         if cls is HTSATForSoundEventDetection:
+            assert outputs[1].shape == expected.frame_logits.shape
             torch.testing.assert_close(outputs[1], expected.frame_logits, atol=1e-4, rtol=0)
+
+
+def test_torch_export_programs_take_any_length():
+    from htsat_hf.export import export_programs
+
+    model = tiny(HTSATForSoundEventDetection)
+    programs = export_programs(model)
+    for name, frames in (("short", 401), ("short", 1024), ("windowed", 2501), ("windowed", 4444)):
+        x = torch.randn(2, frames, 64) * 10 - 40
+        with torch.no_grad():
+            expected = model(x)
+            logits, frame_logits = programs[name].module()(x)
+        torch.testing.assert_close(frame_logits, expected.frame_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=0)
 
 
 def test_int8_dynamic_quantisation_stays_close():

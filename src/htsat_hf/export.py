@@ -1,10 +1,13 @@
 """
-Deployment paths for HTS-AT: ONNX export (fixed-length 10-s features, dynamic batch), `torch.compile`, and int8
-dynamic quantisation of the Linear layers for CPU inference.
+Deployment paths for HTS-AT: ONNX export (dynamic batch and length), `torch.compile`, and int8 dynamic quantisation
+of the Linear layers for CPU inference.
 
-ONNX graphs take `input_features` (batch, clip_frames, num_mel_bins) — one `clip_seconds` window, e.g. (batch, 1001,
-64) for the paper config — and return `logits` (batch, num_labels) and, for `HTSATForSoundEventDetection`,
-`frame_logits` (batch, token_steps, num_labels). Longer audio is windowed outside the graph (as the SED pipeline does).
+ONNX graphs take `input_features` (batch, frames, num_mel_bins) of any length and return `logits` (batch, num_labels)
+and, for `HTSATForSoundEventDetection`, `frame_logits` (batch, steps, num_labels), as the PyTorch model does: up to
+one image of frames (`image_frames`, 10.24 s for the paper's model) the input is one window stretched to the image;
+longer inputs are cut into overlapping windows and stitched. The two regimes are two traced graphs (the window
+layout is a different function of the length in each); `export_onnx` joins them under one ONNX `If` on the length,
+so one file takes every length.
 """
 
 from __future__ import annotations
@@ -45,31 +48,116 @@ def export_onnx(
     path: str | os.PathLike,
     example_batch: int = 2,
     opset: int = OPSET,
+    max_frames: int = 360_001,
 ) -> str:
     """
-    Exports `model` (in eval mode, SDPA attention) to `path` with the torch.export-based exporter. The batch axis is
-    dynamic; the time axis is fixed at one window (`config.clip_frames`). Returns the path.
+    Exports `model` (eval mode) to `path` with the torch.export-based exporter: batch and time axes dynamic, any
+    length from one STFT frame's worth to `max_frames` frames (an hour at the paper's rate by default). Returns the path.
     """
+    import onnx
+
     config = model.config
     model = model.eval()
-    example = torch.randn(example_batch, config.clip_frames, config.num_mel_bins)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            OnnxWrapper(model).eval(),
-            (example,),
-            dynamo=True,
-            input_names=["input_features"],
-            output_names=output_names(model),
-            dynamic_shapes={"input_features": {0: batch}},
-            opset_version=opset,
-            optimize=True,
-            verify=False,
-            report=False,
-        )
-    program.save(str(path))
+    regimes = length_regimes(config, max_frames)
+    short = _export_graph(model, *regimes["short"], example_batch, opset)
+    windowed = _export_graph(model, *regimes["windowed"], example_batch, opset)
+    onnx.save(join_by_length(short, windowed, config.image_frames, output_names(model)), str(path))
     return str(path)
+
+
+def length_regimes(config, max_frames: int = 360_001) -> dict[str, tuple[int, int, int]]:
+    """The two traced regimes: name -> (example frames, min frames, max frames)."""
+    return {"short": (config.clip_frames // 2, 2, config.image_frames),
+            "windowed": (config.image_frames + 1 + config.clip_frames, config.image_frames + 1, max_frames)}
+
+
+def _inputs_and_dims(model, example_frames: int, min_frames: int, max_frames: int, example_batch: int):
+    example = torch.randn(example_batch, example_frames, model.config.num_mel_bins)
+    dims = {0: torch.export.Dim("batch", min=1, max=4096),
+            1: torch.export.Dim("frames", min=min_frames, max=max_frames)}
+    return example, dims
+
+
+def export_programs(model: HTSATPreTrainedModel, example_batch: int = 2, max_frames: int = 360_001) -> dict:
+    """`torch.export` programs of `model` with dynamic batch and length, one per regime ("short": up to one image
+    of frames, "windowed": longer); each runs any length in its range. (One program for both regimes is beyond
+    torch.export's symbolic shapes today: the window layout is a piecewise function of the length.)"""
+    programs = {}
+    for name, (example_frames, low, high) in length_regimes(model.config, max_frames).items():
+        example, dims = _inputs_and_dims(model.eval(), example_frames, low, high, example_batch)
+        with torch.no_grad():
+            programs[name] = torch.export.export(OnnxWrapper(model).eval(), (example,),
+                                                 dynamic_shapes={"input_features": dims},
+                                                 prefer_deferred_runtime_asserts_over_guards=True)
+    return programs
+
+
+def _export_graph(model, example_frames: int, min_frames: int, max_frames: int, example_batch: int, opset: int):
+    """One traced ONNX graph for lengths in [min_frames, max_frames]."""
+    example, dims = _inputs_and_dims(model, example_frames, min_frames, max_frames, example_batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        program = torch.onnx.export(
+            OnnxWrapper(model).eval(), (example,), dynamo=True, input_names=["input_features"],
+            output_names=output_names(model), dynamic_shapes={"input_features": dims}, opset_version=opset,
+            optimize=True, verify=False, report=False,
+        )
+    return program.model_proto
+
+
+def join_by_length(short, windowed, image_frames: int, outputs: list[str]):
+    """One ONNX model: `short` for inputs of at most `image_frames` frames, else `windowed` (an `If` node whose
+    branches are the two graphs, their names prefixed so that they cannot collide)."""
+    from onnx import TensorProto, helper
+
+    def branch(model, prefix: str):
+        graph = model.graph
+        outer = {value.name for value in graph.input}
+        rename = lambda name: name if (not name or name in outer) else prefix + name  # noqa: E731
+        nodes = []
+        for node in graph.node:
+            copy_node = type(node)()
+            copy_node.CopyFrom(node)
+            copy_node.name = prefix + node.name
+            copy_node.input[:] = [rename(name) for name in node.input]
+            copy_node.output[:] = [rename(name) for name in node.output]
+            nodes.append(copy_node)
+        initializers = []
+        for tensor in graph.initializer:
+            copy_tensor = type(tensor)()
+            copy_tensor.CopyFrom(tensor)
+            copy_tensor.name = rename(tensor.name)
+            initializers.append(copy_tensor)
+        results = []
+        for value in graph.output:
+            copy_value = type(value)()
+            copy_value.CopyFrom(value)
+            copy_value.name = rename(value.name)
+            results.append(copy_value)
+        return helper.make_graph(nodes, prefix + "graph", [], results, initializer=initializers)
+
+    if short.functions or windowed.functions:
+        raise ValueError("The exported graphs contain ONNX functions; joining them is not supported.")
+    feature_input = short.graph.input[0]
+    frames = [
+        helper.make_node("Shape", ["input_features"], ["length_shape"], start=1, end=2),
+        helper.make_node("Constant", [], ["image_frames"],
+                         value=helper.make_tensor("image_frames", TensorProto.INT64, [1], [image_frames])),
+        helper.make_node("LessOrEqual", ["length_shape", "image_frames"], ["is_short_1"]),
+        helper.make_node("Squeeze", ["is_short_1"], ["is_short"]),
+        helper.make_node("If", ["is_short"], outputs, then_branch=branch(short, "short/"),
+                         else_branch=branch(windowed, "windowed/")),
+    ]
+    graph_outputs = []
+    for value in short.graph.output:
+        shape = [None] * len(value.type.tensor_type.shape.dim)
+        graph_outputs.append(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, shape))
+    graph = helper.make_graph(frames, "htsat", [feature_input], graph_outputs)
+    joined = helper.make_model(graph, opset_imports=list(short.opset_import), producer_name="htsat_hf")
+    joined.ir_version = short.ir_version
+    return joined
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
@@ -106,4 +194,4 @@ def compile_model(model: nn.Module, **kwargs) -> nn.Module:
     return torch.compile(model, **kwargs)
 
 
-__all__ = ["export_onnx", "onnx_session", "run_onnx", "quantize_dynamic_int8", "compile_model", "OnnxWrapper"]
+__all__ = ["export_onnx", "export_programs", "join_by_length", "onnx_session", "run_onnx", "quantize_dynamic_int8", "compile_model", "OnnxWrapper"]

@@ -132,20 +132,21 @@ def step_overlaps(position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stitch_on_grid(values: torch.Tensor, start_steps: torch.Tensor, total_steps: int) -> torch.Tensor:
-    """(windows, steps, labels) window step values, window starts in grid steps (float64) -> (total_steps, labels)
-    overlap-weighted means on the grid; computed from shapes only (exportable for any input length)."""
-    windows, steps, labels = values.shape
+    """([batch,] windows, steps, labels) window step values, window starts in grid steps (float64) ->
+    ([batch,] total_steps, labels) overlap-weighted means on the grid; computed from shapes only (no loop over the
+    batch or the windows), so an exported graph takes any batch and length."""
+    *_, steps, labels = values.shape
     position = start_steps.reshape(-1, 1) + torch.arange(steps, dtype=torch.float64, device=start_steps.device)
     first, fraction = step_overlaps(position)
-    sums = values.new_zeros(total_steps + 1, labels)
-    weights = values.new_zeros(total_steps + 1, 1)
-    flat = values.reshape(-1, labels)
+    flat = values.flatten(-3, -2)  # ([batch,] windows * steps, labels)
+    sums = flat.new_zeros(*flat.shape[:-2], total_steps + 1, labels)
+    weights = flat.new_zeros(total_steps + 1, 1)
     for index, weight in ((first, 1.0 - fraction), (first + 1, fraction)):
         weight = weight.reshape(-1, 1).to(values.device, values.dtype)
         index = index.clamp(max=total_steps).reshape(-1).to(values.device)
-        sums = sums.index_add(0, index, flat * weight)
+        sums = sums.index_add(-2, index, flat * weight)
         weights = weights.index_add(0, index, weight)
-    return sums[:total_steps] / weights[:total_steps].clamp(min=1e-12)
+    return sums[..., :total_steps, :] / weights[:total_steps].clamp(min=1e-12)
 
 
 class StepStitcher:
@@ -241,7 +242,9 @@ def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tenso
     """
     batch, channels, frames, mel_bins = features.shape
     target = config.image_frames
-    if frames < target:
+    if (torch.compiler.is_exporting() and not frames > target) or frames < target:
+        # exported for lengths up to one image, the stretch is always in the graph: at exactly `target` frames it is
+        # the identity (align_corners samples the input's own points)
         features = F.interpolate(features, (target, mel_bins), mode="bicubic", align_corners=True)
     elif frames > target:
         raise ValueError(f"fold_spectrogram got {frames} frames; at most {target} fit one image.")
@@ -884,8 +887,7 @@ class HTSATTimeAxisMixin:
         step_logits = self.classifier(tokens.flatten(0, 1))  # (batch * windows, steps, labels)
         if num_frames <= self.config.image_frames:  # one window, on its own grid
             return step_logits
-        step_logits = step_logits.view(batch, windows, *step_logits.shape[1:])
-        return torch.stack([self.stitch_window_steps(example, starts, num_frames) for example in step_logits])
+        return self.stitch_window_steps(step_logits.view(batch, windows, *step_logits.shape[1:]), starts, num_frames)
 
     def total_steps(self, num_frames: int) -> int:
         """Number of `frame_logits` steps for an input of `num_frames` feature frames."""
@@ -897,8 +899,8 @@ class HTSATTimeAxisMixin:
 
     def stitch_window_steps(self, step_values: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
                             ) -> torch.Tensor:
-        """One input's per-window step values (windows, steps, labels), windows starting at frames `starts` of an
-        input of `num_frames` frames -> (total steps, labels) on one time grid of `frame_step_seconds` steps."""
+        """Per-window step values ([batch,] windows, steps, labels), windows starting at frames `starts` of an input of
+        `num_frames` frames -> ([batch,] total steps, labels) on one time grid of `frame_step_seconds` steps."""
         frame_seconds = self.config.hop_length / self.config.sampling_rate
         start_seconds = torch.as_tensor(starts, dtype=torch.float64) * frame_seconds
         start_steps = start_seconds / self.frame_step_seconds(num_frames)
