@@ -237,3 +237,19 @@ def test_listen_script_on_a_file_and_on_stdin(folder, tmp_path):
         events = [{k: v for k, v in line.items() if k != "type"} for line in lines if line["type"] == "event"]
         assert len(events) == sum(len(u.events) for u in expected) > 0
         assert [e["label"] for e in events] == [e["label"] for u in expected for e in u.events]
+
+
+def test_latency_probe_and_agreement_measure_what_they_say(folder):
+    """The benchmark's own bookkeeping: a real-time feed of 3 s at hop 1 s emits every step, with latencies in
+    [0, hop + block]; identical event lists agree with F1 1, disjoint ones 0."""
+    from htsat_hf.live.benchmark import agreement, real_time_latency
+
+    detector = LiveDetector(str(folder), hop_seconds=1.0)
+    result = real_time_latency(detector, noisy(3.0, seed=8))
+    assert result.steps == int(3.0 // detector.step_seconds)
+    assert 0.0 <= result.latency_p50 <= result.latency_p95 <= result.latency_max < 1.0 + 0.1 + 1.0
+    assert 0.0 < result.cpu_cores < 2.5
+    events = [{"label": "tone", "onset": 1.0, "offset": 2.0}, {"label": "noise", "onset": 3.0, "offset": 3.5}]
+    assert agreement(events, events, 5.0, ["tone", "noise"]) == 1.0
+    moved = [{"label": "tone", "onset": 4.0, "offset": 4.5}, {"label": "noise", "onset": 0.2, "offset": 0.4}]
+    assert agreement(events, moved, 5.0, ["tone", "noise"]) == 0.0

@@ -80,33 +80,30 @@ def real_time_latency(detector: LiveDetector, audio: np.ndarray, block_seconds: 
     )
 
 
-def keyword_stream(words: list[str], seconds: float, rate: int, seed: int = 7, gap: tuple[float, float] = (1.0, 6.0),
-                   snr_db: tuple[float, float] = (10.0, 30.0)) -> tuple[np.ndarray, list[dict]]:
-    """Spoken keywords (held-out voices) at random times in coloured noise: (audio, ground-truth events)."""
-    from ..demo_data import KeywordDataSpec, coloured_noise, split_voices, synthesize, trim_silence
+TRAINING_ARGS = [
+    "--embed_dim", "32", "--depths", "1", "1", "2", "1", "--num_heads", "2", "4", "8", "16", "--spec_size", "128",
+    "--clip_seconds", "10", "--sampling_rate", "16000", "--hop_length", "640", "--time_mask_width", "4",
+    "--num_train_epochs", "30", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+    "--learning_rate", "3e-3", "--mixup_alpha", "0", "--htsat_lr_schedule", "False", "--lr_scheduler_type", "cosine",
+    "--warmup_steps", "30", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--seed", "0",
+    "--use_cpu", "--report_to", "none",
+]
 
-    rng = np.random.default_rng(seed)
-    _, voices = split_voices(KeywordDataSpec(words=tuple(words)))
-    length = int(seconds * rate)
-    audio = coloured_noise(length, 1.0, rng) * 0.003
-    events, position = [], float(rng.uniform(*gap))
-    while True:
-        word = words[int(rng.integers(len(words)))]
-        speech, speech_rate = synthesize(word, voices[int(rng.integers(len(voices)))], int(rng.integers(110, 220)),
-                                         int(rng.integers(15, 90)))
-        speech = torch.from_numpy(trim_silence(speech))
-        import torchaudio
 
-        speech = torchaudio.functional.resample(speech, speech_rate, rate).numpy()
-        begin = int(position * rate)
-        if begin + len(speech) >= length:
-            break
-        gain = 0.003 * 10 ** (rng.uniform(*snr_db) / 20) / (np.sqrt(np.mean(speech**2)) + 1e-9)
-        audio[begin : begin + len(speech)] += speech * gain
-        events.append({"event_label": word, "onset": position, "offset": position + len(speech) / rate})
-        position += len(speech) / rate + float(rng.uniform(*gap))
-    audio = audio / (np.abs(audio).max() + 1e-9) * 0.8
-    return audio.astype(np.float32), events
+def train_sound_event_model(directory: str) -> str:
+    """Trains a small HTS-AT with a 10-s window (16 kHz, hop 640, so that 10 s fit a 128-px image) from weak labels
+    on the synthetic sound-event audiofolder (`demo_data.build_sound_event_dataset`), with `scripts/train.py`'s code.
+    Returns the model folder (its held-out accuracy is in all_results.json)."""
+    from pathlib import Path
+
+    from ..demo_data import build_sound_event_dataset
+    from ..training.run import main as train_main
+
+    data, model = Path(directory) / "data", Path(directory) / "model"
+    if not (model / "config.json").exists():
+        build_sound_event_dataset(data, per_class=(150, 30))
+        train_main(["--dataset_name", str(data), "--eval_split_name", "test", "--output_dir", str(model), *TRAINING_ARGS])
+    return str(model)
 
 
 def _table(events: list[dict], filename: str = "stream") -> pd.DataFrame:
@@ -124,18 +121,22 @@ def agreement(reference: list[dict], events: list[dict], duration: float, labels
     return float(result["macro"])
 
 
-def lookahead_agreement(model: Any, audio: np.ndarray, lookaheads: list[float], settings: dict,
+def lookahead_agreement(model: str, audio: np.ndarray, lookaheads: list[float], settings: dict,
                         hop_seconds: float = 1.0) -> dict[str, Any]:
-    """Offline events, and per lookahead the live events' agreement with them (block size 0.1 s)."""
+    """Offline events (the default window hop, and the live detector's hop), and per lookahead the live events'
+    agreement with each (blocks of 0.1 s)."""
     from transformers import pipeline
 
-    from ..annotation.annotator import _load
-
-    model, extractor = _load(model, None, None, False)
-    offline = pipeline("sound-event-detection", model=model, feature_extractor=extractor)
-    rate = extractor.sampling_rate
-    reference = offline(audio, **settings)["events"]
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    offline = pipeline("sound-event-detection", model=model)
+    rate = offline.feature_extractor.sampling_rate
+    config = offline.model.config
+    default_hop = config.long_input_hop_seconds
+    reference = offline(audio, **settings)["events"]  # the default offline windows (hop long_input_hop_seconds)
+    config.long_input_hop_seconds = hop_seconds
+    same_hop = offline(audio, **settings)["events"]  # offline with the live detector's window hop
+    config.long_input_hop_seconds = default_hop
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    model, extractor = offline.model, offline.feature_extractor
     rows = []
     for lookahead in lookaheads:
         detector = LiveDetector(model, extractor, hop_seconds=hop_seconds, lookahead_seconds=lookahead, **settings)
@@ -145,5 +146,7 @@ def lookahead_agreement(model: Any, audio: np.ndarray, lookaheads: list[float], 
             events += [e for u in detector.push(audio[first : first + block]) for e in u.events]
         events += [e for u in detector.flush() for e in u.events]
         rows.append({"lookahead_seconds": lookahead, "events": len(events),
-                     "f1_vs_offline": agreement(reference, events, len(audio) / rate, labels)})
-    return {"offline_events": len(reference), "rows": rows, "reference": reference}
+                     "f1_vs_offline": agreement(reference, events, len(audio) / rate, labels),
+                     "f1_vs_offline_same_hop": agreement(same_hop, events, len(audio) / rate, labels)})
+    return {"offline_events": len(reference), "offline_same_hop_events": len(same_hop), "rows": rows,
+            "reference": reference, "default_hop_seconds": default_hop}
