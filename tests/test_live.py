@@ -246,7 +246,8 @@ def test_latency_probe_and_agreement_measure_what_they_say(folder):
 
     detector = LiveDetector(str(folder), hop_seconds=1.0)
     result = real_time_latency(detector, noisy(3.0, seed=8))
-    assert result.steps == int(3.0 // detector.step_seconds)
+    # the window ending at 3 s needs the STFT's right context past the end, so it runs only at flush (not timed)
+    assert result.steps == int(2.0 // detector.step_seconds)
     assert 0.0 <= result.latency_p50 <= result.latency_p95 <= result.latency_max < 1.0 + 0.1 + 1.0
     assert 0.0 < result.cpu_cores < 2.5
     events = [{"label": "tone", "onset": 1.0, "offset": 2.0}, {"label": "noise", "onset": 3.0, "offset": 3.5}]

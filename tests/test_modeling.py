@@ -424,3 +424,12 @@ def test_saving_and_loading_a_folder_shows_no_progress_bars(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Writing model shards" not in err and "Loading weights" not in err
     assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+def test_a_two_label_config_reloads_with_two_labels(tmp_path):
+    """Transformers drops a 2-label id2label from config.json as its default; HTS-AT's default is 527 AudioSet
+    labels, so without it a binary model reloaded with 527."""
+    HTSATConfig(num_labels=2).save_pretrained(tmp_path)
+    assert HTSATConfig.from_pretrained(tmp_path).num_labels == 2
+    HTSATConfig(id2label={0: "speech", 1: "music"}).save_pretrained(tmp_path)
+    assert HTSATConfig.from_pretrained(tmp_path).id2label == {0: "speech", 1: "music"}

@@ -87,6 +87,15 @@ class HTSATConfig(PreTrainedConfig):
         self.num_heads = list(self.num_heads)
         self.validate_architecture()
 
+    def to_diff_dict(self) -> dict:
+        """Keeps the labels even when they look like Transformers' default (2 labels): HTS-AT's default is AudioSet's
+        527, so a saved 2-label config without them would load with 527."""
+        diff = super().to_diff_dict()
+        if "id2label" not in diff and self.id2label is not None:
+            diff["id2label"] = {str(index): label for index, label in self.id2label.items()}
+            diff["label2id"] = dict(self.label2id)
+        return diff
+
     # ----------------------------------------------------------------------------------------------- derived sizes
     @property
     def num_stages(self) -> int:

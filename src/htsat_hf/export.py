@@ -116,26 +116,10 @@ def join_by_length(short, windowed, image_frames: int, outputs: list[str]):
         graph = model.graph
         outer = {value.name for value in graph.input}
         rename = lambda name: name if (not name or name in outer) else prefix + name  # noqa: E731
-        nodes = []
-        for node in graph.node:
-            copy_node = type(node)()
-            copy_node.CopyFrom(node)
-            copy_node.name = prefix + node.name
-            copy_node.input[:] = [rename(name) for name in node.input]
-            copy_node.output[:] = [rename(name) for name in node.output]
-            nodes.append(copy_node)
-        initializers = []
-        for tensor in graph.initializer:
-            copy_tensor = type(tensor)()
-            copy_tensor.CopyFrom(tensor)
-            copy_tensor.name = rename(tensor.name)
-            initializers.append(copy_tensor)
-        results = []
-        for value in graph.output:
-            copy_value = type(value)()
-            copy_value.CopyFrom(value)
-            copy_value.name = rename(value.name)
-            results.append(copy_value)
+        nodes = [_copy(node, name=prefix + node.name, input=[rename(n) for n in node.input],
+                       output=[rename(n) for n in node.output]) for node in graph.node]
+        initializers = [_copy(tensor, name=rename(tensor.name)) for tensor in graph.initializer]
+        results = [_copy(value, name=rename(value.name)) for value in graph.output]
         return helper.make_graph(nodes, prefix + "graph", [], results, initializer=initializers)
 
     if short.functions or windowed.functions:
@@ -158,6 +142,18 @@ def join_by_length(short, windowed, image_frames: int, outputs: list[str]):
     joined = helper.make_model(graph, opset_imports=list(short.opset_import), producer_name="htsat_hf")
     joined.ir_version = short.ir_version
     return joined
+
+
+def _copy(proto, **fields):
+    """A copy of an ONNX protobuf message with some fields replaced (repeated fields by lists)."""
+    result = type(proto)()
+    result.CopyFrom(proto)
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(result, name)[:] = value
+        else:
+            setattr(result, name, value)
+    return result
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
