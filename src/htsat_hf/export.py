@@ -13,6 +13,7 @@ so one file takes every length.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 
@@ -112,13 +113,29 @@ def join_by_length(short, windowed, image_frames: int, outputs: list[str]):
     branches are the two graphs, their names prefixed so that they cannot collide)."""
     from onnx import TensorProto, helper
 
+    # weights both graphs hold (same type, shape and bytes, whatever the exporter named them) are stored once, in the
+    # outer graph ("shared/<name in the short graph>")
+    def content(tensor) -> tuple:
+        body = tensor.raw_data or _copy(tensor, name="").SerializeToString()
+        return tensor.data_type, tuple(tensor.dims), hashlib.sha256(body).digest()
+
+    windowed_by_content = {content(tensor): tensor.name for tensor in windowed.graph.initializer}
+    shared, alias = [], {"short/": {}, "windowed/": {}}
+    for tensor in short.graph.initializer:
+        other = windowed_by_content.get(content(tensor))
+        if other is not None and tensor.ByteSize() > 1024:
+            shared.append(_copy(tensor, name="shared/" + tensor.name))
+            alias["short/"][tensor.name] = alias["windowed/"][other] = "shared/" + tensor.name
+
     def branch(model, prefix: str):
         graph = model.graph
         outer = {value.name for value in graph.input}
-        rename = lambda name: name if (not name or name in outer) else prefix + name  # noqa: E731
+        local = alias[prefix]
+        rename = lambda name: local.get(name) or (name if (not name or name in outer) else prefix + name)  # noqa: E731
         nodes = [_copy(node, name=prefix + node.name, input=[rename(n) for n in node.input],
                        output=[rename(n) for n in node.output]) for node in graph.node]
-        initializers = [_copy(tensor, name=rename(tensor.name)) for tensor in graph.initializer]
+        initializers = [_copy(tensor, name=rename(tensor.name)) for tensor in graph.initializer
+                        if tensor.name not in local]
         results = [_copy(value, name=rename(value.name)) for value in graph.output]
         return helper.make_graph(nodes, prefix + "graph", [], results, initializer=initializers)
 
@@ -138,7 +155,7 @@ def join_by_length(short, windowed, image_frames: int, outputs: list[str]):
     for value in short.graph.output:
         shape = [None] * len(value.type.tensor_type.shape.dim)
         graph_outputs.append(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, shape))
-    graph = helper.make_graph(frames, "htsat", [feature_input], graph_outputs)
+    graph = helper.make_graph(frames, "htsat", [feature_input], graph_outputs, initializer=shared)
     joined = helper.make_model(graph, opset_imports=list(short.opset_import), producer_name="htsat_hf")
     joined.ir_version = short.ir_version
     return joined
