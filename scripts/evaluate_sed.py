@@ -29,17 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--indent", type=int, default=2, help="JSON indentation (0: one line)")
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
             report = evaluate_files(
                 args.ground_truth, args.durations, args.predictions, args.operating_points, args.scores
             )
     except ValueError as error:
+        _print_warnings(caught)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    _print_warnings(caught)
     print(json.dumps(report, indent=args.indent or None))
     return 0
+
+
+def _print_warnings(caught) -> None:
+    """Each distinct warning once: the three F-scores read the same predictions and would repeat it."""
+    for message in dict.fromkeys(str(warning.message) for warning in caught):
+        print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

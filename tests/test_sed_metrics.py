@@ -278,3 +278,18 @@ def test_cli_reports_bad_input_and_psds(repo_root, capsys):
     assert script.main(arguments + [str(baseline("student_predictions0.5.csv")), "--operating-points", str(ops)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["psds1"] == pytest.approx(0.3345, abs=0.0001) and report["psds2"] == pytest.approx(0.5281, abs=1e-4)
+
+
+def test_cli_prints_each_warning_once(repo_root, tmp_path):
+    """The three F-scores read the same predictions; a warning about them is printed once, not three times."""
+    (tmp_path / "gt.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t2.0\tDog\n")
+    (tmp_path / "durations.tsv").write_text("filename\tduration\na.wav\t10.0\n")
+    (tmp_path / "det.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t2.0\tDog\n"
+                                      "other.wav\t1.0\t2.0\tDog\n")
+    command = [sys.executable, str(repo_root / "scripts" / "evaluate_sed.py"), "--ground-truth",
+               str(tmp_path / "gt.tsv"), "--durations", str(tmp_path / "durations.tsv"), "--predictions",
+               str(tmp_path / "det.tsv")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Ignoring predictions for 1 file(s)") == 1, result.stderr
+    assert json.loads(result.stdout)["intersection_f1"]["macro"] == 1.0
