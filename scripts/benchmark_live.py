@@ -38,8 +38,8 @@ def main() -> None:
     import torch
 
     from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
-    from htsat_hf.live import LiveDetector
     from htsat_hf.demo_data import sound_event_scene
+    from htsat_hf.live import LiveDetector
     from htsat_hf.live.benchmark import agreement, lookahead_agreement, real_time_latency, train_sound_event_model
 
     report = {"cpu": _cpu_name(), "latency": [], "agreement": None}

@@ -11,14 +11,13 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT
 from transformers import pipeline
 
 import htsat_hf  # noqa: F401
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
 from htsat_hf.live import LiveDetector
 from htsat_hf.pipeline_htsat import AudioInputError
-
-from conftest import REPO_ROOT
 
 RATE = 32000
 MAPPING = {"any": ["tone", "noise"], "other": ["other"]}
