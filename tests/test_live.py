@@ -181,7 +181,7 @@ def test_memory_stays_flat(folder):
     sizes = []
     for _ in range(40):  # 400 s
         detector.push(block)
-        sizes.append((len(detector.frames._samples), len(detector.frames._frames), detector.stitcher.sums.shape[0],
+        sizes.append((len(detector.frames.samples), len(detector.frames._frames), detector.stitcher.sums.shape[0],
                       len(detector.events.frames), len(detector.events.steps)))
     sizes = np.array(sizes)
     assert (sizes[20:].max(axis=0) <= sizes[:20].max(axis=0)).all()  # nothing grows with the stream

@@ -25,7 +25,7 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .feature_extraction_htsat import pcm_to_float
+from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 
@@ -347,6 +347,82 @@ class SoundEventDetectionPipeline(Pipeline):
         return result
 
 
+class StreamFrames:
+    """
+    The log-mel frames of audio that arrives block by block, equal to the whole recording's frames: a frame is
+    computed once the samples hold its right-hand context (two hops, `HTSATFeatureExtractor.context_samples`), and at
+    `finish` the last frames get the STFT's reflect padding of the recording's end. Only the samples later frames
+    still need, and the frames not yet dropped, are kept. Frames before 0 (a live stream's padded start) read as
+    digital silence, the log-mel floor.
+    """
+
+    def __init__(self, feature_extractor, num_mel_bins: int):
+        self.feature_extractor = feature_extractor
+        self.hop = feature_extractor.hop_length
+        self.margin = feature_extractor.context_samples
+        self.silence = float(10.0 * np.log10(AMIN))
+        self.num_samples = 0
+        self.samples = np.zeros(0, dtype=np.float32)  # the recording from sample `samples_start` on
+        self.samples_start = 0
+        self._frames = torch.zeros(0, num_mel_bins)  # frames from `_frames_start` on (>= 0)
+        self._frames_start = 0
+
+    @property
+    def frames_end(self) -> int:
+        """Frames [0, frames_end) are known (computed, or dropped after use)."""
+        return self._frames_start + len(self._frames)
+
+    def total_frames(self) -> int:
+        """Frames of the whole recording (once finished): the centred STFT's `samples // hop + 1`."""
+        return self.num_samples // self.hop + 1
+
+    def append(self, samples: np.ndarray) -> None:
+        """Appends float32 mono samples (frames are computed by `compute_ready`)."""
+        self.samples = np.concatenate([self.samples, samples])
+        self.num_samples += len(samples)
+
+    def compute_ready(self) -> None:
+        """Computes every frame whose right-hand context has arrived."""
+        if self.num_samples >= self.margin:
+            self._compute((self.num_samples - self.margin) // self.hop + 1, final=False)
+
+    def finish(self) -> None:
+        """The recording has ended: computes its last frames with the end's reflect padding."""
+        if self.num_samples > 0:
+            self._compute(self.total_frames(), final=True)
+
+    def window(self, start: int, length: int) -> torch.Tensor:
+        """Frames [start, start + length); those before 0 are silence. Needs `start + length <= frames_end`."""
+        if start + length > self.frames_end or max(start, 0) < self._frames_start:
+            raise IndexError(f"frames [{start}, {start + length}) are not held (held: "
+                             f"[{self._frames_start}, {self.frames_end})).")
+        real = self._frames[max(start, 0) - self._frames_start : start + length - self._frames_start]
+        if start >= 0:
+            return real
+        return torch.cat([real.new_full((-start, real.shape[1]), self.silence), real])
+
+    def drop_before(self, frame: int) -> None:
+        """Forgets the frames before `frame` (no later window needs them)."""
+        if frame > self._frames_start:
+            self._frames = self._frames[frame - self._frames_start :].clone()
+            self._frames_start = frame
+
+    def _compute(self, end_frame: int, final: bool) -> None:
+        """Appends frames up to `end_frame` (exclusive), then drops the samples no later frame needs."""
+        first = self.frames_end
+        if end_frame <= first:
+            return
+        with torch.no_grad():
+            frames = self.feature_extractor.frame_range(
+                torch.from_numpy(self.samples), self.samples_start, first, end_frame,
+                self.num_samples if final else None,
+            )
+        self._frames = torch.cat([self._frames, frames])
+        keep_from = max(0, self.frames_end * self.hop - self.margin)  # the context of the next frames
+        self.samples = self.samples[keep_from - self.samples_start :]
+        self.samples_start = keep_from
+
+
 class WindowStream:
     """
     Cuts streamed audio into the model's windows. The log-mel frames are computed block by block, each block with two
@@ -362,49 +438,19 @@ class WindowStream:
         self.hop = config.hop_length
         self.window_frames = config.clip_frames
         self.hop_frames = long_input_hop_frames(config)
-        self.margin = feature_extractor.context_samples
         self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
-        self.num_samples = 0
         self.num_frames = 0
         self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
         self.whole_audio: np.ndarray | None = None  # an input of one window keeps its samples here, once read
-        self._samples = np.zeros(0, dtype=np.float32)  # samples from `_samples_start` on
-        self._samples_start = 0
-        self._frames = torch.zeros(0, config.num_mel_bins)  # log-mel frames from `_frames_start` on
-        self._frames_start = 0
+        self.frames = StreamFrames(feature_extractor, config.num_mel_bins)
+
+    @property
+    def num_samples(self) -> int:
+        return self.frames.num_samples
 
     @property
     def seconds_read(self) -> float:
         return self.num_samples / self.source.sampling_rate
-
-    @property
-    def _frames_end(self) -> int:
-        return self._frames_start + len(self._frames)
-
-    def _compute_frames(self, end_frame: int, final: bool) -> None:
-        """Appends frames up to `end_frame` (exclusive). Each needs `margin` samples on its right, or the recording's
-        end (`final`), where the STFT's reflect padding is the whole recording's."""
-        first = self._frames_end
-        if end_frame <= first:
-            return
-        with torch.no_grad():
-            frames = self.feature_extractor.frame_range(
-                torch.from_numpy(self._samples), self._samples_start, first, end_frame,
-                self.num_samples if final else None,
-            )
-        self._frames = torch.cat([self._frames, frames])
-        keep_from = max(0, self._frames_end * self.hop - self.margin)  # context of the next frames
-        self._samples = self._samples[keep_from - self._samples_start :]
-        self._samples_start = keep_from
-
-    def _window(self, start_frame: int) -> torch.Tensor:
-        begin = start_frame - self._frames_start
-        return self._frames[begin : begin + self.window_frames]
-
-    def _drop_frames_before(self, frame: int) -> None:
-        if frame > self._frames_start:
-            self._frames = self._frames[frame - self._frames_start :].clone()
-            self._frames_start = frame
 
     def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
         next_frame = 0
@@ -414,14 +460,13 @@ class WindowStream:
         for samples in self.source.blocks(block):
             if not np.isfinite(samples).all():
                 raise AudioInputError("invalid_audio", "The audio contains NaN or Inf samples.")
-            self._samples = np.concatenate([self._samples, samples])
-            self.num_samples += len(samples)
+            self.frames.append(samples)
             self.windowed = self.num_samples >= self.long_after
-            if not self.windowed:
+            if not self.windowed:  # a short input keeps all its samples: it may be one stretched window
                 continue
-            self._compute_frames((self.num_samples - self.margin) // self.hop + 1, final=False)
-            while self._frames_end >= next_frame + self.window_frames:
-                pending.append(self._window(next_frame))
+            self.frames.compute_ready()
+            while self.frames.frames_end >= next_frame + self.window_frames:
+                pending.append(self.frames.window(next_frame, self.window_frames))
                 pending_starts.append(next_frame)
                 done.add(next_frame)
                 next_frame += self.hop_frames
@@ -429,7 +474,7 @@ class WindowStream:
                     yield torch.stack(pending), pending_starts
                     pending, pending_starts = [], []
             # the end-aligned last window starts after the last window done, but maybe before next_frame
-            self._drop_frames_before(next_frame - self.hop_frames)
+            self.frames.drop_before(next_frame - self.hop_frames)
         if self.num_samples == 0:
             raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
         try:
@@ -440,16 +485,16 @@ class WindowStream:
         starts, window_frames = window_layout(self.config, self.num_frames)
         self.windowed = len(starts) > 1
         if len(starts) == 1:  # short input: the model stretches all of its frames into one window
-            self.whole_audio = self._samples
-            features = self.feature_extractor(self._samples, sampling_rate=self.source.sampling_rate, padding=False,
+            self.whole_audio = self.frames.samples
+            features = self.feature_extractor(self.whole_audio, sampling_rate=self.source.sampling_rate, padding=False,
                                               return_tensors="pt")["input_features"]
             yield features, [0]
             return
-        self._compute_frames(self.num_frames, final=True)
+        self.frames.finish()
         for start_frame in starts:
             if start_frame in done:
                 continue
-            pending.append(self._window(start_frame))
+            pending.append(self.frames.window(start_frame, self.window_frames))
             pending_starts.append(start_frame)
             if len(pending) == batch_size:
                 yield torch.stack(pending), pending_starts

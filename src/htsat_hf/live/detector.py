@@ -34,9 +34,8 @@ import torch
 
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher
-from ..pipeline_htsat import AudioInputError, step_probabilities
+from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
 from ..sed_postprocessing import EventStream, load_label_mapping, map_scores, resolve_label_mapping
-from .frames import LiveFrames
 
 
 @dataclass
@@ -137,7 +136,7 @@ class LiveDetector:
         self.events = EventStream(self.step_seconds, self.labels, threshold=threshold,
                                   median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
                                   min_gap_seconds=min_gap_seconds, hysteresis=hysteresis, upsample=upsample)
-        self.frames = LiveFrames(self.feature_extractor, config.num_mel_bins)
+        self.frames = StreamFrames(self.feature_extractor, config.num_mel_bins)
         self.stitcher = StepStitcher(None, self.step_seconds, config.num_labels, drop_handed_out=True)
         # window k starts at frame k * hop_frames; the first one ends at the first hop (or at one full window)
         self.next_window = -((self.window_frames - 1) // self.hop_frames) + 1 if pad_start else 0
@@ -160,8 +159,9 @@ class LiveDetector:
         block = self._as_mono(samples)
         if len(block) == 0:
             return []
-        self.frames.add(block)
-        return self._run_ready(final=False)
+        self.frames.append(block)
+        self.frames.compute_ready()
+        return self._run_ready()
 
     def flush(self) -> list[LiveUpdate]:
         """Ends the stream: runs the last windows (the last one ending at the stream's end, as offline), emits every
@@ -176,11 +176,11 @@ class LiveDetector:
         except ValueError as error:
             raise AudioInputError("too_short", str(error)) from error
         self.frames.finish()
-        updates = self._run_ready(final=True)
+        updates = self._run_ready()
         total = self.frames.total_frames()
         last_start = total - self.window_frames
         if self.windows_run == 0 or (self.next_window - 1) * self.hop_frames < last_start:
-            updates += self._run_windows([last_start], final=True)  # the end-aligned window, as offline
+            updates += self._run_windows([last_start])  # the end-aligned window, as offline
         total_steps = math.ceil((total - 1) * self.frame_seconds / self.step_seconds - 1e-6)
         first_step = self.stitcher.offset
         rest = self.stitcher.result(total_steps)
@@ -196,15 +196,15 @@ class LiveDetector:
         return updates
 
     # ------------------------------------------------------------------------------------------------ windows
-    def _run_ready(self, final: bool) -> list[LiveUpdate]:
+    def _run_ready(self) -> list[LiveUpdate]:
         """Runs every window whose frames are all known."""
         starts = []
         while self.next_window * self.hop_frames + self.window_frames <= self.frames.frames_end:
             starts.append(self.next_window * self.hop_frames)
             self.next_window += 1
-        return self._run_windows(starts, final)
+        return self._run_windows(starts)
 
-    def _run_windows(self, starts: list[int], final: bool) -> list[LiveUpdate]:
+    def _run_windows(self, starts: list[int]) -> list[LiveUpdate]:
         updates = []
         for first in range(0, len(starts), self.window_batch_size):
             batch = starts[first : first + self.window_batch_size]
