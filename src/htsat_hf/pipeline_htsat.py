@@ -133,7 +133,21 @@ def stream_with_ffmpeg(
         raise ValueError("ffmpeg was not found: install it (e.g. apt-get install ffmpeg) to read audio files.")
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-ac", "1",
                "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    messages = yield from ffmpeg_blocks(command, block_samples)
+    if messages:
+        message = f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{messages}"
+        if warnings is None:
+            logger.warning(message)
+        else:
+            warnings.append(message)
+
+
+def ffmpeg_blocks(command: list[str], block_samples: int, stdin: Any = None) -> Iterator[np.ndarray]:
+    """Runs an ffmpeg `command` that writes float32 samples to stdout and yields them block by block. Returns
+    (as the generator's value) ffmpeg's last messages when it succeeded; raises `AudioInputError("decode")` with
+    them when it failed. A consumer that stops early stops ffmpeg too. `stdin`: what ffmpeg reads as `pipe:0`."""
+    process = subprocess.Popen(command, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # ffmpeg's messages are drained as they come: unread, a file with many decoding warnings fills the stderr pipe and
     # ffmpeg blocks on it while we wait for samples. The last lines are kept for the error message.
     messages: deque[bytes] = deque(maxlen=20)
@@ -145,7 +159,7 @@ def stream_with_ffmpeg(
             yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
         read_to_end = True
     finally:
-        if not read_to_end:  # the consumer stopped early (an error downstream): stop ffmpeg too
+        if not read_to_end:  # the consumer stopped early (an error downstream, Ctrl-C): stop ffmpeg too
             process.kill()
         process.stdout.close()
         returncode = process.wait()
@@ -153,13 +167,9 @@ def stream_with_ffmpeg(
         process.stderr.close()
     error = b"".join(messages).decode(errors="replace").strip()
     if returncode != 0:
-        raise AudioInputError("decode", f"ffmpeg could not decode {path}: {error or 'unknown error'}")
-    if error:
-        message = f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{error}"
-        if warnings is None:
-            logger.warning(message)
-        else:
-            warnings.append(message)
+        source = command[command.index("-i") + 1] if "-i" in command else "the input"
+        raise AudioInputError("decode", f"ffmpeg could not decode {source}: {error or 'unknown error'}")
+    return error
 
 
 def step_probabilities(logits: torch.Tensor) -> np.ndarray:

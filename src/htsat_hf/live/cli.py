@@ -7,16 +7,11 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import threading
-from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-
+from ..pipeline_htsat import AudioInputError, ffmpeg_blocks
 from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
 
 READ_SECONDS = 0.1  # audio per read from ffmpeg: the delay the reading itself adds
@@ -76,26 +71,6 @@ def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
     return command + ["-ac", "1", "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
 
 
-def read_blocks(command: list[str], block_samples: int, stdin: IO | None = None) -> Iterator[np.ndarray]:
-    """float32 blocks from ffmpeg's stdout; its errors, if it fails, as a `RuntimeError`."""
-    process = subprocess.Popen(command, stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    messages: deque[bytes] = deque(maxlen=20)
-    drain = threading.Thread(target=lambda: messages.extend(process.stderr), daemon=True)
-    drain.start()
-    try:
-        while chunk := process.stdout.read(block_samples * 4):
-            yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        returncode = process.wait()
-        drain.join()
-    if returncode not in (0, -9):
-        error = b"".join(messages).decode(errors="replace").strip()
-        raise RuntimeError(f"ffmpeg failed ({' '.join(command)}): {error or 'unknown error'}")
-
-
 def json_lines(updates, out: IO) -> None:
     for update in updates:
         out.write(json.dumps({"type": "tags", "time": round(update.time, 4), "tags": update.tags}) + "\n")
@@ -123,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     rate = detector.sampling_rate
     command = ffmpeg_command(args, rate)
     try:
-        for block in read_blocks(command, int(READ_SECONDS * rate), sys.stdin.buffer if args.stdin else None):
+        for block in ffmpeg_blocks(command, int(READ_SECONDS * rate), sys.stdin.buffer if args.stdin else None):
             json_lines(detector.push(block), sys.stdout)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends the stream: the open events are closed below
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except RuntimeError as error:
+    except AudioInputError as error:  # ffmpeg failed: what was heard so far is still reported
         json_lines(detector.flush(), sys.stdout)
-        print(error, file=sys.stderr)
+        print(f"{error} (command: {' '.join(command)})", file=sys.stderr)
         return 1
     json_lines(detector.flush(), sys.stdout)
     print(f"listened to {detector.seconds_seen:.1f} s of audio", file=sys.stderr)
