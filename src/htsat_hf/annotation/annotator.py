@@ -303,16 +303,20 @@ class Annotator:
             return self.model.classifier(embedding.to(self.device, self.model.dtype)[None])[0].float().cpu()
 
     def _tags(self, logits: torch.Tensor) -> list[dict]:
-        """Top-k {label, score}, the score as `pipeline("audio-classification")` applies it."""
-        problem_type = self.config.problem_type
-        if problem_type == "multi_label_classification":
-            probabilities = logits.sigmoid()
-        elif problem_type == "regression":
-            probabilities = logits
-        else:
-            probabilities = logits.softmax(-1)
-        scores, ids = probabilities.topk(self.top_k)
-        return [{"label": self.model_labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
+        return top_tags(logits, self.model_labels, self.config.problem_type, self.top_k)
+
+
+def top_tags(logits: torch.Tensor, labels: list[str], problem_type: str | None, k: int) -> list[dict]:
+    """Top-k {label, score} of one clip's logits, the score as `pipeline("audio-classification")` applies it:
+    sigmoid for multi-label, identity for regression, else softmax."""
+    if problem_type == "multi_label_classification":
+        probabilities = logits.sigmoid()
+    elif problem_type == "regression":
+        probabilities = logits
+    else:
+        probabilities = logits.softmax(-1)
+    scores, ids = probabilities.topk(k)
+    return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
 
 
 def rows_to_arrow(rows: list[dict | AnnotationError], tasks: tuple[str, ...]) -> pa.Table:
@@ -367,4 +371,4 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
     return model.eval(), feature_extractor
 
 
-__all__ = ["AnnotationError", "Annotator", "rows_to_arrow"]
+__all__ = ["AnnotationError", "Annotator", "rows_to_arrow", "top_tags"]

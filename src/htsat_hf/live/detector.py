@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..annotation.annotator import _load, top_tags
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher
 from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
@@ -98,7 +99,6 @@ class LiveDetector:
         bf16: bool = False,
         trust_remote_code: bool = False,
     ):
-        from ..annotation.annotator import _load
 
         self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
         config = self.config = self.model.config
@@ -232,26 +232,14 @@ class LiveDetector:
         first_step = self.stitcher.offset
         scores = self._step_scores(self.stitcher.pop_final(before_step))
         self.events.push(scores)
-        return LiveUpdate(end_seconds, self._tags(logits.mean(dim=0)), self.events.pop_final_events(), first_step,
-                          scores)
+        tags = top_tags(logits.mean(dim=0), self.model_labels, self.config.problem_type, self.top_k)
+        return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
 
     def _step_scores(self, logits: torch.Tensor) -> np.ndarray:
         scores = step_probabilities(logits)
         if self.label_mapping is not None:
             scores = map_scores(scores, self.label_mapping, self.model_labels)[0]
         return scores
-
-    def _tags(self, logits: torch.Tensor) -> list[dict]:
-        """Top-k {label, score} of one window's clip logits, scored as `pipeline("audio-classification")` does."""
-        problem_type = self.config.problem_type
-        if problem_type in (None, "multi_label_classification"):
-            probabilities = logits.double().sigmoid()
-        elif problem_type == "regression":
-            probabilities = logits.double()
-        else:
-            probabilities = logits.double().softmax(-1)
-        scores, ids = probabilities.topk(self.top_k)
-        return [{"label": self.model_labels[i], "score": float(s)} for s, i in zip(scores.tolist(), ids.tolist())]
 
     def _as_mono(self, samples: Any) -> np.ndarray:
         array = np.asarray(samples)
