@@ -38,11 +38,12 @@ def main() -> None:
     import torch
 
     from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+    from htsat_hf.benchmarking import cpu_model
     from htsat_hf.demo_data import sound_event_scene
     from htsat_hf.live import LiveDetector
     from htsat_hf.live.benchmark import agreement, lookahead_agreement, real_time_latency, train_sound_event_model
 
-    report = {"cpu": _cpu_name(), "latency": [], "agreement": None}
+    report = {"cpu": cpu_model(), "latency": [], "agreement": None}
     if not args.skip_latency:
         torch.manual_seed(0)
         model = HTSATForSoundEventDetection(HTSATConfig()).eval()  # the paper's size; weights do not change timing
@@ -85,16 +86,6 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.output}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -310,9 +310,6 @@ class OnnxRuntimeModel:
 
         return SimpleNamespace(logits=run_onnx(self.session, input_features)[0])
 
-    def parameters(self):  # for callers that ask the model for its device
-        return iter([torch.zeros(0)])
-
 
 def _onnx_available() -> bool:
     try:
@@ -321,17 +318,6 @@ def _onnx_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _autocast(settings: BenchmarkSettings) -> contextlib.AbstractContextManager:
@@ -698,7 +684,6 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         matmul_dtype=str(matmul_dtype).replace("torch.", ""),
         matmul_size=settings.matmul_size,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-        cpu_bf16_flags=sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"}),
     )
     if settings.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(settings.device)
@@ -744,11 +729,12 @@ def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "t
     from transformers import AutoFeatureExtractor
 
     from .export import quantize_dynamic_int8
+    from .pipeline_htsat import audio_source
 
     model = HTSATForAudioClassification.from_pretrained(model_dir).eval()
     extractor = AutoFeatureExtractor.from_pretrained(model_dir)
     rate = extractor.sampling_rate
-    data = datasets.load_dataset(data_dir or model_dir, split=split).cast_column("audio", datasets.Audio(sampling_rate=rate))
+    data = datasets.load_dataset(data_dir or model_dir, split=split)
     labels = torch.tensor(data["label"])
     variants = {"fp32": model, "int8": quantize_dynamic_int8(model), "bf16": CpuBf16(model)}
     if _onnx_available():
@@ -756,7 +742,7 @@ def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "t
     logits = {name: [] for name in variants}
     for first in range(0, len(data), batch):
         rows = data[first : first + batch]["audio"]
-        arrays = [row["array"] if isinstance(row, dict) else row.get_all_samples().data.mean(0).numpy() for row in rows]
+        arrays = [audio_source(cell, rate, probe=False).array for cell in rows]  # decoded and resampled as the pipelines do
         features = extractor(arrays, sampling_rate=rate, return_tensors="pt")["input_features"]
         with torch.inference_mode():
             for name, variant in variants.items():
