@@ -40,3 +40,29 @@ def save_tiny_classifier(path: Path, num_labels: int = 5, seed: int = 0) -> Path
     HTSATForAudioClassification(config).save_pretrained(path)
     HTSATFeatureExtractor().save_pretrained(path)
     return path
+
+
+def save_tiny_detector(path: Path, seed: int = 0) -> Path:
+    """A small random-weight `HTSATForSoundEventDetection` with labels tone / noise / other, saved to `path`."""
+    import torch
+
+    from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+
+    torch.manual_seed(seed)
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3,
+                         id2label={0: "tone", 1: "noise", 2: "other"})
+    HTSATForSoundEventDetection(config).save_pretrained(path)
+    HTSATFeatureExtractor().save_pretrained(path)
+    return path
+
+
+def loudness_step_logits(features, token_steps: int):
+    """A transparent detector for tests: (windows, frames, mel) log-mel -> (windows, token_steps, 3) step logits
+    where label 0 ("tone") is active (+10) at steps whose loudest mel bin is above -60 dB, the others off (-10)."""
+    import torch
+    import torch.nn.functional as F
+
+    energy = features.amax(dim=-1, keepdim=True).transpose(1, 2)  # (n, 1, frames): loudest mel bin
+    steps = F.adaptive_avg_pool1d(energy, token_steps).transpose(1, 2)  # (n, steps, 1)
+    loud = (steps > -60).float() * 20 - 10
+    return torch.cat([loud, -10 * torch.ones_like(loud), -10 * torch.ones_like(loud)], dim=-1)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torch.nn.functional as F
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, loudness_step_logits, save_tiny_detector
 from transformers import pipeline
 
 import htsat_hf  # noqa: F401
-from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+from htsat_hf import HTSATFeatureExtractor, HTSATForSoundEventDetection
 from htsat_hf.live import LiveDetector
 from htsat_hf.pipeline_htsat import AudioInputError
 
@@ -25,13 +24,7 @@ MAPPING = {"any": ["tone", "noise"], "other": ["other"]}
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3,
-                         id2label={0: "tone", 1: "noise", 2: "other"})
-    path = tmp_path_factory.mktemp("live_model")
-    HTSATForSoundEventDetection(config).save_pretrained(path)
-    HTSATFeatureExtractor().save_pretrained(path)
-    return path
+    return save_tiny_detector(tmp_path_factory.mktemp("live_model"))
 
 
 def noisy(seconds: float, seed: int = 0) -> np.ndarray:
@@ -137,10 +130,7 @@ class LoudnessDetector(LiveDetector):
     """The real detector with a transparent model: label "tone" is active where the features are loud."""
 
     def step_logits(self, features: torch.Tensor) -> torch.Tensor:
-        energy = features.amax(dim=-1, keepdim=True).transpose(1, 2)
-        steps = F.adaptive_avg_pool1d(energy, self.config.token_steps).transpose(1, 2)
-        loud = (steps > -60).float() * 20 - 10
-        return torch.cat([loud, -10 * torch.ones_like(loud), -10 * torch.ones_like(loud)], dim=-1)
+        return loudness_step_logits(features, self.config.token_steps)
 
 
 def tone(seconds: float, start: float, end: float) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,25 +11,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torch.nn.functional as F
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, loudness_step_logits, save_tiny_detector
 from transformers import pipeline
 
 import htsat_hf.pipeline_htsat as pipeline_module
-from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+from htsat_hf import HTSATFeatureExtractor, HTSATForSoundEventDetection
 
 RATE = 32000
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3,
-                         id2label={0: "tone", 1: "noise", 2: "other"})
-    path = tmp_path_factory.mktemp("sed_model")
-    HTSATForSoundEventDetection(config).save_pretrained(path)
-    HTSATFeatureExtractor().save_pretrained(path)
-    return path
+    return save_tiny_detector(tmp_path_factory.mktemp("sed_model"))
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
@@ -76,10 +68,7 @@ def loudness_model(folder):
     model = HTSATForSoundEventDetection.from_pretrained(folder).eval()
 
     def forward(input_features, **kwargs):
-        energy = input_features.amax(dim=-1, keepdim=True).transpose(1, 2)  # (n, 1, frames): loudest mel bin
-        steps = F.adaptive_avg_pool1d(energy, model.config.token_steps).transpose(1, 2)  # (n, 32, 1)
-        loud = (steps > -60).float() * 20 - 10
-        frame_logits = torch.cat([loud, -10 * torch.ones_like(loud), -10 * torch.ones_like(loud)], dim=-1)
+        frame_logits = loudness_step_logits(input_features, model.config.token_steps)
         return htsat_hf.modeling_htsat.HTSATSoundEventDetectionOutput(
             logits=frame_logits.mean(1), frame_logits=frame_logits
         )
