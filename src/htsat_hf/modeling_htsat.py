@@ -121,6 +121,13 @@ def window_start_frames(config: HTSATConfig, num_frames: int) -> tuple[torch.Ten
     return (torch.arange(count) * hop).clamp(max=num_frames - window), window
 
 
+def grid_steps(config: HTSATConfig, num_frames: int) -> int:
+    """Steps of the windows' time grid (steps of `clip_frames` windows) that cover `num_frames` frames:
+    ceil((num_frames - 1) frames / frames per step), in integers, so exact, and a shape expression when exported."""
+    per_window = config.clip_frames - 1
+    return ((num_frames - 1) * config.token_steps + per_window - 1) // per_window
+
+
 GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
 
 
@@ -893,9 +900,7 @@ class HTSATTimeAxisMixin:
         """Number of `frame_logits` steps for an input of `num_frames` feature frames."""
         if num_frames <= self.config.image_frames:  # one window
             return self.config.token_steps
-        # ceil((num_frames - 1) frames / frames per step) in integers: exact, and a shape expression when exported
-        per_window = self.config.clip_frames - 1
-        return ((num_frames - 1) * self.config.token_steps + per_window - 1) // per_window
+        return grid_steps(self.config, num_frames)
 
     def stitch_window_steps(self, step_values: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
                             ) -> torch.Tensor:
@@ -1080,6 +1085,7 @@ __all__ = [
     "HTSATPreTrainedModel",
     "StepStitcher",
     "long_input_hop_frames",
+    "grid_steps",
     "stitch_on_grid",
     "window_layout",
     "window_start_frames",

@@ -102,7 +102,8 @@ def train_sound_event_model(directory: str) -> str:
     data, model = Path(directory) / "data", Path(directory) / "model"
     if not (model / "config.json").exists():
         build_sound_event_dataset(data, per_class=(150, 30))
-        train_main(["--dataset_name", str(data), "--eval_split_name", "test", "--output_dir", str(model), *TRAINING_ARGS])
+        train_main(["--dataset_name", str(data), "--eval_split_name", "test", "--output_dir", str(model),
+                    *TRAINING_ARGS])
     return str(model)
 
 

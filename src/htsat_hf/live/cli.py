@@ -61,7 +61,8 @@ def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
     if args.stdin:
         command = command[:1] + command[2:]  # ffmpeg reads our stdin
-        command += ["-f", args.stdin_format, "-ar", str(args.stdin_rate), "-ac", str(args.stdin_channels), "-i", "pipe:0"]
+        command += ["-f", args.stdin_format, "-ar", str(args.stdin_rate), "-ac", str(args.stdin_channels),
+                    "-i", "pipe:0"]
     elif args.ffmpeg_input:
         command += shlex.split(args.ffmpeg_input)
     else:

@@ -34,9 +34,9 @@ import torch
 
 from ..annotation.annotator import _load, top_tags
 from ..feature_extraction_htsat import pcm_to_float
-from ..modeling_htsat import StepStitcher
+from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
-from ..sed_postprocessing import EventStream, load_label_mapping, map_scores, resolve_label_mapping
+from ..sed_postprocessing import EventStream, _sorted_events, load_label_mapping, map_scores, resolve_label_mapping
 
 
 @dataclass
@@ -99,7 +99,6 @@ class LiveDetector:
         bf16: bool = False,
         trust_remote_code: bool = False,
     ):
-
         self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
         config = self.config = self.model.config
         if not config.use_token_semantic_head:
@@ -107,14 +106,15 @@ class LiveDetector:
                              "(use_token_semantic_head=False).")
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
-            raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: resample "
-                             f"it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; scripts/listen.py does).")
+            raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
+                             f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; listen.py does).")
         hop_length = config.hop_length
         self.frame_seconds = hop_length / self.sampling_rate
         self.hop_frames = _whole_frames(hop_seconds, self.sampling_rate, hop_length, "hop_seconds")
         self.window_frames = config.clip_frames
         if not 0 < self.hop_frames <= self.window_frames - 1:
-            raise ValueError(f"hop_seconds must be > 0 and at most the window ({config.clip_seconds} s), got {hop_seconds}.")
+            raise ValueError(f"hop_seconds must be > 0 and at most the window ({config.clip_seconds} s), "
+                             f"got {hop_seconds}.")
         if not lookahead_seconds >= 0:
             raise ValueError(f"lookahead_seconds must be >= 0, got {lookahead_seconds}.")
         if int(top_k) < 1 or int(window_batch_size) < 1 or int(channels) < 1:
@@ -126,16 +126,18 @@ class LiveDetector:
         self.window_batch_size = int(window_batch_size)
         self.bf16 = bool(bf16)
         self.device = next(self.model.parameters()).device
-        self.step_seconds = (self.window_frames - 1) * self.frame_seconds / config.token_steps
+        self.step_seconds = self.model.frame_step_seconds(config.image_frames + 1)  # any windowed input's step
         self.model_labels = [config.id2label[i] for i in range(config.num_labels)]
         if isinstance(label_mapping, str):
             label_mapping = load_label_mapping(label_mapping)
         self.label_mapping = dict(label_mapping) if label_mapping is not None else None
         self.labels = (list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping
                        else self.model_labels)
-        self.events = EventStream(self.step_seconds, self.labels, threshold=threshold,
-                                  median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
-                                  min_gap_seconds=min_gap_seconds, hysteresis=hysteresis, upsample=upsample)
+        self.events = EventStream(
+            self.step_seconds, self.labels, threshold=threshold, median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds, hysteresis=hysteresis,
+            upsample=upsample,
+        )
         self.frames = StreamFrames(self.feature_extractor, config.num_mel_bins)
         self.stitcher = StepStitcher(None, self.step_seconds, config.num_labels, drop_handed_out=True)
         # window k starts at frame k * hop_frames; the first one ends at the first hop (or at one full window)
@@ -181,16 +183,15 @@ class LiveDetector:
         last_start = total - self.window_frames
         if self.windows_run == 0 or (self.next_window - 1) * self.hop_frames < last_start:
             updates += self._run_windows([last_start])  # the end-aligned window, as offline
-        total_steps = math.ceil((total - 1) * self.frame_seconds / self.step_seconds - 1e-6)
         first_step = self.stitcher.offset
-        rest = self.stitcher.result(total_steps)
+        rest = self.stitcher.result(grid_steps(self.config, total))
         scores = self._step_scores(rest)
         self.events.push(scores)
         events = self.events.finish(self.frames.num_samples / self.sampling_rate)
         if updates:
             last = updates[-1]
             last.step_scores = np.concatenate([last.step_scores, scores])
-            last.events = _merge_sorted(last.events, events, self.labels)
+            last.events = _sorted_events(last.events + events, self.labels)
         else:
             updates.append(LiveUpdate(self.seconds_seen, [], events, first_step, scores))
         return updates
@@ -228,9 +229,9 @@ class LiveDetector:
         self.windows_run += 1
         self.stitcher.add(logits[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
-        before_step = math.floor((end_seconds - self.lookahead_seconds) / self.step_seconds + StepStitcher.GRID_TOLERANCE)
         first_step = self.stitcher.offset
-        scores = self._step_scores(self.stitcher.pop_final(before_step))
+        emit_before = self.stitcher.first_step(end_seconds - self.lookahead_seconds)
+        scores = self._step_scores(self.stitcher.pop_final(emit_before))
         self.events.push(scores)
         tags = top_tags(logits.mean(dim=0), self.model_labels, self.config.problem_type, self.top_k)
         return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
@@ -246,7 +247,8 @@ class LiveDetector:
         if array.dtype.kind not in "iuf":
             raise ValueError(f"Audio blocks must be numeric arrays, got dtype {array.dtype}.")
         expected = "(samples,)" if self.channels == 1 else f"(samples, {self.channels})"
-        if (self.channels == 1 and array.ndim != 1) or (self.channels > 1 and (array.ndim != 2 or array.shape[1] != self.channels)):
+        shape_ok = array.ndim == 1 if self.channels == 1 else (array.ndim == 2 and array.shape[1] == self.channels)
+        if not shape_ok:
             raise ValueError(f"A block of shape {array.shape}; this stream takes {expected} blocks "
                              f"(LiveDetector(channels={self.channels})).")
         array = pcm_to_float(array, "The block")
@@ -261,13 +263,9 @@ class LiveDetector:
 def _whole_frames(seconds: float, sampling_rate: int, hop_length: int, what: str) -> int:
     frames = seconds * sampling_rate / hop_length
     if not math.isfinite(frames) or abs(frames - round(frames)) > 1e-6:
-        raise ValueError(f"{what} must be a whole number of feature hops ({hop_length / sampling_rate} s), got {seconds}.")
+        raise ValueError(f"{what} must be a whole number of feature hops ({hop_length / sampling_rate} s), "
+                         f"got {seconds}.")
     return int(round(frames))
-
-
-def _merge_sorted(first: list[dict], second: list[dict], labels: list[str]) -> list[dict]:
-    order = {label: k for k, label in enumerate(labels)}
-    return sorted(first + second, key=lambda event: (event["onset"], order[event["label"]]))
 
 
 __all__ = ["LiveDetector", "LiveUpdate"]
