@@ -97,9 +97,7 @@ def export_programs(model: HTSATPreTrainedModel, example_batch: int = 2, max_fra
 def _export_graph(model, example_frames: int, min_frames: int, max_frames: int, example_batch: int, opset: int):
     """One traced ONNX graph for lengths in [min_frames, max_frames]."""
     example, dims = _inputs_and_dims(model, example_frames, min_frames, max_frames, example_batch)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with torch.no_grad():
         program = torch.onnx.export(
             OnnxWrapper(model).eval(), (example,), dynamo=True, input_names=["input_features"],
             output_names=output_names(model), dynamic_shapes={"input_features": dims}, opset_version=opset,
