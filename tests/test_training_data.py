@@ -211,3 +211,40 @@ def test_an_empty_eval_manifest_names_the_split_and_file(tmp_path, content, what
     with pytest.raises(SystemExit, match=rf"error: The eval manifest .*eval.csv holds {what}: no examples"):
         cli(["--train_file", str(tmp_path / "train.csv"), "--eval_file", str(tmp_path / "eval.csv"),
              "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"])
+
+
+@pytest.mark.parametrize(
+    "suffix, subtype", [(".wav", "PCM_16"), (".wav", "PCM_24"), (".wav", "FLOAT"), (".flac", "PCM_16")]
+)
+def test_native_mono_reads_equal_the_ffmpeg_decoder(tmp_path, suffix, subtype):
+    """libsndfile's fast path returns exactly the samples `datasets` decodes, from a path or from bytes."""
+    from datasets import Audio
+
+    from htsat_hf.training.data import read_native_mono
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"clip{suffix}"
+    sf.write(path, (rng.standard_normal(8000) * 0.3).clip(-1, 0.99).astype(np.float32), 16000, subtype=subtype)
+    expected = np.asarray(Audio(sampling_rate=16000, num_channels=1).decode_example({"path": str(path), "bytes": None})["array"])
+    for cell in ({"path": str(path), "bytes": None}, {"path": None, "bytes": path.read_bytes()}):
+        fast = read_native_mono(cell, 16000)
+        assert fast is not None and fast.dtype == np.float32
+        np.testing.assert_array_equal(fast, expected)
+
+
+def test_native_mono_leaves_resampling_downmixing_and_errors_to_ffmpeg(tmp_path):
+    from htsat_hf.training.data import read_native_mono
+
+    mono, stereo = tmp_path / "mono.wav", tmp_path / "stereo.wav"
+    sf.write(mono, np.zeros(1600, np.float32), 16000)
+    sf.write(stereo, np.zeros((1600, 2), np.float32), 16000)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really")
+    assert read_native_mono({"path": str(mono), "bytes": None}, 32000) is None  # needs resampling
+    assert read_native_mono({"path": str(stereo), "bytes": None}, 16000) is None  # needs the decoder's downmix
+    assert read_native_mono({"path": str(broken), "bytes": None}, 16000) is None  # datasets names the error
+    assert read_native_mono({"path": str(tmp_path / "missing.wav"), "bytes": None}, 16000) is None
+    transform = AudioTransform(HTSATFeatureExtractor(sampling_rate=16000, hop_length=160, f_max=8000.0,
+                                                     max_length_seconds=0.5), labels=None, label_column=None)
+    with pytest.raises(BadExampleError, match="broken.wav"):
+        transform({"audio": [{"path": str(broken), "bytes": None}]})
