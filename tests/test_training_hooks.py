@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from test_pretrained_init import small_swin
 from test_publishing import RecordingApi
@@ -66,3 +67,18 @@ def test_sync_batchnorm_only_for_several_processes_on_an_accelerator_and_the_che
     features = torch.randn(2, 1001, 64)
     with torch.no_grad():  # eval mode: SyncBatchNorm uses its running statistics, also on CPU
         torch.testing.assert_close(converted.eval()(features).logits, loaded.eval()(features).logits)
+
+
+def test_front_end_flags_reach_the_model_and_its_feature_extractor():
+    """--sampling_rate/--hop_length/--n_fft/--num_mel_bins/--f_min/--f_max build one matching front end."""
+    model_args = ModelArguments(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], spec_size=64, clip_seconds=1.0,
+                                sampling_rate=16000, hop_length=160, n_fft=512, num_mel_bins=32, f_min=20.0, f_max=8000.0)
+    model, extractor = build_model(model_args, LabelSpace(names=["a", "b"], multi_label=False), None)
+    config = model.config
+    assert (config.sampling_rate, config.hop_length, config.n_fft, config.num_mel_bins) == (16000, 160, 512, 32)
+    assert (config.f_min, config.f_max, config.freq_ratio) == (20.0, 8000.0, 2)
+    assert (extractor.sampling_rate, extractor.hop_length, extractor.n_fft, extractor.feature_size) == (16000, 160, 512, 32)
+    assert (extractor.f_min, extractor.f_max) == (20.0, 8000.0)
+    features = extractor([np.zeros(16000, np.float32)], sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert features.shape == (1, 101, 32)
+    assert model(input_features=features).logits.shape == (1, 2)
