@@ -241,6 +241,7 @@ def test_native_mono_leaves_resampling_downmixing_and_errors_to_ffmpeg(tmp_path)
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF not really")
     assert read_native_mono({"path": str(mono), "bytes": None}, 32000) is None  # needs resampling
+    assert read_native_mono({"path": str(mono), "bytes": None}, None).shape == (1600,)  # any rate: the audio check
     assert read_native_mono({"path": str(stereo), "bytes": None}, 16000) is None  # needs the decoder's downmix
     assert read_native_mono({"path": str(broken), "bytes": None}, 16000) is None  # datasets names the error
     assert read_native_mono({"path": str(tmp_path / "missing.wav"), "bytes": None}, 16000) is None

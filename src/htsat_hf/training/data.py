@@ -14,8 +14,8 @@ AudioSet `index,mid,display_name` CSV), comma-joined strings (FSD50K), or plain 
 
 Audio is decoded and resampled by `datasets` (`Audio(sampling_rate=fe.sampling_rate, num_channels=1)`) when a batch
 is read; mono WAV / FLAC files already at the model's rate are read by libsndfile instead (`read_native_mono`): the
-same samples, without FFmpeg's per-file decoder set-up. Training clips longer than `max_length_seconds` are randomly cropped to it; shorter ones are repeated to it
-by the feature extractor. Evaluation clips are cropped centrally to `max_length_seconds` by default
+same samples, without FFmpeg's per-file decoder set-up (the up-front audio check uses the same path). Training clips
+longer than `max_length_seconds` are randomly cropped to it; shorter ones are repeated to it by the feature extractor. Evaluation clips are cropped centrally to `max_length_seconds` by default
 (`eval_crop="center"`, so batches stack); `eval_crop="none"` keeps them whole (the model then averages over
 overlapping windows), which needs a batch size of 1 when clip lengths differ.
 
@@ -363,9 +363,10 @@ def audio_locations(dataset: Dataset, audio_column: str) -> list[tuple[str | Non
 
 
 def check_decodes(cell: dict[str, Any]) -> None:
-    """Decode one `Audio(decode=False)` cell fully (raises when unreadable or empty)."""
-    decoded = Audio(num_channels=1).decode_example(cell)
-    samples = decoded["array"]
+    """Decode one `Audio(decode=False)` cell fully, at its own rate, as training will (raises when unreadable or empty)."""
+    samples = read_native_mono(cell, None)
+    if samples is None:
+        samples = Audio(num_channels=1).decode_example(cell)["array"]
     if samples.size == 0:
         raise ValueError("no audio samples")
     if not np.isfinite(samples).all():
@@ -463,9 +464,9 @@ def center_crop(waveform: np.ndarray, length: int) -> np.ndarray:
 NATIVE_FORMATS = ("WAV", "WAVEX", "FLAC")
 
 
-def read_native_mono(cell: dict[str, Any] | None, sampling_rate: int) -> np.ndarray | None:
-    """float32 samples of a mono WAV / FLAC cell (`{"path", "bytes"}`) already at `sampling_rate`, read by libsndfile,
-    or None when the file needs FFmpeg (another rate, several channels, another format, unreadable).
+def read_native_mono(cell: dict[str, Any] | None, sampling_rate: int | None) -> np.ndarray | None:
+    """float32 samples of a mono WAV / FLAC cell (`{"path", "bytes"}`) already at `sampling_rate` (None: at any rate),
+    read by libsndfile, or None when the file needs FFmpeg (another rate, several channels, another format, unreadable).
 
     They equal what `datasets.Audio(sampling_rate, num_channels=1)` decodes (integer PCM / 32768, floats as stored),
     at about 0.2 ms instead of 5-12 ms per 2-s file: FFmpeg sets up a decoder per file, which dominated the training
@@ -480,7 +481,8 @@ def read_native_mono(cell: dict[str, Any] | None, sampling_rate: int) -> np.ndar
         return None
     try:
         with soundfile.SoundFile(source) as audio:
-            if audio.format not in NATIVE_FORMATS or audio.channels != 1 or audio.samplerate != sampling_rate:
+            other_rate = sampling_rate is not None and audio.samplerate != sampling_rate
+            if audio.format not in NATIVE_FORMATS or audio.channels != 1 or other_rate:
                 return None
             return audio.read(dtype="float32")
     except (soundfile.LibsndfileError, RuntimeError, ValueError):
