@@ -243,3 +243,17 @@ def test_latency_probe_and_agreement_measure_what_they_say(folder):
     assert agreement(events, events, 5.0, ["tone", "noise"]) == 1.0
     moved = [{"label": "tone", "onset": 4.0, "offset": 4.5}, {"label": "noise", "onset": 0.2, "offset": 0.4}]
     assert agreement(events, moved, 5.0, ["tone", "noise"]) == 0.0
+
+
+def test_lookahead_agreement_reports_every_hop_and_lookahead(folder):
+    """The agreement table's rows: one per live hop and lookahead, F1s in [0, 1]; the offline events at the default
+    hop agree with themselves (F1 1), and a live run that sees every window at the offline hop agrees closely."""
+    from htsat_hf.live.benchmark import lookahead_agreement
+
+    audio = noisy(24.0, seed=3)
+    result = lookahead_agreement(str(folder), audio, [0.0, 10.0], {"threshold": 0.5}, hops=(1.0, 5.0))
+    assert [(row["hop_seconds"], row["lookahead_seconds"]) for row in result["rows"]] == [
+        (1.0, 0.0), (1.0, 10.0), (5.0, 0.0), (5.0, 10.0)]
+    assert all(0.0 <= row[key] <= 1.0 for row in result["rows"] for key in ("f1_vs_offline", "f1_vs_offline_same_hop"))
+    assert result["default_hop_seconds"] == 5.0 and result["offline_hops_agreement"][5.0] == 1.0
+    assert 0.0 <= result["offline_hops_agreement"][1.0] <= 1.0 and result["offline_events"] > 0

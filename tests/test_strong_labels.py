@@ -68,3 +68,29 @@ def test_training_on_strong_labels_reduces_the_frame_loss():
     inside = scores[int(3.2 / step) : int(5.8 / step)].mean()
     outside = torch.cat([scores[: int(2.5 / step)], scores[int(6.5 / step) :]]).mean()
     assert inside > outside + 0.3
+
+
+def test_strong_label_scene_dataset_lists_every_event_it_placed(tmp_path):
+    """`demo_data.build_strong_label_scene_dataset` (the live benchmark's training data): every clip is a
+    `clip_seconds` file, its TSV rows are the events `sound_event_scene` placed (same seed), and the TSVs load as
+    training splits of the four classes."""
+    import soundfile as sf
+
+    from htsat_hf.demo_data import SOUND_CLASSES, build_strong_label_scene_dataset, sound_event_scene
+    from htsat_hf.training.strong_labels import load_strong_labels
+
+    root = build_strong_label_scene_dataset(tmp_path / "scenes", clips=(3, 2), clip_seconds=4.0, rate=8000, seed=5)
+    for s, (split, count) in enumerate((("train", 3), ("eval", 2))):
+        table = read_strong_labels(root / "metadata" / f"{split}.tsv")
+        assert sorted(table) == [f"{n:04d}.wav" for n in range(count)]
+        for n in range(count):
+            audio, rate = sf.read(root / "audio" / split / f"{n:04d}.wav")
+            assert rate == 8000 and len(audio) == 4 * 8000
+            _, placed = sound_event_scene(4.0, 8000, np.random.default_rng([5, 100 + s, n]))
+            listed = table[f"{n:04d}.wav"]
+            assert [(e["label"], e["onset"], e["offset"]) for e in listed] == [
+                (e["event_label"], round(e["onset"], 3), round(e["offset"], 3)) for e in placed]
+    source = load_strong_labels(root / "metadata" / "train.tsv", root / "metadata" / "eval.tsv",
+                                root / "audio" / "train", root / "audio" / "eval")
+    assert set(source.names) <= set(SOUND_CLASSES) and len(source.splits["train"]) == 3
+    assert len(source.splits["eval"]) == 2

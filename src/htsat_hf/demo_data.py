@@ -209,3 +209,28 @@ def build_sound_event_dataset(root: str | Path, per_class: tuple[int, int] = (10
                     audio, events = sound_event_scene(clip_seconds, rate, rng, classes=[kind], gap=(1.0, 6.0))
                 sf.write(root / split / kind / f"{n:04d}.wav", audio, rate, subtype="PCM_16")
     return root
+
+
+def build_strong_label_scene_dataset(root: str | Path, clips: tuple[int, int] = (600, 100), clip_seconds: float = 10.0,
+                                     rate: int = 16000, seed: int = 0) -> Path:
+    """A DESED-style strong-label set of `clip_seconds` scenes, each with events of all SOUND_CLASSES at random,
+    non-overlapping times in noise (`sound_event_scene`, the live benchmark's test streams cut short):
+    `<root>/audio/{train,eval}/<n>.wav` and `<root>/metadata/{train,eval}.tsv` (filename, onset, offset,
+    event_label; a scene without events has one row with empty times and label, as DESED writes it). For
+    `scripts/train.py --strong_labels_train`."""
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "metadata").mkdir(parents=True)
+    for s, (split, count) in enumerate(zip(("train", "eval"), clips)):
+        (root / "audio" / split).mkdir(parents=True)
+        lines = ["filename\tonset\toffset\tevent_label"]
+        for n in range(count):
+            audio, events = sound_event_scene(clip_seconds, rate, np.random.default_rng([seed, 100 + s, n]))
+            name = f"{n:04d}.wav"
+            sf.write(root / "audio" / split / name, audio, rate, subtype="PCM_16")
+            lines += [f"{name}\t{e['onset']:.3f}\t{e['offset']:.3f}\t{e['event_label']}" for e in events]
+            if not events:
+                lines.append(f"{name}\t\t\t")
+        (root / "metadata" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
