@@ -96,3 +96,17 @@ def test_long_clips_are_computed_in_blocks_with_the_same_frames(extractor):
     torch.testing.assert_close(blocked, whole, atol=1e-4, rtol=0)
     small = extractor.log_mel_in_blocks(torch.from_numpy(audio)[None], block_frames=997)  # block edges everywhere
     torch.testing.assert_close(small, whole, atol=1e-4, rtol=0)
+
+
+def test_f_max_above_nyquist_warns_once_per_setting():
+    """A 16-kHz model with f_max above 8 kHz (the original Speech Commands model) is legal: the warning says so once,
+    not at every extractor a pipeline, trainer or DataLoader worker builds."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    logger = logging.get_logger("htsat_hf.feature_extraction_htsat")
+    with CaptureLogger(logger) as first:
+        HTSATFeatureExtractor(sampling_rate=16000, hop_length=160, f_max=14001.5)
+    with CaptureLogger(logger) as second:
+        HTSATFeatureExtractor(sampling_rate=16000, hop_length=160, f_max=14001.5)
+    assert "above the Nyquist frequency" in first.out and second.out == ""

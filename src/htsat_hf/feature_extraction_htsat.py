@@ -104,7 +104,7 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         self.f_max = f_max
         self.max_length_seconds = max_length_seconds
         if f_max > sampling_rate / 2:
-            logger.warning(
+            logger.warning_once(
                 f"f_max={f_max} Hz is above the Nyquist frequency of {sampling_rate} Hz audio: the top mel filters are "
                 "all zero (as in the original Speech Commands model)."
             )
