@@ -192,25 +192,6 @@ def sound_event_scene(seconds: float, rate: int, rng: np.random.Generator, class
     return (audio / (np.abs(audio).max() + 1e-9) * 0.8).astype(np.float32), events
 
 
-def build_sound_event_dataset(root: str | Path, per_class: tuple[int, int] = (100, 30), clip_seconds: float = 10.0,
-                              rate: int = 16000, seed: int = 0) -> Path:
-    """An audiofolder `<root>/{train,test}/<class>/<n>.wav` of `clip_seconds` clips, each with 1-3 events of its
-    class at random times in noise (weak labels: the class, not the times), for training an SED model offline."""
-    root = Path(root)
-    if root.exists():
-        shutil.rmtree(root)
-    for s, (split, count) in enumerate(zip(("train", "test"), per_class)):
-        for c, kind in enumerate(SOUND_CLASSES):
-            (root / split / kind).mkdir(parents=True)
-            for n in range(count):
-                rng = np.random.default_rng([seed, s, c, n])
-                events = []
-                while not events:  # every clip holds at least one event of its class
-                    audio, events = sound_event_scene(clip_seconds, rate, rng, classes=[kind], gap=(1.0, 6.0))
-                sf.write(root / split / kind / f"{n:04d}.wav", audio, rate, subtype="PCM_16")
-    return root
-
-
 def build_strong_label_scene_dataset(root: str | Path, clips: tuple[int, int] = (600, 100), clip_seconds: float = 10.0,
                                      rate: int = 16000, seed: int = 0) -> Path:
     """A DESED-style strong-label set of `clip_seconds` scenes, each with events of all SOUND_CLASSES at random,
