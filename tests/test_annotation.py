@@ -428,3 +428,52 @@ def test_bf16_autocast_stays_close_to_fp32(annotator, corpus, rows):
         for tag in row["tags"]:
             if tag["label"] in expected:
                 assert tag["score"] == pytest.approx(expected[tag["label"]], abs=0.05)
+
+
+@pytest.mark.parametrize("average", ["probabilities", "logits"])
+def test_ensemble_rows_equal_the_two_pipelines(corpus, tmp_path, average):
+    """An `HTSATEnsembleModel` folder (members of different widths): tags equal the ensemble's forward on the whole
+    decoded file (and `pipeline("audio-classification")`), events and frame scores `pipeline("sound-event-detection")`,
+    short clips and long files alike; embeddings are refused (no single pooled latent)."""
+    from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
+
+    members = []
+    for seed, width in ((1, 8), (2, 16)):
+        torch.manual_seed(seed)
+        config = HTSATConfig(embed_dim=width, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)
+        model = HTSATForAudioClassification(config).eval()
+        with torch.no_grad():  # spread-out logits, so that the averaging rule matters
+            model.classifier.conv.weight.mul_(20)
+        members.append(model)
+    folder = tmp_path / "ensemble"
+    HTSATEnsembleModel.from_members(members, average=average).save_pretrained(folder)
+    HTSATFeatureExtractor().save_pretrained(folder)
+    _, files = corpus
+    files = [files[0], files[2], files[4], files[6]]  # 0.5 s, 7.3 s, 25 s, 180 s
+    annotator = Annotator(str(folder), tasks=("tags", "events", "frame_scores"), top_k=3, batch_size=4,
+                          threshold=0.5, device="cpu")
+    rows = {row["id"]: row for row in annotator.annotate([(f, f) for f in files])}
+    classify = pipeline("audio-classification", model=str(folder))
+    detect = pipeline("sound-event-detection", model=str(folder))
+    ensemble = HTSATEnsembleModel.from_pretrained(folder).eval()
+    extractor = HTSATFeatureExtractor.from_pretrained(folder)
+    for path in files:
+        features = extractor(decoded_as_a_file(path), sampling_rate=32000, return_tensors="pt")
+        with torch.no_grad():  # the ensemble's own forward on the whole decoded file
+            probabilities = ensemble(**features).logits[0].sigmoid()
+        scores, ids = probabilities.topk(3)
+        assert [t["label"] for t in rows[path]["tags"]] == [ensemble.config.id2label[i] for i in ids.tolist()], path
+        np.testing.assert_allclose([t["score"] for t in rows[path]["tags"]], scores.numpy(), atol=1e-5)
+        if not path.endswith(".mp3"):  # Transformers' own pipeline (ensembles use it) decodes mp3 from a pipe
+            expected_tags = classify(path, top_k=3)
+            np.testing.assert_allclose([t["score"] for t in rows[path]["tags"]],
+                                       [t["score"] for t in expected_tags], atol=1e-5)
+        expected = detect(path, threshold=0.5, return_frame_scores=True)
+        assert rows[path]["events"] == expected["events"], path
+        np.testing.assert_allclose(rows[path]["frame_scores"], expected["frame_scores"], atol=1e-5)
+    assert sum(len(rows[p]["events"]) for p in files) > 5  # the comparison is not vacuous
+    single = Annotator(members[0], tasks=("tags",), top_k=3, device="cpu")
+    first = {row["id"]: row for row in single.annotate([(f, f) for f in files])}
+    assert any(first[p]["tags"] != rows[p]["tags"] for p in files)  # the second member changes the result
+    with pytest.raises(ValueError, match="no single pooled embedding"):
+        Annotator(str(folder), tasks=("tags", "embeddings"), device="cpu")

@@ -257,3 +257,11 @@ def test_lookahead_agreement_reports_every_hop_and_lookahead(folder):
     assert all(0.0 <= row[key] <= 1.0 for row in result["rows"] for key in ("f1_vs_offline", "f1_vs_offline_same_hop"))
     assert result["default_hop_seconds"] == 5.0 and result["offline_hops_agreement"][5.0] == 1.0
     assert 0.0 <= result["offline_hops_agreement"][1.0] <= 1.0 and result["offline_events"] > 0
+
+
+def test_ensembles_are_refused_with_a_clear_error(folder):
+    from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
+
+    model = HTSATForSoundEventDetection.from_pretrained(folder)
+    with pytest.raises(ValueError, match="ensembles are not supported here"):
+        LiveDetector(HTSATEnsembleModel.from_members([model, model]), HTSATFeatureExtractor())

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import step_probabilities
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
@@ -67,7 +68,8 @@ class Annotator:
     Tags, events, embeddings and frame scores for batches of audio, with one HTS-AT model.
 
     Args:
-        model: an HTS-AT folder or Hub id, or a loaded `HTSATForAudioClassification` / `HTSATForSoundEventDetection`.
+        model: an HTS-AT folder or Hub id, or a loaded `HTSATForAudioClassification` / `HTSATForSoundEventDetection`
+            / `HTSATEnsembleModel` (members on one time grid; combined as the ensemble's forward combines them).
         feature_extractor: defaults to the folder's (or one matching the model's config).
         tasks: any of "tags", "events", "embeddings", "frame_scores".
         top_k: tags per input (sigmoid or softmax scores as the config's `problem_type` says, like the pipeline).
@@ -103,9 +105,18 @@ class Annotator:
         id_column: str | None = None,
         trust_remote_code: bool = False,
     ):
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
+        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
+                                                   allow_ensemble=True)
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
+        self.members = list(self.model.members) if _is_ensemble(self.model) else [self.model]
+        if len(self.members) > 1 or _is_ensemble(self.model):
+            if not self.config.use_token_semantic_head:
+                raise ValueError("The annotator takes ensembles whose members all have the token-semantic head on one "
+                                 "time grid; this one mixes heads or grids (use pipeline('audio-classification')).")
+            if "embeddings" in self.tasks:
+                raise ValueError("An ensemble has no single pooled embedding: drop 'embeddings' from the tasks, or "
+                                 "annotate with one member.")
         if TIMELINE_TASKS & set(self.tasks) and not self.config.use_token_semantic_head:
             raise ValueError(
                 "events and frame_scores need the token-semantic head; this model uses the pooled head "
@@ -226,23 +237,26 @@ class Annotator:
 
     # ---------------------------------------------------------------------------------------------------- model
     def _run(self, windows: list[tuple[int, str, int, torch.Tensor]], states: dict[int, _InputState]) -> None:
-        """One forward pass over windows of any inputs: step logits and mean tokens back to each input's state."""
+        """One forward pass (per ensemble member) over windows of any inputs: step logits (members, steps, labels)
+        and the first member's mean tokens back to each input's state."""
         device = self.device
-        images = [None] * len(windows)
         by_frames: dict[int, list[int]] = {}
         for index, (_, _, _, features) in enumerate(windows):
             by_frames.setdefault(features.shape[0], []).append(index)
-        htsat = self.model.htsat
+        member_steps, token_means = [], None
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
-            for indices in by_frames.values():  # windows of one length fold together (stretching as the model does)
-                features = torch.stack([windows[i][3] for i in indices]).to(device, self.model.dtype)
-                for i, image in zip(indices, htsat.window_images(features)):
-                    images[i] = image
-            tokens, _, _ = htsat.encode_images(torch.stack(images))
-            steps = self.model.classifier(tokens).float() if self.config.use_token_semantic_head else None
-            token_means = tokens.float().mean(dim=1)
-        steps = steps.cpu() if steps is not None else None
-        token_means = token_means.cpu()
+            for member in self.members:
+                htsat, images = member.htsat, [None] * len(windows)
+                for indices in by_frames.values():  # windows of one length fold together (stretching as the model does)
+                    features = torch.stack([windows[i][3] for i in indices]).to(device, member.dtype)
+                    for i, image in zip(indices, htsat.window_images(features)):
+                        images[i] = image
+                tokens, _, _ = htsat.encode_images(torch.stack(images))
+                if self.config.use_token_semantic_head:
+                    member_steps.append(member.classifier(tokens).float().cpu())
+                if token_means is None:
+                    token_means = tokens.float().mean(dim=1).cpu()
+        steps = torch.stack(member_steps, dim=1) if member_steps else None  # (windows, members, steps, labels)
         for index, (key, view, start, _) in enumerate(windows):
             state = states.get(key)
             if state is None:  # the input failed while its windows waited
@@ -264,20 +278,26 @@ class Annotator:
         row: dict[str, Any] = {"key": key, "id": end.id, "duration_s": end.num_samples / end.sampling_rate}
         state.timeline.sort(key=lambda window: window[0])
         starts = [start for start, _, _ in state.timeline]
-        frame_logits = None
+        frame_logits = member_frames = None
         if state.timeline and self.config.use_token_semantic_head:
-            steps = torch.stack([step for _, step, _ in state.timeline])
-            frame_logits = (
-                self.model.stitch_window_steps(steps, starts, end.num_frames) if end.windowed else steps[0]
-            )
+            steps = torch.stack([step for _, step, _ in state.timeline]).transpose(0, 1)  # members, windows, ...
+
+            def stitch(window_steps: torch.Tensor) -> torch.Tensor:
+                return (self.model.stitch_window_steps(window_steps, starts, end.num_frames) if end.windowed
+                        else window_steps[0])
+
+            frame_logits = stitch(self._combine(list(steps), exclusive=False))  # combined per window, then stitched
+            member_frames = [stitch(member) for member in steps] if len(steps) > 1 else [frame_logits]
         if CLIP_TASKS & set(self.tasks):
             if clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE:
-                clip_steps, clip_tokens = frame_logits, [tokens for _, _, tokens in state.timeline]
+                clip_steps, clip_tokens = member_frames, [tokens for _, _, tokens in state.timeline]
             else:
-                clip_steps, clip_tokens = state.clip[0][0], [state.clip[0][1]]
+                clip_steps = list(state.clip[0][0]) if state.clip[0][0] is not None else None
+                clip_tokens = [state.clip[0][1]]
             embedding = torch.stack(clip_tokens).mean(dim=0)
             if "tags" in self.tasks:
-                logits = clip_steps.mean(dim=0) if clip_steps is not None else self._pooled_logits(embedding)
+                logits = (self._combine([member.mean(dim=0) for member in clip_steps], self._exclusive)
+                          if clip_steps is not None else self._pooled_logits(embedding))
                 row["tags"] = self._tags(logits)
                 row["clip_logits"] = logits  # not a column: for `pipeline("audio-classification")`
             if "embeddings" in self.tasks:
@@ -296,6 +316,16 @@ class Annotator:
                 row["frame_step_s"] = step_seconds
         row["warning"] = end.warning
         return row
+
+    @property
+    def _exclusive(self) -> bool:
+        return self.config.problem_type == "single_label_classification"
+
+    def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
+        """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
+        if len(member_logits) == 1 and not _is_ensemble(self.model):
+            return member_logits[0]
+        return combine_logits(member_logits, self.config.average, exclusive)
 
     def _pooled_logits(self, embedding: torch.Tensor) -> torch.Tensor:
         """Clip logits of the pooled-head ablation from the mean token."""
@@ -346,8 +376,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool) -> tuple[Any, Any]:
-    """The model in eval mode on its device, and its feature extractor."""
+def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool, allow_ensemble: bool = False
+          ) -> tuple[Any, Any]:
+    """The model in eval mode on its device, and its feature extractor. Ensembles (`HTSATEnsembleModel`) only
+    where `allow_ensemble`."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     from ..feature_extraction_htsat import HTSATFeatureExtractor
@@ -359,16 +391,23 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
             feature_extractor = AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")):
+    single = hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")
+    if not single and not (allow_ensemble and _is_ensemble(model)):
         raise ValueError(
             f"{type(model).__name__} is not a single HTS-AT model (HTSATForAudioClassification or "
-            "HTSATForSoundEventDetection); ensembles are not supported by the annotator yet."
+            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if _is_ensemble(model) else ".")
         )
     if feature_extractor is None:
         feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
     if device is not None:
         model = model.to(device)
     return model.eval(), feature_extractor
+
+
+def _is_ensemble(model: Any) -> bool:
+    """An `HTSATEnsembleModel` (also loaded as remote code): members that are single HTS-AT models."""
+    members = getattr(model, "members", None)
+    return members is not None and all(hasattr(m, "htsat") and hasattr(m, "classifier") for m in members)
 
 
 __all__ = ["AnnotationError", "Annotator", "rows_to_arrow", "top_tags"]
