@@ -1,11 +1,11 @@
 """`pipeline("audio-classification")` for HTS-AT models: audio of any length window by window, with bounded memory.
 
 Transformers' pipeline reads a whole file, decodes it in one piece (ffmpeg's messages silenced) and runs every
-window of it in one forward pass: an hour of audio needed 5-6 GB. For HTS-AT models this subclass runs the same
-windows through `htsat_hf.annotation.Annotator` instead (files streamed through ffmpeg, windows in batches of
-`window_batch_size`, ffmpeg's complaints about a damaged file logged as warnings, a progress bar for audio over two
-minutes); the scores are those of the model's own long-input path. Any other model takes Transformers' code unchanged.
-Importing `htsat_hf` installs it as the task's implementation.
+window of it in one forward pass: an hour of audio needed 5-6 GB. For HTS-AT models (and ensembles of them on one
+token-semantic grid) this subclass runs the same windows through `htsat_hf.annotation.Annotator` instead (files
+streamed through ffmpeg, windows in batches of `window_batch_size`, ffmpeg's complaints about a damaged file logged
+as warnings, a progress bar for audio over two minutes); the scores are those of the model's own long-input path.
+Any other model takes Transformers' code unchanged. Importing `htsat_hf` installs it as the task's implementation.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
     """Audio classification; for HTS-AT models windowed as the model does, in batches of `window_batch_size`."""
 
     def _is_htsat(self) -> bool:
-        return getattr(self.model.config, "model_type", None) == "htsat" and hasattr(self.model, "htsat")
+        """An HTS-AT model, or an ensemble whose members share one token-semantic grid (both stream through the
+        annotator's windows); anything else takes Transformers' own path."""
+        config = self.model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type == "htsat_ensemble":
+            return bool(getattr(config, "use_token_semantic_head", False)) and hasattr(self.model, "members")
+        return model_type == "htsat" and hasattr(self.model, "htsat")
 
     def _sanitize_parameters(self, top_k=None, function_to_apply=None, window_batch_size=None, progress=None,
                              **kwargs):
