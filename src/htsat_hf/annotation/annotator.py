@@ -109,8 +109,9 @@ class Annotator:
                                                    allow_ensemble=True)
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
-        self.members = list(self.model.members) if _is_ensemble(self.model) else [self.model]
-        if len(self.members) > 1 or _is_ensemble(self.model):
+        self.ensemble = _is_ensemble(self.model)
+        self.members = list(self.model.members) if self.ensemble else [self.model]
+        if self.ensemble:
             if not self.config.use_token_semantic_head:
                 raise ValueError("The annotator takes ensembles whose members all have the token-semantic head on one "
                                  "time grid; this one mixes heads or grids (use pipeline('audio-classification')).")
@@ -287,7 +288,7 @@ class Annotator:
                         else window_steps[0])
 
             frame_logits = stitch(self._combine(list(steps), exclusive=False))  # combined per window, then stitched
-            member_frames = [stitch(member) for member in steps] if len(steps) > 1 else [frame_logits]
+            member_frames = [stitch(member) for member in steps] if self.ensemble else [frame_logits]
         if CLIP_TASKS & set(self.tasks):
             if clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE:
                 clip_steps, clip_tokens = member_frames, [tokens for _, _, tokens in state.timeline]
@@ -323,7 +324,7 @@ class Annotator:
 
     def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
         """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
-        if len(member_logits) == 1 and not _is_ensemble(self.model):
+        if not self.ensemble:
             return member_logits[0]
         return combine_logits(member_logits, self.config.average, exclusive)
 
