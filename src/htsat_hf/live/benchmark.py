@@ -143,6 +143,7 @@ def lookahead_agreement(model: str, audio: np.ndarray, lookaheads: list[float], 
     labels = [config.id2label[i] for i in range(config.num_labels)]
     reference = offline(audio, **settings)["events"]  # the default offline windows (hop long_input_hop_seconds)
     model, extractor = offline.model, offline.feature_extractor
+    block = int(READ_SECONDS * rate)
     rows, offline_hops = [], {}
     for hop in hops:
         config.long_input_hop_seconds = hop
@@ -153,7 +154,6 @@ def lookahead_agreement(model: str, audio: np.ndarray, lookaheads: list[float], 
         offline_hops[hop] = agreement(reference, same_hop, duration, labels)
         for lookahead in lookaheads:
             detector = LiveDetector(model, extractor, hop_seconds=hop, lookahead_seconds=lookahead, **settings)
-            block = int(READ_SECONDS * rate)
             events = []
             for first in range(0, len(audio), block):
                 events += [e for u in detector.push(audio[first : first + block]) for e in u.events]
