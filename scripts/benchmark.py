@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--fidelity-data", help="the audiofolder that model was trained on (its 'test' split)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime row")
     parser.add_argument("--no-cpu-bf16", action="store_true", help="skip the CPU bf16 autocast row")
+    parser.add_argument("--no-torch-ops", action="store_true",
+                        help="skip the 'htsat_hf torch ops' row (PyTorch's SDPA and LayerNorm in place of the native "
+                             "CPU kernels)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd htsat_hf (slow to build)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 dynamically quantised htsat_hf row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
@@ -49,7 +52,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
-                     include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16,
+                     include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16, include_torch_ops=not args.no_torch_ops,
                      fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data)
     sections = list(args.sections) + (["fidelity"] if args.fidelity_model and "fidelity" not in args.sections else [])
     if args.batch_sizes:

@@ -382,36 +382,40 @@ def test_attention_weights_are_the_tensors_used_so_gradients_reach_them():
 
 def test_set_attn_implementation_switches_the_attention_path(monkeypatch):
     import htsat_hf.modeling_htsat as modeling
+    from htsat_hf import native_kernels
 
     torch.manual_seed(0)
     model = HTSATForAudioClassification(
         HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=3)
     ).eval()
-    calls = {"sdpa": 0, "eager": 0}
+    calls = {"sdpa": 0, "eager": 0, "fused": 0}
     sdpa, eager = torch.nn.functional.scaled_dot_product_attention, modeling.eager_attention_forward
+    fused = modeling.window_attention
 
-    def count_sdpa(*args, **kwargs):
-        calls["sdpa"] += 1
-        return sdpa(*args, **kwargs)
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
 
-    def count_eager(*args, **kwargs):
-        calls["eager"] += 1
-        return eager(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
-    monkeypatch.setattr(modeling, "eager_attention_forward", count_eager)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting("sdpa", sdpa))
+    monkeypatch.setattr(modeling, "eager_attention_forward", counting("eager", eager))
+    monkeypatch.setattr(modeling, "window_attention", counting("fused", fused))
+    # the default "sdpa" takes the fused CPU kernel in fp32 CPU inference where it is available, SDPA elsewhere
+    default_path = "fused" if native_kernels._kernels() is not None else "sdpa"
     features = torch.randn(1, 1001, 64)
     with torch.no_grad():
         default = model(features).logits
-        assert calls == {"sdpa": calls["sdpa"], "eager": 0} and calls["sdpa"] > 0
+        assert calls[default_path] > 0 and sum(calls.values()) == calls[default_path]
         model.set_attn_implementation("eager")
-        calls.update(sdpa=0, eager=0)
+        calls.update(sdpa=0, eager=0, fused=0)
         eager_logits = model(features).logits
-        assert calls["sdpa"] == 0 and calls["eager"] > 0
+        assert calls["eager"] > 0 and sum(calls.values()) == calls["eager"]
         model.set_attn_implementation("sdpa")
-        calls.update(sdpa=0, eager=0)
+        calls.update(sdpa=0, eager=0, fused=0)
         model(features)
-        assert calls["eager"] == 0 and calls["sdpa"] > 0
+        assert calls[default_path] > 0 and sum(calls.values()) == calls[default_path]
     torch.testing.assert_close(eager_logits, default, atol=1e-5, rtol=1e-5)
 
 

@@ -69,7 +69,7 @@ def test_prepared_repository_card_and_files(trained_folder, tmp_path):
                             base_model="microsoft/swin-tiny-patch4-window7-224", tags=["audioset"])
     prepared = prepare_repository(source, tmp_path / "hub", settings)
     required = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_htsat.py",
-                "modeling_htsat.py", "cpu_kernels.py", "feature_extraction_htsat.py"}
+                "modeling_htsat.py", "cpu_kernels.py", "native_kernels.py", "feature_extraction_htsat.py"}
     assert required <= set(prepared.files)
     assert set(prepared.files) - required <= {"pipeline_htsat.py", "sed_postprocessing.py"}  # the SED pipeline
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in prepared.files)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import native_kernels
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import _ONEDNN_LINEAR
 from .feature_extraction_htsat import HTSATFeatureExtractor
@@ -77,6 +78,7 @@ class BenchmarkSettings:
     include_compile: bool = False
     include_cpu_bf16: bool = True  # an "htsat_hf bf16" row: bf16 autocast on the CPU
     include_onnx: bool = True  # an "htsat_hf onnxruntime" row: the exported graph in onnxruntime
+    include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of native_kernels
     fidelity_model: str | None = None  # a trained folder: int8 / bf16 / ONNX outputs against fp32 on its held-out data
     fidelity_data: str | None = None  # the audiofolder it was trained on (its "test" split is used)
     seed: int = 0
@@ -272,6 +274,8 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
         candidates.insert(1, Candidate("htsat_hf bf16", CpuBf16(htsat), candidates[0].make_inputs))
     if settings.include_onnx and device == "cpu" and not settings.bf16 and _onnx_available():
         candidates.insert(1, Candidate("htsat_hf onnxruntime", OnnxRuntimeModel(htsat), candidates[0].make_inputs))
+    if settings.include_torch_ops and device == "cpu" and not settings.bf16 and native_kernels._kernels() is not None:
+        candidates.insert(1, Candidate("htsat_hf torch ops", TorchOps(htsat), candidates[0].make_inputs))
     if settings.include_compile:
         compiled = torch.compile(htsat)
         candidates.insert(1, Candidate("htsat_hf compiled", compiled, candidates[0].make_inputs))
@@ -287,6 +291,18 @@ class CpuBf16(torch.nn.Module):
 
     def forward(self, **inputs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(**inputs)
+
+
+class TorchOps(torch.nn.Module):
+    """A model run with PyTorch's ops (SDPA, LayerNorm) in place of `native_kernels` (`torch_ops_instead`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        with native_kernels.torch_ops_instead():
             return self.model(**inputs)
 
 

@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import linear
+from .native_kernels import fused_attention_applies, layer_norm, window_attention
 
 logger = logging.get_logger(__name__)
 
@@ -338,6 +339,20 @@ def gather_tokens(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(batch * tokens, dim).index_select(0, rows.flatten()).view(batch, tokens, dim)
 
 
+def chunk_mask(mask: torch.Tensor, first: int, count: int, repeated: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The mask of `count` windows from window `first` on, from the per-image mask (windows per image or 1, heads,
+    tokens, tokens): itself, a slice (a chunk inside one image) or a repeat over whole images (kept in `repeated`)."""
+    per_image = mask.shape[0]
+    if per_image == 1:
+        return mask
+    if count <= per_image:  # chunk sizes divide the windows per image, or are multiples of them
+        start = first % per_image
+        return mask[start : start + count]
+    if count not in repeated:
+        repeated[count] = mask.repeat(count // per_image, 1, 1, 1)
+    return repeated[count]
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -421,6 +436,21 @@ class HTSATWindowAttention(nn.Module):
             windows.reshape(batch * num_windows, tokens, dim), mask, output_attentions, weights_shape
         )
         return attended.view(batch, num_windows, tokens, dim), weights
+
+    def fuses(self, windows: torch.Tensor) -> bool:
+        """Whether inference on these (windows, tokens, dim) takes the fused CPU kernel (`native_kernels`) in place of
+        SDPA: under the default "sdpa" implementation, in fp32 CPU inference, for the window and head sizes it takes."""
+        return (
+            not self.training
+            and self.config._attn_implementation == "sdpa"
+            and fused_attention_applies(windows, self.num_heads, self.head_dim, *self.qkv.parameters())
+        )
+
+    def attend_fused(self, windows: torch.Tensor, mask: torch.Tensor, first_window: int) -> torch.Tensor:
+        """`attend` through the fused CPU kernel, for windows (windows, tokens, dim) that start at window `first_window`
+        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel."""
+        qkv = linear(windows, self.qkv)
+        return linear(window_attention(qkv, mask, self.num_heads, self.scale, first_window), self.proj)
 
     def attend(
         self,
@@ -542,29 +572,24 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
 
     def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
         """CPU inference: attention and MLP on chunks of whole windows, in place, so that each chunk's qkv, attention
-        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth)."""
+        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). The attention's
+        residual add and norm2 are one pass (`native_kernels.layer_norm`)."""
         dim = hidden.shape[-1]
         tokens = self.window * self.window
         rows = hidden.view(-1, dim)
         total = rows.shape[0] // tokens
         mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
-        per_image = mask.shape[0]
+        fused = self.attn.fuses(rows.view(total, tokens, dim))
         repeated: dict[int, torch.Tensor] = {}
         for first in range(0, total, self.windows_per_chunk):
             count = min(self.windows_per_chunk, total - first)
-            if per_image == 1:
-                chunk_mask = mask
-            elif count <= per_image:  # a divisor of the windows per image: a slice
-                start = first % per_image
-                chunk_mask = mask[start : start + count]
-            else:  # whole images
-                if count not in repeated:
-                    repeated[count] = mask.repeat(count // per_image, 1, 1, 1)
-                chunk_mask = repeated[count]
             part = rows[first * tokens : (first + count) * tokens]
-            attended, _ = self.attn.attend(self.norm1(part).view(count, tokens, dim), chunk_mask)
-            part += attended.view(-1, dim)
-            part += self.mlp(self.norm2(part))
+            windows = layer_norm(part, self.norm1).view(count, tokens, dim)
+            if fused:
+                attended = self.attn.attend_fused(windows, mask, first)
+            else:
+                attended, _ = self.attn.attend(windows, chunk_mask(mask, first, count, repeated))
+            part += self.mlp(layer_norm(part, self.norm2, residual=attended.view(-1, dim)))  # the residual, then norm2
         return hidden
 
 
@@ -583,7 +608,7 @@ class HTSATPatchMerging(nn.Module):
         merged = torch.cat(
             [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1
         ).view(batch, -1, 4 * dim)
-        return linear(self.norm(merged), self.reduction)
+        return linear(layer_norm(merged, self.norm), self.reduction)
 
 
 class HTSATStage(nn.Module):

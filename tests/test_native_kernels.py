@@ -1,0 +1,190 @@
+"""The native CPU kernels (fused window attention, LayerNorm with its residual): the same numbers as float64, the
+model's outputs unchanged, and PyTorch's ops wherever they do not apply (or cannot be built)."""
+
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+
+import htsat_hf.modeling_htsat as modeling
+from htsat_hf import HTSATConfig, HTSATForAudioClassification, native_kernels
+from htsat_hf.native_kernels import build_kernels, fused_attention_applies, kernels_apply, layer_norm, window_attention
+
+buildable = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") and shutil.which("c++")
+needs_kernel = pytest.mark.skipif(
+    not buildable or os.environ.get("HTSAT_HF_NATIVE_KERNELS") == "0",
+    reason="the kernels are built on Linux x86-64 with a C++ compiler",
+)
+
+
+def reference_attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, scale: float, first: int) -> torch.Tensor:
+    """Attention in float64 by matmul and softmax, each window with mask[(first + w) % mask_windows]."""
+    windows, tokens, width = qkv.shape
+    q, k, v = qkv.double().view(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    per_window = mask.double()[(first + torch.arange(windows)) % mask.shape[0]]
+    weights = (q @ k.transpose(-2, -1) * scale + per_window).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(windows, tokens, width // 3)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "tokens, heads, head_dim, mask_windows, first",
+    [
+        (64, 4, 24, 64, 0), (64, 4, 24, 64, 37), (64, 32, 24, 1, 0), (16, 2, 8, 4, 3), (32, 3, 16, 5, 9),
+        (48, 1, 64, 2, 1), (64, 2, 40, 3, 2),
+    ],
+)
+def test_kernel_matches_attention_in_float64(tokens, heads, head_dim, mask_windows, first):
+    torch.manual_seed(0)
+    qkv = torch.randn(11, tokens, 3 * heads * head_dim) * 2
+    mask = torch.randn(mask_windows, heads, tokens, tokens)
+    mask[..., : tokens // 3, tokens // 2 :] = modeling.SHIFT_MASK_VALUE  # shifted-window regions that never meet
+    with torch.no_grad():
+        assert fused_attention_applies(qkv[..., : heads * head_dim], heads, head_dim)
+        fused = window_attention(qkv, mask, heads, head_dim**-0.5, first)
+    expected = reference_attention(qkv, mask, heads, head_dim**-0.5, first)
+    assert fused.shape == (11, tokens, heads * head_dim) and fused.dtype == torch.float32
+    # as accurate as PyTorch's float32 SDPA, both measured against float64
+    q, k, v = qkv.view(11, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    per_window = mask[(first + torch.arange(11)) % mask_windows]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=per_window, scale=head_dim**-0.5)
+    sdpa_error = (sdpa.transpose(1, 2).reshape(fused.shape).double() - expected).abs().max().item()
+    fused_error = (fused.double() - expected).abs().max().item()
+    assert fused_error <= 1.25 * sdpa_error + 1e-7 and fused_error < 1e-4, (fused_error, sdpa_error)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_model_outputs_equal_the_sdpa_path(monkeypatch, batch):
+    """The paper-size model (shifted windows, chunks that start inside an image, every stage) gives the same logits
+    with the kernels as through PyTorch's ops."""
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(HTSATConfig(num_labels=10)).eval()
+    features = torch.randn(batch, 1001, 64)
+    calls = []
+    monkeypatch.setattr(modeling, "window_attention", lambda *args: calls.append(1) or window_attention(*args))
+    with torch.no_grad():
+        fused = model(features).logits
+        assert len(calls) > 0
+        with native_kernels.torch_ops_instead():
+            calls.clear()
+            plain = model(features).logits
+            assert not calls
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_plain_path_where_the_kernel_does_not_apply():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    windows = torch.randn(4, 64, 96)
+    assert not fused_attention_applies(windows.requires_grad_(), 4, 24)  # autograd needs SDPA's backward
+    windows = windows.detach()
+    assert not fused_attention_applies(windows, 4, 24, torch.zeros(3, requires_grad=True))  # nor a parameter's
+    with torch.no_grad():
+        assert fused_attention_applies(windows, 4, 24)
+        assert not fused_attention_applies(windows.double(), 4, 24)
+        assert not fused_attention_applies(torch.randn(4, 49, 96), 4, 24)  # 7 x 7 windows
+        assert not fused_attention_applies(windows, 8, 12)  # heads not a multiple of 8 wide
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_attention_applies(windows, 4, 24)
+        with FlopCounterMode(display=False):  # it would not see the C call and count nothing
+            assert not fused_attention_applies(windows, 4, 24)
+
+
+@needs_kernel
+def test_bad_arguments_are_refused():
+    qkv = torch.randn(2, 64, 3 * 96)
+    with pytest.raises(ValueError, match=r"mask must be \(mask_windows, 4, 64, 64\)"):
+        window_attention(qkv, torch.zeros(1, 3, 64, 64), 4, 0.2)
+    with pytest.raises(TypeError, match="float32"):
+        window_attention(qkv.double(), torch.zeros(1, 4, 64, 64), 4, 0.2)
+    with pytest.raises(ValueError, match="does not take 49 tokens"):
+        window_attention(torch.randn(2, 49, 3 * 96), torch.zeros(1, 4, 49, 49), 4, 0.2)
+
+
+@needs_kernel
+def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    first = build_kernels(tmp_path)
+    built = list(tmp_path.glob("htsat_kernels-*.so"))
+    assert len(built) == 1 and first._name == str(built[0])
+    stamp = built[0].stat().st_mtime_ns
+    assert build_kernels(tmp_path)._name == first._name and built[0].stat().st_mtime_ns == stamp  # not rebuilt
+    assert not list(tmp_path.glob("tmp*"))  # no scratch left behind
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler-here'"):
+        build_kernels(tmp_path / "other")
+    monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "other"))
+    native_kernels._kernels.cache_clear()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_propagation()
+        with caplog.at_level("WARNING"):
+            assert native_kernels._kernels() is None
+            assert not fused_attention_applies(torch.randn(2, 64, 96), 4, 24)
+        assert "native CPU kernels are off, PyTorch's ops run instead: no C++ compiler" in caplog.text
+        model = HTSATForAudioClassification(
+            HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+        ).eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randn(1, 1001, 64)).logits).all()  # SDPA runs instead
+    finally:
+        hf_logging.disable_propagation()
+        native_kernels._kernels.cache_clear()
+
+
+@needs_kernel
+def test_a_compile_error_says_what_the_compiler_said(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_kernels, "KERNEL_SOURCE", "this is not C++")
+    with pytest.raises(RuntimeError, match="failed to compile the kernels"):
+        build_kernels(tmp_path)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("HTSAT_HF_NATIVE_KERNELS", "0")
+    native_kernels._kernels.cache_clear()
+    try:
+        assert native_kernels._kernels() is None
+        with torch.no_grad():
+            assert not fused_attention_applies(torch.randn(2, 64, 96), 4, 24)
+    finally:
+        monkeypatch.delenv("HTSAT_HF_NATIVE_KERNELS")
+        native_kernels._kernels.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [96, 768, 20])  # 20: a row no vector width divides
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm_matches_float64(dim, with_residual):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    hidden = torch.randn(7, 33, dim) * 3 + 1
+    residual = torch.randn(7, 33, dim) if with_residual else None
+    expected_hidden = hidden.double() + (residual.double() if with_residual else 0)
+    expected = torch.nn.functional.layer_norm(expected_hidden, (dim,), norm.weight.double(), norm.bias.double(), 1e-5)
+    with torch.no_grad():
+        assert kernels_apply(hidden)
+        output = layer_norm(hidden, norm, residual)
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.double(), expected_hidden)  # the residual was added in place
+
+
+def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():
+    norm = torch.nn.LayerNorm(16)
+    hidden, residual = torch.randn(4, 16), torch.randn(4, 16)
+    expected = norm(hidden + residual)
+    output = layer_norm(hidden.clone(), norm, residual)  # autograd on: the weight wants its gradient
+    assert output.grad_fn is not None
+    torch.testing.assert_close(output, expected)
+    with torch.no_grad():
+        strided = torch.randn(16, 4).t()  # not contiguous
+        torch.testing.assert_close(layer_norm(strided, norm), norm(strided))
+        with pytest.raises(ValueError, match="does not match"):
+            layer_norm(hidden, norm, torch.randn(4, 8))
