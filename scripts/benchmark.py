@@ -52,7 +52,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
-                     include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16, include_torch_ops=not args.no_torch_ops,
+                     include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16,
+                     include_torch_ops=not args.no_torch_ops,
                      fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data)
     sections = list(args.sections) + (["fidelity"] if args.fidelity_model and "fidelity" not in args.sections else [])
     if args.batch_sizes:

@@ -271,39 +271,38 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
 
         candidates.insert(1, Candidate("htsat_hf int8", quantize_dynamic_int8(htsat), candidates[0].make_inputs))
     if settings.include_cpu_bf16 and device == "cpu" and not settings.bf16:
-        candidates.insert(1, Candidate("htsat_hf bf16", CpuBf16(htsat), candidates[0].make_inputs))
+        candidates.insert(1, Candidate("htsat_hf bf16", cpu_bf16(htsat), candidates[0].make_inputs))
     if settings.include_onnx and device == "cpu" and not settings.bf16 and _onnx_available():
         candidates.insert(1, Candidate("htsat_hf onnxruntime", OnnxRuntimeModel(htsat), candidates[0].make_inputs))
     if settings.include_torch_ops and device == "cpu" and not settings.bf16 and native_kernels._kernels() is not None:
-        candidates.insert(1, Candidate("htsat_hf torch ops", TorchOps(htsat), candidates[0].make_inputs))
+        candidates.insert(1, Candidate("htsat_hf torch ops", torch_ops(htsat), candidates[0].make_inputs))
     if settings.include_compile:
         compiled = torch.compile(htsat)
         candidates.insert(1, Candidate("htsat_hf compiled", compiled, candidates[0].make_inputs))
     return candidates
 
 
-class CpuBf16(torch.nn.Module):
-    """A model run under bfloat16 autocast on the CPU (AMX / AVX512-BF16 kernels where the processor has them)."""
+class RunUnder(torch.nn.Module):
+    """A model whose every call runs inside a fresh context from `make_context` (autocast, a kernel switch, ...)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, make_context: Callable[[], contextlib.AbstractContextManager]):
         super().__init__()
         self.model = model
+        self.make_context = make_context
 
     def forward(self, **inputs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with self.make_context():
             return self.model(**inputs)
 
 
-class TorchOps(torch.nn.Module):
-    """A model run with PyTorch's ops (SDPA, LayerNorm) in place of `native_kernels` (`torch_ops_instead`)."""
+def cpu_bf16(model: torch.nn.Module) -> RunUnder:
+    """The model under bfloat16 autocast on the CPU (AMX / AVX512-BF16 kernels where the processor has them)."""
+    return RunUnder(model, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, **inputs):
-        with native_kernels.torch_ops_instead():
-            return self.model(**inputs)
+def torch_ops(model: torch.nn.Module) -> RunUnder:
+    """The model with PyTorch's ops (SDPA, LayerNorm) in place of `native_kernels` (`torch_ops_instead`)."""
+    return RunUnder(model, native_kernels.torch_ops_instead)
 
 
 class OnnxRuntimeModel:
@@ -752,7 +751,7 @@ def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "t
     rate = extractor.sampling_rate
     data = datasets.load_dataset(data_dir or model_dir, split=split)
     labels = torch.tensor(data["label"])
-    variants = {"fp32": model, "int8": quantize_dynamic_int8(model), "bf16": CpuBf16(model)}
+    variants = {"fp32": model, "int8": quantize_dynamic_int8(model), "bf16": cpu_bf16(model)}
     if _onnx_available():
         variants["onnxruntime"] = OnnxRuntimeModel(model)
     logits = {name: [] for name in variants}
