@@ -19,6 +19,33 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def avx2_kernels(tmp_path_factory):
+    """The kernels as built for a CPU with AVX2 but not AVX-512 (8-float vectors, 16 registers: the scores in tiles
+    of two vectors, their softmax from L1), whatever this CPU has."""
+    try:
+        return build_kernels(tmp_path_factory.mktemp("avx2_kernels"), extra_flags=("-mno-avx512f",))
+    except RuntimeError as error:  # a CPU without AVX2
+        pytest.skip(f"no AVX2 build here: {error}")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def kernel_build(request, monkeypatch):
+    """Each test that takes it runs on this CPU's own build and on the AVX2 one."""
+    if request.param == "avx2":
+        kernels = request.getfixturevalue("avx2_kernels")
+        monkeypatch.setattr(native_kernels, "_kernels", lambda: kernels)
+    return request.param
+
+
+@needs_kernel
+def test_the_vector_width_follows_the_cpu(avx2_kernels):
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx512 = " avx512f " in next(line for line in cpuinfo if line.startswith("flags")) + " "
+    assert native_kernels._kernels().htsat_vector_width() == (16 if avx512 else 8)
+    assert avx2_kernels.htsat_vector_width() == 8
+
+
 def reference_attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, scale: float, first: int) -> torch.Tensor:
     """Attention in float64 by matmul and softmax, each window with mask[(first + w) % mask_windows]."""
     windows, tokens, width = qkv.shape
@@ -36,7 +63,7 @@ def reference_attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, scale
         (48, 1, 64, 2, 1), (64, 2, 40, 3, 2),
     ],
 )
-def test_kernel_matches_attention_in_float64(tokens, heads, head_dim, mask_windows, first):
+def test_kernel_matches_attention_in_float64(kernel_build, tokens, heads, head_dim, mask_windows, first):
     torch.manual_seed(0)
     qkv = torch.randn(11, tokens, 3 * heads * head_dim) * 2
     mask = torch.randn(mask_windows, heads, tokens, tokens)
@@ -57,7 +84,7 @@ def test_kernel_matches_attention_in_float64(tokens, heads, head_dim, mask_windo
 
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 3])
-def test_model_outputs_equal_the_sdpa_path(monkeypatch, batch):
+def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
     """The paper-size model (shifted windows, chunks that start inside an image, every stage) gives the same logits
     with the kernels as through PyTorch's ops."""
     torch.manual_seed(0)
@@ -160,7 +187,7 @@ def test_turned_off_by_the_environment(monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("dim", [96, 768, 20])  # 20: a row no vector width divides
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_layer_norm_matches_float64(dim, with_residual):
+def test_layer_norm_matches_float64(kernel_build, dim, with_residual):
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(dim, eps=1e-5)
     torch.nn.init.normal_(norm.weight)

@@ -45,14 +45,28 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 KERNEL_SOURCE = r"""
 // HTS-AT's CPU inference kernels: fused window attention, and LayerNorm with the residual add before it.
+// Written once for the widest vector the CPU has: 16 floats with AVX-512, 8 with AVX2. (GCC lowers vectors wider
+// than the machine's registers through the stack, several times slower than scalar code.)
 #include <math.h>
 #include <stdint.h>
 
-typedef float vec __attribute__((vector_size(64)));   // 16 floats: one AVX-512 register, two AVX2 ones
-typedef int32_t ivec __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define VW 16     // floats per vector register
+#define REGS 32   // vector registers
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define REGS 16
+#else
+#error "HTS-AT's native kernels need AVX2 and FMA (or AVX-512)"
+#endif
+
+extern "C" int htsat_vector_width() { return VW; }
+
+typedef float vec __attribute__((vector_size(4 * VW)));
+typedef int32_t ivec __attribute__((vector_size(4 * VW)));
+typedef float uvec __attribute__((vector_size(4 * VW), aligned(4)));
 typedef float vec8 __attribute__((vector_size(32)));  // 8 floats: the context rows' unit (head_dim % 8 == 0)
 typedef float uvec8 __attribute__((vector_size(32), aligned(4)));
-typedef float uvec __attribute__((vector_size(64), aligned(4)));
 
 static inline vec fast_exp(vec x) {
     // e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2; degree-7 Taylor series for e^r (relative error
@@ -90,31 +104,61 @@ static inline void transpose_8x8(const float* src, long src_stride, float* dst, 
     }
 }
 
-static inline float lane_max(vec v) {  // tree reduction: 4 shuffles
-    vec w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v = v > w ? v : w;
-    w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v = v > w ? v : w;
-    w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v = v > w ? v : w;
-    w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    v = v > w ? v : w;
+// Tree reductions over a vector's lanes: each step folds the upper half of every group onto the lower.
+#if VW == 16
+#define FOLDS(v)                                                                          \
+    FOLD(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)                         \
+    FOLD(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)                         \
+    FOLD(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)                         \
+    FOLD(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#else
+#define FOLDS(v)                          \
+    FOLD(v, 4, 5, 6, 7, 0, 1, 2, 3)       \
+    FOLD(v, 2, 3, 0, 1, 6, 7, 4, 5)       \
+    FOLD(v, 1, 0, 3, 2, 5, 4, 7, 6)
+#endif
+
+static inline float lane_max(vec v) {
+#define FOLD(v, ...) { vec w = __builtin_shufflevector(v, v, __VA_ARGS__); v = v > w ? v : w; }
+    FOLDS(v)
+#undef FOLD
     return v[0];
 }
 
 static inline float lane_sum(vec v) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#define FOLD(v, ...) v += __builtin_shufflevector(v, v, __VA_ARGS__);
+    FOLDS(v)
+#undef FOLD
     return v[0];
 }
 
+static inline void softmax_row(float* row, int length, float* inverse_sum) {
+    // row <- exp(row - max(row)) in place, *inverse_sum <- 1 / sum (the caller scales the context by it)
+    vec m = *(const vec*)row;
+    for (int c = VW; c < length; c += VW) m = *(const vec*)(row + c) > m ? *(const vec*)(row + c) : m;
+    const float row_max = lane_max(m);
+    vec sum = {};
+    for (int c = 0; c < length; c += VW) {
+        vec e = fast_exp(*(const vec*)(row + c) - row_max);
+        *(vec*)(row + c) = e;
+        sum += e;
+    }
+    *inverse_sum = 1.0f / lane_sum(sum);
+}
+
 // ------------------------------------------------------------------------------------------- window attention
-template <int NV, int ND>  // tokens = 16 * NV, head_dim = 8 * ND
+// Register blocking, from the vector registers there are: scores for 4 queries x KB vectors of keys; context rows in
+// blocks of RB rows x ND vectors of 8 head dims.
+constexpr int score_vectors(int key_vectors) { return REGS == 32 || key_vectors < 2 ? key_vectors : 2; }
+constexpr int context_rows(int nd) {
+    int rows = 16;
+    while (rows > 1 && rows * nd > (REGS == 32 ? 24 : 12)) rows /= 2;
+    return rows;
+}
+
+template <int T, int ND>  // tokens T (a multiple of 16), head_dim = 8 * ND
 static void attend_one(const float* qkv, const float* mask, float* out, int heads, int h, float scale) {
-    constexpr int T = 16 * NV, D = 8 * ND;
-    constexpr int RB = ND == 1 ? 16 : ND <= 3 ? 8 : ND <= 6 ? 4 : 2;  // context rows per block: <= 24 accumulators
+    constexpr int D = 8 * ND, NV = T / VW, KB = score_vectors(NV), RB = context_rows(ND);
     const long stride = 3L * heads * D;  // between tokens in qkv
     const float* q = qkv + (long)h * D;
     const float* k = q + (long)heads * D;
@@ -124,32 +168,42 @@ static void attend_one(const float* qkv, const float* mask, float* out, int head
     float inv[T];
     for (int j = 0; j < T; j += 8)
         for (int d = 0; d < D; d += 8) transpose_8x8(k + j * stride + d, stride, k_t + d * T + j, T);
-    for (int i = 0; i < T; i += 4) {  // scores, four queries at a time, 16 keys per vector
-        vec acc[4][NV];
-        for (int a = 0; a < 4; ++a)
-            for (int b = 0; b < NV; ++b) acc[a][b] = vec{};
-        for (int d = 0; d < D; ++d) {
-            vec kd[NV];
-            for (int b = 0; b < NV; ++b) kd[b] = *(const vec*)(k_t + d * T + 16 * b);
-            for (int a = 0; a < 4; ++a) {
-                float qd = q[(i + a) * stride + d];
-                for (int b = 0; b < NV; ++b) acc[a][b] += qd * kd[b];
+    for (int i = 0; i < T; i += 4) {  // scores, four queries at a time, KB vectors of keys at a time
+        for (int kb = 0; kb < NV; kb += KB) {
+            vec acc[4][KB];
+            for (int a = 0; a < 4; ++a)
+                for (int b = 0; b < KB; ++b) acc[a][b] = vec{};
+            for (int d = 0; d < D; ++d) {
+                vec kd[KB];
+                for (int b = 0; b < KB; ++b) kd[b] = *(const vec*)(k_t + d * T + VW * (kb + b));
+                for (int a = 0; a < 4; ++a) {
+                    float qd = q[(i + a) * stride + d];
+                    for (int b = 0; b < KB; ++b) acc[a][b] += qd * kd[b];
+                }
+            }
+            for (int a = 0; a < 4; ++a)  // scaled, plus the mask
+                for (int b = 0; b < KB; ++b)
+                    acc[a][b] = acc[a][b] * scale + *(const vec*)(mask + (i + a) * T + VW * (kb + b));
+            if (KB == NV) {  // whole rows in registers: their softmax before they are stored
+                for (int a = 0; a < 4; ++a) {
+                    vec m = acc[a][0];
+                    for (int b = 1; b < KB; ++b) m = acc[a][b] > m ? acc[a][b] : m;
+                    float row_max = lane_max(m);
+                    vec sum = {};
+                    for (int b = 0; b < KB; ++b) {
+                        vec e = fast_exp(acc[a][b] - row_max);
+                        *(vec*)(s + (i + a) * T + VW * b) = e;
+                        sum += e;
+                    }
+                    inv[i + a] = 1.0f / lane_sum(sum);
+                }
+            } else {
+                for (int a = 0; a < 4; ++a)
+                    for (int b = 0; b < KB; ++b) *(vec*)(s + (i + a) * T + VW * (kb + b)) = acc[a][b];
             }
         }
-        for (int a = 0; a < 4; ++a)  // scaled, plus the mask
-            for (int b = 0; b < NV; ++b) acc[a][b] = acc[a][b] * scale + *(const vec*)(mask + (i + a) * T + 16 * b);
-        for (int a = 0; a < 4; ++a) {  // softmax of each query's row
-            vec m = acc[a][0];
-            for (int b = 1; b < NV; ++b) m = acc[a][b] > m ? acc[a][b] : m;
-            float row_max = lane_max(m);
-            vec sum = {};
-            for (int b = 0; b < NV; ++b) {
-                vec e = fast_exp(acc[a][b] - row_max);
-                *(vec*)(s + (i + a) * T + 16 * b) = e;
-                sum += e;
-            }
-            inv[i + a] = 1.0f / lane_sum(sum);
-        }
+        if (KB != NV)  // the rows' softmax, from L1
+            for (int a = 0; a < 4; ++a) softmax_row(s + (i + a) * T, T, inv + i + a);
     }
     const long out_stride = (long)heads * D;
     float* o = out + (long)h * D;
@@ -168,27 +222,27 @@ static void attend_one(const float* qkv, const float* mask, float* out, int head
     }
 }
 
-template <int NV, int ND>
+template <int T, int ND>
 static void attend_all(const float* qkv, const float* mask, float* out, long windows, int heads, long mask_windows,
                        long mask_offset, float scale, int threads) {
-    constexpr long T = 16 * NV, D = 8 * ND;
+    constexpr long D = 8 * ND;
     const long tasks = windows * heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long task = 0; task < tasks; ++task) {
         long w = task / heads;
         int h = (int)(task % heads);
         const float* m = mask + (((mask_offset + w) % mask_windows) * heads + h) * T * T;
-        attend_one<NV, ND>(qkv + w * T * 3 * heads * D, m, out + w * T * heads * D, heads, h, scale);
+        attend_one<T, ND>(qkv + w * T * 3 * heads * D, m, out + w * T * heads * D, heads, h, scale);
     }
 }
 
-template <int NV>
+template <int T>
 static int dispatch_head_dim(const float* qkv, const float* mask, float* out, long windows, int heads, int head_dim,
                              long mask_windows, long mask_offset, float scale, int threads) {
     switch (head_dim) {
 #define CASE(ND)                                                                                  \
     case 8 * ND:                                                                                  \
-        attend_all<NV, ND>(qkv, mask, out, windows, heads, mask_windows, mask_offset, scale, threads); \
+        attend_all<T, ND>(qkv, mask, out, windows, heads, mask_windows, mask_offset, scale, threads); \
         return 0;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -204,11 +258,11 @@ extern "C" int htsat_window_attention(const float* qkv, const float* mask, float
                                       int threads) {
     if (mask_windows < 1 || heads < 1 || windows < 0) return 1;
     switch (tokens) {
-#define CASE(NV)                                                                                       \
-    case 16 * NV:                                                                                      \
-        return dispatch_head_dim<NV>(qkv, mask, out, windows, heads, head_dim, mask_windows, mask_offset, \
-                                     scale, threads);
-        CASE(1) CASE(2) CASE(3) CASE(4)
+#define CASE(T)                                                                                       \
+    case T:                                                                                           \
+        return dispatch_head_dim<T>(qkv, mask, out, windows, heads, head_dim, mask_windows, mask_offset, \
+                                    scale, threads);
+        CASE(16) CASE(32) CASE(48) CASE(64)
 #undef CASE
         default: return 1;
     }
@@ -220,22 +274,22 @@ extern "C" int htsat_window_attention(const float* qkv, const float* mask, float
 extern "C" int htsat_layer_norm(float* x, const float* delta, const float* weight, const float* bias, float* out,
                                 long rows, int dim, float eps, int threads) {
     if (dim < 1 || rows < 0) return 1;
-    const int body = dim - dim % 16;
+    const int body = dim - dim % VW;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; ++r) {
         float* row = x + r * dim;
         if (delta != nullptr) {
             const float* add = delta + r * dim;
-            for (int c = 0; c < body; c += 16) *(uvec*)(row + c) = *(const uvec*)(row + c) + *(const uvec*)(add + c);
+            for (int c = 0; c < body; c += VW) *(uvec*)(row + c) = *(const uvec*)(row + c) + *(const uvec*)(add + c);
             for (int c = body; c < dim; ++c) row[c] += add[c];
         }
         vec sum = {};
-        for (int c = 0; c < body; c += 16) sum += *(const uvec*)(row + c);
+        for (int c = 0; c < body; c += VW) sum += *(const uvec*)(row + c);
         float total = lane_sum(sum);
         for (int c = body; c < dim; ++c) total += row[c];
         const float mean = total / dim;
         vec squares = {};
-        for (int c = 0; c < body; c += 16) {
+        for (int c = 0; c < body; c += VW) {
             vec centred = *(const uvec*)(row + c) - mean;
             squares += centred * centred;
         }
@@ -243,7 +297,7 @@ extern "C" int htsat_layer_norm(float* x, const float* delta, const float* weigh
         for (int c = body; c < dim; ++c) variance += (row[c] - mean) * (row[c] - mean);
         const float inv_std = 1.0f / sqrtf(variance / dim + eps);
         float* o = out + r * dim;
-        for (int c = 0; c < body; c += 16)
+        for (int c = 0; c < body; c += VW)
             *(uvec*)(o + c) =
                 (*(const uvec*)(row + c) - mean) * inv_std * *(const uvec*)(weight + c) + *(const uvec*)(bias + c);
         for (int c = body; c < dim; ++c) o[c] = (row[c] - mean) * inv_std * weight[c] + bias[c];
@@ -282,13 +336,15 @@ def _libgomp_paths() -> set[str]:
         return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
 
 
-def build_kernels(cache_dir: Path | None = None) -> ctypes.CDLL:
-    """Compiles the kernels (or reuses the cached build) and loads them; raises RuntimeError saying why it cannot."""
+def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compiles the kernels (or reuses the cached build) and loads them; raises RuntimeError saying why it cannot.
+    `extra_flags` go after the usual ones (the tests build the AVX2 variant on AVX-512 machines with `-mno-avx512f`)."""
+    flags = (*COMPILE_FLAGS, *extra_flags)
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX, or install g++)")
     cache_dir = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
-    key = "\n".join([KERNEL_SOURCE, " ".join(COMPILE_FLAGS), _compiler_version(compiler), _cpu_flags()])
+    key = "\n".join([KERNEL_SOURCE, " ".join(flags), _compiler_version(compiler), _cpu_flags()])
     library = cache_dir / f"htsat_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not library.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +352,7 @@ def build_kernels(cache_dir: Path | None = None) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
             source, built = Path(scratch) / "htsat_kernels.cpp", Path(scratch) / library.name
             source.write_text(KERNEL_SOURCE)
-            command = [compiler, *COMPILE_FLAGS, "-o", str(built), str(source)]
+            command = [compiler, *flags, "-o", str(built), str(source)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed to compile the kernels:\n{result.stderr[-2000:]}")
@@ -308,6 +364,8 @@ def build_kernels(cache_dir: Path | None = None) -> ctypes.CDLL:
     pointer, long, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     loaded.htsat_window_attention.restype = int_
     loaded.htsat_window_attention.argtypes = [pointer] * 3 + [long, int_, int_, int_, long, long, float_, int_]
+    loaded.htsat_vector_width.restype = int_
+    loaded.htsat_vector_width.argtypes = []
     loaded.htsat_layer_norm.restype = int_
     loaded.htsat_layer_norm.argtypes = [pointer] * 5 + [long, int_, float_, int_]
     return loaded
