@@ -1,5 +1,6 @@
-"""The fused oneDNN linear layers used in CPU inference: same numbers as nn.Linear (+ exact GELU), and the plain
-path wherever autograd, autocast, another dtype or a replaced layer is involved."""
+"""The linear layers of CPU inference (BLAS or oneDNN, GELU fused or after): the same numbers as nn.Linear (+ exact
+GELU) whichever plan the calibration picks, and the plain path wherever autograd, autocast, another dtype, a
+dispatch mode or a replaced layer is involved."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htsat_hf import cpu_kernels
-from htsat_hf.cpu_kernels import fused_linear_applies, linear
+from htsat_hf.cpu_kernels import LinearPlan, calibrate, inference_path_applies, linear
 
 needs_onednn = pytest.mark.skipif(cpu_kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
 
@@ -19,14 +20,20 @@ def _layer(inputs: int = 96, outputs: int = 384, bias: bool = True) -> nn.Linear
     return layer
 
 
-@needs_onednn
+PLANS = [LinearPlan("blas", "torch"), LinearPlan("onednn", "torch"), LinearPlan("onednn", "onednn")]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda plan: f"{plan.gemm}-gemm-{plan.gelu}-gelu")
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_linear_matches_nn_linear(activation, bias):
+def test_every_plan_matches_nn_linear(monkeypatch, plan, activation, bias):
+    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
     layer = _layer(bias=bias)
     inputs = torch.randn(70, 3, 192)[..., ::2].transpose(0, 1) * 2  # strided 3-D input, a row count no block divides
     with torch.no_grad():
-        assert fused_linear_applies(inputs, layer)
+        assert inference_path_applies(inputs, layer)
         fused = linear(inputs, layer, activation)
         expected = layer(inputs) if activation == "none" else F.gelu(layer(inputs))  # exact (erf) GELU
     assert fused.shape == (3, 70, 384)
@@ -39,18 +46,72 @@ def test_fused_linear_matches_nn_linear(activation, bias):
 def test_plain_path_where_fusion_does_not_apply():
     layer = _layer()
     inputs = torch.randn(8, 96)
-    assert not fused_linear_applies(inputs, layer)  # autograd on: the weight needs its gradient
+    assert not inference_path_applies(inputs, layer)  # autograd on: the weight needs its gradient
     output = linear(inputs, layer, "gelu")
     output.sum().backward()
     assert layer.weight.grad is not None and output.grad_fn is not None
     with torch.no_grad():
-        assert not fused_linear_applies(inputs.double(), layer.double())
+        assert not inference_path_applies(inputs.double(), layer.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused_linear_applies(inputs, layer.float())
+            assert not inference_path_applies(inputs, layer.float())
             assert linear(inputs, layer).dtype == torch.bfloat16  # autocast still lowers the precision
         quantised = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0]
-        assert not fused_linear_applies(inputs, quantised)
+        assert not inference_path_applies(inputs, quantised)
         torch.testing.assert_close(linear(inputs, quantised, "gelu"), F.gelu(quantised(inputs)))
+
+
+@needs_onednn
+def test_an_onednn_plan_takes_blas_once_onednn_is_switched_off(monkeypatch):
+    calls = []
+    real = cpu_kernels._ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: LinearPlan("onednn", "onednn"))
+    layer, inputs = _layer(), torch.randn(5, 96)
+    with torch.no_grad():
+        linear(inputs, layer, "gelu")
+        assert len(calls) == 1
+        with torch.backends.mkldnn.flags(enabled=False):
+            output = linear(inputs, layer, "gelu")
+        assert len(calls) == 1
+        torch.testing.assert_close(output, F.gelu(layer(inputs)))
+
+
+def test_calibration_picks_among_what_is_there(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
+    plan = calibrate(rounds=2)
+    assert plan.gemm in ("blas", "onednn") and plan.gelu in ("torch", "onednn")
+    timed = dict(plan.timings_ms)
+    assert "gemm blas" in timed and all(ms > 0 for ms in timed.values())
+    assert ("gemm onednn" in timed) == (cpu_kernels._ONEDNN_LINEAR is not None)
+    assert plan.gelu == "torch" or plan.gemm == "onednn"  # the GELU epilogue comes with oneDNN's GEMM
+    assert ("gelu onednn" in timed) == (plan.gemm == "onednn")
+    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)  # a build without oneDNN: nothing to choose
+    plan = calibrate(rounds=2)
+    assert (plan.gemm, plan.gelu, [name for name, _ in plan.timings_ms]) == ("blas", "torch", ["gemm blas"])
+
+
+def test_the_environment_fixes_the_gemm_library(monkeypatch, caplog):
+    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "BLAS")
+    plan = calibrate(rounds=2)
+    assert plan == LinearPlan("blas", "torch")  # nothing timed
+    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "mkl")
+    with pytest.raises(ValueError, match="HTSAT_HF_CPU_GEMM='mkl' is not one of auto, blas, onednn"):
+        calibrate(rounds=2)
+    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "onednn")
+    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)
+    with caplog.at_level("WARNING"):
+        assert calibrate(rounds=2).gemm == "blas"
+    assert "no oneDNN" in caplog.text
+
+
+def test_the_plain_path_under_a_dispatch_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer, inputs = _layer(), torch.randn(4, 96)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert not inference_path_applies(inputs, layer)
+        linear(inputs, layer, "gelu")
+    assert counter.get_total_flops() == 2 * 4 * 96 * 384
 
 
 def test_unknown_activation_is_refused():

@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import native_kernels
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import _ONEDNN_LINEAR
+from .cpu_kernels import _ONEDNN_LINEAR, linear_plan
 from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import (
     HTSATForAudioClassification,
@@ -615,6 +615,9 @@ def format_report(results: dict[str, Any]) -> str:
     end = results.get("matmul_gflops_end")
     env = results["environment"]
     lines = [f"CPU: {env['cpu']}, {env.get('torch_threads')} threads"] if env.get("cpu") else []
+    if env.get("cpu_linear_layers"):
+        lines.append(f"htsat_hf CPU inference: linear layers {env['cpu_linear_layers']}; native kernels "
+                     f"{env['native_kernels']}")
     lines += [f"matmul rate ({env['matmul_dtype']}, {env['matmul_size']}^3) "
               f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
               + (f", {end:.0f} at the end" if end else ""), "",
@@ -702,6 +705,11 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
     )
     if settings.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(settings.device)
+    else:
+        plan = linear_plan()
+        info["cpu_linear_layers"] = f"{plan.gemm} GEMM, {plan.gelu} GELU (calibrated, ms per call: {dict(plan.timings_ms)})"
+        kernels = native_kernels._kernels()
+        info["native_kernels"] = f"{kernels.htsat_vector_width()}-float vectors" if kernels is not None else "off"
     return info
 
 

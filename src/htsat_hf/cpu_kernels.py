@@ -1,24 +1,43 @@
-"""Fused linear layers for CPU inference through oneDNN, the library PyTorch's own compiler lowers linear layers to.
+"""Linear layers for CPU inference: the faster of PyTorch's two fp32 GEMM libraries on this machine, and the faster
+of two ways to apply the MLP's exact GELU.
 
-`torch.ops.mkldnn._linear_pointwise` runs a linear layer with an elementwise epilogue (here GELU) in one pass: the
-activation is applied while the GEMM's output tile is still in cache, instead of streaming the 4x-wide MLP hidden
-layer through memory a second time, and the bias is added there too (addmm first copies it into its whole output).
-On the 2-core AVX-512 machine we benchmark on, its fp32 GEMMs measured 0-15 % faster than MKL's for the Swin blocks'
-shapes. Used only where it applies (x86-64, fp32 CPU tensors, no autograd, autocast or compiler tracing, oneDNN
-enabled); everything else takes the layer itself.
+PyTorch has two CPU GEMMs for a linear layer: its BLAS (`torch.addmm`, MKL in the pip wheels) and oneDNN
+(`torch.ops.mkldnn._linear_pointwise`, what PyTorch's own compiler lowers linear layers to, which can also apply GELU
+in its epilogue). Which is faster depends on the CPU. On 2 cores, for the Swin blocks' shapes: oneDNN measured 0-15 %
+faster than MKL on an AVX-512 machine; on an AMD EPYC Zen 3 (AVX2) MKL was 10-20 % faster, and oneDNN's GELU epilogue
+added 0.8-4 ms to a block chunk's fc1, against about 0.4 ms for PyTorch's own vectorised GELU pass after the GEMM. So
+the first inference linear layer of a process times the candidates on one block-sized shape (interleaved rounds, the
+best of each, about 0.2 s in all) and keeps the fastest: a `LinearPlan`, logged at info level.
+`HTSAT_HF_CPU_GEMM=blas` or `=onednn` fixes the GEMM library instead. All candidates agree within fp32 rounding.
+
+Used only where it applies (fp32 CPU tensors, a plain `nn.Linear`, no autograd, autocast, compiler tracing, ONNX export
+or dispatch mode such as `FlopCounterMode`); everything else takes the layer itself and `F.gelu`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
+from transformers.utils import logging
 
-_ACTIVATIONS = {"none": None, "gelu": F.gelu}
+
+logger = logging.get_logger(__name__)
+
+ACTIVATIONS = ("none", "gelu")
+GEMM_LIBRARIES = ("blas", "onednn")
+GEMM_ENVIRONMENT_VARIABLE = "HTSAT_HF_CPU_GEMM"
+CALIBRATION_SHAPE = (1024, 192, 576)  # rows, in_features, out_features: a stage-2 qkv projection on one chunk
+CALIBRATION_ROUNDS = 15
 
 
 def _onednn_linear_op():
@@ -46,12 +65,14 @@ if _ONEDNN_LINEAR is not None:  # PyTorch's FLOP counter knows no formula for th
         pass
 
 
-def fused_linear_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
-    """Whether `linear` would take oneDNN for this input and layer."""
+def _onednn_available() -> bool:
+    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
+
+
+def inference_path_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether `linear` takes the planned CPU inference path for this input and layer."""
     return (
-        _ONEDNN_LINEAR is not None
-        and torch.backends.mkldnn.enabled
-        and type(layer) is nn.Linear  # not a quantised or otherwise replaced layer
+        type(layer) is nn.Linear  # not a quantised or otherwise replaced layer
         and inputs.device.type == "cpu"
         and inputs.dtype == torch.float32
         and layer.weight.dtype == torch.float32
@@ -59,17 +80,113 @@ def fused_linear_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
         and not torch.is_autocast_enabled("cpu")  # autocast's lower precision applies to F.linear only
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and torch._C._len_torch_dispatch_stack() == 0  # a FLOP counter or fake tensors see the plain ops
     )
+
+
+def _gemm(library: str, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if library == "onednn":
+        return _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+    return F.linear(rows, weight, bias)
+
+
+def _fused_onednn_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")  # "none": the exact erf form
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How CPU inference runs linear layers here: `gemm` is "blas" or "onednn"; `gelu` is "onednn" (oneDNN's GELU
+    epilogue, with the oneDNN GEMM) or "torch" (the GEMM, then PyTorch's vectorised `F.gelu`)."""
+
+    gemm: str
+    gelu: str
+    timings_ms: tuple[tuple[str, float], ...] = ()
+
+
+def _fastest_times(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds per call of each candidate: the best of interleaved rounds of two calls each, after three warm-up
+    calls (the first calls in a process pay for thread pools and page faults; other load only ever adds time)."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for call in candidates.values():
+        for _ in range(3):
+            call()
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            start = time.perf_counter()
+            call()
+            call()
+            times[name].append((time.perf_counter() - start) / 2)
+    return {name: min(values) for name, values in times.items()}
+
+
+def _requested_gemm() -> str | None:
+    requested = os.environ.get(GEMM_ENVIRONMENT_VARIABLE, "auto").strip().lower()
+    if requested in ("", "auto"):
+        return None
+    if requested not in GEMM_LIBRARIES:
+        raise ValueError(
+            f"{GEMM_ENVIRONMENT_VARIABLE}={requested!r} is not one of auto, {', '.join(GEMM_LIBRARIES)}; unset it to "
+            "let the fastest be measured"
+        )
+    if requested == "onednn" and not _onednn_available():
+        logger.warning(f"{GEMM_ENVIRONMENT_VARIABLE}=onednn, but this PyTorch has no oneDNN enabled: BLAS is used")
+        return "blas"
+    return requested
+
+
+def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
+    """Times the GEMM libraries, then the ways to apply GELU with the chosen one, on CALIBRATION_SHAPE."""
+    rows, inputs, outputs = CALIBRATION_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=generator)
+    weight = torch.randn(outputs, inputs, generator=generator) * inputs**-0.5
+    wide = torch.randn(4 * inputs, inputs, generator=generator) * inputs**-0.5
+    bias, wide_bias = torch.zeros(outputs), torch.zeros(4 * inputs)
+    timings: dict[str, float] = {}
+    with torch.inference_mode():
+        gemm = _requested_gemm()
+        if gemm is None:
+            libraries = [name for name in GEMM_LIBRARIES if name == "blas" or _onednn_available()]
+            candidates = {name: functools.partial(_gemm, name, x, weight, bias) for name in libraries}
+            measured = _fastest_times(candidates, rounds)
+            timings.update({f"gemm {name}": seconds for name, seconds in measured.items()})
+            gemm = min(measured, key=measured.get)
+        gelu = "torch"
+        if gemm == "onednn":  # oneDNN's GELU epilogue against its GEMM followed by F.gelu
+            ways = {
+                "torch": lambda: F.gelu(_gemm(gemm, x, wide, wide_bias)),
+                "onednn": lambda: _fused_onednn_gelu(x, wide, wide_bias),
+            }
+            measured = _fastest_times(ways, rounds)
+            timings.update({f"gelu {name}": seconds for name, seconds in measured.items()})
+            gelu = min(measured, key=measured.get)
+    plan = LinearPlan(gemm, gelu, tuple((name, round(seconds * 1e3, 3)) for name, seconds in timings.items()))
+    logger.info(f"CPU linear layers: {plan.gemm} GEMM, {plan.gelu} GELU (ms per call: {dict(plan.timings_ms)})")
+    return plan
+
+
+@functools.cache
+def linear_plan() -> LinearPlan:
+    """This process's plan, measured once (see the module's docstring)."""
+    return calibrate()
 
 
 def linear(inputs: torch.Tensor, layer: nn.Module, activation: str = "none") -> torch.Tensor:
     """`activation(layer(inputs))` for any (..., in_features) input; activation is "none" or "gelu" (exact erf)."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
-    if fused_linear_applies(inputs, layer):
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        output = _ONEDNN_LINEAR(rows, layer.weight, layer.bias, activation, [], "none" if activation == "gelu" else "")
-        return output.view(*inputs.shape[:-1], output.shape[-1])
-    output = layer(inputs)
-    function = _ACTIVATIONS[activation]
-    return output if function is None else function(output)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}.")
+    if not inference_path_applies(inputs, layer):
+        output = layer(inputs)
+        return output if activation == "none" else F.gelu(output)
+    plan = linear_plan()
+    onednn = _onednn_available()  # oneDNN may have been switched off since (torch.backends.mkldnn.flags)
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    if activation == "gelu" and plan.gelu == "onednn" and onednn:
+        output = _fused_onednn_gelu(rows, layer.weight, layer.bias)
+    else:
+        output = _gemm(plan.gemm if onednn else "blas", rows, layer.weight, layer.bias)
+        if activation == "gelu":
+            output = F.gelu(output)
+    return output.view(*inputs.shape[:-1], output.shape[-1])
