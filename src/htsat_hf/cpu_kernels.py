@@ -30,7 +30,6 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 ACTIVATIONS = ("none", "gelu")
