@@ -4,6 +4,7 @@ resume, 2-process accelerate equal to 1 process, refusal of changed options, and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -339,6 +340,36 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
     assert_same_rows(read_rows(out), read_rows(one))
     assert sorted(e["id"] for e in read_errors(out)) == sorted(e["id"] for e in read_errors(one))
     assert read_manifest(out)["processes"] == 2 and "11 inputs: 8 annotated, 3 failed" in result.stdout
+
+
+def test_num_processes_starts_the_processes_itself(one_process_run, model_folder, corpus, tmp_path, capfd, monkeypatch):
+    """`--num_processes 2` on the CPU: two single-threaded processes through torch's launcher, the rows of one."""
+    _, files = corpus
+    for name, value in training_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = tmp_path / "launched"
+    summary = run_cli(model_folder, files, out, "--num_processes", "2")
+    printed = capfd.readouterr().out
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"[annotate] starting 2 processes of {threads} thread(s)" in printed and "11 inputs: 8 annotated, 3 failed" in printed
+    assert summary["inputs"] == len(files) and summary["done"] == len(CORPUS) and summary["run_audio_hours"] > 0
+    assert {p.name.split("-")[1] for p in out.glob("part-*.parquet")} == {"0", "1"}
+    one, _ = one_process_run
+    assert_same_rows(read_rows(out), read_rows(one))
+    assert read_manifest(out)["processes"] == 2
+    with pytest.raises(SystemExit, match="stopped with exit status"):  # a child's refusal reaches the caller
+        run_cli(model_folder, files, out, "--num_processes=2", "--top_k", "2")
+
+
+def test_num_processes_is_checked():
+    from htsat_hf.annotation.cli import _resolve_process_count, build_parser
+
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--num_processes", bad])
+    assert _resolve_process_count("auto", on_cpu=True) == len(os.sched_getaffinity(0))
+    assert _resolve_process_count(3, on_cpu=True) == 3
 
 
 # ------------------------------------------------------------------------------------------------ other engines

@@ -90,6 +90,33 @@ def test_calibration_picks_among_what_is_there(monkeypatch):
     assert (plan.gemm, plan.gelu, [name for name, _ in plan.timings_ms]) == ("blas", "torch", ["gemm blas"])
 
 
+def test_near_ties_keep_onednn():
+    assert cpu_kernels._choose({"blas": 0.97, "onednn": 1.0}, default="onednn") == "onednn"  # within the margin
+    assert cpu_kernels._choose({"blas": 0.90, "onednn": 1.0}, default="onednn") == "blas"
+    assert cpu_kernels._choose({"blas": 1.0}, default="onednn") == "blas"
+
+
+def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
+    """Every process on a machine (the ranks of one run, later runs) takes the plan the first one measured."""
+    monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path))
+    monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
+    measured = []
+    plans = iter([LinearPlan("onednn", "torch", (("gemm onednn", 1.5),)), LinearPlan("blas", "torch")])
+    monkeypatch.setattr(cpu_kernels, "calibrate", lambda: measured.append(1) or next(plans))
+    try:
+        cpu_kernels.linear_plan.cache_clear()
+        first = cpu_kernels.linear_plan()
+        cpu_kernels.linear_plan.cache_clear()  # as a new process would start
+        assert cpu_kernels.linear_plan() == first == LinearPlan("onednn", "torch", (("gemm onednn", 1.5),))
+        assert len(measured) == 1 and len(list(tmp_path.glob("linear-plan-*.json"))) == 1
+        (tmp_path / "unwritable").write_text("")
+        monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "unwritable"))  # a file, not a folder
+        cpu_kernels.linear_plan.cache_clear()
+        assert cpu_kernels.linear_plan() == LinearPlan("blas", "torch") and len(measured) == 2  # measured in-process
+    finally:
+        cpu_kernels.linear_plan.cache_clear()
+
+
 def test_the_environment_fixes_the_gemm_library(monkeypatch, caplog):
     monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "BLAS")
     plan = calibrate(rounds=2)

@@ -7,8 +7,12 @@ in its epilogue). Which is faster depends on the CPU. On 2 cores, for the Swin b
 faster than MKL on an AVX-512 machine; on an AMD EPYC Zen 3 (AVX2) MKL was 10-20 % faster, and oneDNN's GELU epilogue
 added 0.8-4 ms to a block chunk's fc1, against about 0.4 ms for PyTorch's own vectorised GELU pass after the GEMM. So
 the first inference linear layer of a process times the candidates on one block-sized shape (interleaved rounds, the
-best of each, about 0.2 s in all) and keeps the fastest: a `LinearPlan`, logged at info level.
-`HTSAT_HF_CPU_GEMM=blas` or `=onednn` fixes the GEMM library instead. All candidates agree within fp32 rounding.
+best of each, about 0.2 s in all) and keeps the fastest, unless oneDNN (the earlier fixed choice) is within 5 % of it:
+a `LinearPlan`, logged at info level. The plan is measured once per machine (CPU flags and PyTorch build) and kept
+beside the native kernels (`~/.cache/htsat_hf/kernels/linear-plan-*.json`, under a file lock), so every process on the
+machine computes the same numbers: the candidates agree only within fp32 rounding (logits within about 5e-7), and the
+ranks of one corpus run must not differ. Delete the file to measure again; `HTSAT_HF_CPU_GEMM=blas` or `=onednn` fixes
+the GEMM library instead.
 
 Used only where it applies (fp32 CPU tensors, a plain `nn.Linear`, no autograd, autocast, compiler tracing, ONNX export
 or dispatch mode such as `FlopCounterMode`); everything else takes the layer itself and `F.gelu`.
@@ -16,19 +20,25 @@ or dispatch mode such as `FlopCounterMode`); everything else takes the layer its
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import json
 import math
 import os
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 from transformers.utils import logging
+
+from .native_kernels import _cpu_flags, kernel_cache_dir
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +47,7 @@ GEMM_LIBRARIES = ("blas", "onednn")
 GEMM_ENVIRONMENT_VARIABLE = "HTSAT_HF_CPU_GEMM"
 CALIBRATION_SHAPE = (1024, 192, 576)  # rows, in_features, out_features: a stage-2 qkv projection on one chunk
 CALIBRATION_ROUNDS = 15
+MARGIN = 0.05  # the challenger must be this much faster than oneDNN (the previous fixed choice) to be chosen
 
 
 def _onednn_linear_op():
@@ -120,6 +131,14 @@ def _fastest_times(candidates: dict[str, Callable[[], object]], rounds: int) -> 
     return {name: min(values) for name, values in times.items()}
 
 
+def _choose(seconds: dict[str, float], default: str) -> str:
+    """The fastest candidate, unless `default` is within MARGIN of it (near ties stay put, whatever the noise)."""
+    fastest = min(seconds, key=seconds.get)
+    if default in seconds and seconds[fastest] > (1 - MARGIN) * seconds[default]:
+        return default
+    return fastest
+
+
 def _requested_gemm() -> str | None:
     requested = os.environ.get(GEMM_ENVIRONMENT_VARIABLE, "auto").strip().lower()
     if requested in ("", "auto"):
@@ -151,7 +170,7 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
             candidates = {name: functools.partial(_gemm, name, x, weight, bias) for name in libraries}
             measured = _fastest_times(candidates, rounds)
             timings.update({f"gemm {name}": seconds for name, seconds in measured.items()})
-            gemm = min(measured, key=measured.get)
+            gemm = _choose(measured, default="onednn")
         gelu = "torch"
         if gemm == "onednn":  # oneDNN's GELU epilogue against its GEMM followed by F.gelu
             ways = {
@@ -160,16 +179,41 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
             }
             measured = _fastest_times(ways, rounds)
             timings.update({f"gelu {name}": seconds for name, seconds in measured.items()})
-            gelu = min(measured, key=measured.get)
+            gelu = _choose(measured, default="onednn")
     plan = LinearPlan(gemm, gelu, tuple((name, round(seconds * 1e3, 3)) for name, seconds in timings.items()))
     logger.info(f"CPU linear layers: {plan.gemm} GEMM, {plan.gelu} GELU (ms per call: {dict(plan.timings_ms)})")
     return plan
 
 
+def _plan_file() -> Path:
+    key = "\n".join(["1", torch.__version__, str(_ONEDNN_LINEAR is not None), str(CALIBRATION_SHAPE), _cpu_flags()])
+    return kernel_cache_dir() / f"linear-plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
 @functools.cache
 def linear_plan() -> LinearPlan:
-    """This process's plan, measured once (see the module's docstring)."""
-    return calibrate()
+    """This machine's plan: measured once per CPU and PyTorch build and kept beside the native kernels, so that every
+    process on the machine (the ranks of one run, later runs) computes the same numbers; measured in-process where
+    that folder cannot be written. `HTSAT_HF_CPU_GEMM` set: its library, with the GELU measured for it."""
+    if _requested_gemm() is not None:
+        return calibrate()
+    path = _plan_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together: one measures, the others read
+            if path.exists():
+                saved = json.loads(path.read_text())
+                return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
+            plan = calibrate()
+            logger.info(f"CPU linear-layer plan kept in {path} (delete it to measure again)")
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps({"gemm": plan.gemm, "gelu": plan.gelu, "timings_ms": plan.timings_ms}))
+            os.replace(scratch, path)
+            return plan
+    except (OSError, ValueError, KeyError) as error:
+        logger.info(f"CPU linear-layer plan not kept on disk ({error}); measured for this process")
+        return calibrate()
 
 
 def linear(inputs: torch.Tensor, layer: nn.Module, activation: str = "none") -> torch.Tensor:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
 from .windows import TASKS
@@ -13,6 +16,8 @@ EXAMPLES = """examples:
   python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
   python scripts/annotate.py --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
       --tasks tags events embeddings --num_workers 2
+  python scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
+      --device cpu --num_processes auto                # one model process per CPU core, each on one thread
   accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
       --output_dir out --bf16
 Running the same command again continues an interrupted run; the output loads with
@@ -50,15 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_workers", type=int, default=2,
                      help="decoding processes per model process (0: decode in the main process)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU, else the CPU)")
+    run.add_argument(
+        "--num_processes", default="1", type=_process_count,
+        help="model processes on this machine, sharing the inputs as under `accelerate launch`: N, or auto (one per "
+        "CPU core, each with one thread, on the CPU; one per GPU); ignored when already started by a launcher",
+    )
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
+    on_cpu = args.device == "cpu" or (args.device is None and not _cuda_available())
+    processes = _resolve_process_count(args.num_processes, on_cpu)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not under a launcher yet: become one
+        return _launch(argv, processes, on_cpu, args.output_dir)
     from accelerate import PartialState
 
     from .annotator import Annotator
@@ -90,6 +105,68 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"error: {error}") from None
 
 
+def _process_count(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1 or auto, got {value!r}")
+    return count
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _resolve_process_count(requested: int | str, on_cpu: bool) -> int:
+    if requested != "auto":
+        return requested
+    if on_cpu:
+        return _usable_cores()
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _launch(argv: list[str], processes: int, on_cpu: bool, output_dir: str) -> dict:
+    """Runs this command in `processes` processes through torch's launcher (`torchrun --standalone`), each with its
+    share of the CPU's threads, and returns the run's counts from the manifest they wrote."""
+    from .store import read_manifest
+
+    env = dict(os.environ)
+    if on_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cores() // processes)))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
+        str(processes), "--module", "htsat_hf.annotation.cli", *_without_process_count(argv),
+    ]
+    print(f"[annotate] starting {processes} processes" + (f" of {env['OMP_NUM_THREADS']} thread(s)" if on_cpu else ""))
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"error: the {processes} annotation processes stopped with exit status {result.returncode}; "
+                         "their messages are above. Run the same command again to continue.")
+    manifest = read_manifest(Path(output_dir))
+    run = manifest["runs"][-1]  # as `annotate_corpus` returns it in one process
+    return dict(manifest["counts"], wall_time_s=run["wall_time_s"], run_audio_hours=run["audio_hours"],
+                audio_hours_per_hour=run["audio_hours_per_hour"])
+
+
+def _without_process_count(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--num_processes":
+            skip = True
+        elif not argument.startswith("--num_processes="):
+            kept.append(argument)
+    return kept
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -97,3 +174,6 @@ def _cuda_available() -> bool:
 
 
 __all__ = ["build_parser", "main"]
+
+if __name__ == "__main__":  # the processes `--num_processes` starts
+    main()
