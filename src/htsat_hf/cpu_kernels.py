@@ -20,7 +20,6 @@ or dispatch mode such as `FlopCounterMode`); everything else takes the layer its
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -37,6 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 from transformers.utils import logging
+
+try:  # Unix: processes share the measured plan; elsewhere each process measures its own
+    import fcntl
+except ImportError:
+    fcntl = None
 
 from .native_kernels import _cpu_flags, kernel_cache_dir
 
@@ -197,6 +201,8 @@ def linear_plan() -> LinearPlan:
     that folder cannot be written. `HTSAT_HF_CPU_GEMM` set: its library, with the GELU measured for it."""
     if _requested_gemm() is not None:
         return calibrate()
+    if fcntl is None:
+        return calibrate()
     path = _plan_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +210,8 @@ def linear_plan() -> LinearPlan:
             fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together: one measures, the others read
             if path.exists():
                 saved = json.loads(path.read_text())
+                if saved["gemm"] not in GEMM_LIBRARIES or saved["gelu"] not in ("torch", "onednn"):
+                    raise ValueError(f"{path} holds an unknown plan {saved}")
                 return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
             plan = calibrate()
             logger.info(f"CPU linear-layer plan kept in {path} (delete it to measure again)")
