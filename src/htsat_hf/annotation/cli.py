@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
-    on_cpu = args.device == "cpu" or (args.device is None and not _cuda_available())
+    on_cpu = _runs_on_cpu(args.device)
     processes = _resolve_process_count(args.num_processes, on_cpu)
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not under a launcher yet: become one
         return _launch(argv, processes, on_cpu, args.output_dir)
@@ -81,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from .sources import dataset_source, file_source
     from .store import ManifestMismatchError
 
-    wants_cpu = args.device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    state = PartialState(cpu=wants_cpu or not _cuda_available())
+    state = PartialState(cpu=on_cpu)
     device = args.device or str(state.device)
     if args.dataset_name:
         source = dataset_source(
@@ -103,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     except ManifestMismatchError as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def _runs_on_cpu(device: str | None) -> bool:
+    """`--device cpu`, `ACCELERATE_USE_CPU` set (as `--num_processes` sets it for its processes), or no GPU."""
+    wants_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return wants_cpu or not _cuda_available()
 
 
 def _process_count(value: str) -> int | str:
