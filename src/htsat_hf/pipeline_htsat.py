@@ -1,19 +1,15 @@
 """`pipeline("sound-event-detection")`: timed events from HTS-AT's token-semantic maps, for audio of any length.
 
-Audio longer than one window is read as a stream (files go through an ffmpeg pipe, so an hour of audio is never held
-in memory whole), cut into the model's overlapping 10-s windows, and the windows' step logits are stitched onto one
-time grid exactly as `HTSATForSoundEventDetection` does for a long input. Steps that no later window reaches are
-post-processed into events as they are complete (`EventStream`), so memory does not grow with the recording; with
-`return_frame_scores=True` the whole grid is kept and returned.
+Audio longer than one window is read as a stream (files are decoded block by block, see `audio_decoding`, so an hour
+of audio is never held in memory whole), cut into the model's overlapping 10-s windows, and the windows' step logits
+are stitched onto one time grid exactly as `HTSATForSoundEventDetection` does for a long input. Steps that no later
+window reaches are post-processed into events as they are complete (`EventStream`), so memory does not grow with the
+recording; with `return_frame_scores=True` the whole grid is kept and returned.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import threading
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +21,14 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .audio_decoding import (
+    AudioInputError,
+    decode_bytes,
+    decode_file,
+    ffmpeg_blocks,
+    probe_duration,
+    stream_with_ffmpeg,
+)
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
@@ -35,36 +39,27 @@ READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
 
 
-class AudioInputError(ValueError):
-    """Audio that cannot be used, with the `stage` where that was found: "decode" (unreadable, or an unsupported
-    input), "empty" (no samples), "too_short" (fewer samples than one STFT frame needs), "invalid_audio" (NaN/Inf)."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage = stage
-
-
 @dataclass
 class AudioSource:
-    """Mono audio at the model's rate, as an in-memory array or a file streamed through ffmpeg."""
+    """Mono audio at the model's rate, as an in-memory array or a file decoded block by block (`decode_file`)."""
 
     sampling_rate: int
     array: np.ndarray | None = None
     path: str | None = None
     duration_hint: float | None = None
-    warnings: list[str] | None = None  # where ffmpeg's warnings go instead of the log (see `stream_with_ffmpeg`)
+    warnings: list[str] | None = None  # where ffmpeg's warnings go instead of the log (see `decode_file`)
 
     def blocks(self, block_samples: int) -> Iterator[np.ndarray]:
         if self.array is not None:
             for start in range(0, len(self.array), block_samples):
                 yield self.array[start : start + block_samples]
             return
-        yield from stream_with_ffmpeg(self.path, self.sampling_rate, block_samples, self.warnings)
+        yield from decode_file(self.path, self.sampling_rate, block_samples, self.warnings)
 
 
 def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSource:
     """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`: a file path (streamed
-    through ffmpeg), bytes of a file (decoded by ffmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
+    with FFmpeg), bytes of a file (decoded by FFmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
     torchaudio), an undecoded `datasets` Audio cell `{"bytes", "path"}`, a torchcodec `AudioDecoder` (channels
     averaged, resampled), or a 1-D array / tensor at the rate. `probe`: read a file's duration from its header
     first (a progress-bar hint)."""
@@ -74,12 +69,7 @@ def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSo
     if isinstance(inputs, str):
         return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs) if probe else None)
     if isinstance(inputs, bytes):
-        from transformers.pipelines.audio_utils import ffmpeg_read
-
-        try:
-            inputs = ffmpeg_read(inputs, rate)
-        except ValueError as error:
-            raise AudioInputError("decode", f"ffmpeg could not decode the bytes given: {error}") from error
+        inputs = decode_bytes(inputs, rate)
     elif type(inputs).__name__ == "AudioDecoder":  # what `datasets` gives for a decoded Audio column
         samples = inputs.get_all_samples()
         inputs = {"array": samples.data.mean(dim=0).numpy(), "sampling_rate": samples.sample_rate}
@@ -124,70 +114,12 @@ def _as_float(array: np.ndarray) -> np.ndarray:
         raise AudioInputError("decode", str(error)) from error
 
 
-def stream_with_ffmpeg(
-    path: str, sampling_rate: int, block_samples: int, warnings: list[str] | None = None
-) -> Iterator[np.ndarray]:
-    """Decodes any file ffmpeg reads to mono float32 at `sampling_rate`, block by block. ffmpeg's complaints about a
-    file it could still decode (e.g. a truncated FLAC) are appended to `warnings` when given, else logged."""
-    if shutil.which("ffmpeg") is None:
-        raise ValueError("ffmpeg was not found: install it (e.g. apt-get install ffmpeg) to read audio files.")
-    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-ac", "1",
-               "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
-    messages = yield from ffmpeg_blocks(command, block_samples)
-    if messages:
-        message = f"ffmpeg reported problems decoding {path} (the audio may be incomplete); its last messages:\n{messages}"
-        if warnings is None:
-            logger.warning(message)
-        else:
-            warnings.append(message)
-
-
-def ffmpeg_blocks(command: list[str], block_samples: int, stdin: Any = None) -> Iterator[np.ndarray]:
-    """Runs an ffmpeg `command` that writes float32 samples to stdout and yields them block by block. Returns
-    (as the generator's value) ffmpeg's last messages when it succeeded; raises `AudioInputError("decode")` with
-    them when it failed. A consumer that stops early stops ffmpeg too. `stdin`: what ffmpeg reads as `pipe:0`."""
-    process = subprocess.Popen(command, stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # ffmpeg's messages are drained as they come: unread, a file with many decoding warnings fills the stderr pipe and
-    # ffmpeg blocks on it while we wait for samples. The last lines are kept for the error message.
-    messages: deque[bytes] = deque(maxlen=20)
-    drain = threading.Thread(target=lambda: messages.extend(process.stderr), daemon=True)
-    drain.start()
-    read_to_end = False
-    try:
-        while chunk := process.stdout.read(block_samples * 4):
-            yield np.frombuffer(chunk[: len(chunk) // 4 * 4], dtype=np.float32)
-        read_to_end = True
-    finally:
-        if not read_to_end:  # the consumer stopped early (an error downstream, Ctrl-C): stop ffmpeg too
-            process.kill()
-        process.stdout.close()
-        returncode = process.wait()
-        drain.join()
-        process.stderr.close()
-    error = b"".join(messages).decode(errors="replace").strip()
-    if returncode != 0:
-        source = command[command.index("-i") + 1] if "-i" in command else "the input"
-        raise AudioInputError("decode", f"ffmpeg could not decode {source}: {error or 'unknown error'}")
-    return error
-
-
 def step_probabilities(logits: torch.Tensor) -> np.ndarray:
     """float32 sigmoid of step logits whose value does not depend on the tensor's length or a step's place in it.
     PyTorch's float32 sigmoid differs by an ulp between its vectorised loop and its scalar tail (seen on AVX2), so
     blocks streamed one by one would score a step differently from the whole grid; in float64, rounded to float32,
     the two agree (and the result is the correctly rounded sigmoid but for vanishingly rare ties)."""
     return torch.sigmoid(logits.double()).float().numpy()
-
-
-def probe_duration(path: str) -> float | None:
-    """Duration from the container header (for the progress bar), or None."""
-    try:
-        from torchcodec.decoders import AudioDecoder
-
-        return AudioDecoder(path).metadata.duration_seconds_from_header
-    except Exception:  # noqa: BLE001 - only a progress hint
-        return None
 
 
 class SoundEventDetectionPipeline(Pipeline):
@@ -541,4 +473,6 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source"]
+# re-exported: they lived here before `audio_decoding`
+__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source", "ffmpeg_blocks",
+           "probe_duration", "stream_with_ffmpeg"]

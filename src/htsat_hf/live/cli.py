@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from ..pipeline_htsat import AudioInputError, ffmpeg_blocks
+from ..audio_decoding import AudioInputError, ffmpeg_blocks
 from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
 
 READ_SECONDS = 0.1  # audio per read from ffmpeg: the delay the reading itself adds
