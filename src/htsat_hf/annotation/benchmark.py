@@ -121,36 +121,45 @@ def model_only_windows_per_second(model: HTSATForAudioClassification, batch_size
         return batches * batch_size / (time.perf_counter() - start)
 
 
-class TreeMemory:
-    """Samples the memory of a process and all of its descendants (decoding workers, ffmpeg) every `interval` s, as
-    the sum of their PSS (proportional set size): forked workers share most pages with their parent, which a sum of
-    RSS would count once per process (and count again as a worker touches them)."""
+class TreePeakMemory:
+    """Peak memory of a process and all of its descendants (decoding workers, ffmpeg), from the kernel's high-water
+    marks (`VmHWM` in /proc/<pid>/status: each process's exact peak RSS, kept by the kernel, read in microseconds),
+    polled every `interval` s so that the marks of processes that exit are kept too.
 
-    def __init__(self, pid: int, interval: float = 0.5):
+    `total()` sums the processes' peaks: an upper bound, since peaks at different moments add up and pages a forked
+    worker shares with its parent count in both. `largest()` is the biggest single process (the model process).
+    An earlier version summed PSS every 0.5 s instead; reading PSS walks a process's page tables (23 ms for a
+    1.2-GiB process here) and that cost 6-9 % of the measured 1 x 2 throughput on 2 cores, even at the lowest
+    priority (0.85 of model-only against 0.90-0.97 unsampled, interleaved)."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
         import psutil
 
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peak = 0
+        self.peaks: dict[int, int] = {}  # pid -> bytes
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> None:
+    def total(self) -> int:
+        return sum(self.peaks.values())
+
+    def largest(self) -> int:
+        return max(self.peaks.values(), default=0)
+
+    def _poll(self) -> None:
         import psutil
 
         while not self._stop.is_set():
             try:
                 processes = [self.root, *self.root.children(recursive=True)]
-                pss = 0
-                for process in processes:
-                    try:
-                        pss += process.memory_full_info().pss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, pss)
             except psutil.Error:
-                pass
+                processes = []
+            for process in processes:
+                peak = high_water_mark(process.pid)
+                if peak is not None:
+                    self.peaks[process.pid] = max(peak, self.peaks.get(process.pid, 0))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
@@ -158,27 +167,46 @@ class TreeMemory:
         self._thread.join()
 
 
+def high_water_mark(pid: int) -> int | None:
+    """The process's peak resident set size in bytes (Linux `VmHWM`), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def end_to_end(command: list[str], out: Path, total_inputs: int, env: dict[str, str]) -> dict[str, Any]:
-    """Runs one annotation command; hours of audio per hour from its manifest, peak tree RSS at 10 % and 100 %."""
+    """Runs one annotation command; hours of audio per hour from its manifest, and the process tree's peak memory
+    (`TreePeakMemory`) once 10 % and 100 % of the inputs are committed."""
+    if high_water_mark(os.getpid()) is None:
+        raise RuntimeError("The annotation benchmark reads peak memory from /proc/<pid>/status: run it on Linux.")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    memory = TreeMemory(process.pid)
-    peak_at_10 = None
+    memory = TreePeakMemory(process.pid)
+    at_10 = None
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
     while process.poll() is None:
-        if peak_at_10 is None and _committed_inputs(out) >= 0.1 * total_inputs:
-            peak_at_10 = memory.peak
+        if at_10 is None and _committed_inputs(out) >= 0.1 * total_inputs:
+            at_10 = (memory.total(), memory.largest())
         time.sleep(0.2)
     memory.stop()
     reader.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{''.join(output)[-4000:]}")
     run = read_manifest(out)["runs"][-1]
+    at_10 = at_10 or (memory.total(), memory.largest())
     return {
         "audio_hours_per_hour": run["audio_hours_per_hour"], "wall_time_s": run["wall_time_s"],
-        "audio_hours": run["audio_hours"], "peak_pss_mib_at_10_percent": (peak_at_10 or memory.peak) / 2**20,
-        "peak_pss_mib_at_100_percent": memory.peak / 2**20, "summary": output[-1].strip() if output else "",
+        "audio_hours": run["audio_hours"],
+        "peak_rss_mib_at_10_percent": at_10[0] / 2**20, "peak_rss_mib_at_100_percent": memory.total() / 2**20,
+        "largest_process_peak_rss_mib_at_10_percent": at_10[1] / 2**20,
+        "largest_process_peak_rss_mib_at_100_percent": memory.largest() / 2**20,
+        "summary": output[-1].strip() if output else "",
     }
 
 
@@ -246,7 +274,11 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
         audio_hours=seconds / 3600, windows=windows, one_process_two_threads=single, two_processes_one_thread=double,
         end_to_end_share_of_model_only=single["audio_hours_per_hour"] / model_rate,
         two_process_share_of_model_only=double["audio_hours_per_hour"] / model_rate,
-        memory_growth_10_to_100_percent=single["peak_pss_mib_at_100_percent"] / single["peak_pss_mib_at_10_percent"] - 1,
+        memory_growth_10_to_100_percent=max(
+            single["peak_rss_mib_at_100_percent"] / single["peak_rss_mib_at_10_percent"] - 1,
+            single["largest_process_peak_rss_mib_at_100_percent"] / single["largest_process_peak_rss_mib_at_10_percent"]
+            - 1,
+        ),
         two_by_one_over_one_by_two=double["audio_hours_per_hour"] / single["audio_hours_per_hour"],
     )
     return results
@@ -260,18 +292,22 @@ def format_report(results: dict[str, Any]) -> str:
         f"{results['windows']} windows; batch {results['settings']['batch_size']} windows, "
         f"{results['settings']['num_workers']} decoding worker(s) per process",
         "",
-        "| | hours of audio per hour | wall s | peak memory (PSS) at 10 % / 100 %, MiB |",
+        "| | hours of audio per hour | wall s | peak RSS at 10 % / 100 %, MiB: sum of the processes (largest one) |",
         "| --- | --- | --- | --- |",
         "| model only (2 threads), median of " + ", ".join(f"{v:.0f}" for v in results["model_only_audio_hours_per_hour"])
         + f" | {model:.0f} | | |",
     ]
     for name, run in (("end to end, 1 process x 2 threads", single), ("end to end, 2 processes x 1 thread", double)):
-        lines.append(f"| {name} | {run['audio_hours_per_hour']:.0f} | {run['wall_time_s']:.0f} | "
-                     f"{run['peak_pss_mib_at_10_percent']:.0f} / {run['peak_pss_mib_at_100_percent']:.0f} |")
+        lines.append(
+            f"| {name} | {run['audio_hours_per_hour']:.0f} | {run['wall_time_s']:.0f} | "
+            f"{run['peak_rss_mib_at_10_percent']:.0f} ({run['largest_process_peak_rss_mib_at_10_percent']:.0f}) / "
+            f"{run['peak_rss_mib_at_100_percent']:.0f} ({run['largest_process_peak_rss_mib_at_100_percent']:.0f}) |"
+        )
     targets = [
         ("end to end (1 x 2) >= 85 % of model only", results["end_to_end_share_of_model_only"], 0.85, True),
         ("end to end (2 x 1) >= 85 % of model only", results["two_process_share_of_model_only"], 0.85, True),
-        ("peak memory at 100 % within 10 % of that at 10 %", results["memory_growth_10_to_100_percent"], 0.10, False),
+        ("peak RSS at 100 % within 10 % of that at 10 % (sum and largest process)",
+         results["memory_growth_10_to_100_percent"], 0.10, False),
         ("2 x 1 >= 0.9 x (1 x 2)", results["two_by_one_over_one_by_two"], 0.9, True),
     ]
     lines.append("")
