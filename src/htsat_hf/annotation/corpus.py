@@ -1,7 +1,7 @@
 """A corpus run: every input annotated exactly once, across processes, crashes and restarts.
 
 Inputs are numbered in their source's order and grouped into shards of `rows_per_shard`; shard n belongs to process
-n % world_size. Each process decodes its inputs in DataLoader workers (ffmpeg and the log-mel front end, overlapped
+n % world_size. Each process decodes its inputs in DataLoader workers (FFmpeg and the log-mel front end, overlapped
 with the model), packs windows of many inputs into each forward pass, and commits a shard when all of its inputs are
 done (see `store.py`). Starting the same run again skips the committed shards, whatever the number of processes.
 """
@@ -88,7 +88,7 @@ DECODER_NICENESS = 19  # measured on 2 cores: 0 -> 67, 10 -> 67, 19 -> 71-75 h o
 
 
 def _lower_priority(worker_id: int) -> None:
-    """Decoding workers (and their ffmpeg) yield the CPU to the model's threads: a preempted OpenMP thread stalls the
+    """Decoding workers (and any ffmpeg they start) yield the CPU to the model's threads: a preempted OpenMP thread stalls the
     whole parallel region, while a preempted decoder only drains the prefetched windows a little."""
     os.nice(DECODER_NICENESS)
 

@@ -70,7 +70,7 @@ def dataset_source(
     token: str | None = None,
 ) -> InputSource:
     """A split of a Hub dataset or local folder, loaded as `scripts/train.py` loads data; the audio is decoded by
-    ffmpeg from each row's bytes or path. Ids: `id_column`'s values, else the row index."""
+    FFmpeg from each row's bytes or path (`audio_decoding`). Ids: `id_column`'s values, else the row index."""
     from ..training.data import load_source
 
     splits = load_source(
