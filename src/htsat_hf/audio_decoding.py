@@ -2,7 +2,7 @@
 
 Two decoders give the same samples (both are FFmpeg's decoders and libswresample with its defaults):
 - in process, with torchcodec (the FFmpeg binding `datasets` decodes audio with): no process to start per file, which
-  is most of the cost of a 10-s to 2-min file read through the command line (measured 2-5x faster);
+  is most of the cost of a 10-s to 2-min file read through the command line (2-4x faster on 30-s blocks);
 - the `ffmpeg` command, for what torchcodec cannot open or stops in (a corrupt or truncated file), for sources that
   are not files (live devices, URLs) and where torchcodec is not installed. Its messages become the error or warning.
 """
@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+
 class AudioInputError(ValueError):
     """Audio that cannot be used, with the `stage` where that was found: "decode" (unreadable, or an unsupported
     input), "empty" (no samples), "too_short" (fewer samples than one STFT frame needs), "invalid_audio" (NaN/Inf)."""
@@ -28,7 +29,6 @@ class AudioInputError(ValueError):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
         self.stage = stage
-
 
 
 def stream_with_ffmpeg(
