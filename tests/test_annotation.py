@@ -24,7 +24,7 @@ from htsat_hf.annotation.corpus import annotate_corpus
 from htsat_hf.annotation.sources import file_source
 from htsat_hf.annotation.store import committed_shards, read_errors, read_manifest
 from htsat_hf.annotation.windows import count_windows
-from htsat_hf.pipeline_htsat import stream_with_ffmpeg
+from htsat_hf.audio_decoding import stream_with_ffmpeg
 
 from test_training_end_to_end import free_port, training_env
 

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, loudness_step_logits, save_tiny_detector
 from transformers import pipeline
 
 import htsat_hf.pipeline_htsat as pipeline_module
-from htsat_hf import HTSATFeatureExtractor, HTSATForSoundEventDetection
+from htsat_hf import HTSATFeatureExtractor, HTSATForSoundEventDetection, audio_decoding
 
 RATE = 32000
 
@@ -206,7 +206,7 @@ def test_ffmpeg_warnings_do_not_stall_the_stream(tmp_path, monkeypatch, caplog, 
 
     def read():
         try:
-            outcome["samples"] = sum(len(b) for b in pipeline_module.stream_with_ffmpeg("x.flac", RATE, RATE))
+            outcome["samples"] = sum(len(b) for b in audio_decoding.stream_with_ffmpeg("x.flac", RATE, RATE))
         except ValueError as error:
             outcome["error"] = str(error)
 

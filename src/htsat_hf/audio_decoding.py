@@ -131,6 +131,7 @@ def _decode_in_process(path: str, sampling_rate: int, block_samples: int) -> Gen
         return False
     step = block_samples / sampling_rate
     held = np.zeros(0, np.float32)  # ranges start at the stream's first sample: blocks are cut as the command's are
+    complete = False
     for index in range(int(end / step) + 2):
         start = index * step
         last = start + 2 * step >= end
@@ -143,12 +144,11 @@ def _decode_in_process(path: str, sampling_rate: int, block_samples: int) -> Gen
             yield held[:block_samples]
             held = held[block_samples:]
         if last:
-            if len(held):
-                yield held
-            return True
+            complete = True
+            break
     if len(held):
         yield held
-    return False
+    return complete
 
 
 def _skip_samples(blocks: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:

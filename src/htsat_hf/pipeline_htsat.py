@@ -21,14 +21,7 @@ import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .audio_decoding import (
-    AudioInputError,
-    decode_bytes,
-    decode_file,
-    ffmpeg_blocks,
-    probe_duration,
-    stream_with_ffmpeg,
-)
+from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
@@ -473,6 +466,4 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-# re-exported: they lived here before `audio_decoding`
-__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source", "ffmpeg_blocks",
-           "probe_duration", "stream_with_ffmpeg"]
+__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source"]
