@@ -20,7 +20,7 @@ def _layer(inputs: int = 96, outputs: int = 384, bias: bool = True) -> nn.Linear
     return layer
 
 
-PLANS = [LinearPlan("blas", "torch"), LinearPlan("onednn", "torch"), LinearPlan("onednn", "onednn")]
+PLANS = [LinearPlan("blas", "after"), LinearPlan("onednn", "after"), LinearPlan("onednn", "onednn")]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda plan: f"{plan.gemm}-gemm-{plan.gelu}-gelu")
@@ -41,6 +41,30 @@ def test_every_plan_matches_nn_linear(monkeypatch, plan, activation, bias):
     if activation == "gelu":  # the exact GELU, not the tanh approximation
         with torch.no_grad():
             assert (fused - F.gelu(layer(inputs), approximate="tanh")).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda plan: f"{plan.gemm}-gemm-{plan.gelu}-gelu")
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_add_accumulates_the_layer(monkeypatch, plan, with_bias):
+    """`linear_add_` adds the layer's output (with or without its bias) to the accumulator in place, as does `linear`
+    without the bias, whichever plan runs, and on the plain path."""
+    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
+    layer = _layer(384, 96)
+    nn.init.normal_(layer.bias)
+    inputs, accumulator = torch.randn(3, 70, 384), torch.randn(3, 70, 96)
+    bias = layer.bias if with_bias else torch.zeros(96)
+    expected = accumulator + inputs @ layer.weight.t() + bias
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert inference_path_applies(inputs, layer) != grad
+            result = accumulator.clone()
+            cpu_kernels.linear_add_(result, inputs, layer, with_bias=with_bias)
+            torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(linear(inputs, layer, with_bias=with_bias), expected - accumulator)
+    with pytest.raises(ValueError, match="cannot come with an activation"):
+        linear(inputs, layer, "gelu", with_bias=False)
 
 
 def test_plain_path_where_fusion_does_not_apply():
@@ -79,15 +103,15 @@ def test_an_onednn_plan_takes_blas_once_onednn_is_switched_off(monkeypatch):
 def test_calibration_picks_among_what_is_there(monkeypatch):
     monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
     plan = calibrate(rounds=2)
-    assert plan.gemm in ("blas", "onednn") and plan.gelu in ("torch", "onednn")
+    assert plan.gemm in ("blas", "onednn") and plan.gelu in ("after", "onednn")
     timed = dict(plan.timings_ms)
     assert "gemm blas" in timed and all(ms > 0 for ms in timed.values())
     assert ("gemm onednn" in timed) == (cpu_kernels._ONEDNN_LINEAR is not None)
-    assert plan.gelu == "torch" or plan.gemm == "onednn"  # the GELU epilogue comes with oneDNN's GEMM
+    assert plan.gelu == "after" or plan.gemm == "onednn"  # the GELU epilogue comes with oneDNN's GEMM
     assert ("gelu onednn" in timed) == (plan.gemm == "onednn")
     monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)  # a build without oneDNN: nothing to choose
     plan = calibrate(rounds=2)
-    assert (plan.gemm, plan.gelu, [name for name, _ in plan.timings_ms]) == ("blas", "torch", ["gemm blas"])
+    assert (plan.gemm, plan.gelu, [name for name, _ in plan.timings_ms]) == ("blas", "after", ["gemm blas"])
 
 
 def test_near_ties_keep_onednn():
@@ -101,18 +125,18 @@ def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path))
     monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
     measured = []
-    plans = iter([LinearPlan("onednn", "torch", (("gemm onednn", 1.5),)), LinearPlan("blas", "torch")])
+    plans = iter([LinearPlan("onednn", "after", (("gemm onednn", 1.5),)), LinearPlan("blas", "after")])
     monkeypatch.setattr(cpu_kernels, "calibrate", lambda: measured.append(1) or next(plans))
     try:
         cpu_kernels.linear_plan.cache_clear()
         first = cpu_kernels.linear_plan()
         cpu_kernels.linear_plan.cache_clear()  # as a new process would start
-        assert cpu_kernels.linear_plan() == first == LinearPlan("onednn", "torch", (("gemm onednn", 1.5),))
+        assert cpu_kernels.linear_plan() == first == LinearPlan("onednn", "after", (("gemm onednn", 1.5),))
         assert len(measured) == 1 and len(list(tmp_path.glob("linear-plan-*.json"))) == 1
         (tmp_path / "unwritable").write_text("")
         monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "unwritable"))  # a file, not a folder
         cpu_kernels.linear_plan.cache_clear()
-        assert cpu_kernels.linear_plan() == LinearPlan("blas", "torch") and len(measured) == 2  # measured in-process
+        assert cpu_kernels.linear_plan() == LinearPlan("blas", "after") and len(measured) == 2  # measured in-process
     finally:
         cpu_kernels.linear_plan.cache_clear()
 
@@ -120,7 +144,7 @@ def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
 def test_the_environment_fixes_the_gemm_library(monkeypatch, caplog):
     monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "BLAS")
     plan = calibrate(rounds=2)
-    assert plan == LinearPlan("blas", "torch")  # nothing timed
+    assert plan == LinearPlan("blas", "after")  # nothing timed
     monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "mkl")
     with pytest.raises(ValueError, match="HTSAT_HF_CPU_GEMM='mkl' is not one of auto, blas, onednn"):
         calibrate(rounds=2)

@@ -1,6 +1,7 @@
 """The native CPU kernels (fused window attention, LayerNorm with its residual): the same numbers as float64, the
 model's outputs unchanged, and PyTorch's ops wherever they do not apply (or cannot be built)."""
 
+import contextlib
 import os
 import platform
 import shutil
@@ -10,7 +11,15 @@ import torch
 
 import htsat_hf.modeling_htsat as modeling
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, native_kernels
-from htsat_hf.native_kernels import build_kernels, fused_attention_applies, kernels_apply, layer_norm, window_attention
+from htsat_hf.native_kernels import (
+    bias_gelu_,
+    build_kernels,
+    fused_attention_applies,
+    gather_layer_norm,
+    kernels_apply,
+    layer_norm,
+    window_attention,
+)
 
 buildable = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") and shutil.which("c++")
 needs_kernel = pytest.mark.skipif(
@@ -83,6 +92,25 @@ def test_kernel_matches_attention_in_float64(kernel_build, tokens, heads, head_d
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens, heads, head_dim, mask_windows", [(64, 4, 24, 64), (32, 3, 16, 5), (16, 2, 8, 1)])
+def test_kernel_applies_the_qkv_bias(kernel_build, tokens, heads, head_dim, mask_windows):
+    """A projection computed without its bias, plus the bias given to the kernel: the same attention as on the
+    biased projection (q's added to the queries, v's to the context, k's cancelled by the softmax)."""
+    torch.manual_seed(1)
+    width = 3 * heads * head_dim
+    qkv, bias = torch.randn(5, tokens, width), torch.randn(width) * 2
+    mask = torch.randn(mask_windows, heads, tokens, tokens)
+    with torch.no_grad():
+        fused = window_attention(qkv, mask, heads, head_dim**-0.5, 2, qkv_bias=bias)
+        unbiased = window_attention(qkv, mask, heads, head_dim**-0.5, 2)
+    expected = reference_attention(qkv + bias, mask, heads, head_dim**-0.5, 2)
+    assert (fused.double() - expected).abs().max() < 1e-5
+    assert (unbiased.double() - expected).abs().max() > 0.1  # the bias matters here
+    with pytest.raises(ValueError, match=f"qkv_bias must be float32 of shape \\({width},\\)"):
+        window_attention(qkv, mask, heads, 0.2, qkv_bias=bias[:-1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 3])
 def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
     """The paper-size model (shifted windows, chunks that start inside an image, every stage) gives the same logits
@@ -90,8 +118,13 @@ def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
     torch.manual_seed(0)
     model = HTSATForAudioClassification(HTSATConfig(num_labels=10)).eval()
     features = torch.randn(batch, 1001, 64)
+    for module in model.modules():  # biases are zero at initialisation: give the fused ones something to do
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
     calls = []
-    monkeypatch.setattr(modeling, "window_attention", lambda *args: calls.append(1) or window_attention(*args))
+    monkeypatch.setattr(
+        modeling, "window_attention", lambda *args, **kwargs: calls.append(1) or window_attention(*args, **kwargs)
+    )
     with torch.no_grad():
         fused = model(features).logits
         assert len(calls) > 0
@@ -100,6 +133,34 @@ def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
             plain = model(features).logits
             assert not calls
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_quantised_model_keeps_its_layers_biases(monkeypatch):
+    """int8 layers apply their own biases, so the fused path leaves them there: the same logits as PyTorch's ops."""
+    from htsat_hf.export import quantize_dynamic_int8
+
+    torch.manual_seed(0)
+    model = HTSATForAudioClassification(HTSATConfig(num_labels=10)).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    quantised = quantize_dynamic_int8(model)
+    features = torch.randn(2, 1001, 64)
+    calls = []
+    monkeypatch.setattr(
+        modeling, "window_attention", lambda *args, **kwargs: calls.append(kwargs) or window_attention(*args, **kwargs)
+    )
+    with torch.no_grad():
+        fused = quantised(features).logits
+        assert calls and all(call["qkv_bias"] is None for call in calls)
+        with native_kernels.torch_ops_instead():
+            plain = quantised(features).logits
+        reference = model(features).logits
+    # the attention kernel's last-bit differences move some activations into the next int8 step (0.5 % of the largest
+    # logit here); a bias left out or added twice moves the logits by about their own size
+    assert (fused - plain).abs().max() < 0.02 * reference.abs().max(), (fused - plain).abs().max()
+    assert (fused - reference).abs().max() < 0.2 * reference.std()  # int8, and its biases kept
 
 
 @needs_kernel
@@ -201,6 +262,72 @@ def test_layer_norm_matches_float64(kernel_build, dim, with_residual):
         output = layer_norm(hidden, norm, residual)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden.double(), expected_hidden)  # the residual was added in place
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [96, 20])
+def test_layer_norm_adds_the_residual_bias_and_carries_a_later_bias(kernel_build, dim):
+    """x += residual + residual_bias; out = norm(x); x += carry_bias (the kernel, and PyTorch's ops alike)."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    hidden, residual = torch.randn(50, dim) * 2, torch.randn(50, dim)
+    residual_bias, carry_bias = torch.randn(dim), torch.randn(dim)
+    added = hidden.double() + residual.double() + residual_bias.double()
+    expected = torch.nn.functional.layer_norm(added, (dim,), norm.weight.double(), norm.bias.double(), 1e-5)
+    for use_kernels in (True, False):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+            assert kernels_apply(hidden) == use_kernels
+            x = hidden.clone()
+            output = layer_norm(x, norm, residual, residual_bias, carry_bias=carry_bias)
+        torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.double(), added + carry_bias.double(), rtol=1e-6, atol=1e-6)  # 3 fp32 adds
+    with pytest.raises(ValueError, match="pass the residual too"):
+        layer_norm(hidden, norm, residual_bias=residual_bias)
+    with pytest.raises(ValueError, match=r"carry_bias must have shape \(%d,\)" % dim):
+        layer_norm(hidden, norm, carry_bias=carry_bias[:-1])
+
+
+@needs_kernel
+def test_gather_layer_norm_gathers_rows_then_normalises(kernel_build):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(96)
+    torch.nn.init.normal_(norm.bias)
+    source = torch.randn(2, 64, 96)
+    index = torch.randperm(128)[:40]
+    expected_rows = source.reshape(-1, 96)[index]
+    for use_kernels in (True, False):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+            rows = torch.full((40, 96), float("nan"))
+            output = gather_layer_norm(rows, source, index, norm)
+        assert torch.equal(rows, expected_rows)
+        torch.testing.assert_close(output, norm(expected_rows).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match=r"rows outside 0..127"):
+        gather_layer_norm(torch.empty(1, 96), source, torch.tensor([128]), norm)
+    with pytest.raises(ValueError, match="index must be int64"):
+        gather_layer_norm(torch.empty(1, 96), source, torch.tensor([1], dtype=torch.int32), norm)
+
+
+@needs_kernel
+def test_bias_gelu_is_the_exact_gelu_in_place(kernel_build):
+    """As accurate as PyTorch's float32 GELU against float64 (both use a 1.5e-7 erf), over the whole range."""
+    x = torch.linspace(-12, 12, 200_001)
+    expected = torch.nn.functional.gelu(x.double())
+    torch_error = (torch.nn.functional.gelu(x).double() - expected).abs().max().item()
+    with torch.no_grad():
+        y = x.clone()
+        assert bias_gelu_(y) is y
+    assert (y.double() - expected).abs().max().item() <= 1.25 * torch_error
+    assert (y - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() > 1e-4  # the exact form, not tanh
+    torch.manual_seed(0)
+    hidden, bias = torch.randn(9, 20) * 3, torch.randn(20)  # 20: a row no vector width divides
+    expected = torch.nn.functional.gelu(hidden.double() + bias.double())
+    for use_kernels in (True, False):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+            torch.testing.assert_close(bias_gelu_(hidden.clone(), bias).double(), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match the last axis"):
+        bias_gelu_(hidden, bias[:-1])
 
 
 def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():

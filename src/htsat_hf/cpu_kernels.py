@@ -42,7 +42,7 @@ try:  # Unix: processes share the measured plan; elsewhere each process measures
 except ImportError:
     fcntl = None
 
-from .native_kernels import _cpu_flags, kernel_cache_dir
+from .native_kernels import _cpu_flags, bias_gelu_, kernel_cache_dir
 
 logger = logging.get_logger(__name__)
 
@@ -112,7 +112,8 @@ def _fused_onednn_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @dataclass(frozen=True)
 class LinearPlan:
     """How CPU inference runs linear layers here: `gemm` is "blas" or "onednn"; `gelu` is "onednn" (oneDNN's GELU
-    epilogue, with the oneDNN GEMM) or "torch" (the GEMM, then PyTorch's vectorised `F.gelu`)."""
+    epilogue, with the oneDNN GEMM) or "after" (the GEMM without its bias, then one pass adding the bias and applying
+    GELU in place: `native_kernels.bias_gelu_`, PyTorch's ops where the kernels do not apply)."""
 
     gemm: str
     gelu: str
@@ -175,10 +176,10 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
             measured = _fastest_times(candidates, rounds)
             timings.update({f"gemm {name}": seconds for name, seconds in measured.items()})
             gemm = _choose(measured, default="onednn")
-        gelu = "torch"
-        if gemm == "onednn":  # oneDNN's GELU epilogue against its GEMM followed by F.gelu
+        gelu = "after"
+        if gemm == "onednn":  # oneDNN's GELU epilogue against its GEMM followed by the bias-and-GELU pass
             ways = {
-                "torch": lambda: F.gelu(_gemm(gemm, x, wide, wide_bias)),
+                "after": lambda: bias_gelu_(_gemm(gemm, x, wide, None), wide_bias),
                 "onednn": lambda: _fused_onednn_gelu(x, wide, wide_bias),
             }
             measured = _fastest_times(ways, rounds)
@@ -190,7 +191,7 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
 
 
 def _plan_file() -> Path:
-    key = "\n".join(["1", torch.__version__, str(_ONEDNN_LINEAR is not None), str(CALIBRATION_SHAPE), _cpu_flags()])
+    key = "\n".join(["2", torch.__version__, str(_ONEDNN_LINEAR is not None), str(CALIBRATION_SHAPE), _cpu_flags()])
     return kernel_cache_dir() / f"linear-plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -210,7 +211,7 @@ def linear_plan() -> LinearPlan:
             fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together: one measures, the others read
             if path.exists():
                 saved = json.loads(path.read_text())
-                if saved["gemm"] not in GEMM_LIBRARIES or saved["gelu"] not in ("torch", "onednn"):
+                if saved["gemm"] not in GEMM_LIBRARIES or saved["gelu"] not in ("after", "onednn"):
                     raise ValueError(f"{path} holds an unknown plan {saved}")
                 return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
             plan = calibrate()
@@ -224,20 +225,52 @@ def linear_plan() -> LinearPlan:
         return calibrate()
 
 
-def linear(inputs: torch.Tensor, layer: nn.Module, activation: str = "none") -> torch.Tensor:
-    """`activation(layer(inputs))` for any (..., in_features) input; activation is "none" or "gelu" (exact erf)."""
+def bias_separable(layer: nn.Module) -> bool:
+    """Whether `linear(..., with_bias=False)` can leave this layer's bias to the caller: a plain nn.Linear (a quantised
+    or otherwise replaced layer applies its own)."""
+    return type(layer) is nn.Linear
+
+
+def linear(inputs: torch.Tensor, layer: nn.Module, activation: str = "none", with_bias: bool = True) -> torch.Tensor:
+    """`activation(layer(inputs))` for any (..., in_features) input; activation is "none" or "gelu" (exact erf). With
+    `with_bias=False` (no activation; `bias_separable(layer)`) the layer's bias is left out: the caller adds it in a
+    pass it makes anyway."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}.")
+    if not with_bias and activation != "none":
+        raise ValueError("with_bias=False leaves the bias to the caller, so it cannot come with an activation")
+    if not with_bias and not bias_separable(layer):
+        raise ValueError(f"with_bias=False needs a plain nn.Linear, not {type(layer).__name__}, which adds its own bias")
     if not inference_path_applies(inputs, layer):
-        output = layer(inputs)
+        output = layer(inputs) if with_bias else F.linear(inputs, layer.weight)
         return output if activation == "none" else F.gelu(output)
     plan = linear_plan()
     onednn = _onednn_available()  # oneDNN may have been switched off since (torch.backends.mkldnn.flags)
     rows = inputs.reshape(-1, inputs.shape[-1])
     if activation == "gelu" and plan.gelu == "onednn" and onednn:
         output = _fused_onednn_gelu(rows, layer.weight, layer.bias)
+    elif activation == "gelu":
+        output = bias_gelu_(_gemm(plan.gemm if onednn else "blas", rows, layer.weight, None), layer.bias)
     else:
-        output = _gemm(plan.gemm if onednn else "blas", rows, layer.weight, layer.bias)
-        if activation == "gelu":
-            output = F.gelu(output)
+        output = _gemm(plan.gemm if onednn else "blas", rows, layer.weight, layer.bias if with_bias else None)
     return output.view(*inputs.shape[:-1], output.shape[-1])
+
+
+def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Module, with_bias: bool = True) -> None:
+    """`accumulator += layer(inputs)` (without the bias where `with_bias=False`); with the BLAS GEMM in CPU inference
+    the product is accumulated in the GEMM itself (beta = 1), with no output tensor and no separate add."""
+    if (
+        inference_path_applies(inputs, layer)
+        and (linear_plan().gemm == "blas" or not _onednn_available())
+        and accumulator.is_contiguous()
+        and accumulator.shape == (*inputs.shape[:-1], layer.out_features)
+    ):
+        rows = accumulator.view(-1, layer.out_features)
+        rows.addmm_(inputs.reshape(-1, inputs.shape[-1]), layer.weight.t())
+        if with_bias and layer.bias is not None:
+            rows += layer.bias
+        return
+    accumulator += linear(inputs, layer, with_bias=with_bias)
+
+
+__all__ = ["LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan"]

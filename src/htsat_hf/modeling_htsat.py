@@ -25,8 +25,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import linear
-from .native_kernels import fused_attention_applies, layer_norm, window_attention
+from .cpu_kernels import bias_separable, linear, linear_add_
+from .native_kernels import fused_attention_applies, gather_layer_norm, layer_norm, window_attention
 
 logger = logging.get_logger(__name__)
 
@@ -446,11 +446,18 @@ class HTSATWindowAttention(nn.Module):
             and fused_attention_applies(windows, self.num_heads, self.head_dim, *self.qkv.parameters())
         )
 
-    def attend_fused(self, windows: torch.Tensor, mask: torch.Tensor, first_window: int) -> torch.Tensor:
+    def attend_fused(
+        self, windows: torch.Tensor, mask: torch.Tensor, first_window: int, output_bias: bool = True
+    ) -> torch.Tensor:
         """`attend` through the fused CPU kernel, for windows (windows, tokens, dim) that start at window `first_window`
-        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel."""
-        qkv = linear(windows, self.qkv)
-        return linear(window_attention(qkv, mask, self.num_heads, self.scale, first_window), self.proj)
+        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel. The
+        qkv bias of a plain linear layer is applied by the kernel rather than written into the GEMM's output; with
+        `output_bias=False` the output projection's bias is left to the caller, which adds it with the residual."""
+        split = bias_separable(self.qkv)
+        qkv = linear(windows, self.qkv, with_bias=not split)
+        qkv_bias = self.qkv.bias if split else None
+        context = window_attention(qkv, mask, self.num_heads, self.scale, first_window, qkv_bias=qkv_bias)
+        return linear(context, self.proj, with_bias=output_bias)
 
     def attend(
         self,
@@ -510,6 +517,11 @@ class HTSATMlp(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.drop(linear(self.drop(linear(hidden, self.fc1, "gelu")), self.fc2))
 
+    def add_to(self, residual: torch.Tensor, hidden: torch.Tensor, with_output_bias: bool = True) -> None:
+        """Inference: `residual += mlp(hidden)`, accumulated by fc2's GEMM; fc2's bias is left out where the caller
+        has added it already (`with_output_bias=False`)."""
+        linear_add_(residual, linear(hidden, self.fc1, "gelu"), self.fc2, with_bias=with_output_bias)
+
 
 class HTSATSwinBlock(GradientCheckpointingLayer):
     """
@@ -553,9 +565,10 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         return max(d for d in range(1, wanted + 1) if windows_per_image % d == 0)
 
     def forward(
-        self, hidden: torch.Tensor, output_attentions: bool = False
+        self, hidden: torch.Tensor, output_attentions: bool = False, order: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden: (batch, grid * grid, dim) in this block's window order."""
+        """hidden: (batch, grid * grid, dim) in this block's window order, or, with `order`, in the previous layout,
+        from which `hidden[:, order]` gathers this block's."""
         if not (
             self.training
             or output_attentions
@@ -563,34 +576,52 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
             or hidden.device.type != "cpu"
             or torch.compiler.is_compiling()
         ):
-            return self.forward_in_chunks(hidden), None
+            return self.forward_in_chunks(hidden, order), None
+        if order is not None:
+            hidden = gather_tokens(hidden, order)
         batch, tokens, dim = hidden.shape
         windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
         attended, weights = self.attn(windows, self.shift_mask, output_attentions)
         hidden = hidden + self.drop_path(attended.view(batch, tokens, dim))
         return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
-    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward_in_chunks(self, hidden: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """CPU inference: attention and MLP on chunks of whole windows, in place, so that each chunk's qkv, attention
-        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). The attention's
-        residual add and norm2 are one pass (`native_kernels.layer_norm`)."""
-        dim = hidden.shape[-1]
+        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). Without `order`
+        `hidden` is updated in place; with it, the tokens are gathered chunk by chunk into a new tensor, in the pass of
+        norm1. With the fused kernels, the attention's residual add, the output projection's bias, norm2 and fc2's bias
+        are one pass (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens."""
+        batch, count, dim = hidden.shape
         tokens = self.window * self.window
-        rows = hidden.view(-1, dim)
+        if order is None:
+            rows, source, index = hidden.view(-1, dim), None, None
+        else:
+            rows, source = hidden.new_empty(batch * count, dim), hidden.reshape(-1, dim)
+            index = (order + count * torch.arange(batch, device=order.device).unsqueeze(1)).flatten()
         total = rows.shape[0] // tokens
         mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
         fused = self.attn.fuses(rows.view(total, tokens, dim))
+        split_biases = bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
         repeated: dict[int, torch.Tensor] = {}
         for first in range(0, total, self.windows_per_chunk):
-            count = min(self.windows_per_chunk, total - first)
-            part = rows[first * tokens : (first + count) * tokens]
-            windows = layer_norm(part, self.norm1).view(count, tokens, dim)
-            if fused:
-                attended = self.attn.attend_fused(windows, mask, first)
+            start, stop = first * tokens, min(first + self.windows_per_chunk, total) * tokens
+            part = rows[start:stop]
+            if source is None:
+                normed = layer_norm(part, self.norm1)
             else:
-                attended, _ = self.attn.attend(windows, chunk_mask(mask, first, count, repeated))
-            part += self.mlp(layer_norm(part, self.norm2, residual=attended.view(-1, dim)))  # the residual, then norm2
-        return hidden
+                normed = gather_layer_norm(part, source, index[start:stop], self.norm1)
+            windows = normed.view(-1, tokens, dim)
+            if fused and split_biases:
+                attended = self.attn.attend_fused(windows, mask, first, output_bias=False).view(-1, dim)
+                normed = layer_norm(part, self.norm2, attended, self.attn.proj.bias, carry_bias=self.mlp.fc2.bias)
+                self.mlp.add_to(part, normed, with_output_bias=False)
+            elif fused:  # quantised or otherwise replaced layers apply their own biases
+                attended = self.attn.attend_fused(windows, mask, first).view(-1, dim)
+                self.mlp.add_to(part, layer_norm(part, self.norm2, residual=attended))
+            else:
+                attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
+                self.mlp.add_to(part, layer_norm(part, self.norm2, residual=attended.view(-1, dim)))
+        return rows.view(batch, count, dim)
 
 
 class HTSATPatchMerging(nn.Module):
@@ -650,9 +681,7 @@ class HTSATStage(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = None
         for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
-            if move:
-                hidden = gather_tokens(hidden, order)
-            hidden, weights = block(hidden, output_attentions)
+            hidden, weights = block(hidden, output_attentions, order if move else None)
         if self.layout_moves[-1]:
             hidden = gather_tokens(hidden, self.layout_orders[-1])
         if self.downsample is not None:

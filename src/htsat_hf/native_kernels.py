@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
@@ -160,7 +161,8 @@ constexpr int context_rows(int nd) {
 }
 
 template <int T, int ND>  // tokens T (a multiple of 16), head_dim = 8 * ND
-static void attend_one(const float* qkv, const float* mask, float* out, int heads, int h, float scale) {
+static void attend_one(const float* qkv, const float* q_bias, const float* v_bias, const float* mask, float* out,
+                       int heads, int h, float scale) {
     constexpr int D = 8 * ND, NV = T / VW, KB = score_vectors(NV), RB = context_rows(ND);
     const long stride = 3L * heads * D;  // between tokens in qkv
     const float* q = qkv + (long)h * D;
@@ -172,6 +174,9 @@ static void attend_one(const float* qkv, const float* mask, float* out, int head
     for (int j = 0; j < T; j += 8)
         for (int d = 0; d < D; d += 8) transpose_8x8(k + j * stride + d, stride, k_t + d * T + j, T);
     for (int i = 0; i < T; i += 4) {  // scores, four queries at a time, KB vectors of keys at a time
+        float qi[4][D];                 // the four queries, with their bias
+        for (int a = 0; a < 4; ++a)
+            for (int d = 0; d < D; ++d) qi[a][d] = q[(i + a) * stride + d] + (q_bias != nullptr ? q_bias[d] : 0.0f);
         for (int kb = 0; kb < NV; kb += KB) {
             vec acc[4][KB];
             for (int a = 0; a < 4; ++a)
@@ -180,7 +185,7 @@ static void attend_one(const float* qkv, const float* mask, float* out, int head
                 vec kd[KB];
                 for (int b = 0; b < KB; ++b) kd[b] = *(const vec*)(k_t + d * T + VW * (kb + b));
                 for (int a = 0; a < 4; ++a) {
-                    float qd = q[(i + a) * stride + d];
+                    float qd = qi[a][d];
                     for (int b = 0; b < KB; ++b) acc[a][b] += qd * kd[b];
                 }
             }
@@ -220,14 +225,18 @@ static void attend_one(const float* qkv, const float* mask, float* out, int head
                 for (int c = 0; c < ND; ++c) acc[a][c] += p * vj[c];
             }
         }
+        vec8 vb[ND] = {};  // v's bias: the probabilities of a row sum to one, so it adds to the context as it is
+        if (v_bias != nullptr)
+            for (int c = 0; c < ND; ++c) vb[c] = *(const uvec8*)(v_bias + 8 * c);
         for (int a = 0; a < RB; ++a)
-            for (int c = 0; c < ND; ++c) *(uvec8*)(o + (i + a) * out_stride + 8 * c) = acc[a][c] * inv[i + a];
+            for (int c = 0; c < ND; ++c)
+                *(uvec8*)(o + (i + a) * out_stride + 8 * c) = acc[a][c] * inv[i + a] + vb[c];
     }
 }
 
 template <int T, int ND>
-static void attend_all(const float* qkv, const float* mask, float* out, long windows, int heads, long mask_windows,
-                       long mask_offset, float scale, int threads) {
+static void attend_all(const float* qkv, const float* qkv_bias, const float* mask, float* out, long windows, int heads,
+                       long mask_windows, long mask_offset, float scale, int threads) {
     constexpr long D = 8 * ND;
     const long tasks = windows * heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -235,17 +244,19 @@ static void attend_all(const float* qkv, const float* mask, float* out, long win
         long w = task / heads;
         int h = (int)(task % heads);
         const float* m = mask + (((mask_offset + w) % mask_windows) * heads + h) * T * T;
-        attend_one<T, ND>(qkv + w * T * 3 * heads * D, m, out + w * T * heads * D, heads, h, scale);
+        const float* q_bias = qkv_bias != nullptr ? qkv_bias + h * D : nullptr;
+        const float* v_bias = qkv_bias != nullptr ? qkv_bias + (2L * heads + h) * D : nullptr;
+        attend_one<T, ND>(qkv + w * T * 3 * heads * D, q_bias, v_bias, m, out + w * T * heads * D, heads, h, scale);
     }
 }
 
 template <int T>
-static int dispatch_head_dim(const float* qkv, const float* mask, float* out, long windows, int heads, int head_dim,
-                             long mask_windows, long mask_offset, float scale, int threads) {
+static int dispatch_head_dim(const float* qkv, const float* qkv_bias, const float* mask, float* out, long windows,
+                             int heads, int head_dim, long mask_windows, long mask_offset, float scale, int threads) {
     switch (head_dim) {
 #define CASE(ND)                                                                                  \
     case 8 * ND:                                                                                  \
-        attend_all<T, ND>(qkv, mask, out, windows, heads, mask_windows, mask_offset, scale, threads); \
+        attend_all<T, ND>(qkv, qkv_bias, mask, out, windows, heads, mask_windows, mask_offset, scale, threads); \
         return 0;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -253,18 +264,20 @@ static int dispatch_head_dim(const float* qkv, const float* mask, float* out, lo
     }
 }
 
-// qkv: (windows, tokens, 3, heads, head_dim); mask: (mask_windows, heads, tokens, tokens), window w takes
+// qkv: (windows, tokens, 3, heads, head_dim), the projection without its bias; qkv_bias: (3, heads, head_dim) or
+// null. q's bias is added to the queries, v's to the context, k's nowhere: it adds q . b_k to all of a query's scores,
+// which the softmax takes out. mask: (mask_windows, heads, tokens, tokens), window w takes
 // mask[(mask_offset + w) % mask_windows]; out: (windows, tokens, heads, head_dim). Returns 0, or 1 for a shape
 // this kernel does not take (tokens 16/32/48/64, head_dim a multiple of 8 up to 64).
-extern "C" int htsat_window_attention(const float* qkv, const float* mask, float* out, long windows, int tokens,
-                                      int heads, int head_dim, long mask_windows, long mask_offset, float scale,
-                                      int threads) {
+extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, const float* mask, float* out,
+                                      long windows, int tokens, int heads, int head_dim, long mask_windows,
+                                      long mask_offset, float scale, int threads) {
     if (mask_windows < 1 || heads < 1 || windows < 0) return 1;
     switch (tokens) {
 #define CASE(T)                                                                                       \
     case T:                                                                                           \
-        return dispatch_head_dim<T>(qkv, mask, out, windows, heads, head_dim, mask_windows, mask_offset, \
-                                    scale, threads);
+        return dispatch_head_dim<T>(qkv, qkv_bias, mask, out, windows, heads, head_dim, mask_windows,   \
+                                    mask_offset, scale, threads);
         CASE(16) CASE(32) CASE(48) CASE(64)
 #undef CASE
         default: return 1;
@@ -272,19 +285,35 @@ extern "C" int htsat_window_attention(const float* qkv, const float* mask, float
 }
 
 // ------------------------------------------------------------------------------------------------ LayerNorm
-// For each of `rows` rows of `dim` floats: x += delta (where delta is not null), then out = LayerNorm(x) with the
-// biased variance (two passes over the row, which is in L1), weight and bias. x, delta and out are contiguous.
-extern "C" int htsat_layer_norm(float* x, const float* delta, const float* weight, const float* bias, float* out,
-                                long rows, int dim, float eps, int threads) {
-    if (dim < 1 || rows < 0) return 1;
+// For each of `rows` rows of `dim` floats of x, in order (each step only where its pointers are not null):
+//   x = source[index[r]]             a gather of rows (the tokens moved into a block's window order), then
+//   x += delta (+ delta_bias)         a residual add, with the bias of the layer that made delta;
+//   out = LayerNorm(x)                biased variance, two passes over the row (in L1), weight and bias;
+//   x += carry_bias                   a bias for a later layer whose output is accumulated into x, after the norm.
+// x, source, delta and out are contiguous rows.
+extern "C" int htsat_layer_norm(float* x, const float* source, const int64_t* index, const float* delta,
+                                const float* delta_bias, const float* carry_bias, const float* weight,
+                                const float* bias, float* out, long rows, int dim, float eps, int threads) {
+    if (dim < 1 || rows < 0 || (source != nullptr && index == nullptr)) return 1;
     const int body = dim - dim % VW;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; ++r) {
         float* row = x + r * dim;
+        if (source != nullptr) {
+            const float* from = source + index[r] * dim;
+            for (int c = 0; c < body; c += VW) *(uvec*)(row + c) = *(const uvec*)(from + c);
+            for (int c = body; c < dim; ++c) row[c] = from[c];
+        }
         if (delta != nullptr) {
             const float* add = delta + r * dim;
-            for (int c = 0; c < body; c += VW) *(uvec*)(row + c) = *(const uvec*)(row + c) + *(const uvec*)(add + c);
-            for (int c = body; c < dim; ++c) row[c] += add[c];
+            if (delta_bias != nullptr) {
+                for (int c = 0; c < body; c += VW)
+                    *(uvec*)(row + c) += *(const uvec*)(add + c) + *(const uvec*)(delta_bias + c);
+                for (int c = body; c < dim; ++c) row[c] += add[c] + delta_bias[c];
+            } else {
+                for (int c = 0; c < body; c += VW) *(uvec*)(row + c) += *(const uvec*)(add + c);
+                for (int c = body; c < dim; ++c) row[c] += add[c];
+            }
         }
         vec sum = {};
         for (int c = 0; c < body; c += VW) sum += *(const uvec*)(row + c);
@@ -304,6 +333,43 @@ extern "C" int htsat_layer_norm(float* x, const float* delta, const float* weigh
             *(uvec*)(o + c) =
                 (*(const uvec*)(row + c) - mean) * inv_std * *(const uvec*)(weight + c) + *(const uvec*)(bias + c);
         for (int c = body; c < dim; ++c) o[c] = (row[c] - mean) * inv_std * weight[c] + bias[c];
+        if (carry_bias != nullptr) {
+            for (int c = 0; c < body; c += VW) *(uvec*)(row + c) += *(const uvec*)(carry_bias + c);
+            for (int c = body; c < dim; ++c) row[c] += carry_bias[c];
+        }
+    }
+    return 0;
+}
+
+// -------------------------------------------------------------------------------------------- bias and GELU
+// GELU's exact form x Phi(x), with 1 - Phi(|x|) = erfc(|x| / sqrt 2) / 2 from Abramowitz and Stegun's 7.1.26 (absolute
+// error below 1.5e-7, the approximation PyTorch's vectorised CPU erf uses). Negative x take x (1 - Phi(|x|)) directly,
+// with no cancellation.
+static inline vec gelu(vec x) {
+    const vec z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+    const vec t = 1.0f / (1.0f + 0.3275911f * z);
+    const vec poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+    const vec upper_tail = 0.5f * poly * fast_exp(-z * z);  // 1 - Phi(|x|)
+    return x * (x < 0.0f ? upper_tail : 1.0f - upper_tail);
+}
+
+// x <- GELU(x + bias) in place for `rows` contiguous rows of `cols` floats; bias (cols floats) may be null.
+extern "C" int htsat_bias_gelu(float* x, const float* bias, long rows, int cols, int threads) {
+    if (cols < 1 || rows < 0) return 1;
+    const int body = cols - cols % VW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        float* row = x + r * cols;
+        for (int c = 0; c < body; c += VW) {
+            vec v = *(const uvec*)(row + c);
+            if (bias != nullptr) v += *(const uvec*)(bias + c);
+            *(uvec*)(row + c) = gelu(v);
+        }
+        for (int c = body; c < cols; ++c) {
+            vec v = {};
+            v[0] = row[c] + (bias != nullptr ? bias[c] : 0.0f);
+            row[c] = gelu(v)[0];
+        }
     }
     return 0;
 }
@@ -366,11 +432,13 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
         raise RuntimeError(f"they would bring a second OpenMP runtime beside PyTorch's ({sorted(_libgomp_paths())})")
     pointer, long, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     loaded.htsat_window_attention.restype = int_
-    loaded.htsat_window_attention.argtypes = [pointer] * 3 + [long, int_, int_, int_, long, long, float_, int_]
+    loaded.htsat_window_attention.argtypes = [pointer] * 4 + [long, int_, int_, int_, long, long, float_, int_]
     loaded.htsat_vector_width.restype = int_
     loaded.htsat_vector_width.argtypes = []
     loaded.htsat_layer_norm.restype = int_
-    loaded.htsat_layer_norm.argtypes = [pointer] * 5 + [long, int_, float_, int_]
+    loaded.htsat_layer_norm.argtypes = [pointer] * 9 + [long, int_, float_, int_]
+    loaded.htsat_bias_gelu.restype = int_
+    loaded.htsat_bias_gelu.argtypes = [pointer] * 2 + [long, int_, int_]
     return loaded
 
 
@@ -432,63 +500,159 @@ def fused_attention_applies(windows: torch.Tensor, num_heads: int, head_dim: int
 
 
 def window_attention(
-    qkv: torch.Tensor, mask: torch.Tensor, num_heads: int, scale: float, first_window: int = 0
+    qkv: torch.Tensor,
+    mask: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    first_window: int = 0,
+    qkv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v per window and head, for qkv (windows, tokens, 3 * dim) laid out as
     (3, heads, head_dim) along the last axis, and an additive mask (mask_windows, heads, tokens, tokens) of which
-    window w takes `mask[(first_window + w) % mask_windows]`. Returns the context (windows, tokens, dim)."""
+    window w takes `mask[(first_window + w) % mask_windows]`. Returns the context (windows, tokens, dim).
+
+    `qkv_bias` (3 * dim,): the projection's bias, when `qkv` was computed without it (saving the GEMM a pass that
+    writes the bias into its output). The queries get theirs; v's is added to the context, since each query's
+    probabilities sum to one; k's changes nothing, since it adds q . b_k to all the scores of a query."""
     windows, tokens, width = qkv.shape
     dim = width // 3
     if qkv.dtype != torch.float32 or mask.dtype != torch.float32:
         raise TypeError(f"window_attention takes float32 tensors, got qkv {qkv.dtype} and mask {mask.dtype}")
     if mask.dim() != 4 or tuple(mask.shape[1:]) != (num_heads, tokens, tokens):
         raise ValueError(f"mask must be (mask_windows, {num_heads}, {tokens}, {tokens}), got {tuple(mask.shape)}")
+    if qkv_bias is not None and (qkv_bias.shape != (width,) or qkv_bias.dtype != torch.float32):
+        raise ValueError(f"qkv_bias must be float32 of shape ({width},), got {qkv_bias.dtype} {tuple(qkv_bias.shape)}")
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("HTS-AT's native CPU kernels are not available here (see `kernels_apply`)")
     qkv, mask = qkv.contiguous(), mask.contiguous()
+    qkv_bias = None if qkv_bias is None else qkv_bias.contiguous()
     context = qkv.new_empty(windows, tokens, dim)
     with torch.profiler.record_function("htsat_window_attention"):  # named in profiles (nearly free otherwise)
         status = kernels.htsat_window_attention(
-            qkv.data_ptr(), mask.data_ptr(), context.data_ptr(), windows, tokens, num_heads, dim // num_heads,
-            mask.shape[0], first_window % mask.shape[0], scale, torch.get_num_threads(),
+            qkv.data_ptr(), _pointer(qkv_bias), mask.data_ptr(), context.data_ptr(), windows, tokens, num_heads,
+            dim // num_heads, mask.shape[0], first_window % mask.shape[0], scale, torch.get_num_threads(),
         )
     if status != 0:
         raise ValueError(f"window_attention does not take {tokens} tokens with {dim // num_heads}-wide heads")
     return context
 
 
-def layer_norm(hidden: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`norm(hidden)` for an nn.LayerNorm over the last axis; with `residual`, `hidden += residual` first (in place,
-    so `hidden` must be a tensor of its own). One pass of the kernel where it applies, PyTorch's ops elsewhere."""
-    if residual is not None and residual.shape != hidden.shape:
-        raise ValueError(f"residual {tuple(residual.shape)} does not match hidden {tuple(hidden.shape)}")
-    fused = (
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _norm_fuses(norm: nn.Module, hidden: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the LayerNorm kernel takes `norm` on contiguous fp32 `hidden`, with these other fp32 inputs."""
+    others = tuple(t for t in others if t is not None)
+    return (
         type(norm) is nn.LayerNorm
         and norm.elementwise_affine
         and norm.bias is not None
         and len(norm.normalized_shape) == 1
         and hidden.is_contiguous()
         and norm.weight.dtype == torch.float32
-        and (residual is None or residual.dtype == torch.float32)
-        and kernels_apply(hidden, norm.weight, norm.bias, *(() if residual is None else (residual,)))
+        and all(t.dtype == torch.float32 for t in others)
+        and kernels_apply(hidden, norm.weight, norm.bias, *others)
     )
-    if not fused:
-        if residual is not None:
-            hidden += residual
-        return norm(hidden)
-    residual = None if residual is None else residual.contiguous()
-    output = torch.empty_like(hidden)
-    dim = hidden.shape[-1]
+
+
+def _run_layer_norm(
+    rows: torch.Tensor,
+    norm: nn.Module,
+    source: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    carry_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    output = torch.empty_like(rows)
+    dim = rows.shape[-1]
+    contiguous = [None if t is None else t.contiguous() for t in (source, index, delta, delta_bias, carry_bias)]
     with torch.profiler.record_function("htsat_layer_norm"):
         _kernels().htsat_layer_norm(
-            hidden.data_ptr(), None if residual is None else residual.data_ptr(), norm.weight.data_ptr(),
-            norm.bias.data_ptr(), output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
+            rows.data_ptr(), *map(_pointer, contiguous), norm.weight.data_ptr(), norm.bias.data_ptr(),
+            output.data_ptr(), rows.numel() // dim, dim, norm.eps, torch.get_num_threads(),
         )
     return output
 
 
+def _check_bias(name: str, bias: torch.Tensor | None, dim: int) -> None:
+    if bias is not None and bias.shape != (dim,):
+        raise ValueError(f"{name} must have shape ({dim},), got {tuple(bias.shape)}")
+
+
+def layer_norm(
+    hidden: torch.Tensor,
+    norm: nn.Module,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
+    carry_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`norm(hidden)` for an nn.LayerNorm over the last axis. With `residual`, `hidden += residual (+ residual_bias)`
+    first; with `carry_bias`, `hidden += carry_bias` after the norm (the bias of a layer whose output is later added
+    to `hidden`). Both change `hidden` in place, so it must be a tensor of its own. One pass of the kernel where it
+    applies, PyTorch's ops elsewhere."""
+    if residual is not None and residual.shape != hidden.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match hidden {tuple(hidden.shape)}")
+    if residual is None and residual_bias is not None:
+        raise ValueError("residual_bias is the bias of the layer that made `residual`: pass the residual too")
+    _check_bias("residual_bias", residual_bias, hidden.shape[-1])
+    _check_bias("carry_bias", carry_bias, hidden.shape[-1])
+    if not _norm_fuses(norm, hidden, residual, residual_bias, carry_bias):
+        if residual is not None:
+            hidden += residual if residual_bias is None else residual + residual_bias
+        output = norm(hidden)
+        if carry_bias is not None:
+            hidden += carry_bias
+        return output
+    return _run_layer_norm(hidden, norm, delta=residual, delta_bias=residual_bias, carry_bias=carry_bias)
+
+
+def gather_layer_norm(rows: torch.Tensor, source: torch.Tensor, index: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`rows[:] = source[index]` (rows of the last axis; `index` int64), then returns `norm(rows)`: a gather of tokens
+    and the LayerNorm after it in one pass of the kernel where it applies."""
+    if index.dtype != torch.int64 or index.dim() != 1 or index.numel() * rows.shape[-1] != rows.numel():
+        raise ValueError(f"index must be int64 with one entry per row of rows {tuple(rows.shape)}")
+    if source.shape[-1] != rows.shape[-1]:
+        raise ValueError(f"source rows {tuple(source.shape)} do not match rows {tuple(rows.shape)}")
+    source = source.reshape(-1, rows.shape[-1])
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= source.shape[0]):
+        raise IndexError(f"index holds rows outside 0..{source.shape[0] - 1}")
+    fused = _norm_fuses(norm, rows, source) and source.is_contiguous() and index.device == rows.device
+    if not fused:
+        rows.view(-1, rows.shape[-1]).copy_(source.index_select(0, index))
+        return norm(rows)
+    return _run_layer_norm(rows, norm, source=source, index=index)
+
+
+def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`hidden <- F.gelu(hidden + bias)` in place (exact erf GELU; bias over the last axis, or none), in one pass of the
+    kernel where it applies (`hidden` contiguous), PyTorch's ops elsewhere. Returns `hidden`."""
+    if bias is not None and bias.shape != hidden.shape[-1:]:
+        raise ValueError(f"bias {tuple(bias.shape)} does not match the last axis of hidden {tuple(hidden.shape)}")
+    fused = (
+        hidden.is_contiguous()
+        and hidden.numel() > 0
+        and (bias is None or (bias.dtype == torch.float32 and bias.device == hidden.device))
+        and kernels_apply(hidden, *(() if bias is None else (bias,)))
+    )
+    if not fused:
+        if bias is not None:
+            hidden += bias
+        return hidden.copy_(F.gelu(hidden))
+    bias = None if bias is None else bias.contiguous()
+    cols = hidden.shape[-1]
+    with torch.profiler.record_function("htsat_bias_gelu"):
+        _kernels().htsat_bias_gelu(
+            hidden.data_ptr(), None if bias is None else bias.data_ptr(), hidden.numel() // cols, cols,
+            torch.get_num_threads(),
+        )
+    return hidden
+
+
 __all__ = [
-    "build_kernels", "fused_attention_applies", "kernel_cache_dir", "kernels_apply", "layer_norm", "torch_ops_instead",
+    "bias_gelu_", "build_kernels", "fused_attention_applies", "gather_layer_norm", "kernel_cache_dir", "kernels_apply",
+    "layer_norm", "torch_ops_instead",
     "window_attention",
 ]
