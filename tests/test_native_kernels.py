@@ -15,7 +15,6 @@ from htsat_hf.native_kernels import (
     bias_gelu_,
     build_kernels,
     fused_attention_applies,
-    gather_layer_norm,
     kernels_apply,
     layer_norm,
     window_attention,
@@ -287,26 +286,6 @@ def test_layer_norm_adds_the_residual_bias_and_carries_a_later_bias(kernel_build
         layer_norm(hidden, norm, residual_bias=residual_bias)
     with pytest.raises(ValueError, match=r"carry_bias must have shape \(%d,\)" % dim):
         layer_norm(hidden, norm, carry_bias=carry_bias[:-1])
-
-
-@needs_kernel
-def test_gather_layer_norm_gathers_rows_then_normalises(kernel_build):
-    torch.manual_seed(0)
-    norm = torch.nn.LayerNorm(96)
-    torch.nn.init.normal_(norm.bias)
-    source = torch.randn(2, 64, 96)
-    index = torch.randperm(128)[:40]
-    expected_rows = source.reshape(-1, 96)[index]
-    for use_kernels in (True, False):
-        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
-            rows = torch.full((40, 96), float("nan"))
-            output = gather_layer_norm(rows, source, index, norm)
-        assert torch.equal(rows, expected_rows)
-        torch.testing.assert_close(output, norm(expected_rows).detach(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(IndexError, match=r"rows outside 0..127"):
-        gather_layer_norm(torch.empty(1, 96), source, torch.tensor([128]), norm)
-    with pytest.raises(ValueError, match="index must be int64"):
-        gather_layer_norm(torch.empty(1, 96), source, torch.tensor([1], dtype=torch.int32), norm)
 
 
 @needs_kernel

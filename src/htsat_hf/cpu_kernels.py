@@ -5,7 +5,8 @@ PyTorch has two CPU GEMMs for a linear layer: its BLAS (`torch.addmm`, MKL in th
 (`torch.ops.mkldnn._linear_pointwise`, what PyTorch's own compiler lowers linear layers to, which can also apply GELU
 in its epilogue). Which is faster depends on the CPU. On 2 cores, for the Swin blocks' shapes: oneDNN measured 0-15 %
 faster than MKL on an AVX-512 machine; on an AMD EPYC Zen 3 (AVX2) MKL was 10-20 % faster, and oneDNN's GELU epilogue
-added 0.8-4 ms to a block chunk's fc1, against about 0.4 ms for PyTorch's own vectorised GELU pass after the GEMM. So
+added 0.8-4 ms to a block chunk's fc1, against about 0.4 ms for a vectorised GELU pass after the GEMM (now
+`native_kernels.bias_gelu_`, which adds fc1's bias in the same pass, so the GEMM runs without it). So
 the first inference linear layer of a process times the candidates on one block-sized shape (interleaved rounds, the
 best of each, about 0.2 s in all) and keeps the fastest, unless oneDNN (the earlier fixed choice) is within 5 % of it:
 a `LinearPlan`, logged at info level. The plan is measured once per machine (CPU flags and PyTorch build) and kept

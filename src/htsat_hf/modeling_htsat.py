@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import bias_separable, linear, linear_add_
-from .native_kernels import fused_attention_applies, gather_layer_norm, layer_norm, window_attention
+from .native_kernels import fused_attention_applies, layer_norm, window_attention
 
 logger = logging.get_logger(__name__)
 
@@ -565,10 +565,9 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         return max(d for d in range(1, wanted + 1) if windows_per_image % d == 0)
 
     def forward(
-        self, hidden: torch.Tensor, output_attentions: bool = False, order: torch.Tensor | None = None
+        self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden: (batch, grid * grid, dim) in this block's window order, or, with `order`, in the previous layout,
-        from which `hidden[:, order]` gathers this block's."""
+        """hidden: (batch, grid * grid, dim) in this block's window order."""
         if not (
             self.training
             or output_attentions
@@ -576,28 +575,21 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
             or hidden.device.type != "cpu"
             or torch.compiler.is_compiling()
         ):
-            return self.forward_in_chunks(hidden, order), None
-        if order is not None:
-            hidden = gather_tokens(hidden, order)
+            return self.forward_in_chunks(hidden), None
         batch, tokens, dim = hidden.shape
         windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
         attended, weights = self.attn(windows, self.shift_mask, output_attentions)
         hidden = hidden + self.drop_path(attended.view(batch, tokens, dim))
         return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
-    def forward_in_chunks(self, hidden: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
         """CPU inference: attention and MLP on chunks of whole windows, in place, so that each chunk's qkv, attention
-        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). Without `order`
-        `hidden` is updated in place; with it, the tokens are gathered chunk by chunk into a new tensor, in the pass of
-        norm1. With the fused kernels, the attention's residual add, the output projection's bias, norm2 and fc2's bias
-        are one pass (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens."""
-        batch, count, dim = hidden.shape
+        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). With the fused
+        kernels the attention's residual add, the output projection's bias, norm2 and fc2's bias are one pass
+        (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens."""
+        dim = hidden.shape[-1]
         tokens = self.window * self.window
-        if order is None:
-            rows, source, index = hidden.view(-1, dim), None, None
-        else:
-            rows, source = hidden.new_empty(batch * count, dim), hidden.reshape(-1, dim)
-            index = (order + count * torch.arange(batch, device=order.device).unsqueeze(1)).flatten()
+        rows = hidden.view(-1, dim)
         total = rows.shape[0] // tokens
         mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
         fused = self.attn.fuses(rows.view(total, tokens, dim))
@@ -606,11 +598,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         for first in range(0, total, self.windows_per_chunk):
             start, stop = first * tokens, min(first + self.windows_per_chunk, total) * tokens
             part = rows[start:stop]
-            if source is None:
-                normed = layer_norm(part, self.norm1)
-            else:
-                normed = gather_layer_norm(part, source, index[start:stop], self.norm1)
-            windows = normed.view(-1, tokens, dim)
+            windows = layer_norm(part, self.norm1).view(-1, tokens, dim)
             if fused and split_biases:
                 attended = self.attn.attend_fused(windows, mask, first, output_bias=False).view(-1, dim)
                 normed = layer_norm(part, self.norm2, attended, self.attn.proj.bias, carry_bias=self.mlp.fc2.bias)
@@ -621,7 +609,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
             else:
                 attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
                 self.mlp.add_to(part, layer_norm(part, self.norm2, residual=attended.view(-1, dim)))
-        return rows.view(batch, count, dim)
+        return hidden
 
 
 class HTSATPatchMerging(nn.Module):
@@ -681,7 +669,9 @@ class HTSATStage(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = None
         for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
-            hidden, weights = block(hidden, output_attentions, order if move else None)
+            if move:
+                hidden = gather_tokens(hidden, order)
+            hidden, weights = block(hidden, output_attentions)
         if self.layout_moves[-1]:
             hidden = gather_tokens(hidden, self.layout_orders[-1])
         if self.downsample is not None:

@@ -1,5 +1,6 @@
-"""C++ kernels for HTS-AT's CPU inference, compiled on first use: fused window attention, and LayerNorm with the
-residual add before it. They replace the PyTorch ops where those leave most of the machine idle.
+"""C++ kernels for HTS-AT's CPU inference, compiled on first use: fused window attention; LayerNorm with the residual
+add and the biases around it; bias and GELU in place. They replace the PyTorch ops where those leave most of the
+machine idle or make extra passes over memory.
 
 Window attention: Swin attends within 64-token windows with 24-wide heads, products of 64 x 64 x 24, too small for
 any BLAS to run near its peak: PyTorch's SDPA CPU kernel reached about 45-50 GFLOP/s on them and `bmm` + softmax +
@@ -10,11 +11,16 @@ there, a vectorised softmax, and the context written in (window, token, head, he
 projection: 2.2-2.4x SDPA there. The code is written once for the CPU's vector width: 16 floats and 32 registers with
 AVX-512, 8 floats and 16 registers with AVX2, where the scores are done in tiles of 4 queries x 16 keys and their
 softmax from L1 (on 2 cores of an AMD EPYC Zen 3: 57-61 GFLOP/s against SDPA's 31-42). A CPU with neither takes
-PyTorch's ops.
+PyTorch's ops. It takes the qkv projection without its bias (`addmm` would first copy the bias into every row of its
+output): q's bias is added to the four queries in registers, v's to the context (each query's probabilities sum to
+one), and k's nowhere (it adds the same q . b_k to every score of a query, which the softmax takes out).
 
 LayerNorm: PyTorch's CPU LayerNorm moved 18-35 GB/s on the blocks' (tokens, 96..768) chunks, which sit in cache; one
-pass per row here is about 2x faster, and adding the attention's residual in the same pass saves another trip through
-the tokens.
+pass per row here is about 2x faster. The same pass adds the attention's residual with the output projection's bias,
+and carries fc2's bias into the tokens that fc2's GEMM then accumulates into (no bias copies, no separate adds).
+
+GELU: the exact (erf) form, with fc1's bias, in place on fc1's bias-free output; its erf is the 1.5e-7 approximation
+that PyTorch's own vectorised CPU GELU uses, so the two agree to about 1 ulp.
 
 Both are threaded by PyTorch's own OpenMP runtime (the process's one libgomp) with `torch.get_num_threads()` threads.
 They are compiled with the system's C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`, a few seconds)
@@ -286,24 +292,18 @@ extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, c
 
 // ------------------------------------------------------------------------------------------------ LayerNorm
 // For each of `rows` rows of `dim` floats of x, in order (each step only where its pointers are not null):
-//   x = source[index[r]]             a gather of rows (the tokens moved into a block's window order), then
 //   x += delta (+ delta_bias)         a residual add, with the bias of the layer that made delta;
 //   out = LayerNorm(x)                biased variance, two passes over the row (in L1), weight and bias;
 //   x += carry_bias                   a bias for a later layer whose output is accumulated into x, after the norm.
-// x, source, delta and out are contiguous rows.
-extern "C" int htsat_layer_norm(float* x, const float* source, const int64_t* index, const float* delta,
-                                const float* delta_bias, const float* carry_bias, const float* weight,
-                                const float* bias, float* out, long rows, int dim, float eps, int threads) {
-    if (dim < 1 || rows < 0 || (source != nullptr && index == nullptr)) return 1;
+// x, delta and out are contiguous rows.
+extern "C" int htsat_layer_norm(float* x, const float* delta, const float* delta_bias, const float* carry_bias,
+                                const float* weight, const float* bias, float* out, long rows, int dim, float eps,
+                                int threads) {
+    if (dim < 1 || rows < 0) return 1;
     const int body = dim - dim % VW;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; ++r) {
         float* row = x + r * dim;
-        if (source != nullptr) {
-            const float* from = source + index[r] * dim;
-            for (int c = 0; c < body; c += VW) *(uvec*)(row + c) = *(const uvec*)(from + c);
-            for (int c = body; c < dim; ++c) row[c] = from[c];
-        }
         if (delta != nullptr) {
             const float* add = delta + r * dim;
             if (delta_bias != nullptr) {
@@ -436,7 +436,7 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
     loaded.htsat_vector_width.restype = int_
     loaded.htsat_vector_width.argtypes = []
     loaded.htsat_layer_norm.restype = int_
-    loaded.htsat_layer_norm.argtypes = [pointer] * 9 + [long, int_, float_, int_]
+    loaded.htsat_layer_norm.argtypes = [pointer] * 7 + [long, int_, float_, int_]
     loaded.htsat_bias_gelu.restype = int_
     loaded.htsat_bias_gelu.argtypes = [pointer] * 2 + [long, int_, int_]
     return loaded
@@ -560,15 +560,13 @@ def _norm_fuses(norm: nn.Module, hidden: torch.Tensor, *others: torch.Tensor | N
 def _run_layer_norm(
     rows: torch.Tensor,
     norm: nn.Module,
-    source: torch.Tensor | None = None,
-    index: torch.Tensor | None = None,
     delta: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     carry_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     output = torch.empty_like(rows)
     dim = rows.shape[-1]
-    contiguous = [None if t is None else t.contiguous() for t in (source, index, delta, delta_bias, carry_bias)]
+    contiguous = [None if t is None else t.contiguous() for t in (delta, delta_bias, carry_bias)]
     with torch.profiler.record_function("htsat_layer_norm"):
         _kernels().htsat_layer_norm(
             rows.data_ptr(), *map(_pointer, contiguous), norm.weight.data_ptr(), norm.bias.data_ptr(),
@@ -609,23 +607,6 @@ def layer_norm(
     return _run_layer_norm(hidden, norm, delta=residual, delta_bias=residual_bias, carry_bias=carry_bias)
 
 
-def gather_layer_norm(rows: torch.Tensor, source: torch.Tensor, index: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """`rows[:] = source[index]` (rows of the last axis; `index` int64), then returns `norm(rows)`: a gather of tokens
-    and the LayerNorm after it in one pass of the kernel where it applies."""
-    if index.dtype != torch.int64 or index.dim() != 1 or index.numel() * rows.shape[-1] != rows.numel():
-        raise ValueError(f"index must be int64 with one entry per row of rows {tuple(rows.shape)}")
-    if source.shape[-1] != rows.shape[-1]:
-        raise ValueError(f"source rows {tuple(source.shape)} do not match rows {tuple(rows.shape)}")
-    source = source.reshape(-1, rows.shape[-1])
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= source.shape[0]):
-        raise IndexError(f"index holds rows outside 0..{source.shape[0] - 1}")
-    fused = _norm_fuses(norm, rows, source) and source.is_contiguous() and index.device == rows.device
-    if not fused:
-        rows.view(-1, rows.shape[-1]).copy_(source.index_select(0, index))
-        return norm(rows)
-    return _run_layer_norm(rows, norm, source=source, index=index)
-
-
 def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`hidden <- F.gelu(hidden + bias)` in place (exact erf GELU; bias over the last axis, or none), in one pass of the
     kernel where it applies (`hidden` contiguous), PyTorch's ops elsewhere. Returns `hidden`."""
@@ -652,7 +633,6 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
 
 
 __all__ = [
-    "bias_gelu_", "build_kernels", "fused_attention_applies", "gather_layer_norm", "kernel_cache_dir", "kernels_apply",
-    "layer_norm", "torch_ops_instead",
-    "window_attention",
+    "bias_gelu_", "build_kernels", "fused_attention_applies", "kernel_cache_dir", "kernels_apply", "layer_norm",
+    "torch_ops_instead", "window_attention",
 ]
