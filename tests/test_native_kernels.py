@@ -284,7 +284,7 @@ def test_layer_norm_adds_the_residual_bias_and_carries_a_later_bias(kernel_build
         torch.testing.assert_close(x.double(), added + carry_bias.double(), rtol=1e-6, atol=1e-6)  # 3 fp32 adds
     with pytest.raises(ValueError, match="pass the residual too"):
         layer_norm(hidden, norm, residual_bias=residual_bias)
-    with pytest.raises(ValueError, match=r"carry_bias must have shape \(%d,\)" % dim):
+    with pytest.raises(ValueError, match=rf"carry_bias must have shape \({dim},\)"):
         layer_norm(hidden, norm, carry_bias=carry_bias[:-1])
 
 

@@ -557,24 +557,6 @@ def _norm_fuses(norm: nn.Module, hidden: torch.Tensor, *others: torch.Tensor | N
     )
 
 
-def _run_layer_norm(
-    rows: torch.Tensor,
-    norm: nn.Module,
-    delta: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    carry_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    output = torch.empty_like(rows)
-    dim = rows.shape[-1]
-    contiguous = [None if t is None else t.contiguous() for t in (delta, delta_bias, carry_bias)]
-    with torch.profiler.record_function("htsat_layer_norm"):
-        _kernels().htsat_layer_norm(
-            rows.data_ptr(), *map(_pointer, contiguous), norm.weight.data_ptr(), norm.bias.data_ptr(),
-            output.data_ptr(), rows.numel() // dim, dim, norm.eps, torch.get_num_threads(),
-        )
-    return output
-
-
 def _check_bias(name: str, bias: torch.Tensor | None, dim: int) -> None:
     if bias is not None and bias.shape != (dim,):
         raise ValueError(f"{name} must have shape ({dim},), got {tuple(bias.shape)}")
@@ -604,7 +586,15 @@ def layer_norm(
         if carry_bias is not None:
             hidden += carry_bias
         return output
-    return _run_layer_norm(hidden, norm, delta=residual, delta_bias=residual_bias, carry_bias=carry_bias)
+    output = torch.empty_like(hidden)
+    dim = hidden.shape[-1]
+    added = [None if t is None else t.contiguous() for t in (residual, residual_bias, carry_bias)]
+    with torch.profiler.record_function("htsat_layer_norm"):
+        _kernels().htsat_layer_norm(
+            hidden.data_ptr(), *map(_pointer, added), norm.weight.data_ptr(), norm.bias.data_ptr(),
+            output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
+        )
+    return output
 
 
 def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
