@@ -137,6 +137,11 @@ def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
         monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "unwritable"))  # a file, not a folder
         cpu_kernels.linear_plan.cache_clear()
         assert cpu_kernels.linear_plan() == LinearPlan("blas", "after") and len(measured) == 2  # measured in-process
+        monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "full_disk"))
+        monkeypatch.setattr(cpu_kernels.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+        plans = iter([LinearPlan("onednn", "onednn")])
+        cpu_kernels.linear_plan.cache_clear()
+        assert cpu_kernels.linear_plan() == LinearPlan("onednn", "onednn") and len(measured) == 3  # not measured twice
     finally:
         cpu_kernels.linear_plan.cache_clear()
 

@@ -201,11 +201,9 @@ def linear_plan() -> LinearPlan:
     """This machine's plan: measured once per CPU and PyTorch build and kept beside the native kernels, so that every
     process on the machine (the ranks of one run, later runs) computes the same numbers; measured in-process where
     that folder cannot be written. `HTSAT_HF_CPU_GEMM` set: its library, with the GELU measured for it."""
-    if _requested_gemm() is not None:
+    if _requested_gemm() is not None or fcntl is None:
         return calibrate()
-    if fcntl is None:
-        return calibrate()
-    path = _plan_file()
+    path, plan = _plan_file(), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
@@ -223,7 +221,7 @@ def linear_plan() -> LinearPlan:
             return plan
     except (OSError, ValueError, KeyError) as error:
         logger.info(f"CPU linear-layer plan not kept on disk ({error}); measured for this process")
-        return calibrate()
+        return plan if plan is not None else calibrate()  # measured once, even when it could not be written
 
 
 def bias_separable(layer: nn.Module) -> bool:
