@@ -593,22 +593,20 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         total = rows.shape[0] // tokens
         mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
         fused = self.attn.fuses(rows.view(total, tokens, dim))
-        split_biases = bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
+        # the projection's and fc2's biases go into norm2's pass (quantised or replaced layers apply their own)
+        split_biases = fused and bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
+        later_biases = (self.attn.proj.bias, self.mlp.fc2.bias) if split_biases else (None, None)
         repeated: dict[int, torch.Tensor] = {}
         for first in range(0, total, self.windows_per_chunk):
             start, stop = first * tokens, min(first + self.windows_per_chunk, total) * tokens
             part = rows[start:stop]
             windows = layer_norm(part, self.norm1).view(-1, tokens, dim)
-            if fused and split_biases:
-                attended = self.attn.attend_fused(windows, mask, first, output_bias=False).view(-1, dim)
-                normed = layer_norm(part, self.norm2, attended, self.attn.proj.bias, carry_bias=self.mlp.fc2.bias)
-                self.mlp.add_to(part, normed, with_output_bias=False)
-            elif fused:  # quantised or otherwise replaced layers apply their own biases
-                attended = self.attn.attend_fused(windows, mask, first).view(-1, dim)
-                self.mlp.add_to(part, layer_norm(part, self.norm2, residual=attended))
+            if fused:
+                attended = self.attn.attend_fused(windows, mask, first, output_bias=not split_biases)
             else:
                 attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
-                self.mlp.add_to(part, layer_norm(part, self.norm2, residual=attended.view(-1, dim)))
+            normed = layer_norm(part, self.norm2, attended.view(-1, dim), *later_biases)
+            self.mlp.add_to(part, normed, with_output_bias=not split_biases)
         return hidden
 
 

@@ -616,8 +616,7 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     cols = hidden.shape[-1]
     with torch.profiler.record_function("htsat_bias_gelu"):
         _kernels().htsat_bias_gelu(
-            hidden.data_ptr(), None if bias is None else bias.data_ptr(), hidden.numel() // cols, cols,
-            torch.get_num_threads(),
+            hidden.data_ptr(), _pointer(bias), hidden.numel() // cols, cols, torch.get_num_threads(),
         )
     return hidden
 
