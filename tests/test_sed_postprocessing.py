@@ -11,8 +11,10 @@ import pytest
 
 from htsat_hf.sed_postprocessing import (
     EventStream,
+    apply_median_filter,
     contiguous_regions,
     frames_to_events,
+    interpolate_columns,
     load_label_mapping,
     map_scores,
     median_window_frames,
@@ -270,3 +272,120 @@ def test_event_stream_checks_its_input():
     stream.finish()
     with pytest.raises(RuntimeError, match="finished"):
         stream.push(np.zeros((1, 1)))
+
+
+# ------------------------------------------------------------------ all classes at once = class by class
+def reference_events(scores, step, labels, threshold=0.5, median_filter_seconds=None, min_duration_seconds=0.0,
+                     min_gap_seconds=0.0, hysteresis=None, upsample="repeat", upsample_factor=None,
+                     offset_seconds=0.0, duration_seconds=None):
+    """`frames_to_events` written out one class at a time with plain loops, in the module docstring's order:
+    the oracle for the implementation that works on all classes at once."""
+    from scipy.ndimage import median_filter
+
+    num_steps, num_classes = scores.shape
+    factor = upsample_factor or (1 if upsample == "repeat" else 5)
+    frame = step / factor
+    thresholds = threshold if isinstance(threshold, list) else [threshold] * num_classes
+    medians = (median_filter_seconds if isinstance(median_filter_seconds, list)
+               else [median_filter_seconds] * num_classes)
+    events = []
+    for k in range(num_classes):
+        values = scores[:, k].astype(np.float64)
+        if upsample == "repeat":
+            values = np.repeat(values, factor)
+        elif num_steps:
+            values = np.interp((np.arange(num_steps * factor) + 0.5) / factor, np.arange(num_steps) + 0.5, values)
+        length = None if medians[k] is None else round(medians[k] / frame)
+        window = 1 if length is None else max(1, length + 1 - length % 2)  # odd
+        if window > 1 and len(values):
+            values = median_filter(values, size=window, mode="reflect")
+        level = hysteresis[1] if hysteresis else thresholds[k]
+        runs, i = [], 0
+        while i < len(values):
+            if values[i] > level:
+                j = i
+                while j < len(values) and values[j] > level:
+                    j += 1
+                if hysteresis is None or values[i:j].max() > hysteresis[0]:
+                    runs.append([i, j])
+                i = j
+            else:
+                i += 1
+        merged = []
+        for run in (r for r in runs if r[1] - r[0] >= min_duration_seconds / frame - 1e-9):
+            if merged and min_gap_seconds > 0 and run[0] - merged[-1][1] <= min_gap_seconds / frame + 1e-9:
+                merged[-1][1] = run[1]
+            else:
+                merged.append(run)
+        for start, end in merged:
+            onset, offset = offset_seconds + start * frame, offset_seconds + end * frame
+            if duration_seconds is not None:
+                if onset >= duration_seconds:
+                    continue
+                offset = min(offset, duration_seconds)
+            events.append({"label": labels[k], "onset": round(onset, 6), "offset": round(offset, 6),
+                           "score": float(values[start:end].max())})
+    return sorted(events, key=lambda event: (event["onset"], labels.index(event["label"])))
+
+
+def random_settings(rng: np.random.Generator, num_classes: int, num_steps: int) -> dict:
+    settings = {}
+    if rng.random() < 0.5:
+        settings["threshold"] = rng.uniform(0, 1, num_classes).tolist() if rng.random() < 0.5 else float(rng.uniform())
+    if rng.random() < 0.4:
+        settings["median_filter_seconds"] = (
+            [[None, 0.0, 0.3, 0.7, 1.2][i] for i in rng.integers(0, 5, num_classes)] if rng.random() < 0.5 else 0.5
+        )
+    if rng.random() < 0.3:
+        settings["hysteresis"] = tuple(sorted(rng.uniform(0, 1, 2).tolist(), reverse=True))
+    if rng.random() < 0.4:
+        settings["upsample"] = "linear"
+    if rng.random() < 0.2:
+        settings["upsample_factor"] = int(rng.integers(1, 8))
+    for key in ("min_duration_seconds", "min_gap_seconds"):
+        if rng.random() < 0.4:
+            settings[key] = float(rng.uniform(0, 1))
+    if rng.random() < 0.3:
+        settings["offset_seconds"] = float(rng.uniform(0, 100))
+    if rng.random() < 0.4:
+        settings["duration_seconds"] = float(rng.uniform(0, num_steps * STEP + 1))
+    return settings
+
+
+def test_frames_to_events_equals_the_class_by_class_reference():
+    rng = np.random.default_rng(3)
+    found = 0
+    for _ in range(250):
+        num_steps, num_classes = int(rng.integers(0, 70)), int(rng.integers(1, 9))
+        scores = rng.uniform(0, 1, (num_steps, num_classes)) ** float(rng.uniform(0.3, 3))
+        if rng.random() < 0.3:
+            scores = np.round(scores, 1)  # ties: runs exactly at a threshold, equal peaks
+        labels = [f"class{k}" for k in range(num_classes)]
+        settings = random_settings(rng, num_classes, num_steps)
+        expected = reference_events(scores, STEP, labels, **settings)
+        assert frames_to_events(scores, STEP, labels, **settings) == expected, settings
+        found += len(expected)
+    assert found > 1000  # many events of every kind were compared
+
+
+def test_interpolate_columns_is_np_interp_to_the_last_bit():
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        xp = np.sort(rng.uniform(-5, 5, int(rng.integers(1, 12))))
+        x = np.concatenate([rng.uniform(-7, 7, 40), xp])  # outside, between, and exactly at the points
+        fp = rng.standard_normal((len(xp), 3))
+        expected = np.stack([np.interp(x, xp, fp[:, k]) for k in range(3)], axis=1)
+        assert np.array_equal(interpolate_columns(x, xp, fp), expected)
+
+
+def test_median_filter_of_classes_sharing_a_window_equals_one_column_at_a_time():
+    from scipy.ndimage import median_filter
+
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(0, 1, (50, 6))
+    windows = [1, 5, 3, 5, 1, 9]
+    expected = np.stack(
+        [median_filter(scores[:, k], size=w, mode="reflect") if w > 1 else scores[:, k] for k, w in enumerate(windows)],
+        axis=1,
+    )
+    assert np.array_equal(apply_median_filter(scores, windows), expected)

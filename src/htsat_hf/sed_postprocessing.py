@@ -2,7 +2,8 @@
 
 This file is also shipped next to saved models as remote code, so it imports nothing from the package.
 
-Pipeline of `frames_to_events`, per class (the DCASE task 4 order, with dcase_util's event clean-up):
+Pipeline of `frames_to_events`, per class (the DCASE task 4 order, with dcase_util's event clean-up); every step
+runs on all classes at once (numpy over the whole score matrix, not a Python loop over 527 columns):
 
 1. upsample the step scores ("repeat": each step held constant, as the original HTS-AT; "linear": straight
    lines between step centres, so boundaries are not quantised to one step),
@@ -93,9 +94,24 @@ def upsample_scores(scores: np.ndarray, factor: int, mode: str = "repeat") -> np
     num_steps = len(scores)
     step_centres = np.arange(num_steps) + 0.5
     fine_centres = (np.arange(num_steps * factor) + 0.5) / factor
-    flat = scores.reshape(num_steps, -1)
-    columns = [np.interp(fine_centres, step_centres, flat[:, k]) for k in range(flat.shape[1])]
-    return np.stack(columns, axis=1).reshape((num_steps * factor,) + scores.shape[1:])
+    columns = interpolate_columns(fine_centres, step_centres, scores.reshape(num_steps, -1))
+    return columns.reshape((num_steps * factor,) + scores.shape[1:])
+
+
+def interpolate_columns(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """`np.interp(x, xp, fp[:, k])` for every column k of `fp` (len(xp), k) at once, with the same arithmetic (the
+    same values to the last bit): held constant outside `xp`, exact at its points, straight lines in between."""
+    x, xp, fp = np.asarray(x, np.float64), np.asarray(xp, np.float64), np.asarray(fp, np.float64)
+    if len(xp) == 1 or len(x) == 0:
+        return np.repeat(fp[:1], len(x), axis=0)
+    left = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, len(xp) - 2)  # xp[left] <= x < xp[left + 1] inside
+    slopes = (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1])[:, None]
+    values = slopes[left] * (x - xp[left])[:, None] + fp[left]
+    at_point = x == xp[left]
+    values[at_point] = fp[left[at_point]]
+    values[x <= xp[0]] = fp[0]
+    values[x >= xp[-1]] = fp[-1]
+    return values
 
 
 def median_window_frames(seconds: float | None, frame_seconds: float) -> int:
@@ -109,11 +125,15 @@ def median_window_frames(seconds: float | None, frame_seconds: float) -> int:
 
 
 def apply_median_filter(scores: np.ndarray, window_frames: Sequence[int]) -> np.ndarray:
-    """Median filter along time with a per-class window (frames; 1 = unchanged), scipy 'reflect' edges as DCASE."""
+    """Median filter along time with a per-class window (frames; 1 = unchanged), scipy 'reflect' edges as DCASE.
+    Classes that share a window length are filtered together (a (window, 1) footprint: each column on its own)."""
     filtered = np.array(scores, dtype=np.float64, copy=True)
-    for k, window in enumerate(window_frames):
-        if window > 1 and len(filtered):
-            filtered[:, k] = median_filter(filtered[:, k], size=int(window), mode="reflect")
+    if not len(filtered):
+        return filtered
+    windows = np.asarray(window_frames, dtype=np.int64)
+    for window in np.unique(windows[windows > 1]):
+        columns = np.flatnonzero(windows == window)
+        filtered[:, columns] = median_filter(filtered[:, columns], size=(int(window), 1), mode="reflect")
     return filtered
 
 
@@ -125,37 +145,39 @@ def contiguous_regions(active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return changes[0::2], changes[1::2]
 
 
-def binarise(column: np.ndarray, threshold: float, hysteresis: tuple[float, float] | None) -> np.ndarray:
-    """`column > threshold`, or with hysteresis the runs above `offset` that contain a value above `onset`."""
-    if hysteresis is None:
-        return column > threshold
-    onset_threshold, offset_threshold = hysteresis
-    starts, ends = contiguous_regions(column > offset_threshold)
-    if len(starts) == 0:
-        return np.zeros(len(column), dtype=bool)
-    # reduceat over [start_i, start_{i+1}) also sees the inactive frames, all <= offset <= onset threshold
-    keep = np.maximum.reduceat(column, starts) > onset_threshold
-    change = np.zeros(len(column) + 1, dtype=np.int64)
-    np.add.at(change, starts[keep], 1)
-    np.add.at(change, ends[keep], -1)
-    return np.cumsum(change)[:-1] > 0
+def class_regions(
+    frames: np.ndarray, thresholds: Sequence[float], hysteresis: tuple[float, float] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Active regions of all classes of (frames, classes) scores at once: `score > threshold`, or with hysteresis the
+    runs above `offset` that contain a value above `onset`. Returns the scores laid out class after class, each class
+    followed by one inactive frame (-1) so that no region runs into the next class, and the start (inclusive) and end
+    (exclusive) of each region in that layout, in class then time order."""
+    num_frames, num_classes = frames.shape
+    laid_out = np.full((num_classes, num_frames + 1), -1.0)
+    laid_out[:, :num_frames] = frames.T
+    level = hysteresis[1] if hysteresis is not None else np.asarray(thresholds, dtype=np.float64)[:, None]
+    starts, ends = contiguous_regions((laid_out > level).ravel())
+    laid_out = laid_out.ravel()
+    if hysteresis is not None and len(starts):
+        # reduceat over [start_i, start_{i+1}) also sees inactive frames, all <= offset <= onset threshold
+        keep = np.maximum.reduceat(laid_out, starts) > hysteresis[0]
+        starts, ends = starts[keep], ends[keep]
+    return laid_out, starts, ends
 
 
 def _drop_short_and_merge(
-    starts: np.ndarray, ends: np.ndarray, min_frames: float, gap_frames: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """dcase_util order: first drop regions shorter than `min_frames`, then merge gaps <= `gap_frames`."""
+    classes: np.ndarray, starts: np.ndarray, ends: np.ndarray, min_frames: float, gap_frames: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dcase_util order: first drop regions shorter than `min_frames`, then merge gaps <= `gap_frames` between
+    regions of the same class (regions in class, then time order)."""
     keep = (ends - starts) >= min_frames - 1e-9
-    starts, ends = starts[keep], ends[keep]
+    classes, starts, ends = classes[keep], starts[keep], ends[keep]
     if gap_frames > 0 and len(starts) > 1:
-        gap_before = starts[1:] - ends[:-1]
-        new_event = np.concatenate(([True], gap_before > gap_frames + 1e-9))
-        group = np.cumsum(new_event) - 1
-        merged_starts = starts[new_event]
-        merged_ends = np.zeros(len(merged_starts), dtype=ends.dtype)
-        np.maximum.at(merged_ends, group, ends)
-        starts, ends = merged_starts, merged_ends
-    return starts, ends
+        apart = (starts[1:] - ends[:-1] > gap_frames + 1e-9) | (classes[1:] != classes[:-1])
+        new_event = np.concatenate(([True], apart))
+        last_of_event = np.append(np.flatnonzero(new_event)[1:] - 1, len(ends) - 1)
+        classes, starts, ends = classes[new_event], starts[new_event], ends[last_of_event]
+    return classes, starts, ends
 
 
 # ------------------------------------------------------------------------------------------------ main API
@@ -197,21 +219,42 @@ def frames_to_events(
         step_seconds, labels, threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis,
         upsample, upsample_factor,
     )
-    events = []
-    for k, label in enumerate(labels):
-        column = upsample_scores(scores[:, k : k + 1], settings.factor, settings.upsample)
-        column = apply_median_filter(column, [settings.median_windows[k]])[:, 0]
-        starts, ends = contiguous_regions(binarise(column, settings.thresholds[k], settings.hysteresis))
-        starts, ends = _drop_short_and_merge(starts, ends, settings.min_frames, settings.gap_frames)
-        for start, end in zip(starts, ends):
-            score = column[start:end].max()
-            events.append(_make_event(label, start, end, score, settings.frame_seconds, offset_seconds, duration_seconds))
-    return _sorted_events(events, labels)
+    frames = upsample_scores(scores, settings.factor, settings.upsample)
+    frames = apply_median_filter(frames, settings.median_windows)
+    laid_out, starts, ends = class_regions(frames, settings.thresholds, settings.hysteresis)
+    classes = starts // (len(frames) + 1)
+    classes, starts, ends = _drop_short_and_merge(classes, starts, ends, settings.min_frames, settings.gap_frames)
+    if not len(starts):
+        return []
+    peaks = np.maximum.reduceat(laid_out, np.stack([starts, ends], axis=1).ravel())[::2]  # max over [start, end)
+    row_start = classes * (len(frames) + 1)
+    starts, ends = starts - row_start, ends - row_start
+    onsets = offset_seconds + starts * settings.frame_seconds
+    offsets = offset_seconds + ends * settings.frame_seconds
+    if duration_seconds is not None:
+        inside = onsets < duration_seconds
+        classes, onsets, offsets, peaks = classes[inside], onsets[inside], offsets[inside], peaks[inside]
+        offsets = np.minimum(offsets, duration_seconds)
+    onsets = [round(onset, TIME_DECIMALS) for onset in onsets.tolist()]
+    offsets = [round(offset, TIME_DECIMALS) for offset in offsets.tolist()]
+    label_rank = _label_rank(labels)[classes]
+    order = np.lexsort((label_rank, onsets))  # stable: as `_sorted_events` orders them
+    classes, peaks = classes.tolist(), peaks.tolist()
+    return [
+        {"label": labels[classes[i]], "onset": onsets[i], "offset": offsets[i], "score": peaks[i]}
+        for i in order.tolist()
+    ]
+
+
+def _label_rank(labels: Sequence[str]) -> np.ndarray:
+    """Each class's place in the event order among events with the same onset (a repeated label: its last place)."""
+    place = {label: k for k, label in enumerate(labels)}
+    return np.array([place[label] for label in labels], dtype=np.int64)
 
 
 def _sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dict]:
     """Drops the None entries (events past the audio's end); sorts by onset, then by label order."""
-    order = {label: k for k, label in enumerate(labels)}
+    order = dict(zip(labels, _label_rank(labels).tolist()))
     events = [event for event in events if event is not None]
     events.sort(key=lambda event: (event["onset"], order[event["label"]]))
     return events
@@ -360,7 +403,7 @@ class EventStream:
         known = self.steps  # steps_start .. total_steps - 1: one before `first` and (unless final) one after `last`
         centres = np.arange(self.steps_start, total_steps) + 0.5
         fine = (np.arange(first * factor, last * factor) + 0.5) / factor
-        return np.stack([np.interp(fine, centres, known[:, k]) for k in range(known.shape[1])], axis=1)
+        return interpolate_columns(fine, centres, known)
 
     def _median_filter(self, first: int, last: int) -> np.ndarray:
         """Filtered frames [first, last): each class's window sees real frames, or the recording's reflected ends."""
