@@ -142,6 +142,7 @@ def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
         plans = iter([LinearPlan("onednn", "onednn")])
         cpu_kernels.linear_plan.cache_clear()
         assert cpu_kernels.linear_plan() == LinearPlan("onednn", "onednn") and len(measured) == 3  # not measured twice
+        assert not list((tmp_path / "full_disk").glob("*.tmp"))  # no scratch file left behind
     finally:
         cpu_kernels.linear_plan.cache_clear()
 

@@ -216,8 +216,11 @@ def linear_plan() -> LinearPlan:
             plan = calibrate()
             logger.info(f"CPU linear-layer plan kept in {path} (delete it to measure again)")
             scratch = path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps({"gemm": plan.gemm, "gelu": plan.gelu, "timings_ms": plan.timings_ms}))
-            os.replace(scratch, path)
+            try:
+                scratch.write_text(json.dumps({"gemm": plan.gemm, "gelu": plan.gelu, "timings_ms": plan.timings_ms}))
+                os.replace(scratch, path)
+            finally:
+                scratch.unlink(missing_ok=True)  # nothing left behind where the plan could not be written
             return plan
     except (OSError, ValueError, KeyError) as error:
         logger.info(f"CPU linear-layer plan not kept on disk ({error}); measured for this process")
