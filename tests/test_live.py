@@ -130,7 +130,7 @@ class LoudnessDetector(LiveDetector):
     """The real detector with a transparent model: label "tone" is active where the features are loud."""
 
     def step_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return loudness_step_logits(features, self.config.token_steps)
+        return loudness_step_logits(features, self.config.token_steps)[:, None]  # (windows, one member, steps, labels)
 
 
 def tone(seconds: float, start: float, end: float) -> np.ndarray:
@@ -259,9 +259,49 @@ def test_lookahead_agreement_reports_every_hop_and_lookahead(folder):
     assert 0.0 <= result["offline_hops_agreement"][1.0] <= 1.0 and result["offline_events"] > 0
 
 
-def test_ensembles_are_refused_with_a_clear_error(folder):
+@pytest.fixture(scope="module")
+def ensemble_folder(folder, tmp_path_factory):
+    """Two tiny detectors (different weights, the same labels) as one `HTSATEnsembleModel` folder."""
     from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
 
-    model = HTSATForSoundEventDetection.from_pretrained(folder)
-    with pytest.raises(ValueError, match="ensembles are not supported here"):
-        LiveDetector(HTSATEnsembleModel.from_members([model, model]), HTSATFeatureExtractor())
+    second = save_tiny_detector(tmp_path_factory.mktemp("live_member"), seed=1)
+    members = [HTSATForSoundEventDetection.from_pretrained(path) for path in (folder, second)]
+    path = tmp_path_factory.mktemp("live_ensemble")
+    HTSATEnsembleModel.from_members(members).save_pretrained(path)
+    HTSATFeatureExtractor().save_pretrained(path)
+    return path, second
+
+
+def test_an_ensemble_equals_the_offline_pipeline_and_averages_its_members(folder, ensemble_folder):
+    """Where the windows coincide, an ensemble's steps and events are the offline ensemble's; each hop's tags are the
+    mean of the members' tag probabilities (the ensemble's default `average="probabilities"`)."""
+    path, second = ensemble_folder
+    audio = noisy(23.7)
+    offline = pipeline("sound-event-detection", model=str(path))
+    reference = offline(audio, return_frame_scores=True)
+    threshold = float(np.median(reference["frame_scores"]))
+    expected = offline(audio, threshold=threshold, median_filter_seconds=0.7)["events"]
+    assert len(expected) >= 3
+    settings = dict(hop_seconds=5.0, lookahead_seconds=10.0, pad_start=False, threshold=threshold,
+                    median_filter_seconds=0.7, top_k=3)
+    updates = run_in_blocks(LiveDetector(str(path), **settings), audio)
+    np.testing.assert_allclose(scores_of(updates), reference["frame_scores"], atol=1e-5)
+    assert events_of(updates) == sorted_events(expected)
+    member_updates = [run_in_blocks(LiveDetector(str(member), **settings), audio) for member in (folder, second)]
+    single = pipeline("sound-event-detection", model=str(folder))(audio, return_frame_scores=True)["frame_scores"]
+    assert np.abs(single - reference["frame_scores"]).max() > 1e-3  # the second member changes the scores
+    for update, *of_members in zip(updates, *member_updates):
+        tag_scores = [{tag["label"]: tag["score"] for tag in u.tags} for u in of_members]
+        for tag in update.tags:
+            assert tag["score"] == pytest.approx(np.mean([scores[tag["label"]] for scores in tag_scores]), abs=1e-5)
+
+
+def test_an_ensemble_without_the_token_semantic_head_is_refused():
+    from htsat_hf import HTSATConfig, HTSATForAudioClassification
+    from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
+
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3,
+                         use_token_semantic_head=False)
+    members = [HTSATForAudioClassification(config).eval() for _ in range(2)]
+    with pytest.raises(ValueError, match="members do not all have it on one time grid"):
+        LiveDetector(HTSATEnsembleModel.from_members(members), HTSATFeatureExtractor())

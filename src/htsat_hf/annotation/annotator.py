@@ -323,10 +323,7 @@ class Annotator:
         return self.config.problem_type == "single_label_classification"
 
     def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
-        """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
-        if not self.ensemble:
-            return member_logits[0]
-        return combine_logits(member_logits, self.config.average, exclusive)
+        return combine_members(self.model, member_logits, exclusive)
 
     def _pooled_logits(self, embedding: torch.Tensor) -> torch.Tensor:
         """Clip logits of the pooled-head ablation from the mean token."""
@@ -403,6 +400,13 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
     if device is not None:
         model = model.to(device)
     return model.eval(), feature_extractor
+
+
+def combine_members(model: Any, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
+    """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
+    if not _is_ensemble(model):
+        return member_logits[0]
+    return combine_logits(member_logits, model.config.average, exclusive)
 
 
 def _is_ensemble(model: Any) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotation.annotator import _load, top_tags
+from ..annotation.annotator import _is_ensemble, _load, combine_members, top_tags
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
@@ -62,7 +62,9 @@ class LiveDetector:
 
     Args:
         model: an HTS-AT folder or a loaded `HTSATForSoundEventDetection` / `HTSATForAudioClassification` with the
-            token-semantic head. feature_extractor: defaults to the folder's (or one matching the config).
+            token-semantic head, or an `HTSATEnsembleModel` whose members all have it on one time grid (each window
+            runs through every member; step logits and tags combined as the ensemble's forward combines them).
+            feature_extractor: defaults to the folder's (or one matching the config).
         hop_seconds: audio between two runs of the model (a whole number of feature hops, at most `clip_seconds`).
         lookahead_seconds: audio seen after a step before its score is emitted (more is closer to offline).
         top_k: tags per hop. pad_start: run from the first hop on a start padded with silence (default); False waits
@@ -99,11 +101,14 @@ class LiveDetector:
         bf16: bool = False,
         trust_remote_code: bool = False,
     ):
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code)
+        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
+                                                   allow_ensemble=True)
         config = self.config = self.model.config
+        self.members = list(self.model.members) if _is_ensemble(self.model) else [self.model]
         if not config.use_token_semantic_head:
-            raise ValueError("Live detection needs the token-semantic head; this model uses the pooled head "
-                             "(use_token_semantic_head=False).")
+            raise ValueError("Live detection needs the token-semantic head; " + (
+                "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
+                else "this model uses the pooled head (use_token_semantic_head=False)."))
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
             raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
@@ -210,30 +215,36 @@ class LiveDetector:
         for first in range(0, len(starts), self.window_batch_size):
             batch = starts[first : first + self.window_batch_size]
             features = torch.stack([self.frames.window(start, self.window_frames) for start in batch])
-            for start, logits in zip(batch, self.step_logits(features)):
-                updates.append(self._after_window(start, logits))
+            for start, member_logits in zip(batch, self.step_logits(features)):
+                updates.append(self._after_window(start, member_logits))
         if starts:  # the end-aligned last window starts after the last one run, maybe before the next one
             self.frames.drop_before((self.next_window - 1) * self.hop_frames)
         return updates
 
     def step_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(windows, clip_frames, mel) log-mel windows -> (windows, token steps, labels) float32 step logits on the
-        CPU: the token-semantic head on each window, as the model runs a 10-s input."""
+        """(windows, clip_frames, mel) log-mel windows -> (windows, members, token steps, labels) float32 step logits
+        on the CPU: the token-semantic head of each member (one for a single model) on each window, as the model
+        runs a 10-s input."""
+        member_steps = []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            images = self.model.htsat.window_images(features.to(self.device, self.model.dtype))
-            step_logits = self.model.classifier(self.model.htsat.encode_images(images)[0])
-        return step_logits.float().cpu()
+            for member in self.members:
+                images = member.htsat.window_images(features.to(self.device, member.dtype))
+                member_steps.append(member.classifier(member.htsat.encode_images(images)[0]).float().cpu())
+        return torch.stack(member_steps, dim=1)
 
-    def _after_window(self, start: int, logits: torch.Tensor) -> LiveUpdate:
-        """Adds one window's (steps, labels) logits; emits the steps `lookahead_seconds` behind its end."""
+    def _after_window(self, start: int, member_logits: torch.Tensor) -> LiveUpdate:
+        """Adds one window's (members, steps, labels) logits; emits the steps `lookahead_seconds` behind its end."""
         self.windows_run += 1
+        logits = combine_members(self.model, list(member_logits), exclusive=False)  # per window, as offline
         self.stitcher.add(logits[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
         first_step = self.stitcher.offset
         emit_before = self.stitcher.first_step(end_seconds - self.lookahead_seconds)
         scores = self._step_scores(self.stitcher.pop_final(emit_before))
         self.events.push(scores)
-        tags = top_tags(logits.mean(dim=0), self.model_labels, self.config.problem_type, self.top_k)
+        exclusive = self.config.problem_type == "single_label_classification"
+        clip_logits = combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
+        tags = top_tags(clip_logits, self.model_labels, self.config.problem_type, self.top_k)
         return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
 
     def _step_scores(self, logits: torch.Tensor) -> np.ndarray:
