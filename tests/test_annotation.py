@@ -369,8 +369,24 @@ def test_num_processes_is_checked():
     for bad in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--num_processes", bad])
-    assert _resolve_process_count("auto", on_cpu=True) == len(os.sched_getaffinity(0))
     assert _resolve_process_count(3, on_cpu=True) == 3
+
+
+def test_auto_process_count_is_one_per_core_as_memory_allows(monkeypatch, capsys):
+    from htsat_hf.annotation import cli
+
+    assert cli._available_memory() > 0  # read from /proc/meminfo (and the cgroup limit) here
+    monkeypatch.setattr(cli, "_usable_cores", lambda: 64)
+    monkeypatch.setattr(cli, "_available_memory", lambda: 200 * 2**30)
+    assert cli._resolve_process_count("auto", on_cpu=True) == 64 and not capsys.readouterr().out
+    monkeypatch.setattr(cli, "_available_memory", lambda: 10 * 2**30)  # room for 6 processes of 1.5 GiB
+    assert cli._resolve_process_count("auto", on_cpu=True) == 6
+    assert "6 process(es) rather than one per core (64): 10.0 GiB of memory is available" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "_available_memory", lambda: 2**29)
+    assert cli._resolve_process_count("auto", on_cpu=True) == 1  # at least one
+    monkeypatch.setattr(cli, "_available_memory", lambda: None)  # unknown: one per core
+    assert cli._resolve_process_count("auto", on_cpu=True) == 64
+    assert cli._resolve_process_count(3, on_cpu=True) == 3  # a number is taken as given
 
 
 # ------------------------------------------------------------------------------------------------ other engines

@@ -17,7 +17,7 @@ EXAMPLES = """examples:
   python scripts/annotate.py --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
       --tasks tags events embeddings --num_workers 2
   python scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
-      --device cpu --num_processes auto                # one model process per CPU core, each on one thread
+      --device cpu --num_processes auto                # one model process per CPU core (as memory allows)
   accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
       --output_dir out --bf16
 Running the same command again continues an interrupted run; the output loads with
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--num_processes", default="1", type=_process_count,
         help="model processes on this machine, sharing the inputs as under `accelerate launch`: N, or auto (one per "
-        "CPU core, each with one thread, on the CPU; one per GPU); ignored when already started by a launcher",
+        "CPU core, each with one thread, on the CPU, fewer where memory would not hold them; one per GPU); ignored "
+        "when already started by a launcher",
     )
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -126,14 +127,43 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Memory one CPU model process takes with its 2 decoding workers: the paper-size model at batch 16 measured 1.2-1.4 GiB
+# (PSS of the process tree, README's annotation benchmark); `--num_processes auto` starts no more than fit.
+PROCESS_MEMORY_BYTES = int(1.5 * 2**30)
+
+
 def _resolve_process_count(requested: int | str, on_cpu: bool) -> int:
     if requested != "auto":
         return requested
-    if on_cpu:
-        return _usable_cores()
-    import torch
+    if not on_cpu:
+        import torch
 
-    return max(1, torch.cuda.device_count())
+        return max(1, torch.cuda.device_count())
+    cores, available = _usable_cores(), _available_memory()
+    if available is None or available >= cores * PROCESS_MEMORY_BYTES:
+        return cores
+    fits = max(1, int(available // PROCESS_MEMORY_BYTES))
+    print(f"[annotate] --num_processes auto: {fits} process(es) rather than one per core ({cores}): "
+          f"{available / 2**30:.1f} GiB of memory is available and each takes about "
+          f"{PROCESS_MEMORY_BYTES / 2**30:.1f} GiB; give --num_processes N to choose.")
+    return fits
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory still available: Linux's MemAvailable, within a cgroup v2 limit (a container's) where there
+    is one; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
 
 
 def _launch(argv: list[str], processes: int, on_cpu: bool, output_dir: str) -> dict:
