@@ -245,6 +245,45 @@ def test_corpus_run_writes_shards_errors_and_manifest(one_process_run, corpus, r
         np.testing.assert_allclose(np.stack(row["frame_scores"]), expected["frame_scores"], atol=1e-6)
 
 
+def test_features_on_the_device_give_the_same_rows(one_process_run, model_folder, corpus, tmp_path):
+    """`--features_on device`: the decoding workers send each window's samples (`SampleSpan`) and the model's process
+    computes the log-mel of a forward pass's windows in batches: the same rows, errors and counts."""
+    out, summary = one_process_run
+    _, files = corpus
+    on_device = run_cli(model_folder, files, tmp_path / "device", "--features_on", "device")
+    assert {key: on_device[key] for key in ("inputs", "done", "failed", "failed_by_stage")} == {
+        key: summary[key] for key in ("inputs", "done", "failed", "failed_by_stage")}
+    assert read_manifest(tmp_path / "device")["fingerprint"]["settings"]["features_on"] == "device"
+    assert read_manifest(out)["fingerprint"]["settings"]["features_on"] == "workers"  # auto, on the CPU
+    assert_same_rows(read_rows(tmp_path / "device"), read_rows(out))
+    for x, y in zip(read_rows(tmp_path / "device")["frame_scores"], read_rows(out)["frame_scores"]):
+        np.testing.assert_allclose(np.stack(x), np.stack(y), atol=1e-6)
+
+
+def test_sample_spans_are_the_stream_features_with_bounded_memory():
+    """A window sent as samples gives exactly the features the stream computes (short, windowed and end-aligned
+    windows alike), and a long input holds about a window, a hop and a read block of samples, not the recording."""
+    from htsat_hf.pipeline_htsat import READ_BLOCK_SECONDS, AudioSource, WindowStream, span_features
+
+    config, extractor = HTSATConfig(), HTSATFeatureExtractor()
+    rng = np.random.default_rng(0)
+    for seconds in (4.0, 10.3, 47.3, 600.0):
+        audio = (rng.standard_normal(int(seconds * 32000)) * 0.1).astype(np.float32)
+        frames = list(WindowStream(config, extractor, AudioSource(32000, array=audio)).window_batches(4))
+        stream = WindowStream(config, extractor, AudioSource(32000, array=audio), spans=True)
+        held, spans = 0, []
+        for batch, starts in stream.window_batches(4):
+            held = max(held, len(stream.frames.samples))
+            spans.append((batch, starts))
+        assert [starts for _, starts in spans] == [starts for _, starts in frames]
+        computed = span_features([span for batch, _ in spans for span in batch], extractor, "cpu")
+        assert torch.equal(torch.stack(computed), torch.cat([batch for batch, _ in frames]))
+        if seconds > 60:
+            # the last window's samples from its start, one window hop on, and the read block after them
+            bound = (config.clip_seconds + config.long_input_hop_seconds + READ_BLOCK_SECONDS) * 32000 + 1280
+            assert held <= bound < len(audio) / 10
+
+
 def test_output_loads_with_datasets_and_pandas(one_process_run):
     import datasets
 

@@ -208,14 +208,19 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         the recording from sample `samples_start` on). Each frame gets two hops of real context on each side, or the
         recording's end (`recording_end`, its length, when the range reaches it), where the STFT reflects as it would
         for the whole recording."""
+        start, end, offset = self.frame_span(first, last, recording_end)
+        frames = self.log_mel(samples[start - samples_start : end - samples_start][None])[0]
+        return frames[offset : offset + last - first]
+
+    def frame_span(self, first: int, last: int, recording_end: int | None = None) -> tuple[int, int, int]:
+        """The samples [start, end) that `frame_range` reads for frames [first, last), and the index of frame `first`
+        in the log-mel of those samples: `log_mel(samples[start:end])[offset : offset + last - first]`."""
         margin = self.context_samples
         start = max(0, first * self.hop_length - margin)
         end = (last - 1) * self.hop_length + margin
         if recording_end is not None:
             end = min(end, recording_end)
-        frames = self.log_mel(samples[start - samples_start : end - samples_start][None])[0]
-        offset = (first * self.hop_length - start) // self.hop_length
-        return frames[offset : offset + last - first]
+        return start, end, (first * self.hop_length - start) // self.hop_length
 
     def log_mel_in_blocks(self, waveforms: torch.Tensor, block_frames: int = BLOCK_FRAMES) -> torch.Tensor:
         """`log_mel` computed `block_frames` frames at a time (`frame_range`): the same frames, while the complex STFT

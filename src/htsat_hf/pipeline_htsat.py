@@ -282,6 +282,29 @@ class SoundEventDetectionPipeline(Pipeline):
         return result
 
 
+@dataclass
+class SampleSpan:
+    """One window's features as samples to compute them from: `log_mel(samples)[offset : offset + frames]`."""
+
+    samples: torch.Tensor  # (samples,) float32
+    offset: int
+    frames: int
+
+
+def span_features(spans: list[SampleSpan], feature_extractor, device: torch.device | str) -> list[torch.Tensor]:
+    """(frames, mel) log-mel features of each span, computed on `device` in one batch per span shape."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index, span in enumerate(spans):
+        groups.setdefault((len(span.samples), span.offset, span.frames), []).append(index)
+    features: list[torch.Tensor | None] = [None] * len(spans)
+    with torch.inference_mode():
+        for (_, offset, frames), indices in groups.items():
+            waveforms = torch.stack([spans[i].samples for i in indices]).to(device, torch.float32)
+            for i, window in zip(indices, feature_extractor.log_mel(waveforms)[:, offset : offset + frames]):
+                features[i] = window
+    return features
+
+
 class StreamFrames:
     """
     The log-mel frames of audio that arrives block by block, equal to the whole recording's frames: a frame is
@@ -342,6 +365,22 @@ class StreamFrames:
             self._frames = self._frames[frame - self._frames_start :].clone()
             self._frames_start = frame
 
+    def sample_span(self, first: int, last: int, final: bool) -> SampleSpan:
+        """The samples frames [first, last) are computed from (`frame_span`), for a reader that computes them itself
+        (e.g. on a GPU); `final`: the recording has ended (its end is reflected, as the whole spectrogram does)."""
+        start, end, offset = self.feature_extractor.frame_span(first, last, self.num_samples if final else None)
+        if start < self.samples_start or end > self.samples_start + len(self.samples):
+            raise IndexError(f"samples [{start}, {end}) are not held (held: [{self.samples_start}, "
+                             f"{self.samples_start + len(self.samples)})).")
+        samples = self.samples[start - self.samples_start : end - self.samples_start]
+        return SampleSpan(torch.from_numpy(samples.copy()), offset, last - first)
+
+    def drop_samples_before(self, sample: int) -> None:
+        """Forgets the samples before `sample` (a span reader, which computes no frames here)."""
+        if sample > self.samples_start:
+            self.samples = self.samples[sample - self.samples_start :]
+            self.samples_start = sample
+
     def _compute(self, end_frame: int, final: bool) -> None:
         """Appends frames up to `end_frame` (exclusive), then drops the samples no later frame needs."""
         first = self.frames_end
@@ -363,10 +402,12 @@ class WindowStream:
     Cuts streamed audio into the model's windows. The log-mel frames are computed block by block, each block with two
     hops of real audio context on each side, so they equal the frames of the whole recording's spectrogram; windows
     are slices of those frames (each frame computed once, though windows overlap). The result is the same as running
-    the model on the whole input at once, with bounded memory.
+    the model on the whole input at once, with bounded memory. `spans=True`: windows come as the `SampleSpan`s their
+    frames are computed from, so that the consumer computes them (in batches, on its device), and no frame is
+    computed here.
     """
 
-    def __init__(self, config, feature_extractor, source: AudioSource):
+    def __init__(self, config, feature_extractor, source: AudioSource, spans: bool = False):
         self.config = config
         self.feature_extractor = feature_extractor
         self.source = source
@@ -378,6 +419,7 @@ class WindowStream:
         self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
         self.whole_audio: np.ndarray | None = None  # an input of one window keeps its samples here, once read
         self.frames = StreamFrames(feature_extractor, config.num_mel_bins)
+        self.spans = spans
 
     @property
     def num_samples(self) -> int:
@@ -387,7 +429,7 @@ class WindowStream:
     def seconds_read(self) -> float:
         return self.num_samples / self.source.sampling_rate
 
-    def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor | list[SampleSpan], list[int]]]:
         next_frame = 0
         done: set[int] = set()
         pending, pending_starts = [], []
@@ -399,17 +441,20 @@ class WindowStream:
             self.windowed = self.num_samples >= self.long_after
             if not self.windowed:  # a short input keeps all its samples: it may be one stretched window
                 continue
-            self.frames.compute_ready()
-            while self.frames.frames_end >= next_frame + self.window_frames:
-                pending.append(self.frames.window(next_frame, self.window_frames))
+            while self._ready_frames() >= next_frame + self.window_frames:
+                pending.append(self._window(next_frame, final=False))
                 pending_starts.append(next_frame)
                 done.add(next_frame)
                 next_frame += self.hop_frames
                 if len(pending) == batch_size:
-                    yield torch.stack(pending), pending_starts
+                    yield self._batch(pending), pending_starts
                     pending, pending_starts = [], []
             # the end-aligned last window starts after the last window done, but maybe before next_frame
-            self.frames.drop_before(next_frame - self.hop_frames)
+            if self.spans:
+                self.frames.drop_samples_before(
+                    max(0, (next_frame - self.hop_frames) * self.hop - self.feature_extractor.context_samples))
+            else:
+                self.frames.drop_before(next_frame - self.hop_frames)
         if self.num_samples == 0:
             raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
         try:
@@ -421,21 +466,41 @@ class WindowStream:
         self.windowed = len(starts) > 1
         if len(starts) == 1:  # short input: the model stretches all of its frames into one window
             self.whole_audio = self.frames.samples
+            if self.spans:
+                yield [SampleSpan(torch.from_numpy(self.whole_audio), 0, self.num_frames)], [0]
+                return
             features = self.feature_extractor(self.whole_audio, sampling_rate=self.source.sampling_rate, padding=False,
                                               return_tensors="pt")["input_features"]
             yield features, [0]
             return
-        self.frames.finish()
+        if not self.spans:
+            self.frames.finish()
         for start_frame in starts:
             if start_frame in done:
                 continue
-            pending.append(self.frames.window(start_frame, self.window_frames))
+            pending.append(self._window(start_frame, final=True))
             pending_starts.append(start_frame)
             if len(pending) == batch_size:
-                yield torch.stack(pending), pending_starts
+                yield self._batch(pending), pending_starts
                 pending, pending_starts = [], []
         if pending:
-            yield torch.stack(pending), pending_starts
+            yield self._batch(pending), pending_starts
+
+    def _ready_frames(self) -> int:
+        """Frames [0, n) can be had now: their right-hand context has arrived."""
+        if not self.spans:
+            self.frames.compute_ready()
+            return self.frames.frames_end
+        margin = self.feature_extractor.context_samples
+        return (self.num_samples - margin) // self.hop + 1 if self.num_samples >= margin else 0
+
+    def _window(self, start_frame: int, final: bool) -> torch.Tensor | SampleSpan:
+        if self.spans:
+            return self.frames.sample_span(start_frame, start_frame + self.window_frames, final)
+        return self.frames.window(start_frame, self.window_frames)
+
+    def _batch(self, windows: list) -> torch.Tensor | list[SampleSpan]:
+        return windows if self.spans else torch.stack(windows)
 
 
 REMOTE_PIPELINE = {
@@ -466,4 +531,5 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["AudioInputError", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source"]
+__all__ = ["AudioInputError", "SampleSpan", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source",
+           "span_features"]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from ..modeling_htsat_ensemble import combine_logits
-from ..pipeline_htsat import step_probabilities
+from ..pipeline_htsat import SampleSpan, span_features, step_probabilities
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
 from .windows import (
@@ -80,6 +80,9 @@ class Annotator:
             scores; tags keep the model's labels).
         device: where the model runs (default: the model's device, or CUDA when a path is given and one exists).
         bf16: bfloat16 autocast for the forward pass.
+        features_on: where the log-mel features are computed: "workers" (where the audio is decoded, e.g. DataLoader
+            workers), "device" (in this process, on the model's device, in one batch per forward pass: decoding
+            workers then only decode, which keeps a GPU fed), or "auto" ("device" for a model on a GPU).
         audio_column, id_column: the columns `__call__` reads (batched `datasets.map`, Ray `map_batches`).
         trust_remote_code: for loading a folder whose model code travels with it.
     """
@@ -101,6 +104,7 @@ class Annotator:
         label_mapping: Mapping | str | None = None,
         device: str | torch.device | None = None,
         bf16: bool = False,
+        features_on: str = "auto",
         audio_column: str = "audio",
         id_column: str | None = None,
         trust_remote_code: bool = False,
@@ -145,18 +149,26 @@ class Annotator:
         )
         if "events" in self.tasks:  # bad settings fail now, not at the first input
             frames_to_events(np.zeros((2, len(self.event_labels))), 0.1, self.event_labels, **self.postprocessing)
-        self.cutter = WindowCutter(self.config, self.feature_extractor, self.tasks)
+        if features_on not in ("auto", "workers", "device"):
+            raise ValueError(f'features_on must be "auto", "workers" or "device", got {features_on!r}.')
+        if features_on == "auto":
+            features_on = "device" if self.device.type == "cuda" else "workers"
+        self.features_on = features_on
+        self.cutter = WindowCutter(self.config, self.feature_extractor, self.tasks,
+                                   features_in_workers=features_on == "workers")
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
-        """Everything that decides the rows (for a run's manifest): tasks, top_k, post-processing, mapping, bf16."""
+        """Everything that decides the rows (for a run's manifest): tasks, top_k, post-processing, mapping, bf16, and
+        where the features are computed (another device rounds differently)."""
         return {
             "tasks": list(self.tasks),
             "top_k": self.top_k,
             **{key: _plain(self.postprocessing[key]) for key in POSTPROCESSING_KEYS},
             "label_mapping": self.label_mapping,
             "bf16": self.bf16,
+            "features_on": self.features_on,
         }
 
     @property
@@ -241,15 +253,16 @@ class Annotator:
         """One forward pass (per ensemble member) over windows of any inputs: step logits (members, steps, labels)
         and the first member's mean tokens back to each input's state."""
         device = self.device
+        window_features = self._features([features for _, _, _, features in windows])
         by_frames: dict[int, list[int]] = {}
-        for index, (_, _, _, features) in enumerate(windows):
+        for index, features in enumerate(window_features):
             by_frames.setdefault(features.shape[0], []).append(index)
         member_steps, token_means = [], None
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
             for member in self.members:
                 htsat, images = member.htsat, [None] * len(windows)
                 for indices in by_frames.values():  # windows of one length fold together (stretching as the model does)
-                    features = torch.stack([windows[i][3] for i in indices]).to(device, member.dtype)
+                    features = torch.stack([window_features[i] for i in indices]).to(device, member.dtype)
                     for i, image in zip(indices, htsat.window_images(features)):
                         images[i] = image
                 tokens, _, _ = htsat.encode_images(torch.stack(images))
@@ -268,6 +281,18 @@ class Annotator:
             else:
                 state.clip.append((step, token_means[index]))
             state.done += 1
+
+    def _features(self, entries: list[torch.Tensor | SampleSpan]) -> list[torch.Tensor]:
+        """Each window's (frames, mel) features: as they came, or computed on the model's device from `SampleSpan`s
+        (`features_on="device"`), in float32 outside any autocast."""
+        spans = [index for index, entry in enumerate(entries) if isinstance(entry, SampleSpan)]
+        if not spans:
+            return entries
+        computed = span_features([entries[i] for i in spans], self.feature_extractor, self.device)
+        features = list(entries)
+        for index, window in zip(spans, computed):
+            features[index] = window
+        return features
 
     def _finished(self, states: dict[int, _InputState]) -> Iterator[dict]:
         for key in [k for k, s in states.items() if s.end is not None and s.done == s.queued]:

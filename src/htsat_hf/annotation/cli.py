@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_workers", type=int, default=2,
                      help="decoding processes per model process (0: decode in the main process)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU, else the CPU)")
+    run.add_argument("--features_on", choices=["auto", "workers", "device"], default="auto",
+                     help="where log-mel features are computed: in the decoding workers, or batched on the model's "
+                     "device (auto: the device for a GPU, so that the workers only decode)")
     run.add_argument(
         "--num_processes", default="1", type=_process_count,
         help="model processes on this machine, sharing the inputs as under `accelerate launch`: N, or auto (one per "
@@ -93,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source = file_source(args.files, args.file_list)
     annotator = Annotator(
         args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
-        bf16=args.bf16, trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
+        bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
+        **postprocessing_from_arguments(args),
     )
     try:
         return annotate_corpus(

@@ -1,7 +1,9 @@
 """Decoding and window cutting: one input -> the model's windows as feature tensors, with no model involved.
 
 This is the part of annotation that runs where the audio is decoded (DataLoader workers, a Ray actor, a `datasets.map`
-process). Windows are cut exactly as the pipelines do:
+process). It computes the windows' log-mel features there, or (`features_in_workers=False`, for a model on a GPU)
+sends each window as the samples its features are computed from (`SampleSpan`), for the model's process to compute
+them in batches on its device. Windows are cut exactly as the pipelines do:
 - the *timeline* view is what `pipeline("sound-event-detection")` runs: an input of more than one image is cut into
   10-s windows every `long_input_hop_seconds` (features with real audio context, as `WindowStream` computes them), a
   shorter one is one window of all its frames (the model stretches it to the image);
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from ..modeling_htsat import window_layout
-from ..pipeline_htsat import AudioInputError, AudioSource, WindowStream, audio_source
+from ..pipeline_htsat import AudioInputError, AudioSource, SampleSpan, WindowStream, audio_source
 
 TIMELINE = "timeline"
 CLIP = "clip"
@@ -30,11 +32,12 @@ TASKS = ("tags", "events", "embeddings", "frame_scores")
 
 @dataclass
 class WindowChunk:
-    """Consecutive windows of one input, all of one view: features (windows, frames, mel), start frames."""
+    """Consecutive windows of one input, all of one view: features (windows, frames, mel) or one `SampleSpan` per
+    window, and their start frames."""
 
     key: int
     view: str
-    features: torch.Tensor
+    features: torch.Tensor | list[SampleSpan]
     starts: list[int]
 
 
@@ -65,14 +68,17 @@ WindowItem = WindowChunk | InputEnd | InputFailed
 
 
 class WindowCutter:
-    """Turns inputs into `WindowItem`s for the tasks asked: picklable, holds only the config and feature extractor."""
+    """Turns inputs into `WindowItem`s for the tasks asked: picklable, holds only the config and feature extractor.
+    `features_in_workers=False`: windows as `SampleSpan`s (features computed by the consumer)."""
 
-    def __init__(self, config: Any, feature_extractor: Any, tasks: tuple[str, ...], chunk_windows: int = 16):
+    def __init__(self, config: Any, feature_extractor: Any, tasks: tuple[str, ...], chunk_windows: int = 16,
+                 features_in_workers: bool = True):
         self.config = config
         self.feature_extractor = feature_extractor
         self.needs_clip = bool(CLIP_TASKS & set(tasks))
         self.needs_timeline = bool(TIMELINE_TASKS & set(tasks))
         self.chunk_windows = chunk_windows
+        self.features_in_workers = features_in_workers
 
     def items(self, key: int, input_id: str, audio: Any) -> Iterator[WindowItem]:
         """The windows of one input, then `InputEnd`; or, at any point, `InputFailed` (never an exception for bad
@@ -93,7 +99,7 @@ class WindowCutter:
         warnings: list[str] = []
         try:
             source.warnings = warnings
-            stream = WindowStream(self.config, self.feature_extractor, source)
+            stream = WindowStream(self.config, self.feature_extractor, source, spans=not self.features_in_workers)
             for features, starts in stream.window_batches(self.chunk_windows):
                 if stream.windowed:
                     yield WindowChunk(key, TIMELINE, features, list(starts))
@@ -117,12 +123,16 @@ class WindowCutter:
         extractor = self.feature_extractor
         timeline, clip = short_input_views(len(audio), extractor.max_length_samples, self.needs_clip,
                                            self.needs_timeline)
-        if timeline:
-            features = extractor(audio, sampling_rate=extractor.sampling_rate, padding=False, return_tensors="pt")
-            yield WindowChunk(key, TIMELINE, features["input_features"], [0])
-        if clip:
-            features = extractor(audio, sampling_rate=extractor.sampling_rate, padding="repeat", return_tensors="pt")
-            yield WindowChunk(key, CLIP, features["input_features"], [0])
+        for view, wanted, padding in ((TIMELINE, timeline, False), (CLIP, clip, "repeat")):
+            if not wanted:
+                continue
+            if self.features_in_workers:
+                features = extractor(audio, sampling_rate=extractor.sampling_rate, padding=padding, return_tensors="pt")
+                yield WindowChunk(key, view, features["input_features"], [0])
+            else:
+                samples = extractor.repeat_to_length(audio) if padding else audio
+                span = SampleSpan(torch.from_numpy(samples), 0, extractor.num_frames(len(samples)))
+                yield WindowChunk(key, view, [span], [0])
 
 
 def short_input_views(num_samples: int, max_length_samples: int, needs_clip: bool, needs_timeline: bool
