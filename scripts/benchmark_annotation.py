@@ -4,6 +4,7 @@
 
     python scripts/benchmark_annotation.py --output results/benchmark_annotation.json       # 2 h corpus
     python scripts/benchmark_annotation.py --hours 0.1                                      # a quick look
+    python scripts/benchmark_annotation.py --device cuda --bf16 --num_workers 8 --batch_size 128  # on a GPU
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=2, help="decoding workers per process")
     parser.add_argument("--corpus_dir", help="where to generate (or reuse) the corpus")
     parser.add_argument("--output", help="JSON file for the results")
+    parser.add_argument("--device", default="cpu", help="cpu (the 1 x 2 / 2 x 1 comparison) or cuda, cuda:1 ...")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (model only and end to end)")
     args = parser.parse_args()
     settings = AnnotationBenchmarkSettings(
-        hours=args.hours, batch_size=args.batch_size, num_workers=args.num_workers, corpus_dir=args.corpus_dir
+        hours=args.hours, batch_size=args.batch_size, num_workers=args.num_workers, corpus_dir=args.corpus_dir,
+        device=args.device, bf16=args.bf16,
     )
     results = run_annotation_benchmark(settings)
     print(format_report(results))

@@ -587,3 +587,24 @@ def test_peak_memory_of_a_process_tree_outlives_its_processes():
     assert memory.largest() >= 200 * 2**20
     assert memory.total() >= memory.largest() + 5 * 2**20  # the parent's own interpreter
     assert high_water_mark(process.pid) is None  # gone: only the polled marks remain
+
+
+def test_annotation_benchmark_one_process_on_a_device(tmp_path, monkeypatch):
+    """The benchmark's GPU layout (model-only around one end-to-end process with the features on the device), run on
+    the CPU with a tiny corpus: it measures, reports, and its run used the device features."""
+    import tempfile
+
+    from htsat_hf.annotation.benchmark import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the benchmark's work folder
+    settings = AnnotationBenchmarkSettings(hours=0.004, batch_size=2, num_workers=1, model_batches=1,
+                                           corpus_dir=str(tmp_path / "corpus"), single_process=True)
+    results = run_annotation_benchmark(settings)
+    run = results["one_process_on_device"]
+    assert len(results["model_only_audio_hours_per_hour"]) == 3 and min(results["model_only_audio_hours_per_hour"]) > 0
+    assert run["audio_hours"] == pytest.approx(results["audio_hours"], rel=1e-3) and run["audio_hours_per_hour"] > 0
+    assert results["end_to_end_share_of_model_only"] > 0 and results["gpu_utilization_percent"] is None
+    (work,) = tmp_path.glob("htsat-annotation-bench-*")
+    assert read_manifest(work / "out1")["fingerprint"]["settings"]["features_on"] == "device"
+    report = format_report(results)
+    assert "| end to end, 1 process |" in report and "device busy: not read (not a GPU)" in report

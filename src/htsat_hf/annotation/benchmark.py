@@ -8,6 +8,11 @@ paper-size model (random weights: speed does not depend on them):
   of audio per hour from its manifest, and peak RSS of its whole process tree once 10 % and 100 % of the inputs are
   committed;
 - 2 processes x 1 thread (`accelerate launch`, CPU ranks) against 1 process x 2 threads.
+
+On a GPU (`device="cuda"`, usually with `bf16`): model-only and one end-to-end process on the device, interleaved
+(model-only, end to end, model-only, model-only), with the log-mel computed on the device (`--features_on device`);
+hours of audio per GPU-hour, and how busy the GPU was (NVML's utilisation, sampled during the run, where
+`torch.cuda.utilization` can read it).
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ class AnnotationBenchmarkSettings:
     model_batches: int = 18  # forward passes per model-only measurement (about 30 s on 2 cores: 6 moved by 20 %)
     corpus_dir: str | None = None
     seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    single_process: bool | None = None  # only the one-process run on `device` (default: on any device but the CPU)
+
+    @property
+    def one_device_run(self) -> bool:
+        return self.single_process if self.single_process is not None else self.device != "cpu"
 
 
 # ------------------------------------------------------------------------------------------------------ corpus
@@ -107,18 +119,55 @@ def corpus_layout(files: list[Path], config: HTSATConfig, extractor: HTSATFeatur
 
 
 # ------------------------------------------------------------------------------------------------ measurements
-def model_only_windows_per_second(model: HTSATForAudioClassification, batch_size: int, batches: int) -> float:
-    """Windows per second through the model alone (mel normalisation, folding, Swin, head) on ready features."""
-    features = torch.randn(batch_size, model.config.clip_frames, model.config.num_mel_bins) * 10 - 40
+def model_only_windows_per_second(model: HTSATForAudioClassification, batch_size: int, batches: int,
+                                  bf16: bool = False) -> float:
+    """Windows per second through the model alone (mel normalisation, folding, Swin, head) on ready features, on the
+    model's device (bf16 autocast where asked, the GPU synchronised before the clock stops)."""
+    device = next(model.parameters()).device
+    features = torch.randn(batch_size, model.config.clip_frames, model.config.num_mel_bins, device=device) * 10 - 40
     htsat = model.htsat
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         model.classifier(htsat.encode_images(htsat.window_images(features))[0])  # warm-up
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(batches):
             tokens, _, _ = htsat.encode_images(htsat.window_images(features))
             model.classifier(tokens)
             tokens.mean(dim=1)
+        _synchronize(device)
         return batches * batch_size / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GpuBusy:
+    """How busy a GPU is while a run goes on: NVML's utilisation (% of time a kernel was running), sampled every
+    `interval` s by `torch.cuda.utilization`; `mean()` is None where it cannot be read (no NVML bindings)."""
+
+    def __init__(self, device: str, interval: float = 0.5):
+        self.samples: list[float] = []
+        self.error: str | None = None
+        self.device = torch.device(device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(float(torch.cuda.utilization(self.device)))
+            except Exception as error:  # noqa: BLE001 - pynvml missing, or no NVML: reported, not fatal
+                self.error = f"{type(error).__name__}: {error}"
+                return
+            self._stop.wait(interval)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return statistics.mean(self.samples) if self.samples else None
 
 
 class TreePeakMemory:
@@ -239,8 +288,9 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
     print(f"[bench] {len(files)} files, {seconds / 3600:.2f} h, {windows} windows; CPU: {cpu_model()}", flush=True)
 
     def model_only() -> float:
-        torch.set_num_threads(2)
-        rate = model_only_windows_per_second(model, settings.batch_size, settings.model_batches)
+        if settings.device == "cpu":
+            torch.set_num_threads(2)
+        rate = model_only_windows_per_second(model, settings.batch_size, settings.model_batches, settings.bf16)
         hours_per_hour = rate * seconds / windows
         print(f"[bench] model only: {rate:.2f} windows/s = {hours_per_hour:.0f} h audio/h", flush=True)
         return hours_per_hour
@@ -251,6 +301,12 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
         "--num_workers", str(settings.num_workers), "--no_progress", "--rows_per_shard", "2", "--overwrite",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if settings.one_device_run:
+        model.to(settings.device)
+        return _one_device_run(settings, base, work, files, env, model_only, dict(
+            settings=asdict(settings), cpu=cpu_model(), torch=torch.__version__, files=len(files),
+            audio_hours=seconds / 3600, windows=windows,
+            gpu=torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else None))
     accelerate = Path(sys.executable).with_name("accelerate")
     results: dict[str, Any] = {"model_only_audio_hours_per_hour": []}
     results["model_only_audio_hours_per_hour"].append(model_only())
@@ -284,7 +340,30 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
     return results
 
 
+def _one_device_run(settings: AnnotationBenchmarkSettings, base: list[str], work: Path, files: list[Path],
+                    env: dict[str, str], model_only, results: dict[str, Any]) -> dict[str, Any]:
+    """Model-only, one end-to-end process on `settings.device` (features on the device), model-only, model-only."""
+    command = [sys.executable, *base, "--output_dir", str(work / "out1"), "--device", settings.device,
+               "--features_on", "device", *(["--bf16"] if settings.bf16 else [])]
+    rates = [model_only()]
+    print(f"[bench] end to end, 1 process on {settings.device}" + (" (bf16)" if settings.bf16 else ""), flush=True)
+    busy = GpuBusy(settings.device) if settings.device.startswith("cuda") else None
+    run = end_to_end(command, work / "out1", len(files), env)
+    results["gpu_utilization_percent"] = busy.stop() if busy else None
+    results["gpu_utilization_error"] = busy.error if busy else None
+    print(f"[bench]   {run['summary']}", flush=True)
+    rates += [model_only(), model_only()]
+    model_rate = statistics.median(rates)
+    results.update(model_only_audio_hours_per_hour=rates, one_process_on_device=run,
+                   end_to_end_share_of_model_only=run["audio_hours_per_hour"] / model_rate,
+                   memory_growth_10_to_100_percent=run["peak_rss_mib_at_100_percent"]
+                   / run["peak_rss_mib_at_10_percent"] - 1)
+    return results
+
+
 def format_report(results: dict[str, Any]) -> str:
+    if "one_process_on_device" in results:
+        return _format_device_report(results)
     single, double = results["one_process_two_threads"], results["two_processes_one_thread"]
     model = statistics.median(results["model_only_audio_hours_per_hour"])
     lines = [
@@ -317,4 +396,31 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AnnotationBenchmarkSettings", "format_report", "make_corpus", "run_annotation_benchmark"]
+def _format_device_report(results: dict[str, Any]) -> str:
+    settings, run = results["settings"], results["one_process_on_device"]
+    model = statistics.median(results["model_only_audio_hours_per_hour"])
+    busy = results["gpu_utilization_percent"]
+    busy_text = (f"{busy:.0f} % (NVML, mean over the run)" if busy is not None else
+                 f"not read ({results['gpu_utilization_error'] or 'not a GPU'})")
+    device = settings["device"] + (f" ({results['gpu']})" if results.get("gpu") else "")
+    rounds = ", ".join(f"{v:.0f}" for v in results["model_only_audio_hours_per_hour"])
+    memory = (f"{run['peak_rss_mib_at_10_percent']:.0f} ({run['largest_process_peak_rss_mib_at_10_percent']:.0f}) / "
+              f"{run['peak_rss_mib_at_100_percent']:.0f} ({run['largest_process_peak_rss_mib_at_100_percent']:.0f})")
+    lines = [
+        (f"Device: {device}; CPU: {results['cpu']}; torch {results['torch']}; {results['files']} files, "
+         f"{results['audio_hours']:.2f} h, {results['windows']} windows; batch {settings['batch_size']} windows, "
+         f"{settings['num_workers']} decoding worker(s), features on the device"
+         f"{', bf16 autocast' if settings['bf16'] else ''}"),
+        "",
+        "| | hours of audio per hour (per device-hour) | wall s | peak RSS at 10 % / 100 %, MiB (largest) |",
+        "| --- | --- | --- | --- |",
+        f"| model only, median of {rounds} | {model:.0f} | | |",
+        f"| end to end, 1 process | {run['audio_hours_per_hour']:.0f} | {run['wall_time_s']:.0f} | {memory} |",
+        "",
+        (f"end to end / model only: {results['end_to_end_share_of_model_only']:.3f}; device busy: {busy_text}; "
+         f"memory growth 10 % -> 100 %: {results['memory_growth_10_to_100_percent']:.3f}"),
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["AnnotationBenchmarkSettings", "GpuBusy", "format_report", "make_corpus", "run_annotation_benchmark"]
