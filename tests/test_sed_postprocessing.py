@@ -352,7 +352,12 @@ def random_settings(rng: np.random.Generator, num_classes: int, num_steps: int) 
     return settings
 
 
-def test_frames_to_events_equals_the_class_by_class_reference():
+@pytest.mark.parametrize("pass_elements", [None, 64])  # all classes in one pass; a few classes per pass
+def test_frames_to_events_equals_the_class_by_class_reference(monkeypatch, pass_elements):
+    from htsat_hf import sed_postprocessing
+
+    if pass_elements is not None:
+        monkeypatch.setattr(sed_postprocessing, "PASS_ELEMENTS", pass_elements)
     rng = np.random.default_rng(3)
     found = 0
     for _ in range(250):

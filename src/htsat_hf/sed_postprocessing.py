@@ -32,6 +32,9 @@ from scipy.ndimage import median_filter
 PerClass = Union[float, Sequence[float], Mapping[str, float]]
 TIME_DECIMALS = 6
 DEFAULT_LINEAR_FACTOR = 5  # odd, so step centres (the original values) are on the grid; 62.5 ms for HTS-AT
+# Working frames x classes that `frames_to_events` takes in one pass: all 527 classes of a clip or a few minutes, and
+# float64 copies of at most 32 MiB each for a long recording (an hour is 11,520 steps).
+PASS_ELEMENTS = 1 << 22
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -219,16 +222,12 @@ def frames_to_events(
         step_seconds, labels, threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis,
         upsample, upsample_factor,
     )
-    frames = upsample_scores(scores, settings.factor, settings.upsample)
-    frames = apply_median_filter(frames, settings.median_windows)
-    laid_out, starts, ends = class_regions(frames, settings.thresholds, settings.hysteresis)
-    classes = starts // (len(frames) + 1)
-    classes, starts, ends = _drop_short_and_merge(classes, starts, ends, settings.min_frames, settings.gap_frames)
+    per_pass = max(1, PASS_ELEMENTS // (len(scores) * settings.factor + 1))  # classes whose working frames fit
+    found = [_class_events(scores[:, first : first + per_pass], first, settings)
+             for first in range(0, scores.shape[1], per_pass)]
+    classes, starts, ends, peaks = (np.concatenate(parts) for parts in zip(*found)) if found else ([],) * 4
     if not len(starts):
         return []
-    peaks = np.maximum.reduceat(laid_out, np.stack([starts, ends], axis=1).ravel())[::2]  # max over [start, end)
-    row_start = classes * (len(frames) + 1)
-    starts, ends = starts - row_start, ends - row_start
     onsets = offset_seconds + starts * settings.frame_seconds
     offsets = offset_seconds + ends * settings.frame_seconds
     if duration_seconds is not None:
@@ -244,6 +243,23 @@ def frames_to_events(
         {"label": labels[classes[i]], "onset": onsets[i], "offset": offsets[i], "score": peaks[i]}
         for i in order.tolist()
     ]
+
+
+def _class_events(scores: np.ndarray, first_class: int, settings: EventSettings
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-6 for the classes `first_class ...` of `scores`' columns: (class, start, end, peak) per event, start and
+    end in working frames, in class then time order."""
+    chosen = slice(first_class, first_class + scores.shape[1])
+    frames = upsample_scores(scores, settings.factor, settings.upsample)
+    frames = apply_median_filter(frames, settings.median_windows[chosen])
+    laid_out, starts, ends = class_regions(frames, settings.thresholds[chosen], settings.hysteresis)
+    classes = starts // (len(frames) + 1)
+    classes, starts, ends = _drop_short_and_merge(classes, starts, ends, settings.min_frames, settings.gap_frames)
+    if not len(starts):
+        return classes + first_class, starts, ends, np.zeros(0)
+    peaks = np.maximum.reduceat(laid_out, np.stack([starts, ends], axis=1).ravel())[::2]  # max over [start, end)
+    row_start = classes * (len(frames) + 1)
+    return classes + first_class, starts - row_start, ends - row_start, peaks
 
 
 def _label_rank(labels: Sequence[str]) -> np.ndarray:
