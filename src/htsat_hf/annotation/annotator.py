@@ -114,7 +114,7 @@ class Annotator:
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
         self.ensemble = _is_ensemble(self.model)
-        self.members = list(self.model.members) if self.ensemble else [self.model]
+        self.members = model_members(self.model)
         if self.ensemble:
             if not self.config.use_token_semantic_head:
                 raise ValueError("The annotator takes ensembles whose members all have the token-semantic head on one "
@@ -425,6 +425,11 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
     if device is not None:
         model = model.to(device)
     return model.eval(), feature_extractor
+
+
+def model_members(model: Any) -> list:
+    """The single HTS-AT models whose outputs `combine_members` combines: an ensemble's members, else the model."""
+    return list(model.members) if _is_ensemble(model) else [model]
 
 
 def combine_members(model: Any, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:

@@ -145,7 +145,8 @@ def _synchronize(device: torch.device) -> None:
 
 class GpuBusy:
     """How busy a GPU is while a run goes on: NVML's utilisation (% of time a kernel was running), sampled every
-    `interval` s by `torch.cuda.utilization`; `mean()` is None where it cannot be read (no NVML bindings)."""
+    `interval` s by `torch.cuda.utilization`; `stop()` returns their mean, or None where NVML could not be read
+    (then `error` says why)."""
 
     def __init__(self, device: str, interval: float = 0.5):
         self.samples: list[float] = []

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotation.annotator import _is_ensemble, _load, combine_members, top_tags
+from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
@@ -104,7 +104,7 @@ class LiveDetector:
         self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
                                                    allow_ensemble=True)
         config = self.config = self.model.config
-        self.members = list(self.model.members) if _is_ensemble(self.model) else [self.model]
+        self.members = model_members(self.model)
         if not config.use_token_semantic_head:
             raise ValueError("Live detection needs the token-semantic head; " + (
                 "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
