@@ -84,6 +84,43 @@ def test_plain_path_where_fusion_does_not_apply():
         torch.testing.assert_close(linear(inputs, quantised, "gelu"), F.gelu(quantised(inputs)))
 
 
+class _Returns(nn.Module):
+    """A replaced layer that hands back a tensor it keeps (its input with `None`)."""
+
+    def __init__(self, kept: torch.Tensor | None = None):
+        super().__init__()
+        self.kept = kept
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs if self.kept is None else self.kept
+
+
+def test_a_replaced_layer_takes_its_gelu_in_place_only_on_a_fresh_untracked_output(monkeypatch):
+    in_place = []
+    real = cpu_kernels.bias_gelu_
+    monkeypatch.setattr(cpu_kernels, "bias_gelu_", lambda hidden, *args: in_place.append(hidden) or real(hidden, *args))
+    inputs = torch.randn(8, 96)
+    quantised = torch.ao.quantization.quantize_dynamic(nn.Sequential(_layer()), {nn.Linear}, dtype=torch.qint8)[0]
+    expected = F.gelu(quantised(inputs))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(linear(inputs, quantised, "gelu"), expected, rtol=0, atol=1e-6)
+    assert len(in_place) == 2  # the quantised layer's own output, in both modes
+    original = inputs.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(linear(inputs, _Returns(), "gelu"), F.gelu(original))
+    torch.testing.assert_close(inputs, original, rtol=0, atol=0)  # a layer handing back its input: not overwritten
+    with torch.inference_mode():
+        kept = torch.randn(8, 96)
+    with torch.no_grad():  # an inference tensor outside inference mode cannot be changed in place
+        torch.testing.assert_close(linear(inputs, _Returns(kept), "gelu"), F.gelu(kept))
+    wrapped = _Returns(torch.randn(8, 96, requires_grad=True))
+    output = linear(inputs, wrapped, "gelu")  # autograd on: the graph is kept
+    output.sum().backward()
+    assert wrapped.kept.grad is not None
+    assert len(in_place) == 2
+
+
 @needs_onednn
 def test_an_onednn_plan_takes_blas_once_onednn_is_switched_off(monkeypatch):
     calls = []
