@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,22 @@ def test_same_command_again_does_nothing_and_changed_options_refuse(one_process_
         run_cli(model_folder, files, out, "--threshold", "0.3")
     with pytest.raises(SystemExit, match=r"inputs.files: 11 in the manifest, now 10"):
         run_cli(model_folder, files[:-1], out)
+
+
+def test_a_run_from_before_features_on_resumes_with_workers_only(one_process_run, model_folder, corpus, tmp_path):
+    """Manifests written before `features_on` existed lack it; their features were computed in the workers."""
+    out = tmp_path / "older"
+    shutil.copytree(one_process_run[0], out)
+    manifest_path = out / "__annotation__" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["fingerprint"]["settings"]["features_on"]
+    manifest_path.write_text(json.dumps(manifest))
+    _, files = corpus
+    with pytest.raises(SystemExit, match=r'settings.features_on: "workers" in the manifest, now "device"'):
+        run_cli(model_folder, files, out, "--features_on", "device")
+    again = run_cli(model_folder, files, out)
+    assert again["run_audio_hours"] == 0 and again["done"] == len(CORPUS)
+    assert read_manifest(out)["fingerprint"]["settings"]["features_on"] == "workers"  # written out on resuming
 
 
 def test_changed_model_refuses_and_overwrite_starts_over(model_folder, corpus, tmp_path):

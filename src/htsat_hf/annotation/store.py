@@ -150,8 +150,21 @@ def write_manifest(out: Path, manifest: dict) -> None:
     _write_atomically(run_dir(out) / MANIFEST, lambda path: path.write_text(text))
 
 
+# Settings that joined the fingerprint after runs had begun, with the value every earlier run used: a manifest that
+# lacks one was written with that value, so its run resumes under it (and only under it).
+LATER_SETTINGS = {"features_on": "workers"}
+
+
+def _with_later_settings(fingerprint: dict) -> dict:
+    settings = fingerprint.get("settings")
+    if not isinstance(settings, dict):
+        return fingerprint
+    return {**fingerprint, "settings": {**LATER_SETTINGS, **settings}}
+
+
 def check_resumable(out: Path, fingerprint: dict) -> dict | None:
-    """The folder's manifest when it was written with this fingerprint (or there is none); else a clear error."""
+    """The folder's manifest when it was written with this fingerprint (or there is none); else a clear error. A
+    manifest from before a setting existed counts as written with its earlier value (`LATER_SETTINGS`)."""
     manifest = read_manifest(out)
     if manifest is None:
         if committed_shards(out):
@@ -162,7 +175,7 @@ def check_resumable(out: Path, fingerprint: dict) -> dict | None:
         return None
     if manifest.get("format") != FORMAT:
         raise ManifestMismatchError(f"{out / RUN_DIR / MANIFEST} is not an htsat-hf annotation manifest ({FORMAT}).")
-    differences = _differences(manifest["fingerprint"], fingerprint)
+    differences = _differences(_with_later_settings(manifest["fingerprint"]), fingerprint)
     if differences:
         raise ManifestMismatchError(
             f"{out} was written by a run with other settings, so it cannot be continued:\n  "
