@@ -115,12 +115,12 @@ def _gelu_in_place_applies(output: torch.Tensor, inputs: torch.Tensor) -> bool:
     For the int8 model's MLPs that is 3-5 % of its time (2 cores, AMD Zen 3): `F.gelu` wrote a second 3-MiB tensor
     per chunk, at twice the cost of the pass itself."""
     return (
-        output.device.type == "cpu"
+        _eager()  # first: traced or fake tensors have no storage to compare
+        and output.device.type == "cpu"
         and output.dtype == torch.float32
         and not (torch.is_grad_enabled() and output.requires_grad)
         and not (output.is_inference() and not torch.is_inference_mode_enabled())  # in place is refused there
         and output.untyped_storage().data_ptr() != inputs.untyped_storage().data_ptr()
-        and _eager()
     )
 
 
