@@ -4,7 +4,7 @@
 Examples:
     python scripts/benchmark.py --output results/benchmark_cpu.json           # full CPU run (several minutes)
     python scripts/benchmark.py --quick                                      # batch 1 and 4, 5 min of SED audio
-    python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json
+    python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # batch 1/16/128
 See `htsat_hf.benchmarking` for what is measured and how.
 """
 
@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 and 4, fewer repeats, 5 minutes of SED audio")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="inference batch sizes (default 1 4 16)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help="inference batch sizes (default 1 4 16; on a GPU 1 16 128)")
+    parser.add_argument("--train-batch-size", type=int, help="clips per training step (default 8; on a GPU 32)")
     parser.add_argument("--repeats", type=int, help="interleaved timing rounds per measurement")
     parser.add_argument("--sed-seconds", type=float, help="audio length for sound event detection (default 3600)")
     parser.add_argument("--sections", nargs="+", default=["inference", "training", "fe", "sed"],
@@ -51,18 +53,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = dict(device=args.device, bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
+    overrides = dict(bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
                      include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16,
                      include_torch_ops=not args.no_torch_ops,
                      fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data)
     sections = list(args.sections) + (["fidelity"] if args.fidelity_model and "fidelity" not in args.sections else [])
     if args.batch_sizes:
         overrides["batch_sizes"] = tuple(args.batch_sizes)
+    if args.train_batch_size:
+        overrides["train_batch_size"] = args.train_batch_size
     if args.repeats:
         overrides["repeats"] = args.repeats
     if args.sed_seconds:
         overrides["sed_seconds"] = args.sed_seconds
-    settings = BenchmarkSettings.quick_settings(**overrides) if args.quick else BenchmarkSettings(**overrides)
+    settings = BenchmarkSettings.for_device(args.device, quick=args.quick, **overrides)
     if args.bf16 and not args.device.startswith("cuda"):
         print("note: --bf16 on CPU runs bf16 autocast on the CPU", file=sys.stderr)
     results = run_benchmark(settings, tuple(sections), log=lambda m: print(f"[benchmark] {m}", file=sys.stderr))

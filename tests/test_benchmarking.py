@@ -108,3 +108,17 @@ def test_fidelity_of_int8_bf16_and_onnx_on_a_saved_model(tmp_path):
         assert variants["onnxruntime"]["max_logit_change"] < 1e-4
         assert variants["onnxruntime"]["top1_agreement"] == 1.0
     assert variants["bf16"]["max_logit_change"] > 0.0  # bf16 really ran in bf16
+
+
+def test_gpu_settings_take_the_issue_batch_sizes_unless_given():
+    from htsat_hf.benchmarking import BenchmarkSettings
+
+    gpu = BenchmarkSettings.for_device("cuda:1", bf16=True)
+    assert (gpu.device, gpu.bf16, gpu.batch_sizes, gpu.train_batch_size) == ("cuda:1", True, (1, 16, 128), 32)
+    quick = BenchmarkSettings.for_device("cuda", quick=True)
+    assert quick.quick and quick.batch_sizes == (1, 16) and quick.repeats == 3 and quick.train_batch_size == 32
+    given = BenchmarkSettings.for_device("cuda", batch_sizes=(64,), train_batch_size=4)
+    assert (given.batch_sizes, given.train_batch_size) == ((64,), 4)
+    cpu = BenchmarkSettings.for_device("cpu")
+    assert (cpu.batch_sizes, cpu.train_batch_size) == ((1, 4, 16), 8)
+    assert BenchmarkSettings.for_device("cpu", quick=True).batch_sizes == (1, 4)

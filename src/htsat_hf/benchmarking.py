@@ -58,6 +58,10 @@ from .modeling_htsat import (
 
 CLIP_SECONDS = 10.0
 REFERENCE_MATMUL = "reference matmul"
+# On a GPU: clips/s at batch 1 / 16 / 128 and one training step at batch 32 (the paper's claim: less GPU memory and
+# training time than AST)
+GPU_BATCH_SIZES = (1, 16, 128)
+GPU_TRAIN_BATCH_SIZE = 32
 FE_SAMPLE_SECONDS = 0.2  # feature-extraction calls are repeated back to back to fill timing samples this long
 
 
@@ -88,6 +92,17 @@ class BenchmarkSettings:
         values = dict(quick=True, batch_sizes=(1, 4), repeats=3, train_steps=1, fe_batch_sizes=(1, 4), sed_seconds=300.0)
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def for_device(cls, device: str = "cpu", quick: bool = False, **overrides: Any) -> BenchmarkSettings:
+        """The settings for `device`, `quick` or not: on a GPU the batch sizes are GPU_BATCH_SIZES (1 and 16 when
+        quick) and a training step takes GPU_TRAIN_BATCH_SIZE clips, unless `overrides` name them."""
+        values: dict[str, Any] = {"device": device}
+        if device.startswith("cuda"):
+            values.update(batch_sizes=GPU_BATCH_SIZES[:2] if quick else GPU_BATCH_SIZES,
+                          train_batch_size=GPU_TRAIN_BATCH_SIZE)
+        values.update(overrides)
+        return cls.quick_settings(**values) if quick else cls(**values)
 
     @property
     def matmul_dtype(self) -> torch.dtype:
