@@ -625,3 +625,17 @@ def test_annotation_benchmark_one_process_on_a_device(tmp_path, monkeypatch):
     assert read_manifest(work / "out1")["fingerprint"]["settings"]["features_on"] == "device"
     report = format_report(results)
     assert "| end to end, 1 process |" in report and "device busy: not read (not a GPU)" in report
+
+
+def test_corpus_durations_without_torchcodec(tmp_path, monkeypatch):
+    """A GPU image may have the ffmpeg command but not torchcodec (or FFmpeg's libraries for it): an MP3's duration is
+    its decoded length either way (not the header's, which counts the encoder's padding)."""
+    from htsat_hf.annotation.benchmark import _duration, _write
+
+    path = tmp_path / "clip.mp3"
+    _write(path, 12.3, 44100, 2, np.random.default_rng(0))
+    with_torchcodec = _duration(path, 32000)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `from torchcodec.decoders import ...` fails
+    assert _duration(path, 32000) == with_torchcodec == pytest.approx(12.3, abs=1 / 32000)
+    sf.write(tmp_path / "clip.flac", np.zeros(16000 * 3, dtype=np.float32), 16000)
+    assert _duration(tmp_path / "clip.flac", 32000) == 3.0

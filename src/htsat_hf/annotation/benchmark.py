@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audio_decoding import decode_file
 from ..benchmarking import cpu_model
 from ..configuration_htsat import HTSATConfig
 from ..feature_extraction_htsat import HTSATFeatureExtractor
@@ -106,16 +107,24 @@ def _write(path: Path, seconds: float, rate: int, channels: int, rng: np.random.
 def corpus_layout(files: list[Path], config: HTSATConfig, extractor: HTSATFeatureExtractor,
                   tasks: tuple[str, ...]) -> tuple[float, int]:
     """(seconds of audio, windows the annotator runs) of the corpus, from the files' headers."""
-    import soundfile as sf
-    from torchcodec.decoders import AudioDecoder
-
     seconds, windows = 0.0, 0
     for path in files:
-        duration = sf.info(path).duration if path.suffix != ".mp3" else AudioDecoder(str(path)).metadata.duration_seconds
+        duration = _duration(path, extractor.sampling_rate)
         samples = int(round(duration * extractor.sampling_rate))
         seconds += duration
         windows += count_windows(samples, config, extractor, tasks)
     return seconds, windows
+
+
+def _duration(path: Path, sampling_rate: int) -> float:
+    """A corpus file's duration as the annotator sees it: soundfile's header for WAV and FLAC; for MP3 the length of
+    its decoded samples (the header also counts the encoder's padding, about 30 ms here), in process with torchcodec
+    or with the ffmpeg command where torchcodec or FFmpeg's libraries are missing (as on a GPU image)."""
+    import soundfile as sf
+
+    if path.suffix != ".mp3":
+        return sf.info(path).duration
+    return sum(len(block) for block in decode_file(str(path), sampling_rate, 1 << 20)) / sampling_rate
 
 
 # ------------------------------------------------------------------------------------------------ measurements
