@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ the wheels that a bare GPU image (Python 3.12 with PyTorch, transformers 5.17, accelerate,
 # numpy, pandas, pyarrow, scipy, pytest; no internet) lacks for scripts/gpu_check.sh: transformers at the version
-# tested here, soundfile, datasets and evaluate with the two dependencies such an image lacks, and imageio-ffmpeg for
-# its static ffmpeg command (the image has no FFmpeg). About 45 MB; .whl/ is git-ignored, so carry it explicitly.
+# tested here, soundfile with cffi, datasets and evaluate with the two dependencies such an image lacks, and
+# imageio-ffmpeg for its static ffmpeg command (the image has no FFmpeg). About 45 MB; .whl/ is git-ignored, so carry it explicitly.
 #   bash scripts/device_wheels.sh && bash scripts/gpu_check.sh   # the second on the GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=(
-  transformers==5.24.0 soundfile==0.14.0 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+  transformers==5.24.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12  # soundfile loads libsndfile through cffi
+  datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
   imageio-ffmpeg==0.6.0  # ffmpeg 7.0.2, static (0.8 is 68 MB)
 )
 mkdir -p .whl
