@@ -24,8 +24,8 @@ def fake_results() -> dict:
         environment=dict(matmul_dtype="float32", matmul_size=4096, cpu="Test CPU (avx2)", torch_threads=2),
         matmul_gflops=390.0,  # timed alone; the rows' own interleaved rate (400) is what the ceiling uses
         inference=[row("htsat_hf", 4, 20.0), row("ClapAudioModel", 4, 8.0), row("AST", 4, 1.0), row("htsat_hf", 16, 20.0)],
-        training=[dict(model="htsat_hf", samples_per_s=6.0, peak_memory_mib=900.0),
-                  dict(model="AST", samples_per_s=1.0, peak_memory_mib=3000.0)],
+        training=[dict(model="htsat_hf", batch=8, samples_per_s=6.0, peak_memory_mib=900.0),
+                  dict(model="AST", batch=8, samples_per_s=1.0, peak_memory_mib=3000.0)],
         feature_extraction=[dict(extractor="htsat_hf", batch=1, audio_seconds_per_s=900.0),
                             dict(extractor="ClapFeatureExtractor", batch=1, audio_seconds_per_s=250.0)],
         sed=dict(audio_seconds=3600.0, seconds=100.0, realtime_factor=36.0, windows=719, process_peak_rss_mib=1500.0),
@@ -49,6 +49,17 @@ def test_targets_are_evaluated_against_the_issue():
     assert "MISSED" in report and "htsat_hf" in report
     assert "2.50x (target >= 2x; at 100% of the matmul rate: 4.17x)" in report
     assert report.startswith("CPU: Test CPU (avx2), 2 threads")
+
+
+def test_target_names_follow_the_run():
+    """A GPU run's training step at batch 32 in bf16: the names say so (they said batch 8 and fp32 whatever ran)."""
+    results = fake_results()
+    for row in results["training"]:
+        row["batch"] = 32
+    results["environment"]["matmul_dtype"] = "bfloat16"
+    names = {t["target"] for t in evaluate_targets(results)}
+    assert {"training samples/s vs AST, batch 32", "fraction of bfloat16 matmul rate, batch 16"} <= names
+    assert not any("batch 8" in name or "fp32" in name for name in names)
 
 
 def test_report_lists_each_matmul_library_rate():
