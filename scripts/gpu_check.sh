@@ -5,7 +5,8 @@
 #      training step at batch 32 (samples/s, peak memory) against AST;
 #   3. scripts/benchmark_annotation.py --device cuda --bf16: hours of audio per GPU-hour end to end against the
 #      model alone, with the features on the GPU and 8 decoding workers, and how busy the GPU was.
-# Each step has its own time limit, so one that hangs cannot take the others' time. Results go to $OUT (default
+# Each step has its own time limit (120 + 210 + 210 s, inside a 10-minute call), so one that hangs cannot take the
+# others' time. Results go to $OUT (default
 # results/gpu): environment.txt and, per step, its log and JSON (7 files). Wheels in .whl/
 # (scripts/device_wheels.sh) are installed first, for images that lack some of the project's dependencies.
 set -uo pipefail
@@ -40,9 +41,9 @@ step() {  # step NAME SECONDS COMMAND...: runs it under its limit, its output in
   echo "[gpu_check] $name: exit status $status"
   return 0
 }
-step test_gpu "${TEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step benchmark_gpu_bf16 "${BENCHMARK_LIMIT:-240}" "$PY" scripts/benchmark.py --device cuda --bf16 \
+step test_gpu "${TEST_LIMIT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step benchmark_gpu_bf16 "${BENCHMARK_LIMIT:-210}" "$PY" scripts/benchmark.py --device cuda --bf16 \
   --sections inference training --output "$OUT/benchmark_gpu_bf16.json"
-step benchmark_annotation_gpu "${ANNOTATION_LIMIT:-240}" "$PY" scripts/benchmark_annotation.py --device cuda --bf16 \
+step benchmark_annotation_gpu "${ANNOTATION_LIMIT:-210}" "$PY" scripts/benchmark_annotation.py --device cuda --bf16 \
   --hours "${ANNOTATION_HOURS:-0.5}" --num_workers 8 --batch_size 128 --corpus_dir /tmp/htsat-corpus \
   --output "$OUT/benchmark_annotation_gpu.json"
