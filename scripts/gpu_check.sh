@@ -7,7 +7,7 @@
 #      model alone, with the features on the GPU and 8 decoding workers, and how busy the GPU was.
 # Each step has its own time limit (120 + 210 + 210 s, inside a 10-minute call), so one that hangs cannot take the
 # others' time. Results go to $OUT (default
-# results/gpu): environment.txt and, per step, its log and JSON (7 files). Wheels in .whl/
+# results/gpu): environment.txt and, per step, its log, and the benchmarks' JSON (6 files). Wheels in .whl/
 # (scripts/device_wheels.sh) are installed first, for images that lack some of the project's dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
