@@ -106,7 +106,7 @@ def _write(path: Path, seconds: float, rate: int, channels: int, rng: np.random.
 
 def corpus_layout(files: list[Path], config: HTSATConfig, extractor: HTSATFeatureExtractor,
                   tasks: tuple[str, ...]) -> tuple[float, int]:
-    """(seconds of audio, windows the annotator runs) of the corpus, from the files' headers."""
+    """(seconds of audio, windows the annotator runs) of the corpus, from the files' headers (MP3s: decoded)."""
     seconds, windows = 0.0, 0
     for path in files:
         duration = _duration(path, extractor.sampling_rate)
