@@ -70,6 +70,23 @@ def test_int8_dynamic_quantisation_stays_close():
     assert torch.corrcoef(torch.stack([reference.flatten(), approx.flatten()]))[0, 1] > 0.999
 
 
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_int8_on_either_engine_stays_close_and_leaves_the_global_engine(engine):
+    from htsat_hf.cpu_kernels import int8_engines
+
+    if engine not in int8_engines():
+        pytest.skip(f"this PyTorch has no {engine} quantised engine")
+    model, x = tiny(HTSATForAudioClassification), features(2)
+    before = torch.backends.quantized.engine
+    quantized = quantize_dynamic_int8(model, engine=engine)
+    assert torch.backends.quantized.engine == before
+    with torch.no_grad():
+        reference, approx = model(x).logits, quantized(x).logits
+    assert (approx - reference).abs().max() < 0.05 * reference.abs().max()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        quantize_dynamic_int8(model, engine="tpu")
+
+
 def test_cached_attention_mask_follows_new_weights():
     model = tiny(HTSATForSoundEventDetection)
     x = features(2)

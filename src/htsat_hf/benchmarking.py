@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import native_kernels
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import _ONEDNN_LINEAR, linear_plan
+from .cpu_kernels import _ONEDNN_LINEAR, int8_engine, linear_plan
 from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import (
     HTSATForAudioClassification,
@@ -637,7 +637,7 @@ def format_report(results: dict[str, Any]) -> str:
     lines = [f"CPU: {env['cpu']}, {env.get('torch_threads')} threads"] if env.get("cpu") else []
     if env.get("cpu_linear_layers"):
         lines.append(f"htsat_hf CPU inference: linear layers {env['cpu_linear_layers']}; native kernels "
-                     f"{env['native_kernels']}")
+                     f"{env['native_kernels']}" + (f"; int8 engine {env['int8_engine']}" if env.get("int8_engine") else ""))
     lines += [f"matmul rate ({env['matmul_dtype']}, {env['matmul_size']}^3) "
               f"timed alone: {results['matmul_gflops']:.0f} GFLOP/s at the start"
               + (f", {end:.0f} at the end" if end else ""), "",
@@ -730,6 +730,8 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         info["cpu_linear_layers"] = f"{plan.gemm} GEMM, {plan.gelu} GELU (calibrated, ms per call: {dict(plan.timings_ms)})"
         kernels = native_kernels._kernels()
         info["native_kernels"] = f"{kernels.htsat_vector_width()}-float vectors" if kernels is not None else "off"
+        if settings.include_int8:
+            info["int8_engine"] = int8_engine()
     return info
 
 

@@ -21,6 +21,7 @@ or dispatch mode such as `FlopCounterMode`); everything else takes the layer its
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,40 +217,136 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
     return plan
 
 
-def _plan_file() -> Path:
-    key = "\n".join(["2", torch.__version__, str(_ONEDNN_LINEAR is not None), str(CALIBRATION_SHAPE), _cpu_flags()])
-    return kernel_cache_dir() / f"linear-plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+def _machine_key(*parts: object) -> str:
+    """What a measured choice depends on: PyTorch's build and the CPU's flags, with `parts`."""
+    key = "\n".join([torch.__version__, *map(str, parts), _cpu_flags()])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-@functools.cache
-def linear_plan() -> LinearPlan:
-    """This machine's plan: measured once per CPU and PyTorch build and kept beside the native kernels, so that every
-    process on the machine (the ranks of one run, later runs) computes the same numbers; measured in-process where
-    that folder cannot be written. `HTSAT_HF_CPU_GEMM` set: its library, with the GELU measured for it."""
-    if _requested_gemm() is not None or fcntl is None:
-        return calibrate()
-    path, plan = _plan_file(), None
+def _kept_per_machine(name: str, key: str, measure: Callable[[], dict], valid: Callable[[dict], bool]) -> dict:
+    """`measure()`'s result (a JSON-able dict), measured once per machine and kept beside the native kernels
+    (`{name}-{key}.json`, under a file lock), so that every process on the machine (the ranks of one run, later runs)
+    takes the same choice; measured in-process, once, where that folder cannot be written or holds something `valid`
+    refuses."""
+    if fcntl is None:
+        return measure()
+    path, result = kernel_cache_dir() / f"{name}-{key}.json", None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # processes starting together: one measures, the others read
             if path.exists():
                 saved = json.loads(path.read_text())
-                if saved["gemm"] not in GEMM_LIBRARIES or saved["gelu"] not in ("after", "onednn"):
-                    raise ValueError(f"{path} holds an unknown plan {saved}")
-                return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
-            plan = calibrate()
-            logger.info(f"CPU linear-layer plan kept in {path} (delete it to measure again)")
+                if not valid(saved):
+                    raise ValueError(f"{path} holds an unknown {name} {saved}")
+                return saved
+            result = measure()
+            logger.info(f"CPU {name} kept in {path} (delete it to measure again)")
             scratch = path.with_suffix(f".{os.getpid()}.tmp")
             try:
-                scratch.write_text(json.dumps({"gemm": plan.gemm, "gelu": plan.gelu, "timings_ms": plan.timings_ms}))
+                scratch.write_text(json.dumps(result))
                 os.replace(scratch, path)
             finally:
-                scratch.unlink(missing_ok=True)  # nothing left behind where the plan could not be written
-            return plan
+                scratch.unlink(missing_ok=True)  # nothing left behind where it could not be written
+            return result
     except (OSError, ValueError, KeyError) as error:
-        logger.info(f"CPU linear-layer plan not kept on disk ({error}); measured for this process")
-        return plan if plan is not None else calibrate()  # measured once, even when it could not be written
+        logger.info(f"CPU {name} not kept on disk ({error}); measured for this process")
+        return result if result is not None else measure()  # measured once, even when it could not be written
+
+
+def _plan_fields(plan: LinearPlan) -> dict:
+    return {"gemm": plan.gemm, "gelu": plan.gelu, "timings_ms": [list(pair) for pair in plan.timings_ms]}
+
+
+def _valid_plan(saved: dict) -> bool:
+    return saved["gemm"] in GEMM_LIBRARIES and saved["gelu"] in ("after", "onednn")
+
+
+@functools.cache
+def linear_plan() -> LinearPlan:
+    """This machine's plan: measured once per CPU and PyTorch build and kept beside the native kernels, so that every
+    process on the machine computes the same numbers (`_kept_per_machine`). `HTSAT_HF_CPU_GEMM` set: its library,
+    with the GELU measured for it."""
+    if _requested_gemm() is not None:
+        return calibrate()
+    key = _machine_key("2", _ONEDNN_LINEAR is not None, CALIBRATION_SHAPE)
+    saved = _kept_per_machine("linear-plan", key, lambda: _plan_fields(calibrate()), _valid_plan)
+    return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
+
+
+# ------------------------------------------------------------------------------------------------ int8 engine
+INT8_ENGINES = ("x86", "onednn")  # PyTorch's x86 quantised engines; x86 (fbgemm's kernels) is its default
+INT8_ENGINE_VARIABLE = "HTSAT_HF_INT8_ENGINE"
+INT8_CALIBRATION_SHAPES = ((2048, 96, 384), (512, 384, 1536), (256, 3072, 768))  # rows, in, out: stages 1, 3, 4 MLPs
+
+
+def int8_engines() -> list[str]:
+    """The quantised engines of INT8_ENGINES that this PyTorch build has."""
+    return [engine for engine in INT8_ENGINES if engine in torch.backends.quantized.supported_engines]
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """`torch.backends.quantized.engine = engine` within the block (weights quantised there are packed for it; the
+    packed layers then run with their engine's kernels whatever the global setting)."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _int8_layers(engine: str) -> list[tuple[nn.Module, torch.Tensor]]:
+    from torch.ao.quantization import quantize_dynamic
+
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    with quantized_engine(engine), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)  # torch.ao's deprecation notices
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for rows, inputs, outputs in INT8_CALIBRATION_SHAPES:
+            layer = nn.Linear(inputs, outputs)
+            quantised = quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0]
+            layers.append((quantised, torch.randn(rows, inputs, generator=generator)))
+    return layers
+
+
+def calibrate_int8_engine(rounds: int = CALIBRATION_ROUNDS) -> dict:
+    """Times each engine's dynamic int8 linear layers on INT8_CALIBRATION_SHAPES (interleaved rounds, the best of
+    each); the faster is chosen unless x86, PyTorch's default, is within MARGIN of it. On 2 cores of an AMD EPYC Zen 3
+    (AVX2, no VNNI) oneDNN's made the whole int8 model 5-6 % faster (30 and 14 interleaved rounds at batch 4)."""
+    engines = int8_engines()
+    if len(engines) < 2:  # nothing to choose (e.g. qnnpack on an Arm CPU): PyTorch's own choice
+        return {"engine": engines[0] if engines else torch.backends.quantized.engine, "timings_ms": []}
+    calls = {}
+    for engine in engines:
+        layers = _int8_layers(engine)
+        calls[engine] = lambda layers=layers: [layer(x) for layer, x in layers]
+    with torch.inference_mode():
+        measured = _fastest_times(calls, rounds)
+    engine = _choose(measured, default="x86")
+    timings = [[name, round(seconds * 1e3, 3)] for name, seconds in measured.items()]
+    logger.info(f"int8 engine: {engine} (ms per call: {dict(map(tuple, timings))})")
+    return {"engine": engine, "timings_ms": timings}
+
+
+@functools.cache
+def int8_engine() -> str:
+    """This machine's quantised engine for `export.quantize_dynamic_int8`: `HTSAT_HF_INT8_ENGINE` (x86 or onednn)
+    where set, else the faster one, measured once per machine and kept beside the native kernels."""
+    requested = os.environ.get(INT8_ENGINE_VARIABLE, "auto").strip().lower()
+    if requested not in ("", "auto"):
+        if requested not in int8_engines():
+            raise ValueError(
+                f"{INT8_ENGINE_VARIABLE}={requested!r} is not one of auto, {', '.join(int8_engines())} (the engines "
+                "this PyTorch has); unset it to let the faster be measured"
+            )
+        return requested
+    key = _machine_key("1", INT8_CALIBRATION_SHAPES, *int8_engines())
+    saved = _kept_per_machine("int8-engine", key, calibrate_int8_engine,
+                              lambda saved: saved["engine"] in torch.backends.quantized.supported_engines)
+    return saved["engine"]
 
 
 def bias_separable(layer: nn.Module) -> bool:
@@ -303,4 +401,7 @@ def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Modul
     accumulator += linear(inputs, layer, with_bias=with_bias)
 
 
-__all__ = ["LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan"]
+__all__ = [
+    "LinearPlan", "bias_separable", "calibrate", "calibrate_int8_engine", "inference_path_applies", "int8_engine",
+    "int8_engines", "linear", "linear_add_", "linear_plan", "quantized_engine",
+]
