@@ -231,30 +231,3 @@ def test_flop_counter_counts_the_fused_path():
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
 
-
-def test_the_int8_engine_is_measured_kept_or_set(monkeypatch, tmp_path):
-    engines = cpu_kernels.int8_engines()
-    if len(engines) < 2:
-        pytest.skip("one quantised engine only: nothing to choose")
-    measured = cpu_kernels.calibrate_int8_engine(rounds=2)
-    assert measured["engine"] in engines and [name for name, _ in measured["timings_ms"]] == engines
-    monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path))
-    monkeypatch.delenv(cpu_kernels.INT8_ENGINE_VARIABLE, raising=False)
-    calls = []
-    choices = iter([{"engine": "onednn", "timings_ms": [["x86", 2.0], ["onednn", 1.0]]}, {"engine": "x86"}])
-    monkeypatch.setattr(cpu_kernels, "calibrate_int8_engine", lambda: calls.append(1) or next(choices))
-    try:
-        cpu_kernels.int8_engine.cache_clear()
-        assert cpu_kernels.int8_engine() == "onednn"
-        cpu_kernels.int8_engine.cache_clear()  # as a new process would start: it reads the kept choice
-        assert cpu_kernels.int8_engine() == "onednn" and len(calls) == 1
-        assert len(list(tmp_path.glob("int8-engine-*.json"))) == 1
-        monkeypatch.setenv(cpu_kernels.INT8_ENGINE_VARIABLE, "X86")
-        cpu_kernels.int8_engine.cache_clear()
-        assert cpu_kernels.int8_engine() == "x86" and len(calls) == 1  # set: nothing measured
-        monkeypatch.setenv(cpu_kernels.INT8_ENGINE_VARIABLE, "fbgemm2")
-        cpu_kernels.int8_engine.cache_clear()
-        with pytest.raises(ValueError, match="HTSAT_HF_INT8_ENGINE='fbgemm2' is not one of auto, x86, onednn"):
-            cpu_kernels.int8_engine()
-    finally:
-        cpu_kernels.int8_engine.cache_clear()

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
+from htsat_hf import (
+    HTSATConfig,
+    HTSATFeatureExtractor,
+    HTSATForAudioClassification,
+    HTSATForSoundEventDetection,
+    export,
+)
 from htsat_hf.export import export_onnx, onnx_session, quantize_dynamic_int8, run_onnx
 
 TINY = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], num_labels=10)
@@ -72,9 +78,7 @@ def test_int8_dynamic_quantisation_stays_close():
 
 @pytest.mark.parametrize("engine", ["x86", "onednn"])
 def test_int8_on_either_engine_stays_close_and_leaves_the_global_engine(engine):
-    from htsat_hf.cpu_kernels import int8_engines
-
-    if engine not in int8_engines():
+    if engine not in export.int8_engines():
         pytest.skip(f"this PyTorch has no {engine} quantised engine")
     model, x = tiny(HTSATForAudioClassification), features(2)
     before = torch.backends.quantized.engine
@@ -129,3 +133,31 @@ def test_feature_extractor_caches_buffers_outside_its_json():
     saved = json.loads(extractor.to_json_string())
     assert not any("cache" in key for key in saved) and "n_fft" in saved
     assert extractor.mel_filters(dtype=torch.float64).dtype == torch.float64
+
+
+def test_the_int8_engine_is_measured_kept_or_set(monkeypatch, tmp_path):
+    engines = export.int8_engines()
+    if len(engines) < 2:
+        pytest.skip("one quantised engine only: nothing to choose")
+    measured = export.calibrate_int8_engine(rounds=2)
+    assert measured["engine"] in engines and [name for name, _ in measured["timings_ms"]] == engines
+    monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path))
+    monkeypatch.delenv(export.INT8_ENGINE_VARIABLE, raising=False)
+    calls = []
+    choices = iter([{"engine": "onednn", "timings_ms": [["x86", 2.0], ["onednn", 1.0]]}, {"engine": "x86"}])
+    monkeypatch.setattr(export, "calibrate_int8_engine", lambda: calls.append(1) or next(choices))
+    try:
+        export.int8_engine.cache_clear()
+        assert export.int8_engine() == "onednn"
+        export.int8_engine.cache_clear()  # as a new process would start: it reads the kept choice
+        assert export.int8_engine() == "onednn" and len(calls) == 1
+        assert len(list(tmp_path.glob("int8-engine-*.json"))) == 1
+        monkeypatch.setenv(export.INT8_ENGINE_VARIABLE, "X86")
+        export.int8_engine.cache_clear()
+        assert export.int8_engine() == "x86" and len(calls) == 1  # set: nothing measured
+        monkeypatch.setenv(export.INT8_ENGINE_VARIABLE, "fbgemm2")
+        export.int8_engine.cache_clear()
+        with pytest.raises(ValueError, match="HTSAT_HF_INT8_ENGINE='fbgemm2' is not one of auto, x86, onednn"):
+            export.int8_engine()
+    finally:
+        export.int8_engine.cache_clear()

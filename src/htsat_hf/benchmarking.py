@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import native_kernels
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import _ONEDNN_LINEAR, int8_engine, linear_plan
+from .cpu_kernels import _ONEDNN_LINEAR, linear_plan
 from .feature_extraction_htsat import HTSATFeatureExtractor
 from .modeling_htsat import (
     HTSATForAudioClassification,
@@ -731,6 +731,8 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         kernels = native_kernels._kernels()
         info["native_kernels"] = f"{kernels.htsat_vector_width()}-float vectors" if kernels is not None else "off"
         if settings.include_int8:
+            from .export import int8_engine
+
             info["int8_engine"] = int8_engine()
     return info
 

@@ -21,7 +21,6 @@ or dispatch mode such as `FlopCounterMode`); everything else takes the layer its
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -29,10 +28,8 @@ import math
 import os
 import platform
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -274,81 +271,6 @@ def linear_plan() -> LinearPlan:
     return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
 
 
-# ------------------------------------------------------------------------------------------------ int8 engine
-INT8_ENGINES = ("x86", "onednn")  # PyTorch's x86 quantised engines; x86 (fbgemm's kernels) is its default
-INT8_ENGINE_VARIABLE = "HTSAT_HF_INT8_ENGINE"
-INT8_CALIBRATION_SHAPES = ((2048, 96, 384), (512, 384, 1536), (256, 3072, 768))  # rows, in, out: stages 1, 3, 4 MLPs
-
-
-def int8_engines() -> list[str]:
-    """The quantised engines of INT8_ENGINES that this PyTorch build has."""
-    return [engine for engine in INT8_ENGINES if engine in torch.backends.quantized.supported_engines]
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """`torch.backends.quantized.engine = engine` within the block (weights quantised there are packed for it; the
-    packed layers then run with their engine's kernels whatever the global setting)."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-def _int8_layers(engine: str) -> list[tuple[nn.Module, torch.Tensor]]:
-    from torch.ao.quantization import quantize_dynamic
-
-    generator = torch.Generator().manual_seed(0)
-    layers = []
-    with quantized_engine(engine), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)  # torch.ao's deprecation notices
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for rows, inputs, outputs in INT8_CALIBRATION_SHAPES:
-            layer = nn.Linear(inputs, outputs)
-            quantised = quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0]
-            layers.append((quantised, torch.randn(rows, inputs, generator=generator)))
-    return layers
-
-
-def calibrate_int8_engine(rounds: int = CALIBRATION_ROUNDS) -> dict:
-    """Times each engine's dynamic int8 linear layers on INT8_CALIBRATION_SHAPES (interleaved rounds, the best of
-    each); the faster is chosen unless x86, PyTorch's default, is within MARGIN of it. On 2 cores of an AMD EPYC Zen 3
-    (AVX2, no VNNI) oneDNN's made the whole int8 model 5-6 % faster (30 and 14 interleaved rounds at batch 4)."""
-    engines = int8_engines()
-    if len(engines) < 2:  # nothing to choose (e.g. qnnpack on an Arm CPU): PyTorch's own choice
-        return {"engine": engines[0] if engines else torch.backends.quantized.engine, "timings_ms": []}
-    calls = {}
-    for engine in engines:
-        layers = _int8_layers(engine)
-        calls[engine] = lambda layers=layers: [layer(x) for layer, x in layers]
-    with torch.inference_mode():
-        measured = _fastest_times(calls, rounds)
-    engine = _choose(measured, default="x86")
-    timings = [[name, round(seconds * 1e3, 3)] for name, seconds in measured.items()]
-    logger.info(f"int8 engine: {engine} (ms per call: {dict(map(tuple, timings))})")
-    return {"engine": engine, "timings_ms": timings}
-
-
-@functools.cache
-def int8_engine() -> str:
-    """This machine's quantised engine for `export.quantize_dynamic_int8`: `HTSAT_HF_INT8_ENGINE` (x86 or onednn)
-    where set, else the faster one, measured once per machine and kept beside the native kernels."""
-    requested = os.environ.get(INT8_ENGINE_VARIABLE, "auto").strip().lower()
-    if requested not in ("", "auto"):
-        if requested not in int8_engines():
-            raise ValueError(
-                f"{INT8_ENGINE_VARIABLE}={requested!r} is not one of auto, {', '.join(int8_engines())} (the engines "
-                "this PyTorch has); unset it to let the faster be measured"
-            )
-        return requested
-    key = _machine_key("1", INT8_CALIBRATION_SHAPES, *int8_engines())
-    saved = _kept_per_machine("int8-engine", key, calibrate_int8_engine,
-                              lambda saved: saved["engine"] in torch.backends.quantized.supported_engines)
-    return saved["engine"]
-
-
 def bias_separable(layer: nn.Module) -> bool:
     """Whether `linear(..., with_bias=False)` can leave this layer's bias to the caller: a plain nn.Linear (a quantised
     or otherwise replaced layer applies its own)."""
@@ -401,7 +323,4 @@ def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Modul
     accumulator += linear(inputs, layer, with_bias=with_bias)
 
 
-__all__ = [
-    "LinearPlan", "bias_separable", "calibrate", "calibrate_int8_engine", "inference_path_applies", "int8_engine",
-    "int8_engines", "linear", "linear_add_", "linear_plan", "quantized_engine",
-]
+__all__ = ["LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan"]

@@ -12,15 +12,22 @@ so one file takes every length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from .cpu_kernels import CALIBRATION_ROUNDS, _choose, _fastest_times, _kept_per_machine, _machine_key
 from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATPreTrainedModel
+
+logger = logging.get_logger(__name__)
 
 OPSET = 18
 
@@ -186,18 +193,79 @@ def run_onnx(session, input_features: torch.Tensor) -> list[torch.Tensor]:
     return [torch.from_numpy(output) for output in outputs]
 
 
+# ------------------------------------------------------------------------------------------------------ int8
+INT8_ENGINES = ("x86", "onednn")  # PyTorch's x86 quantised engines; x86 (fbgemm's kernels) is its default
+INT8_ENGINE_VARIABLE = "HTSAT_HF_INT8_ENGINE"
+INT8_CALIBRATION_SHAPES = ((2048, 96, 384), (512, 384, 1536), (256, 3072, 768))  # rows, in, out: stages 1, 3, 4 MLPs
+
+
+def int8_engines() -> list[str]:
+    """The quantised engines of INT8_ENGINES that this PyTorch build has."""
+    return [engine for engine in INT8_ENGINES if engine in torch.backends.quantized.supported_engines]
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """`torch.backends.quantized.engine = engine` within the block (weights quantised there are packed for it; the
+    packed layers then run with their engine's kernels whatever the global setting)."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def calibrate_int8_engine(rounds: int = CALIBRATION_ROUNDS) -> dict:
+    """Times each engine's dynamic int8 linear layers on INT8_CALIBRATION_SHAPES (interleaved rounds, the best of
+    each); the faster is chosen unless x86, PyTorch's default, is within MARGIN of it. On 2 cores of an AMD EPYC Zen 3
+    (AVX2, no VNNI) oneDNN's made the whole int8 model 5-6 % faster (30 and 14 interleaved rounds at batch 4)."""
+    engines = int8_engines()
+    if len(engines) < 2:  # nothing to choose (e.g. qnnpack on an Arm CPU): PyTorch's own choice
+        return {"engine": engines[0] if engines else torch.backends.quantized.engine, "timings_ms": []}
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(nn.Linear(inputs, outputs), torch.randn(rows, inputs, generator=generator))
+              for rows, inputs, outputs in INT8_CALIBRATION_SHAPES]
+    calls = {}
+    for engine in engines:
+        layers = [(quantize_dynamic_int8(nn.Sequential(layer), engine)[0], x) for layer, x in shapes]
+        calls[engine] = lambda layers=layers: [layer(x) for layer, x in layers]
+    with torch.inference_mode():
+        measured = _fastest_times(calls, rounds)
+    engine = _choose(measured, default="x86")
+    timings = [[name, round(seconds * 1e3, 3)] for name, seconds in measured.items()]
+    logger.info(f"int8 engine: {engine} (ms per call: {dict(map(tuple, timings))})")
+    return {"engine": engine, "timings_ms": timings}
+
+
+@functools.cache
+def int8_engine() -> str:
+    """This machine's quantised engine for `quantize_dynamic_int8`: `HTSAT_HF_INT8_ENGINE` (x86 or onednn) where set,
+    else the faster one, measured once per machine and kept beside the native kernels."""
+    requested = os.environ.get(INT8_ENGINE_VARIABLE, "auto").strip().lower()
+    if requested not in ("", "auto"):
+        if requested not in int8_engines():
+            raise ValueError(
+                f"{INT8_ENGINE_VARIABLE}={requested!r} is not one of auto, {', '.join(int8_engines())} (the engines "
+                "this PyTorch has); unset it to let the faster be measured"
+            )
+        return requested
+    key = _machine_key("1", INT8_CALIBRATION_SHAPES, *int8_engines())
+    saved = _kept_per_machine("int8-engine", key, calibrate_int8_engine,
+                              lambda saved: saved["engine"] in torch.backends.quantized.supported_engines)
+    return saved["engine"]
+
+
 def quantize_dynamic_int8(model: nn.Module, engine: str | None = None) -> nn.Module:
     """
     A copy of `model` with every `nn.Linear` replaced by an int8 dynamically quantised Linear (weights int8 per tensor,
     activations quantised on the fly); CPU inference only. The convolutions, norms and attention stay fp32.
 
     `engine`: PyTorch's quantised engine the weights are packed for, "x86" (its default, fbgemm's kernels) or "onednn";
-    None takes this machine's faster one (`cpu_kernels.int8_engine`, measured once and kept, or
-    `HTSAT_HF_INT8_ENGINE`). The global `torch.backends.quantized.engine` is left as it was.
+    None takes this machine's faster one (`int8_engine`, measured once and kept, or `HTSAT_HF_INT8_ENGINE`). The global
+    `torch.backends.quantized.engine` is left as it was.
     """
     from torch.ao.quantization import quantize_dynamic
-
-    from .cpu_kernels import int8_engine, quantized_engine
 
     engine = int8_engine() if engine is None else engine
     supported = [name for name in torch.backends.quantized.supported_engines if name != "none"]
@@ -216,4 +284,8 @@ def compile_model(model: nn.Module, **kwargs) -> nn.Module:
     return torch.compile(model, **kwargs)
 
 
-__all__ = ["export_onnx", "export_programs", "join_by_length", "onnx_session", "run_onnx", "quantize_dynamic_int8", "compile_model", "OnnxWrapper"]
+__all__ = [
+    "INT8_ENGINES", "OnnxWrapper", "calibrate_int8_engine", "compile_model", "export_onnx", "export_programs",
+    "int8_engine", "int8_engines", "join_by_length", "onnx_session", "quantize_dynamic_int8", "quantized_engine",
+    "run_onnx",
+]
