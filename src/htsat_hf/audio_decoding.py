@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Generator, Iterator
@@ -100,20 +101,30 @@ def decode_file(
 
 
 def decode_bytes(data: bytes, sampling_rate: int) -> np.ndarray:
-    """The bytes of an audio file -> mono float32 samples at `sampling_rate`: torchcodec in process, else (torchcodec
-    missing, or the bytes not decodable by it) Transformers' `ffmpeg_read`, whose error says what ffmpeg found."""
+    """The bytes of an audio file -> mono float32 samples at `sampling_rate`, the same samples as the file gives:
+    torchcodec in process, else (torchcodec missing, or the bytes not decodable by it) the `ffmpeg` command on a
+    temporary copy, whose error says what ffmpeg found. (Fed through a pipe, as Transformers' `ffmpeg_read` does,
+    ffmpeg cannot seek back to an MP3's encoder-delay header and keeps the encoder's padding: a few hundred samples
+    more at the start, which would shift every event of that input.)"""
     try:
         from torchcodec.decoders import AudioDecoder
 
         return AudioDecoder(data, sample_rate=sampling_rate, num_channels=1).get_all_samples().data[0].numpy()
     except Exception:  # noqa: BLE001, S110 - the ffmpeg command decodes it or says why not
         pass
-    from transformers.pipelines.audio_utils import ffmpeg_read
-
-    try:
-        return ffmpeg_read(data, sampling_rate)
-    except ValueError as error:
-        raise AudioInputError("decode", f"ffmpeg could not decode the bytes given: {error}") from error
+    warnings: list[str] = []
+    with tempfile.NamedTemporaryFile(prefix="htsat-bytes-") as copy:
+        copy.write(data)
+        copy.flush()
+        try:
+            blocks = list(stream_with_ffmpeg(copy.name, sampling_rate, 1 << 20, warnings))
+        except AudioInputError as error:
+            raise AudioInputError(error.stage, str(error).replace(copy.name, "the bytes given")) from error
+        except ValueError as error:  # no ffmpeg command
+            raise AudioInputError("decode", f"ffmpeg could not decode the bytes given: {error}") from error
+    for message in warnings:
+        logger.warning(message.replace(copy.name, "the bytes given"))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def _decode_in_process(path: str, sampling_rate: int, block_samples: int) -> Generator[np.ndarray, None, bool]:
