@@ -16,6 +16,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("HTSAT_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
+def _torchcodec_decodes() -> bool:
+    try:
+        from torchcodec.decoders import AudioDecoder  # noqa: F401 - also loads FFmpeg's libraries
+    except Exception:  # noqa: BLE001 - not installed, or FFmpeg's libraries missing
+        return False
+    return True
+
+
+# `datasets` decodes and encodes audio with torchcodec (a declared dependency, through datasets[audio]); images that
+# lack it or FFmpeg's libraries (such as the GPU machine's) skip what needs it instead of failing.
+needs_torchcodec = pytest.mark.skipif(
+    not _torchcodec_decodes(), reason="needs torchcodec with FFmpeg's libraries: pip install torchcodec; apt-get install ffmpeg"
+)
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared, skipping the calling test when it does not exist."""
     path = SHARED_DIR.joinpath(*parts)

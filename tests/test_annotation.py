@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import needs_torchcodec, save_tiny_classifier
+from test_training_end_to_end import free_port, training_env
 from transformers import pipeline
 
-from conftest import save_tiny_classifier
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
 from htsat_hf.annotation import Annotator
 from htsat_hf.annotation.cli import main as annotate_main
@@ -26,8 +27,6 @@ from htsat_hf.annotation.sources import file_source
 from htsat_hf.annotation.store import committed_shards, read_errors, read_manifest
 from htsat_hf.annotation.windows import count_windows
 from htsat_hf.audio_decoding import stream_with_ffmpeg
-
-from test_training_end_to_end import free_port, training_env
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("tags", "events", "embeddings", "frame_scores")
@@ -500,6 +499,7 @@ def test_manifest_is_json_and_names_the_model(one_process_run, model_folder):
     assert manifest["tag_labels"] == [f"LABEL_{i}" for i in range(6)]
 
 
+@needs_torchcodec
 def test_dataset_source_streaming_through_the_command_line(model_folder, corpus, rows, tmp_path):
     root, files = corpus
     folder = tmp_path / "folder"

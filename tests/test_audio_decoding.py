@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import needs_torchcodec
 
 from htsat_hf.audio_decoding import AudioInputError, decode_bytes, decode_file, stream_with_ffmpeg
 
@@ -59,6 +60,7 @@ def test_the_same_samples_as_the_ffmpeg_command(files, block):
         assert all(size == block for size in sizes[:-1]) and 0 < sizes[-1] <= block, (path, sizes)
 
 
+@needs_torchcodec
 def test_good_files_do_not_need_the_ffmpeg_command(files, monkeypatch):
     expected = [by_command(path) for path in files]
     monkeypatch.setenv("PATH", "")  # stream_with_ffmpeg would now raise "ffmpeg was not found"
@@ -72,6 +74,7 @@ def test_without_torchcodec_the_command_decodes(files, monkeypatch):
         np.testing.assert_array_equal(decoded(path)[0], by_command(path))
 
 
+@needs_torchcodec
 @pytest.mark.parametrize("factor", [0.5, 3.0])
 def test_a_wrong_stated_duration_loses_and_repeats_nothing(files, monkeypatch, factor):
     """A duration from the header can be an estimate: too short, the rest is decoded at once; too long, the range past

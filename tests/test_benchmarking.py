@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import needs_torchcodec
 
 from htsat_hf.benchmarking import (
     PeakMemory,
@@ -94,13 +95,14 @@ def test_reference_matmuls_compute_the_same_product_and_rates_come_per_library()
     assert rates["torch.mm"] == 2 * 64**3 / 1.0 / 1e9
 
 
+@needs_torchcodec
 def test_fidelity_of_int8_bf16_and_onnx_on_a_saved_model(tmp_path):
     """The fidelity section runs end to end on a saved model and its audiofolder (a tiny random one here; the
     benchmark uses a trained one) and reports each variant against fp32."""
     import numpy as np
     import soundfile as sf
-
     from conftest import save_tiny_classifier
+
     from htsat_hf.benchmarking import trained_model_fidelity
 
     folder = save_tiny_classifier(tmp_path / "model")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import needs_torchcodec
 from test_training_end_to_end import training_env, two_process_train_command
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
@@ -114,6 +115,7 @@ def test_short_clips_repeat_their_events_like_their_audio():
     assert np.flatnonzero(targets[:, 0]).tolist() == [2, 3, 8, 9, 14, 15]
 
 
+@needs_torchcodec
 def test_transform_targets_follow_the_random_crop_and_the_padding(tmp_path):
     fe = HTSATFeatureExtractor(max_length_seconds=2.0)
     grid = StepGrid.from_config(tiny_config())
@@ -173,6 +175,7 @@ def test_collator_stacks_and_mixes_frame_labels_with_the_clip_labels():
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+@needs_torchcodec
 def test_missing_audio_and_malformed_rows_name_the_tsv_line(tmp_path):
     write_clip(tmp_path / "audio" / "a.wav", 2.0, [("Dog", 0.5, 1.0)])
     tsv = write_tsv(tmp_path / "train.tsv", {"a.wav": [("Dog", 0.5, 1.0)], "gone.wav": [("Speech", 0.0, 1.0)]})
@@ -216,6 +219,7 @@ def desed_folder(tmp_path_factory) -> Path:
     return root
 
 
+@needs_torchcodec
 def test_train_py_trains_sound_event_detection_on_a_tsv_folder(desed_folder, tmp_path, monkeypatch):
     import torch.nn.functional as F
     from transformers import AutoModelForAudioFrameClassification, pipeline
@@ -283,6 +287,7 @@ def test_train_py_refuses_strong_labels_with_options_that_break_the_alignment(de
         main([*common, "--do_eval", "False"])
 
 
+@needs_torchcodec
 def test_strong_label_training_under_two_process_ddp_evaluates_like_one_process(desed_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes: frame targets are sharded with their clips, and the evaluation
     gathered from both ranks (clip and frame metrics) equals a one-process evaluation of the saved model."""

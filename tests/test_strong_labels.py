@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import needs_torchcodec, shared_path
 
 from htsat_hf import HTSATConfig, HTSATForSoundEventDetection
 from htsat_hf.training.strong_labels import clip_targets_from_steps, events_to_step_targets, read_strong_labels
@@ -70,6 +70,7 @@ def test_training_on_strong_labels_reduces_the_frame_loss():
     assert inside > outside + 0.3
 
 
+@needs_torchcodec
 def test_strong_label_scene_dataset_lists_every_event_it_placed(tmp_path):
     """`demo_data.build_strong_label_scene_dataset` (the live benchmark's training data): every clip is a
     `clip_seconds` file, its TSV rows are the events `sound_event_scene` placed (same seed), and the TSVs load as

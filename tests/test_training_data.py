@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import needs_torchcodec, shared_path
 from datasets import Dataset, List, Value
 
-from conftest import shared_path
 from htsat_hf import HTSATFeatureExtractor
 from htsat_hf.training.data import (
     AudioTransform,
@@ -125,6 +125,7 @@ def test_manifest_bad_rows_are_named_or_skipped(tmp_path):
         validate_split(unknown.select([]), "eval", "path", "label", space)
 
 
+@needs_torchcodec
 def test_transform_crops_repeats_and_names_unreadable_files(tmp_path):
     fe = HTSATFeatureExtractor(max_length_seconds=2.0)
     long_clip = write_wav(tmp_path / "long.wav", seconds=3.3, rate=22050)
@@ -144,6 +145,7 @@ def test_transform_crops_repeats_and_names_unreadable_files(tmp_path):
     assert skipping(bad)["input_features"] == [] and skipping.skipped == 1
 
 
+@needs_torchcodec
 def test_json_manifest_multi_label_and_prepare(tmp_path):
     clip = write_wav(tmp_path / "x.wav")
     lines = [{"file": "x.wav", "labels": ["/m/09x0r", "/m/05zppz"]}, {"file": "x.wav", "labels": ["/m/09x0r"]}]
@@ -159,6 +161,7 @@ def test_json_manifest_multi_label_and_prepare(tmp_path):
     assert item["labels"].shape == (527,) and prepared.train_example_labels[0] == [0, 1]
 
 
+@needs_torchcodec
 def test_esc50_layout_and_folds(tmp_path):
     root = tmp_path / "ESC-50-master"
     rows = []
@@ -178,6 +181,7 @@ def test_esc50_layout_and_folds(tmp_path):
         select_splits(raw, eval_fold="9")
 
 
+@needs_torchcodec
 def test_speech_commands_layout(tmp_path):
     root = tmp_path / "sc"
     for word in ("yes", "no"):
@@ -192,6 +196,7 @@ def test_speech_commands_layout(tmp_path):
     assert set(raw["validation"]["speaker_id"]) == {"bb"}
 
 
+@needs_torchcodec
 def test_missing_splits_are_reported(tmp_path):
     write_wav(tmp_path / "af" / "dog" / "a.wav")
     raw = load_source(str(tmp_path / "af"))
@@ -216,6 +221,7 @@ def test_an_empty_eval_manifest_names_the_split_and_file(tmp_path, content, what
 @pytest.mark.parametrize(
     "suffix, subtype", [(".wav", "PCM_16"), (".wav", "PCM_24"), (".wav", "FLOAT"), (".flac", "PCM_16")]
 )
+@needs_torchcodec
 def test_native_mono_reads_equal_the_ffmpeg_decoder(tmp_path, suffix, subtype):
     """libsndfile's fast path returns exactly the samples `datasets` decodes, from a path or from bytes."""
     from datasets import Audio

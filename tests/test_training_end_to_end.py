@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import needs_torchcodec
+
+pytestmark = needs_torchcodec  # the training script decodes its audiofolder through datasets (torchcodec)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = [
