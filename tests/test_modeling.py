@@ -307,6 +307,47 @@ def test_chunked_cpu_inference_equals_the_whole_tensor_path(monkeypatch, chunk_e
         torch.testing.assert_close(ours, reference.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_inference_moves_no_tokens_between_the_blocks_window_orders(monkeypatch):
+    """In CPU inference a stage's blocks read their windows from the grid-ordered tokens and write them back
+    (`HTSATStage.forward_in_chunks`): no gather between blocks, and the same outputs as the path that gathers."""
+    from htsat_hf import modeling_htsat
+
+    torch.manual_seed(4)
+    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
+    inputs = features(batch=2)
+    with torch.enable_grad():
+        reference = model(inputs, output_hidden_states=True)
+
+    def refuse(hidden, order):
+        raise AssertionError("tokens were gathered between blocks in CPU inference")
+
+    monkeypatch.setattr(modeling_htsat, "gather_tokens", refuse)
+    with torch.no_grad():
+        chunked = model(inputs, output_hidden_states=True)
+    torch.testing.assert_close(chunked.frame_logits, reference.frame_logits, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(chunked.hidden_states, reference.hidden_states, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_hook_on_a_block_sees_that_blocks_tokens():
+    """A hook on a block (e.g. for activations) makes its stage call each block as a module again, in its window order,
+    so the hook sees the block's own output; the logits do not change."""
+    torch.manual_seed(5)
+    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
+    inputs = features(batch=2)
+    with torch.no_grad():
+        plain = model(inputs).frame_logits
+    seen = []
+    handle = model.htsat.stages[0].blocks[1].register_forward_hook(lambda module, args, output: seen.append(output[0]))
+    try:
+        with torch.no_grad():
+            hooked = model(inputs).frame_logits
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (2, model.config.stage_grid_size(0) ** 2, model.config.embed_dim)
+    torch.testing.assert_close(hooked, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_training_mode_without_gradients_keeps_stochastic_depth(monkeypatch):
     """The chunked path is for inference only: a model in train() mode under no_grad (e.g. Monte-Carlo dropout)
     must still take the path that applies stochastic depth and dropout."""
@@ -316,6 +357,7 @@ def test_training_mode_without_gradients_keeps_stochastic_depth(monkeypatch):
         raise AssertionError("the chunked inference path ran in training mode")
 
     monkeypatch.setattr(modeling_htsat.HTSATSwinBlock, "forward_in_chunks", refuse)
+    monkeypatch.setattr(modeling_htsat.HTSATSwinBlock, "update_in_chunks", refuse)
     model = HTSATForSoundEventDetection(tiny_config(drop_path_rate=0.5, spec_augment=False)).train()
     with torch.no_grad():
         first, second = model(features(1)).frame_logits, model(features(1)).frame_logits

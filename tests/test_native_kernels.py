@@ -15,6 +15,7 @@ from htsat_hf import HTSATConfig, HTSATForAudioClassification, native_kernels
 from htsat_hf.native_kernels import (
     bias_gelu_,
     build_kernels,
+    copy_rows,
     fused_attention_applies,
     kernels_apply,
     layer_norm,
@@ -308,6 +309,32 @@ def test_bias_gelu_is_the_exact_gelu_in_place(kernel_build):
             torch.testing.assert_close(bias_gelu_(hidden.clone(), bias).double(), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="does not match the last axis"):
         bias_gelu_(hidden, bias[:-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [96, 20])
+def test_copy_rows_moves_rows_by_index(kernel_build, dim):
+    """target[target_rows] = source[source_rows], either index left out, with the kernel and with PyTorch's ops."""
+    torch.manual_seed(0)
+    source = torch.randn(40, dim)
+    source_rows, target_rows = torch.randperm(40)[:25], torch.randperm(30)[:25]
+    for use_kernels in (True, False):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+            assert kernels_apply(source) == use_kernels
+            gathered = copy_rows(source, torch.empty(25, dim), source_rows)
+            assert torch.equal(gathered, source[source_rows])
+            scattered = torch.zeros(30, dim)
+            assert copy_rows(source[:25], scattered, None, target_rows) is scattered
+            expected = torch.zeros(30, dim)
+            expected[target_rows] = source[:25]
+            assert torch.equal(scattered, expected)
+            both = torch.zeros(30, dim)
+            copy_rows(source, both, source_rows, target_rows)
+            expected = torch.zeros(30, dim)
+            expected[target_rows] = source[source_rows]
+            assert torch.equal(both, expected)
+    with pytest.raises(ValueError, match="25 source rows do not match 24"):
+        copy_rows(source, torch.empty(24, dim), source_rows)
 
 
 def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():

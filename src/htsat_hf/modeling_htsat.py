@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import bias_separable, linear, linear_add_
-from .native_kernels import fused_attention_applies, layer_norm, window_attention
+from .native_kernels import copy_rows, fused_attention_applies, layer_norm, window_attention
 
 logger = logging.get_logger(__name__)
 
@@ -339,6 +339,30 @@ def gather_tokens(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(batch * tokens, dim).index_select(0, rows.flatten()).view(batch, tokens, dim)
 
 
+def chunked_inference_applies(module: nn.Module, hidden: torch.Tensor, output_attentions: bool = False) -> bool:
+    """Whether a block or stage runs the CPU inference path on chunks of windows: eager CPU inference without
+    gradients, attention weights or training-time randomness."""
+    return not (
+        module.training
+        or output_attentions
+        or torch.is_grad_enabled()
+        or hidden.device.type != "cpu"
+        or torch.compiler.is_compiling()
+    )
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward (pre-)hooks: its own or global ones."""
+    from torch.nn.modules import module as module_hooks
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+    )
+
+
 def chunk_mask(mask: torch.Tensor, first: int, count: int, repeated: dict[int, torch.Tensor]) -> torch.Tensor:
     """The mask of `count` windows from window `first` on, from the per-image mask (windows per image or 1, heads,
     tokens, tokens): itself, a slice (a chunk inside one image) or a repeat over whole images (kept in `repeated`)."""
@@ -568,13 +592,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden: (batch, grid * grid, dim) in this block's window order."""
-        if not (
-            self.training
-            or output_attentions
-            or torch.is_grad_enabled()
-            or hidden.device.type != "cpu"
-            or torch.compiler.is_compiling()
-        ):
+        if chunked_inference_applies(self, hidden, output_attentions):
             return self.forward_in_chunks(hidden), None
         batch, tokens, dim = hidden.shape
         windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
@@ -583,23 +601,38 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
     def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """CPU inference: attention and MLP on chunks of whole windows, in place, so that each chunk's qkv, attention
-        and 4x-wide MLP tensors stay in cache (unchunked, these passes are bound by memory bandwidth). With the fused
+        """CPU inference on (batch, grid * grid, dim) tokens in this block's window order, in place."""
+        rows = hidden.view(-1, hidden.shape[-1])
+        self.update_in_chunks(rows, rows)
+        return hidden
+
+    def update_in_chunks(self, source: torch.Tensor, target: torch.Tensor, order: torch.Tensor | None = None) -> None:
+        """
+        CPU inference: `target[order] = block(source[order])` on (tokens, dim) rows, where `order` lists the rows in
+        this block's window order (None: they are in it already); `source` may be `target`. Attention and MLP run on
+        chunks of whole windows so that each chunk's qkv, attention and 4x-wide MLP tensors stay in cache (unchunked,
+        these passes are bound by memory bandwidth), and a chunk is gathered from `source` and written back to
+        `target` as it is processed, so tokens change order without a pass or a tensor of their own. With the fused
         kernels the attention's residual add, the output projection's bias, norm2 and fc2's bias are one pass
-        (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens."""
-        dim = hidden.shape[-1]
+        (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens.
+        """
+        dim = source.shape[-1]
         tokens = self.window * self.window
-        rows = hidden.view(-1, dim)
-        total = rows.shape[0] // tokens
+        total = source.shape[0] // tokens
         mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
-        fused = self.attn.fuses(rows.view(total, tokens, dim))
+        fused = self.attn.fuses(source.view(total, tokens, dim))
         # the projection's and fc2's biases go into norm2's pass (quantised or replaced layers apply their own)
         split_biases = fused and bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
         later_biases = (self.attn.proj.bias, self.mlp.fc2.bias) if split_biases else (None, None)
+        in_place = source.data_ptr() == target.data_ptr()
+        gathered = None if order is None else source.new_empty(min(self.windows_per_chunk, total) * tokens, dim)
         repeated: dict[int, torch.Tensor] = {}
         for first in range(0, total, self.windows_per_chunk):
             start, stop = first * tokens, min(first + self.windows_per_chunk, total) * tokens
-            part = rows[start:stop]
+            if order is None:
+                part = target[start:stop] if in_place else target[start:stop].copy_(source[start:stop])
+            else:
+                part = copy_rows(source, gathered[: stop - start], order[start:stop])
             windows = layer_norm(part, self.norm1).view(-1, tokens, dim)
             if fused:
                 attended = self.attn.attend_fused(windows, mask, first, output_bias=not split_biases)
@@ -607,7 +640,8 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
                 attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
             normed = layer_norm(part, self.norm2, attended.view(-1, dim), *later_biases)
             self.mlp.add_to(part, normed, with_output_bias=not split_biases)
-        return hidden
+            if order is not None:
+                copy_rows(part, target, None, order[start:stop])
 
 
 class HTSATPatchMerging(nn.Module):
@@ -630,7 +664,8 @@ class HTSATPatchMerging(nn.Module):
 
 class HTSATStage(nn.Module):
     """Swin blocks at one resolution, then patch merging (all but the last stage). Takes and returns tokens in
-    row-major grid order; inside, each block gets them in its window order through one gather per block."""
+    row-major grid order; inside, each block gets them in its window order through one gather per block, or, in CPU
+    inference, reads its chunks of windows from the grid-ordered tokens and writes them back (`forward_in_chunks`)."""
 
     def __init__(self, config: HTSATConfig, stage: int, drop_paths: list[float]):
         super().__init__()
@@ -644,12 +679,18 @@ class HTSATStage(nn.Module):
             else HTSATPatchMerging(config, config.hidden_sizes[stage], config.stage_grid_size(stage))
         )
         self.register_buffer("layout_orders", self.create_layout_orders(), persistent=False)
+        self.register_buffer("window_orders", self.create_window_orders(), persistent=False)
         with torch.device("cpu"):  # models may be built on the meta device; these flags need real values
             orders = self.create_layout_orders()
             grid_positions = torch.arange(orders.shape[1])
+            self.in_grid_order = [torch.equal(order, grid_positions) for order in self.create_window_orders()]
         # Moves that change nothing are skipped, except the first: a block updates its input in place in CPU
         # inference, so it must not get the caller's tensor.
         self.layout_moves = [j == 0 or not torch.equal(order, grid_positions) for j, order in enumerate(orders)]
+
+    def create_window_orders(self) -> torch.Tensor:
+        """(blocks, grid * grid): the grid position of each token of block j's window order."""
+        return torch.stack([block.window_order() for block in self.blocks])
 
     def create_layout_orders(self) -> torch.Tensor:
         """(blocks + 1, grid * grid): row j gathers block j's window order from block j - 1's (from the grid for
@@ -666,15 +707,33 @@ class HTSATStage(nn.Module):
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = None
-        for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
-            if move:
-                hidden = gather_tokens(hidden, order)
-            hidden, weights = block(hidden, output_attentions)
-        if self.layout_moves[-1]:
-            hidden = gather_tokens(hidden, self.layout_orders[-1])
+        if all(chunked_inference_applies(module, hidden, output_attentions) for module in (self, *self.blocks)) and not any(
+            map(has_forward_hooks, self.blocks)
+        ):
+            hidden = self.forward_in_chunks(hidden)
+        else:
+            for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
+                if move:
+                    hidden = gather_tokens(hidden, order)
+                hidden, weights = block(hidden, output_attentions)
+            if self.layout_moves[-1]:
+                hidden = gather_tokens(hidden, self.layout_orders[-1])
         if self.downsample is not None:
             hidden = self.downsample(hidden)
         return hidden, weights
+
+    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """CPU inference on (batch, grid * grid, dim) tokens in grid order: each block reads its chunks of windows
+        from the grid-ordered tokens and writes them back (`HTSATSwinBlock.update_in_chunks`), so the stage writes one
+        new tensor where moving the tokens between the blocks' orders would write one per move (on a fresh process
+        each is memory the system maps anew, at about 5 us per 4 KiB page)."""
+        batch, tokens, dim = hidden.shape
+        source, target = hidden.reshape(-1, dim), torch.empty_like(hidden).view(-1, dim)
+        offsets = tokens * torch.arange(batch, device=hidden.device).unsqueeze(1)
+        for block, order, in_grid_order in zip(self.blocks, self.window_orders, self.in_grid_order):
+            block.update_in_chunks(source, target, None if in_grid_order else (order + offsets).flatten())
+            source = target
+        return target.view(batch, tokens, dim)
 
 
 # --------------------------------------------------------------------------------------------- pretrained base
@@ -718,6 +777,7 @@ class HTSATPreTrainedModel(PreTrainedModel):
             init.copy_(module.shift_mask, module.create_shift_mask())
         elif isinstance(module, HTSATStage):
             init.copy_(module.layout_orders, module.create_layout_orders())
+            init.copy_(module.window_orders, module.create_window_orders())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights and config with an `auto_map` for every HTS-AT class, so the folder also loads with

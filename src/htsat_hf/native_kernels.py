@@ -19,6 +19,9 @@ LayerNorm: PyTorch's CPU LayerNorm moved 18-35 GB/s on the blocks' (tokens, 96..
 pass per row here is about 2x faster. The same pass adds the attention's residual with the output projection's bias,
 and carries fc2's bias into the tokens that fc2's GEMM then accumulates into (no bias copies, no separate adds).
 
+Row copies: tokens gathered into a chunk from, and written back to, rows given by index (one threaded pass each way),
+so that a Swin stage's blocks take their windows straight from the grid-ordered tokens.
+
 GELU: the exact (erf) form, with fc1's bias, in place on fc1's bias-free output; its erf is the 1.5e-7 approximation
 that PyTorch's own vectorised CPU GELU uses, so the two agree to about 1 ulp.
 
@@ -373,6 +376,24 @@ extern "C" int htsat_bias_gelu(float* x, const float* bias, long rows, int cols,
     }
     return 0;
 }
+
+// ------------------------------------------------------------------------------------------------ row copies
+// dst[dst_index[r]] = src[src_index[r]] for r < rows, rows of `dim` floats; a null index means row r itself.
+// Tokens move between the blocks' window orders this way, one cache-sized chunk at a time.
+extern "C" int htsat_copy_rows(const float* src, const int64_t* src_index, float* dst, const int64_t* dst_index,
+                               long rows, int dim, int threads) {
+    if (dim < 1 || rows < 0) return 1;
+    const int body = dim - dim % VW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        const float* from = src + (src_index != nullptr ? src_index[r] : r) * dim;
+        float* to = dst + (dst_index != nullptr ? dst_index[r] : r) * dim;
+        for (int c = 0; c < body; c += VW) *(uvec*)(to + c) = *(const uvec*)(from + c);
+        for (int c = body; c < dim; ++c) to[c] = from[c];
+    }
+    return 0;
+}
+
 """
 
 
@@ -439,6 +460,8 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
     loaded.htsat_layer_norm.argtypes = [pointer] * 7 + [long, int_, float_, int_]
     loaded.htsat_bias_gelu.restype = int_
     loaded.htsat_bias_gelu.argtypes = [pointer] * 2 + [long, int_, int_]
+    loaded.htsat_copy_rows.restype = int_
+    loaded.htsat_copy_rows.argtypes = [pointer] * 4 + [long, int_, int_]
     return loaded
 
 
@@ -473,6 +496,12 @@ def torch_ops_instead():
 def _dispatch_mode_active() -> bool:
     """Whether a TorchDispatchMode (FLOP counting, fake tensors, ...) is watching: it would not see a C call."""
     return torch._C._len_torch_dispatch_stack() > 0
+
+
+def named_in_profiles(name: str) -> contextlib.AbstractContextManager:
+    """`torch.profiler.record_function(name)` while a profiler records, else nothing: opening one costs about 5 us
+    even then, several times a small kernel call's own overhead."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def kernels_apply(inputs: torch.Tensor, *parameters: torch.Tensor) -> bool:
@@ -528,7 +557,7 @@ def window_attention(
     qkv, mask = qkv.contiguous(), mask.contiguous()
     qkv_bias = None if qkv_bias is None else qkv_bias.contiguous()
     context = qkv.new_empty(windows, tokens, dim)
-    with torch.profiler.record_function("htsat_window_attention"):  # named in profiles (nearly free otherwise)
+    with named_in_profiles("htsat_window_attention"):
         status = kernels.htsat_window_attention(
             qkv.data_ptr(), _pointer(qkv_bias), mask.data_ptr(), context.data_ptr(), windows, tokens, num_heads,
             dim // num_heads, mask.shape[0], first_window % mask.shape[0], scale, torch.get_num_threads(),
@@ -589,7 +618,7 @@ def layer_norm(
     output = torch.empty_like(hidden)
     dim = hidden.shape[-1]
     added = [None if t is None else t.contiguous() for t in (residual, residual_bias, carry_bias)]
-    with torch.profiler.record_function("htsat_layer_norm"):
+    with named_in_profiles("htsat_layer_norm"):
         _kernels().htsat_layer_norm(
             hidden.data_ptr(), *map(_pointer, added), norm.weight.data_ptr(), norm.bias.data_ptr(),
             output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
@@ -614,14 +643,50 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
         return hidden.copy_(F.gelu(hidden))
     bias = None if bias is None else bias.contiguous()
     cols = hidden.shape[-1]
-    with torch.profiler.record_function("htsat_bias_gelu"):
+    with named_in_profiles("htsat_bias_gelu"):
         _kernels().htsat_bias_gelu(
             hidden.data_ptr(), _pointer(bias), hidden.numel() // cols, cols, torch.get_num_threads(),
         )
     return hidden
 
 
+def copy_rows(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    source_rows: torch.Tensor | None = None,
+    target_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`target[target_rows] = source[source_rows]` for (rows, dim) tensors and int64 row indices (None: all rows in
+    order; the two sides copy the same number of rows). Indices are not bounds-checked by the kernel: callers pass
+    the model's own permutations. One threaded pass where the kernel applies (both tensors contiguous fp32),
+    PyTorch's `index_select` / `index_copy_` elsewhere. Returns `target`."""
+    count = (source if source_rows is None else source_rows).shape[0]
+    if count != (target if target_rows is None else target_rows).shape[0]:
+        raise ValueError(f"{count} source rows do not match {(target if target_rows is None else target_rows).shape[0]}")
+    indices = [t for t in (source_rows, target_rows) if t is not None]
+    fused = (
+        source.is_contiguous()
+        and target.is_contiguous()
+        and source.dim() == target.dim() == 2
+        and source.shape[1] == target.shape[1]
+        and target.dtype == torch.float32
+        and all(t.dtype == torch.int64 and t.is_contiguous() and t.device == source.device for t in indices)
+        and kernels_apply(source, target)
+    )
+    if not fused:
+        picked = source if source_rows is None else source.index_select(0, source_rows)
+        if target_rows is None:
+            return target.copy_(picked)
+        return target.index_copy_(0, target_rows, picked)
+    with named_in_profiles("htsat_copy_rows"):
+        _kernels().htsat_copy_rows(
+            source.data_ptr(), _pointer(source_rows), target.data_ptr(), _pointer(target_rows), count,
+            source.shape[1], torch.get_num_threads(),
+        )
+    return target
+
+
 __all__ = [
-    "bias_gelu_", "build_kernels", "fused_attention_applies", "kernel_cache_dir", "kernels_apply", "layer_norm",
+    "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply", "layer_norm",
     "torch_ops_instead", "window_attention",
 ]
