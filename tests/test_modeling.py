@@ -7,6 +7,7 @@ import torch
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATModel
 from htsat_hf.modeling_htsat import StepStitcher, gather_tokens, window_starts
+from htsat_hf.native_kernels import merge_norm
 
 TINY = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)
 
@@ -327,6 +328,25 @@ def test_cpu_inference_moves_no_tokens_between_the_blocks_window_orders(monkeypa
     torch.testing.assert_close(chunked.frame_logits, reference.frame_logits, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(chunked.hidden_states, reference.hidden_states, strict=True):
         torch.testing.assert_close(ours, theirs.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements, chunks", [(10 * 64, 5), (2048 * 384, 1)])  # 10 merged tokens a chunk: 48 in 5
+def test_patch_merging_in_chunks_equals_concatenating_the_whole_grid(monkeypatch, chunk_elements, chunks):
+    from htsat_hf import modeling_htsat
+
+    monkeypatch.setattr(modeling_htsat, "CHUNK_HIDDEN_ELEMENTS", chunk_elements)
+    torch.manual_seed(6)
+    merging = modeling_htsat.HTSATPatchMerging(tiny_config(), 16, 8).eval()
+    torch.nn.init.normal_(merging.norm.bias)
+    hidden = torch.randn(3, 64, 16)
+    with torch.enable_grad():
+        whole = merging(hidden)
+    calls = []
+    monkeypatch.setattr(modeling_htsat, "merge_norm", lambda *a, **k: calls.append(1) or merge_norm(*a, **k))
+    with torch.no_grad():
+        chunked = merging(hidden)
+    assert len(calls) == chunks
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_forward_hook_on_a_block_sees_that_blocks_tokens():

@@ -19,6 +19,7 @@ from htsat_hf.native_kernels import (
     fused_attention_applies,
     kernels_apply,
     layer_norm,
+    merge_norm,
     window_attention,
 )
 
@@ -335,6 +336,34 @@ def test_copy_rows_moves_rows_by_index(kernel_build, dim):
             assert torch.equal(both, expected)
     with pytest.raises(ValueError, match="25 source rows do not match 24"):
         copy_rows(source, torch.empty(24, dim), source_rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [96, 20])
+def test_merge_norm_is_patch_merging_up_to_its_linear_layer(kernel_build, dim):
+    """The 2 x 2 neighbourhoods concatenated in the model's order and LayerNorm'ed over 4 * dim, for any run of merged
+    tokens (across images too), as float64 computes it, with the kernel and with PyTorch's ops."""
+    torch.manual_seed(0)
+    batch, grid = 3, 8
+    norm = torch.nn.LayerNorm(4 * dim)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    hidden = torch.randn(batch, grid * grid, dim) * 2 + 1
+    image = hidden.double().view(batch, grid, grid, dim)
+    merged = torch.cat([image[:, 0::2, 0::2], image[:, 1::2, 0::2], image[:, 0::2, 1::2], image[:, 1::2, 1::2]], -1)
+    expected = torch.nn.functional.layer_norm(
+        merged.reshape(-1, 4 * dim), (4 * dim,), norm.weight.double(), norm.bias.double(), norm.eps
+    )
+    for use_kernels in (True, False):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+            torch.testing.assert_close(merge_norm(hidden, grid, norm).double(), expected, rtol=1e-5, atol=1e-5)
+            out = torch.empty(19, 4 * dim)
+            assert merge_norm(hidden, grid, norm, 10, 19, out=out) is out  # from inside image 0 into image 1
+            torch.testing.assert_close(out.double(), expected[10:29], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the 48 there are"):
+        merge_norm(hidden, grid, norm, 40, 9)
+    with pytest.raises(ValueError, match="not an even grid of 7 x 7"):
+        merge_norm(torch.randn(1, 49, dim), 7, norm)
 
 
 def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():

@@ -26,7 +26,14 @@ from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
 from .cpu_kernels import bias_separable, linear, linear_add_
-from .native_kernels import copy_rows, fused_attention_applies, layer_norm, window_attention
+from .native_kernels import (
+    copy_rows,
+    fused_attention_applies,
+    kernels_apply,
+    layer_norm,
+    merge_norm,
+    window_attention,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -654,12 +661,30 @@ class HTSATPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if chunked_inference_applies(self, hidden) and kernels_apply(hidden, *self.norm.parameters()):
+            return self.forward_in_chunks(hidden)
         batch, _, dim = hidden.shape
         grid = hidden.view(batch, self.grid, self.grid, dim)
         merged = torch.cat(
             [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1
         ).view(batch, -1, 4 * dim)
         return linear(layer_norm(merged, self.norm), self.reduction)
+
+    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """CPU inference: concatenation and LayerNorm in one pass into a cache-sized chunk (`native_kernels.merge_norm`),
+        then the linear layer on it, chunk after chunk, so neither the concatenation nor its norm is written out whole
+        (at the first stage each was a 25 MB tensor per batch of 16, which the system mapped anew on every call)."""
+        batch, tokens, dim = hidden.shape
+        total = batch * tokens // 4
+        output = hidden.new_empty(batch, tokens // 4, self.reduction.out_features)
+        rows = output.view(total, -1)
+        per_chunk = max(1, CHUNK_HIDDEN_ELEMENTS // (4 * dim))
+        normed = hidden.new_empty(min(per_chunk, total), 4 * dim)
+        for first in range(0, total, per_chunk):
+            count = min(per_chunk, total - first)
+            merged = merge_norm(hidden, self.grid, self.norm, first, count, out=normed[:count])
+            rows[first : first + count] = linear(merged, self.reduction)
+        return output
 
 
 class HTSATStage(nn.Module):

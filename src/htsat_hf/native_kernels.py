@@ -294,9 +294,32 @@ extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, c
 }
 
 // ------------------------------------------------------------------------------------------------ LayerNorm
+// out = LayerNorm(row) for one row of `dim` floats (in L1): biased variance, two passes, weight and bias.
+static inline void normalise_row(const float* row, float* out, int dim, const float* weight, const float* bias,
+                                 float eps) {
+    const int body = dim - dim % VW;
+    vec sum = {};
+    for (int c = 0; c < body; c += VW) sum += *(const uvec*)(row + c);
+    float total = lane_sum(sum);
+    for (int c = body; c < dim; ++c) total += row[c];
+    const float mean = total / dim;
+    vec squares = {};
+    for (int c = 0; c < body; c += VW) {
+        vec centred = *(const uvec*)(row + c) - mean;
+        squares += centred * centred;
+    }
+    float variance = lane_sum(squares);
+    for (int c = body; c < dim; ++c) variance += (row[c] - mean) * (row[c] - mean);
+    const float inv_std = 1.0f / sqrtf(variance / dim + eps);
+    for (int c = 0; c < body; c += VW)
+        *(uvec*)(out + c) =
+            (*(const uvec*)(row + c) - mean) * inv_std * *(const uvec*)(weight + c) + *(const uvec*)(bias + c);
+    for (int c = body; c < dim; ++c) out[c] = (row[c] - mean) * inv_std * weight[c] + bias[c];
+}
+
 // For each of `rows` rows of `dim` floats of x, in order (each step only where its pointers are not null):
 //   x += delta (+ delta_bias)         a residual add, with the bias of the layer that made delta;
-//   out = LayerNorm(x)                biased variance, two passes over the row (in L1), weight and bias;
+//   out = LayerNorm(x)                weight and bias;
 //   x += carry_bias                   a bias for a later layer whose output is accumulated into x, after the norm.
 // x, delta and out are contiguous rows.
 extern "C" int htsat_layer_norm(float* x, const float* delta, const float* delta_bias, const float* carry_bias,
@@ -318,28 +341,35 @@ extern "C" int htsat_layer_norm(float* x, const float* delta, const float* delta
                 for (int c = body; c < dim; ++c) row[c] += add[c];
             }
         }
-        vec sum = {};
-        for (int c = 0; c < body; c += VW) sum += *(const uvec*)(row + c);
-        float total = lane_sum(sum);
-        for (int c = body; c < dim; ++c) total += row[c];
-        const float mean = total / dim;
-        vec squares = {};
-        for (int c = 0; c < body; c += VW) {
-            vec centred = *(const uvec*)(row + c) - mean;
-            squares += centred * centred;
-        }
-        float variance = lane_sum(squares);
-        for (int c = body; c < dim; ++c) variance += (row[c] - mean) * (row[c] - mean);
-        const float inv_std = 1.0f / sqrtf(variance / dim + eps);
-        float* o = out + r * dim;
-        for (int c = 0; c < body; c += VW)
-            *(uvec*)(o + c) =
-                (*(const uvec*)(row + c) - mean) * inv_std * *(const uvec*)(weight + c) + *(const uvec*)(bias + c);
-        for (int c = body; c < dim; ++c) o[c] = (row[c] - mean) * inv_std * weight[c] + bias[c];
+        normalise_row(row, out + r * dim, dim, weight, bias, eps);
         if (carry_bias != nullptr) {
             for (int c = 0; c < body; c += VW) *(uvec*)(row + c) += *(const uvec*)(carry_bias + c);
             for (int c = body; c < dim; ++c) row[c] += carry_bias[c];
         }
+    }
+    return 0;
+}
+
+// Swin's patch merging up to its linear layer, for merged tokens first .. first + rows - 1 of the (batch, grid / 2,
+// grid / 2) grid: out[r] = LayerNorm(x[2i, 2j] ++ x[2i + 1, 2j] ++ x[2i, 2j + 1] ++ x[2i + 1, 2j + 1]) over the
+// 4 * dim floats, from x (batch, grid, grid, dim), contiguous; out holds `rows` rows of 4 * dim.
+extern "C" int htsat_merge_norm(const float* x, const float* weight, const float* bias, float* out, long first,
+                                long rows, int grid, int dim, float eps, int threads) {
+    if (dim < 1 || rows < 0 || grid < 2 || grid % 2 != 0) return 1;
+    const long half = grid / 2, per_image = half * half;
+    const int body = dim - dim % VW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        const long merged = first + r, image = merged / per_image, i = (merged % per_image) / half, j = merged % half;
+        float* row = out + r * 4 * dim;
+        for (int part = 0; part < 4; ++part) {  // the concatenation's order: (0, 0), (1, 0), (0, 1), (1, 1)
+            const long source_row = (image * grid + 2 * i + part % 2) * grid + 2 * j + part / 2;
+            const float* from = x + source_row * dim;
+            float* to = row + part * dim;
+            for (int c = 0; c < body; c += VW) *(uvec*)(to + c) = *(const uvec*)(from + c);
+            for (int c = body; c < dim; ++c) to[c] = from[c];
+        }
+        normalise_row(row, row, 4 * dim, weight, bias, eps);
     }
     return 0;
 }
@@ -460,6 +490,8 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
     loaded.htsat_layer_norm.argtypes = [pointer] * 7 + [long, int_, float_, int_]
     loaded.htsat_bias_gelu.restype = int_
     loaded.htsat_bias_gelu.argtypes = [pointer] * 2 + [long, int_, int_]
+    loaded.htsat_merge_norm.restype = int_
+    loaded.htsat_merge_norm.argtypes = [pointer] * 4 + [long, long, int_, int_, float_, int_]
     loaded.htsat_copy_rows.restype = int_
     loaded.htsat_copy_rows.argtypes = [pointer] * 4 + [long, int_, int_]
     return loaded
@@ -650,6 +682,39 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     return hidden
 
 
+def merge_norm(
+    hidden: torch.Tensor, grid: int, norm: nn.Module, first: int = 0, count: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Swin's patch merging up to its linear layer, for `count` merged tokens from `first` on of the flattened
+    (batch * (grid / 2) ** 2) merged grid: the 2 x 2 neighbourhoods of (batch, grid * grid, dim) tokens concatenated
+    as (0, 0), (1, 0), (0, 1), (1, 1) (row, column) and LayerNorm'ed over 4 * dim -> (count, 4 * dim), into `out` where
+    given. One pass of the kernel where it applies (nothing of the whole concatenation is written), PyTorch's ops
+    elsewhere."""
+    batch, tokens, dim = hidden.shape
+    if grid % 2 or grid * grid != tokens:
+        raise ValueError(f"{tokens} tokens are not an even grid of {grid} x {grid}")
+    total = batch * (grid // 2) ** 2
+    count = total - first if count is None else count
+    if not 0 <= first <= first + count <= total:
+        raise ValueError(f"merged tokens {first} to {first + count} are outside the {total} there are")
+    if out is None:
+        out = hidden.new_empty(count, 4 * dim)
+    elif out.shape != (count, 4 * dim) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({count}, {4 * dim}) tensor, got {tuple(out.shape)}")
+    if not (_norm_fuses(norm, hidden, out) and out.dtype == torch.float32):
+        image = hidden.reshape(batch, grid, grid, dim)
+        parts = [image[:, row::2, column::2] for row, column in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        merged = torch.cat(parts, dim=-1).reshape(total, 4 * dim)[first : first + count]
+        return out.copy_(norm(merged))
+    with named_in_profiles("htsat_merge_norm"):
+        _kernels().htsat_merge_norm(
+            hidden.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(), out.data_ptr(), first, count, grid, dim,
+            norm.eps, torch.get_num_threads(),
+        )
+    return out
+
+
 def copy_rows(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -687,6 +752,6 @@ def copy_rows(
 
 
 __all__ = [
-    "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply", "layer_norm",
-    "torch_ops_instead", "window_attention",
+    "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply",
+    "layer_norm", "merge_norm", "torch_ops_instead", "window_attention",
 ]
