@@ -67,6 +67,29 @@ def test_linear_add_accumulates_the_layer(monkeypatch, plan, with_bias):
         linear(inputs, layer, "gelu", with_bias=False)
 
 
+@pytest.mark.parametrize("plan", PLANS[:2], ids=lambda plan: f"{plan.gemm}-gemm")
+def test_linear_weights_takes_the_planned_gemm_in_inference_only(monkeypatch, plan):
+    """Weights that are no nn.Linear's (the head's convolution as a GEMM) take the plan's GEMM in CPU inference, with
+    F.linear's result; with gradients wanted, F.linear itself."""
+    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
+    libraries = []
+    gemm = cpu_kernels._gemm
+    monkeypatch.setattr(cpu_kernels, "_gemm", lambda library, *args: libraries.append(library) or gemm(library, *args))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 10, kernel_size=(2, 3))
+    weight = conv.weight.view(10, -1)
+    inputs = torch.randn(2, 7, 24 * 2 * 3)
+    with torch.no_grad():
+        planned = cpu_kernels.linear_weights(inputs, weight, conv.bias)
+        expected = F.linear(inputs, weight, conv.bias)
+    assert libraries == [plan.gemm] and planned.shape == (2, 7, 10)
+    torch.testing.assert_close(planned, expected, rtol=1e-5, atol=1e-5)
+    tracked = cpu_kernels.linear_weights(inputs, weight, conv.bias)
+    assert libraries == [plan.gemm] and tracked.grad_fn is not None
+
+
 def test_plain_path_where_fusion_does_not_apply():
     layer = _layer()
     inputs = torch.randn(8, 96)

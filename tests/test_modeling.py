@@ -368,6 +368,30 @@ def test_a_forward_hook_on_a_block_sees_that_blocks_tokens():
     torch.testing.assert_close(hooked, plain, atol=1e-6, rtol=1e-6)
 
 
+def test_tokens_a_hook_received_are_not_changed_by_later_in_place_updates():
+    """CPU inference updates a stage's tokens in place only where nothing else holds them: tokens handed to a forward
+    hook (of the patch embedding, or of a stage) keep their values, and the logits do not change."""
+    torch.manual_seed(7)
+    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
+    inputs = features(batch=2)
+    with torch.no_grad():
+        plain = model(inputs).frame_logits
+    for producer in (model.htsat.patch_embed, model.htsat.stages[0], model.htsat.stages[1]):
+        kept = []
+        handle = producer.register_forward_hook(
+            lambda module, args, output: kept.append((output, output.clone()) if torch.is_tensor(output) else
+                                                     (output[0], output[0].clone()))
+        )
+        try:
+            with torch.no_grad():
+                hooked = model(inputs).frame_logits
+        finally:
+            handle.remove()
+        (received, at_the_time), = kept
+        assert torch.equal(received, at_the_time), f"the tokens {type(producer).__name__} handed to its hook changed"
+        torch.testing.assert_close(hooked, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_training_mode_without_gradients_keeps_stochastic_depth(monkeypatch):
     """The chunked path is for inference only: a model in train() mode under no_grad (e.g. Monte-Carlo dropout)
     must still take the path that applies stochastic depth and dropout."""

@@ -85,12 +85,15 @@ def _onednn_available() -> bool:
 
 def inference_path_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
     """Whether `linear` takes the planned CPU inference path for this input and layer."""
+    return type(layer) is nn.Linear and _weights_path_applies(inputs, layer.weight)  # not a quantised or replaced layer
+
+
+def _weights_path_applies(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        type(layer) is nn.Linear  # not a quantised or otherwise replaced layer
-        and inputs.device.type == "cpu"
+        inputs.device.type == "cpu"
         and inputs.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (inputs.requires_grad or layer.weight.requires_grad))
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")  # autocast's lower precision applies to F.linear only
         and _eager()
     )
@@ -306,6 +309,16 @@ def linear(inputs: torch.Tensor, layer: nn.Module, activation: str = "none", wit
     return output.view(*inputs.shape[:-1], output.shape[-1])
 
 
+def linear_weights(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(inputs, weight, bias)` through this machine's planned GEMM in CPU inference, for weights that are not
+    an nn.Linear's (the token-semantic head's convolution, run as one GEMM); `F.linear` elsewhere."""
+    if not _weights_path_applies(inputs, weight):
+        return F.linear(inputs, weight, bias)
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    output = _gemm(linear_plan().gemm if _onednn_available() else "blas", rows, weight.contiguous(), bias)
+    return output.view(*inputs.shape[:-1], output.shape[-1])
+
+
 def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Module, with_bias: bool = True) -> None:
     """`accumulator += layer(inputs)` (without the bias where `with_bias=False`); with the BLAS GEMM in CPU inference
     the product is accumulated in the GEMM itself (beta = 1), with no output tensor and no separate add."""
@@ -323,4 +336,7 @@ def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Modul
     accumulator += linear(inputs, layer, with_bias=with_bias)
 
 
-__all__ = ["LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan"]
+__all__ = [
+    "LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan",
+    "linear_weights",
+]

@@ -25,12 +25,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import bias_separable, linear, linear_add_
+from .cpu_kernels import bias_separable, linear, linear_add_, linear_weights
 from .native_kernels import (
     copy_rows,
     fused_attention_applies,
     kernels_apply,
     layer_norm,
+    layer_norm_,
     merge_norm,
     window_attention,
 )
@@ -296,7 +297,10 @@ class HTSATPatchEmbeddings(nn.Module):
         # contiguous instead of through a transpose copy (on CPU the pair ran 10x faster at batch 4).
         weight = self.proj.weight.to(memory_format=torch.channels_last)  # not .contiguous(): a no-op for 1 channel
         patches = F.conv2d(image, weight, self.proj.bias, self.proj.stride, self.proj.padding)
-        return self.norm(patches.flatten(2).transpose(1, 2))
+        tokens = patches.flatten(2).transpose(1, 2)
+        if cpu_inference_applies(self, tokens) and tokens.is_contiguous() and not has_forward_hooks(self.norm):
+            return layer_norm_(tokens, self.norm)  # the convolution's output is ours: normalised in place
+        return self.norm(tokens)
 
 
 # --------------------------------------------------------------------------------------------------- Swin parts
@@ -346,8 +350,8 @@ def gather_tokens(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(batch * tokens, dim).index_select(0, rows.flatten()).view(batch, tokens, dim)
 
 
-def chunked_inference_applies(module: nn.Module, hidden: torch.Tensor, output_attentions: bool = False) -> bool:
-    """Whether a block or stage runs the CPU inference path on chunks of windows: eager CPU inference without
+def cpu_inference_applies(module: nn.Module, hidden: torch.Tensor, output_attentions: bool = False) -> bool:
+    """Whether a module takes its CPU inference path (on chunks of windows, or in place): eager CPU inference without
     gradients, attention weights or training-time randomness."""
     return not (
         module.training
@@ -599,7 +603,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden: (batch, grid * grid, dim) in this block's window order."""
-        if chunked_inference_applies(self, hidden, output_attentions):
+        if cpu_inference_applies(self, hidden, output_attentions):
             return self.forward_in_chunks(hidden), None
         batch, tokens, dim = hidden.shape
         windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
@@ -661,7 +665,7 @@ class HTSATPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if chunked_inference_applies(self, hidden) and kernels_apply(hidden, *self.norm.parameters()):
+        if cpu_inference_applies(self, hidden) and kernels_apply(hidden, *self.norm.parameters()):
             return self.forward_in_chunks(hidden)
         batch, _, dim = hidden.shape
         grid = hidden.view(batch, self.grid, self.grid, dim)
@@ -729,13 +733,15 @@ class HTSATStage(nn.Module):
         return torch.stack(moves)
 
     def forward(
-        self, hidden: torch.Tensor, output_attentions: bool = False
+        self, hidden: torch.Tensor, output_attentions: bool = False, in_place: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """in_place: the caller hands `hidden` over (nothing reads it afterwards), so CPU inference may update it in
+        place instead of writing a new tensor."""
         weights = None
-        if all(chunked_inference_applies(module, hidden, output_attentions) for module in (self, *self.blocks)) and not any(
+        if all(cpu_inference_applies(module, hidden, output_attentions) for module in (self, *self.blocks)) and not any(
             map(has_forward_hooks, self.blocks)
         ):
-            hidden = self.forward_in_chunks(hidden)
+            hidden = self.forward_in_chunks(hidden, in_place)
         else:
             for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
                 if move:
@@ -747,13 +753,14 @@ class HTSATStage(nn.Module):
             hidden = self.downsample(hidden)
         return hidden, weights
 
-    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward_in_chunks(self, hidden: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """CPU inference on (batch, grid * grid, dim) tokens in grid order: each block reads its chunks of windows
-        from the grid-ordered tokens and writes them back (`HTSATSwinBlock.update_in_chunks`), so the stage writes one
-        new tensor where moving the tokens between the blocks' orders would write one per move (on a fresh process
-        each is memory the system maps anew, at about 5 us per 4 KiB page)."""
+        from the grid-ordered tokens and writes them back (`HTSATSwinBlock.update_in_chunks`), so the stage writes at
+        most one new tensor (none `in_place`) where moving the tokens between the blocks' orders would write one per
+        move (each a large tensor that the system may map anew, at about 5 us per 4 KiB page on some VMs)."""
         batch, tokens, dim = hidden.shape
-        source, target = hidden.reshape(-1, dim), torch.empty_like(hidden).view(-1, dim)
+        source = hidden.reshape(-1, dim)
+        target = source if in_place else torch.empty_like(source)
         offsets = tokens * torch.arange(batch, device=hidden.device).unsqueeze(1)
         for block, order, in_grid_order in zip(self.blocks, self.window_orders, self.in_grid_order):
             block.update_in_chunks(source, target, None if in_grid_order else (order + offsets).flatten())
@@ -909,8 +916,12 @@ class HTSATModel(HTSATPreTrainedModel):
         hidden = self.patch_embed(images)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        producer: nn.Module = self.patch_embed
         for stage in self.stages:
-            hidden, weights = stage(hidden, output_attentions)
+            # a stage may update the tokens in place where no one else can see them: not returned, and no hook got them
+            handed_over = not output_hidden_states and not any(map(has_forward_hooks, producer.modules()))
+            hidden, weights = stage(hidden, output_attentions, in_place=handed_over)
+            producer = stage
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:
@@ -965,7 +976,7 @@ class HTSATTokenSemanticHead(nn.Module):
         # patches of the time axis: same result, 1.35x faster than oneDNN's convolution for this shape on CPU.
         patches = F.pad(feature_map, (1, 1)).unfold(3, 3, 1)  # (n, hidden, groups, steps, 3)
         patches = patches.permute(0, 3, 1, 2, 4).reshape(n * ratio * grid, -1)
-        logits = F.linear(patches, self.conv.weight.view(self.conv.out_channels, -1), self.conv.bias)
+        logits = linear_weights(patches, self.conv.weight.view(self.conv.out_channels, -1), self.conv.bias)
         return logits.view(n, ratio * grid, -1)
 
 

@@ -321,7 +321,7 @@ static inline void normalise_row(const float* row, float* out, int dim, const fl
 //   x += delta (+ delta_bias)         a residual add, with the bias of the layer that made delta;
 //   out = LayerNorm(x)                weight and bias;
 //   x += carry_bias                   a bias for a later layer whose output is accumulated into x, after the norm.
-// x, delta and out are contiguous rows.
+// x, delta and out are contiguous rows; out may be x itself (a norm in place) where carry_bias is null.
 extern "C" int htsat_layer_norm(float* x, const float* delta, const float* delta_bias, const float* carry_bias,
                                 const float* weight, const float* bias, float* out, long rows, int dim, float eps,
                                 int threads) {
@@ -682,6 +682,19 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     return hidden
 
 
+def layer_norm_(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`hidden = norm(hidden)` in place (nothing new written where the kernel applies); returns `hidden`."""
+    if not _norm_fuses(norm, hidden):
+        return hidden.copy_(norm(hidden))
+    dim = hidden.shape[-1]
+    with named_in_profiles("htsat_layer_norm"):
+        _kernels().htsat_layer_norm(
+            hidden.data_ptr(), None, None, None, norm.weight.data_ptr(), norm.bias.data_ptr(), hidden.data_ptr(),
+            hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
+        )
+    return hidden
+
+
 def merge_norm(
     hidden: torch.Tensor, grid: int, norm: nn.Module, first: int = 0, count: int | None = None,
     out: torch.Tensor | None = None,
@@ -753,5 +766,5 @@ def copy_rows(
 
 __all__ = [
     "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply",
-    "layer_norm", "merge_norm", "torch_ops_instead", "window_attention",
+    "layer_norm", "layer_norm_", "merge_norm", "torch_ops_instead", "window_attention",
 ]
