@@ -224,6 +224,34 @@ static void attend_one(const float* qkv, const float* q_bias, const float* v_bia
     }
     const long out_stride = (long)heads * D;
     float* o = out + (long)h * D;
+#if VW == 16
+    // context rows: sum_j p[i][j] v[j], 16 head dims per vector and a last 8 where head_dim is an odd multiple of 8
+    // (3 FMAs of 8 floats per row and key for 24-wide heads were 2 of 16 and 8: a third fewer)
+    constexpr int NW = ND / 2, NH = ND % 2, RW = context_rows(NW + NH);
+    for (int i = 0; i < T; i += RW) {
+        vec wide[RW][NW > 0 ? NW : 1] = {};
+        vec8 half[RW] = {};
+        for (int j = 0; j < T; ++j) {
+            const float* vj = v + j * stride;
+            vec vw[NW > 0 ? NW : 1];
+            for (int c = 0; c < NW; ++c) vw[c] = *(const uvec*)(vj + 16 * c);
+            const vec8 vh = NH ? *(const uvec8*)(vj + 16 * NW) : vec8{};
+            for (int a = 0; a < RW; ++a) {
+                const vec p = vec{} + s[(i + a) * T + j];
+                for (int c = 0; c < NW; ++c) wide[a][c] += p * vw[c];
+                if (NH) half[a] += __builtin_shufflevector(p, p, 0, 1, 2, 3, 4, 5, 6, 7) * vh;
+            }
+        }
+        for (int a = 0; a < RW; ++a) {
+            float* row = o + (i + a) * out_stride;
+            for (int c = 0; c < NW; ++c)
+                *(uvec*)(row + 16 * c) = wide[a][c] * inv[i + a] + (v_bias != nullptr ? *(const uvec*)(v_bias + 16 * c) : vec{});
+            if (NH)
+                *(uvec8*)(row + 16 * NW) =
+                    half[a] * inv[i + a] + (v_bias != nullptr ? *(const uvec8*)(v_bias + 16 * NW) : vec8{});
+        }
+    }
+#else
     for (int i = 0; i < T; i += RB) {  // context rows: sum_j p[i][j] v[j], 8 head dims per vector
         vec8 acc[RB][ND] = {};
         for (int j = 0; j < T; ++j) {
@@ -241,6 +269,7 @@ static void attend_one(const float* qkv, const float* q_bias, const float* v_bia
             for (int c = 0; c < ND; ++c)
                 *(uvec8*)(o + (i + a) * out_stride + 8 * c) = acc[a][c] * inv[i + a] + vb[c];
     }
+#endif
 }
 
 template <int T, int ND>
