@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+from torch.nn.modules import module as torch_module
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -29,10 +30,10 @@ from .cpu_kernels import bias_separable, linear, linear_add_, linear_weights
 from .native_kernels import (
     copy_rows,
     fused_attention_applies,
-    kernels_apply,
     layer_norm,
     layer_norm_,
     merge_norm,
+    merge_norm_applies,
     window_attention,
 )
 
@@ -364,13 +365,11 @@ def cpu_inference_applies(module: nn.Module, hidden: torch.Tensor, output_attent
 
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether calling `module` would run forward (pre-)hooks: its own or global ones."""
-    from torch.nn.modules import module as module_hooks
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
-        or module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
     )
 
 
@@ -665,7 +664,7 @@ class HTSATPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if cpu_inference_applies(self, hidden) and kernels_apply(hidden, *self.norm.parameters()):
+        if cpu_inference_applies(self, hidden) and merge_norm_applies(hidden, self.norm):
             return self.forward_in_chunks(hidden)
         batch, _, dim = hidden.shape
         grid = hidden.view(batch, self.grid, self.grid, dim)

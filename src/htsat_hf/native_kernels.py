@@ -323,6 +323,12 @@ extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, c
 }
 
 // ------------------------------------------------------------------------------------------------ LayerNorm
+static inline void copy_row(const float* from, float* to, int dim) {
+    const int body = dim - dim % VW;
+    for (int c = 0; c < body; c += VW) *(uvec*)(to + c) = *(const uvec*)(from + c);
+    for (int c = body; c < dim; ++c) to[c] = from[c];
+}
+
 // out = LayerNorm(row) for one row of `dim` floats (in L1): biased variance, two passes, weight and bias.
 static inline void normalise_row(const float* row, float* out, int dim, const float* weight, const float* bias,
                                  float eps) {
@@ -386,17 +392,13 @@ extern "C" int htsat_merge_norm(const float* x, const float* weight, const float
                                 long rows, int grid, int dim, float eps, int threads) {
     if (dim < 1 || rows < 0 || grid < 2 || grid % 2 != 0) return 1;
     const long half = grid / 2, per_image = half * half;
-    const int body = dim - dim % VW;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; ++r) {
         const long merged = first + r, image = merged / per_image, i = (merged % per_image) / half, j = merged % half;
         float* row = out + r * 4 * dim;
         for (int part = 0; part < 4; ++part) {  // the concatenation's order: (0, 0), (1, 0), (0, 1), (1, 1)
             const long source_row = (image * grid + 2 * i + part % 2) * grid + 2 * j + part / 2;
-            const float* from = x + source_row * dim;
-            float* to = row + part * dim;
-            for (int c = 0; c < body; c += VW) *(uvec*)(to + c) = *(const uvec*)(from + c);
-            for (int c = body; c < dim; ++c) to[c] = from[c];
+            copy_row(x + source_row * dim, row + part * dim, dim);
         }
         normalise_row(row, row, 4 * dim, weight, bias, eps);
     }
@@ -442,13 +444,10 @@ extern "C" int htsat_bias_gelu(float* x, const float* bias, long rows, int cols,
 extern "C" int htsat_copy_rows(const float* src, const int64_t* src_index, float* dst, const int64_t* dst_index,
                                long rows, int dim, int threads) {
     if (dim < 1 || rows < 0) return 1;
-    const int body = dim - dim % VW;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; ++r) {
-        const float* from = src + (src_index != nullptr ? src_index[r] : r) * dim;
-        float* to = dst + (dst_index != nullptr ? dst_index[r] : r) * dim;
-        for (int c = 0; c < body; c += VW) *(uvec*)(to + c) = *(const uvec*)(from + c);
-        for (int c = body; c < dim; ++c) to[c] = from[c];
+        const long from = src_index != nullptr ? src_index[r] : r, to = dst_index != nullptr ? dst_index[r] : r;
+        copy_row(src + from * dim, dst + to * dim, dim);
     }
     return 0;
 }
@@ -676,13 +675,20 @@ def layer_norm(
         if carry_bias is not None:
             hidden += carry_bias
         return output
-    output = torch.empty_like(hidden)
-    dim = hidden.shape[-1]
     added = [None if t is None else t.contiguous() for t in (residual, residual_bias, carry_bias)]
+    return _layer_norm_kernel(hidden, norm, torch.empty_like(hidden), *added)
+
+
+def _layer_norm_kernel(
+    hidden: torch.Tensor, norm: nn.Module, output: torch.Tensor, residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None, carry_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The LayerNorm kernel on checked, contiguous inputs; `output` may be `hidden` where there is no carry_bias."""
+    dim = hidden.shape[-1]
     with named_in_profiles("htsat_layer_norm"):
         _kernels().htsat_layer_norm(
-            hidden.data_ptr(), *map(_pointer, added), norm.weight.data_ptr(), norm.bias.data_ptr(),
-            output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
+            hidden.data_ptr(), *map(_pointer, (residual, residual_bias, carry_bias)), norm.weight.data_ptr(),
+            norm.bias.data_ptr(), output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
         )
     return output
 
@@ -715,13 +721,13 @@ def layer_norm_(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """`hidden = norm(hidden)` in place (nothing new written where the kernel applies); returns `hidden`."""
     if not _norm_fuses(norm, hidden):
         return hidden.copy_(norm(hidden))
-    dim = hidden.shape[-1]
-    with named_in_profiles("htsat_layer_norm"):
-        _kernels().htsat_layer_norm(
-            hidden.data_ptr(), None, None, None, norm.weight.data_ptr(), norm.bias.data_ptr(), hidden.data_ptr(),
-            hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
-        )
-    return hidden
+    return _layer_norm_kernel(hidden, norm, hidden)
+
+
+def merge_norm_applies(hidden: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether `merge_norm` takes its kernel for these tokens and this LayerNorm (elsewhere it concatenates the whole
+    grid for every call)."""
+    return _norm_fuses(norm, hidden)
 
 
 def merge_norm(
@@ -744,7 +750,7 @@ def merge_norm(
         out = hidden.new_empty(count, 4 * dim)
     elif out.shape != (count, 4 * dim) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({count}, {4 * dim}) tensor, got {tuple(out.shape)}")
-    if not (_norm_fuses(norm, hidden, out) and out.dtype == torch.float32):
+    if not (merge_norm_applies(hidden, norm) and out.dtype == torch.float32):
         image = hidden.reshape(batch, grid, grid, dim)
         parts = [image[:, row::2, column::2] for row, column in ((0, 0), (1, 0), (0, 1), (1, 1))]
         merged = torch.cat(parts, dim=-1).reshape(total, 4 * dim)[first : first + count]
@@ -795,5 +801,5 @@ def copy_rows(
 
 __all__ = [
     "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply",
-    "layer_norm", "layer_norm_", "merge_norm", "torch_ops_instead", "window_attention",
+    "layer_norm", "layer_norm_", "merge_norm", "merge_norm_applies", "torch_ops_instead", "window_attention",
 ]
