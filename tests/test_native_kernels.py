@@ -32,8 +32,8 @@ needs_kernel = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def avx2_kernels(tmp_path_factory):
-    """The kernels as built for a CPU with AVX2 but not AVX-512 (8-float vectors, 16 registers: the scores in tiles
-    of two vectors, their softmax from L1), whatever this CPU has."""
+    """The kernels as built for a CPU with AVX2 but not AVX-512 (8-float vectors, 16 registers: queries in tiles of
+    two vectors), whatever this CPU has."""
     try:
         return build_kernels(tmp_path_factory.mktemp("avx2_kernels"), extra_flags=("-mno-avx512f",))
     except RuntimeError as error:  # a CPU without AVX2
@@ -91,6 +91,48 @@ def test_kernel_matches_attention_in_float64(kernel_build, tokens, heads, head_d
     sdpa_error = (sdpa.transpose(1, 2).reshape(fused.shape).double() - expected).abs().max().item()
     fused_error = (fused.double() - expected).abs().max().item()
     assert fused_error <= 1.25 * sdpa_error + 1e-7 and fused_error < 1e-4, (fused_error, sdpa_error)
+
+
+@needs_kernel
+def test_kernel_reads_a_key_major_mask_as_it_is(kernel_build, monkeypatch):
+    """The same values in either memory layout give the same context; a key-major one (how the model caches it for
+    the kernel) reaches the kernel without a copy, any other is copied into that layout."""
+    torch.manual_seed(2)
+    qkv, mask = torch.randn(6, 64, 3 * 4 * 24), torch.randn(3, 4, 64, 64)
+    key_major = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+    given = []
+    kernels = native_kernels._kernels()
+
+    class Recording:  # records the mask pointer the kernel is given
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def htsat_window_attention(self, qkv_pointer, bias, mask_pointer, *rest):
+            given.append(mask_pointer)
+            return kernels.htsat_window_attention(qkv_pointer, bias, mask_pointer, *rest)
+
+    monkeypatch.setattr(native_kernels, "_kernels", Recording)
+    with torch.no_grad():
+        from_contiguous = window_attention(qkv, mask, 4, 24**-0.5, 1)
+        from_key_major = window_attention(qkv, key_major, 4, 24**-0.5, 1)
+    torch.testing.assert_close(from_key_major, from_contiguous, atol=0, rtol=0)
+    assert given[0] != mask.data_ptr() and given[1] == key_major.data_ptr()
+    torch.testing.assert_close(from_key_major.double(), reference_attention(qkv, mask, 4, 24**-0.5, 1), atol=1e-5, rtol=0)
+
+
+def test_attention_mask_is_cached_in_each_layout():
+    block = HTSATForAudioClassification(HTSATConfig(num_labels=3)).htsat.stages[0].blocks[1]
+    with torch.no_grad():
+        torch.nn.init.normal_(block.attn.relative_position_bias_table)
+        plain = block.attn.attention_mask(block.shift_mask)
+        key_major = block.attn.attention_mask(block.shift_mask, key_major=True)
+        assert plain.is_contiguous() and key_major.transpose(-1, -2).is_contiguous()
+        torch.testing.assert_close(key_major, plain, atol=0, rtol=0)
+        assert block.attn.attention_mask(block.shift_mask, key_major=True) is key_major
+        assert block.attn.attention_mask(block.shift_mask) is plain
+        block.attn.relative_position_bias_table.add_(1.0)  # new weights: both layouts are computed again
+        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask, key_major=True), key_major + 1.0)
+        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask), plain + 1.0)
 
 
 @needs_kernel

@@ -432,29 +432,37 @@ class HTSATWindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self._mask_cache: tuple[tuple, torch.Tensor] | None = None  # (key, mask); never saved
+        self._mask_cache: tuple[tuple, dict[bool, torch.Tensor]] | None = None  # (key, masks by layout); never saved
 
     def relative_position_bias(self) -> torch.Tensor:
         tokens = self.window * self.window
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
-    def attention_mask(self, shift_mask: torch.Tensor | None) -> torch.Tensor:
-        """Relative position bias plus shift mask: (windows or 1, heads, tokens, tokens), cached in inference."""
+    def attention_mask(self, shift_mask: torch.Tensor | None, key_major: bool = False) -> torch.Tensor:
+        """Relative position bias plus shift mask: (windows or 1, heads, tokens, tokens), cached in inference. The
+        values are always indexed (query, key); `key_major` lays them out in memory with the query varying fastest (a
+        transposed view of a contiguous tensor), as the fused kernel reads them, instead of contiguous for SDPA."""
         table = self.relative_position_bias_table
         cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not torch.compiler.is_compiling()
         if cacheable:
             shift_key = None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version)
             key = (table.data_ptr(), table._version, table.device, table.dtype, shift_key)
-            if self._mask_cache is not None and self._mask_cache[0] == key:
-                return self._mask_cache[1]
+            if self._mask_cache is None or self._mask_cache[0] != key:
+                self._mask_cache = (key, {})
+            masks = self._mask_cache[1]
+            if key_major not in masks:
+                masks[key_major] = self._attention_mask(shift_mask, key_major)
+            return masks[key_major]
+        return self._attention_mask(shift_mask, key_major)
+
+    def _attention_mask(self, shift_mask: torch.Tensor | None, key_major: bool) -> torch.Tensor:
         mask = self.relative_position_bias().unsqueeze(0)
         if shift_mask is not None:
             mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
-        mask = mask.contiguous()  # SDPA's CPU kernel would copy a strided mask on every call
-        if cacheable:
-            self._mask_cache = (key, mask)
-        return mask
+        if key_major:
+            return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return mask.contiguous()  # SDPA's CPU kernel would copy a strided mask on every call
 
     def forward(
         self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
@@ -629,8 +637,8 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         dim = source.shape[-1]
         tokens = self.window * self.window
         total = source.shape[0] // tokens
-        mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, tokens, tokens)
         fused = self.attn.fuses(source.view(total, tokens, dim))
+        mask = self.attn.attention_mask(self.shift_mask, key_major=fused)  # (windows per image or 1, heads, q, k)
         # the projection's and fc2's biases go into norm2's pass (quantised or replaced layers apply their own)
         split_biases = fused and bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
         later_biases = (self.attn.proj.bias, self.mlp.fc2.bias) if split_biases else (None, None)
