@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import htsat_hf.modeling_htsat as modeling
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, native_kernels
@@ -406,6 +407,68 @@ def test_merge_norm_is_patch_merging_up_to_its_linear_layer(kernel_build, dim):
         merge_norm(hidden, grid, norm, 40, 9)
     with pytest.raises(ValueError, match="not an even grid of 7 x 7"):
         merge_norm(torch.randn(1, 49, dim), 7, norm)
+
+
+@pytest.mark.parametrize("frames", [1001, 500, 2])
+def test_stretch_taps_are_pytorchs_bicubic_stretch(frames):
+    """Applied by gathering, the taps give what `F.interpolate` gives, edges (where clamping repeats frames) included."""
+    torch.manual_seed(0)
+    features = torch.randn(3, 1, frames, 8)
+    index, weight = native_kernels.stretch_taps(frames, 1024)
+    assert index.shape == weight.shape == (1024, 4) and int(index.min()) == 0 and int(index.max()) == frames - 1
+    stretched = (features[:, :, index] * weight[:, :, None]).sum(3)
+    expected = F.interpolate(features, (1024, 8), mode="bicubic", align_corners=True)
+    torch.testing.assert_close(stretched, expected, rtol=0, atol=2e-6)
+    index, weight = native_kernels.stretch_taps(1024, 1024)  # nothing to stretch: each frame itself
+    assert torch.equal(index.flatten(), torch.arange(1024)) and torch.equal(weight, torch.ones(1024, 1))
+    with pytest.raises(ValueError, match="2 to 1023 frames"):
+        native_kernels.stretch_taps(1, 1024)
+
+
+@needs_kernel
+@pytest.mark.parametrize("frames, mel", [(1001, 64), (1024, 64), (333, 32), (2, 64)])
+def test_fold_image_is_fold_spectrogram(kernel_build, frames, mel):
+    """The image from one pass of the kernel: the stretch, the cut into pieces and their stacking of PyTorch's ops,
+    within float32 rounding, and bit for bit where nothing is stretched; strided inputs too."""
+    torch.manual_seed(0)
+    config = HTSATConfig(num_mel_bins=mel)
+    features = torch.randn(3, 1, frames, mel) * 3
+    strided = torch.randn(3, 1, frames + 5, mel)[:, :, 5:]  # not contiguous: batch and time strides of its own
+    target, ratio = config.image_frames, config.freq_ratio
+    with torch.no_grad():
+        assert native_kernels.fold_image_applies(features, target, ratio)
+        with native_kernels.torch_ops_instead():
+            expected = modeling.fold_spectrogram(features, config)
+            expected_strided = modeling.fold_spectrogram(strided, config)
+        image = native_kernels.fold_image(features, target, ratio)
+        assert image.shape == (3, 1, 256, 256) and image.is_contiguous()
+        if frames == 1024:
+            assert torch.equal(image, expected)
+        torch.testing.assert_close(image, expected, rtol=0, atol=4e-6)
+        torch.testing.assert_close(native_kernels.fold_image(strided, target, ratio), expected_strided, rtol=0, atol=4e-6)
+        calls = []
+        original = native_kernels.fold_image
+        with pytest.MonkeyPatch.context() as patch:  # the model takes the kernel in inference
+            patch.setattr(modeling, "fold_image", lambda *args: calls.append(1) or original(*args))
+            torch.testing.assert_close(modeling.fold_spectrogram(features, config), expected, rtol=0, atol=4e-6)
+        assert calls == [1]
+
+
+@needs_kernel
+def test_fold_image_applies_only_where_it_can():
+    features = torch.randn(2, 1, 1001, 64)
+    with torch.no_grad():
+        assert not native_kernels.fold_image_applies(features.double(), 1024, 4)
+        assert not native_kernels.fold_image_applies(torch.randn(2, 1, 1001, 60), 1024, 4)  # mel not a multiple of 8
+        assert not native_kernels.fold_image_applies(torch.randn(2, 1, 1025, 64), 1024, 4)  # more than one image
+        assert not native_kernels.fold_image_applies(features, 1000, 4)  # pieces of 250 frames
+        with pytest.raises(ValueError, match=r"does not take features \(2, 1, 1001, 60\)"):
+            native_kernels.fold_image(torch.randn(2, 1, 1001, 60), 1024, 4)
+    wanting_gradients = features.clone().requires_grad_()
+    assert not native_kernels.fold_image_applies(wanting_gradients, 1024, 4)
+    image = modeling.fold_spectrogram(wanting_gradients, HTSATConfig())  # PyTorch's ops, so gradients flow
+    image.sum().backward()
+    assert wanting_gradients.grad is not None
 
 
 def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():

@@ -29,6 +29,8 @@ from .configuration_htsat import HTSATConfig
 from .cpu_kernels import bias_separable, linear, linear_add_, linear_weights
 from .native_kernels import (
     copy_rows,
+    fold_image,
+    fold_image_applies,
     fused_attention_applies,
     layer_norm,
     layer_norm_,
@@ -259,6 +261,8 @@ def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tenso
     """
     batch, channels, frames, mel_bins = features.shape
     target = config.image_frames
+    if not torch.compiler.is_exporting() and fold_image_applies(features, target, config.freq_ratio):
+        return fold_image(features, target, config.freq_ratio)  # CPU inference: one pass of a native kernel
     if (torch.compiler.is_exporting() and not frames > target) or frames < target:
         # exported for lengths up to one image, the stretch is always in the graph: at exactly `target` frames it is
         # the identity (align_corners samples the input's own points)

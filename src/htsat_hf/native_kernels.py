@@ -24,6 +24,10 @@ and carries fc2's bias into the tokens that fc2's GEMM then accumulates into (no
 Row copies: tokens gathered into a chunk from, and written back to, rows given by index (one threaded pass each way),
 so that a Swin stage's blocks take their windows straight from the grid-ordered tokens.
 
+Spectrogram image: the bicubic stretch of a clip's 1001 frames to 1024 (with PyTorch's own tap weights), and the
+cut of the time axis into pieces stacked along frequency, in one pass: 0.13 against 3.3 ms for `F.interpolate`, a
+permute and a reshape copy at batch 16 (AMD EPYC Zen 5, 2 cores).
+
 GELU: the exact (erf) form, with fc1's bias, in place on fc1's bias-free output; its erf is the 1.5e-7 approximation
 that PyTorch's own vectorised CPU GELU uses, so the two agree to about 1 ulp.
 
@@ -413,6 +417,48 @@ extern "C" int htsat_copy_rows(const float* src, const int64_t* src_index, float
     return 0;
 }
 
+
+// ------------------------------------------------------------------------------------------- spectrogram image
+// HTS-AT's image from `batch` spectrograms x (frames at time_stride, mel bins contiguous, inputs batch_stride apart):
+// the time axis stretched to `target` frames, stretched[t] = sum_k tap_weight[t][k] * x[tap_index[t][k]] over `taps`
+// taps, then cut into `ratio` pieces stacked along frequency: out (batch, ratio * mel, target / ratio), contiguous,
+// out[b][r * mel + m][c] = stretched[r * target / ratio + c][m]. Eight frames at a time are stretched into L1 and
+// transposed into the image in registers. Returns 1 for shapes it does not take (mel or target / ratio not a
+// multiple of 8, more than 256 mel bins).
+extern "C" int htsat_fold_image(const float* x, long batch_stride, long time_stride, const int64_t* tap_index,
+                                const float* tap_weight, int taps, float* out, long batch, int target, int mel,
+                                int ratio, int threads) {
+    if (batch < 0 || taps < 1 || ratio < 1 || mel < 8 || mel % 8 != 0 || mel > 256 || target % ratio != 0 ||
+        (target / ratio) % 8 != 0)
+        return 1;
+    const int width = target / ratio, body = mel - mel % VW;
+    const long tiles_per_image = target / 8, tiles = batch * tiles_per_image;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long tile = 0; tile < tiles; ++tile) {
+        const long b = tile / tiles_per_image;
+        const int t0 = (int)(tile % tiles_per_image) * 8;
+        const float* spectrogram = x + b * batch_stride;
+        alignas(64) float stretched[8 * 256];
+        for (int a = 0; a < 8; ++a) {
+            const int64_t* index = tap_index + (long)(t0 + a) * taps;
+            const float* weight = tap_weight + (long)(t0 + a) * taps;
+            float* row = stretched + a * mel;
+            for (int m = 0; m < body; m += VW) {
+                vec sum = weight[0] * *(const uvec*)(spectrogram + index[0] * time_stride + m);
+                for (int k = 1; k < taps; ++k) sum += weight[k] * *(const uvec*)(spectrogram + index[k] * time_stride + m);
+                *(uvec*)(row + m) = sum;
+            }
+            for (int m = body; m < mel; ++m) {
+                float sum = weight[0] * spectrogram[index[0] * time_stride + m];
+                for (int k = 1; k < taps; ++k) sum += weight[k] * spectrogram[index[k] * time_stride + m];
+                row[m] = sum;
+            }
+        }
+        float* piece = out + (b * ratio + t0 / width) * mel * (long)width + t0 % width;
+        for (int m = 0; m < mel; m += 8) transpose_8x8(stretched + m, mel, piece + (long)m * width, width);
+    }
+    return 0;
+}
 """
 
 
@@ -483,6 +529,8 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
     loaded.htsat_merge_norm.argtypes = [pointer] * 4 + [long, long, int_, int_, float_, int_]
     loaded.htsat_copy_rows.restype = int_
     loaded.htsat_copy_rows.argtypes = [pointer] * 4 + [long, int_, int_]
+    loaded.htsat_fold_image.restype = int_
+    loaded.htsat_fold_image.argtypes = [pointer, long, long, pointer, pointer, int_, pointer, long, int_, int_, int_, int_]
     return loaded
 
 
@@ -763,7 +811,65 @@ def copy_rows(
     return target
 
 
+@functools.lru_cache(maxsize=16)
+def stretch_taps(frames: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, taps) frame indices and weights of the bicubic stretch of `frames` frames to `target` (align_corners,
+    as `fold_spectrogram` stretches): taken from `F.interpolate` itself, applied to the identity, so that they are
+    PyTorch's own weights, with the taps that clamping at the edges merges counted once. One tap of weight 1 per
+    frame where nothing is stretched."""
+    if frames == target:
+        return torch.arange(target).view(target, 1), torch.ones(target, 1)
+    if not 1 < frames < target:
+        raise ValueError(f"the stretch takes 2 to {target - 1} frames to {target}, not {frames}")
+    identity = torch.eye(frames).view(1, 1, frames, frames)
+    weights = F.interpolate(identity, (target, frames), mode="bicubic", align_corners=True).view(target, frames)
+    first = (weights != 0).int().argmax(dim=1, keepdim=True)  # each row's taps are 4 consecutive frames, clamped
+    index = (first + torch.arange(4)).clamp(max=frames - 1)
+    tap_weight = weights.gather(1, index)
+    tap_weight[:, 1:][index[:, 1:] == index[:, :-1]] = 0.0  # a frame repeated by clamping is counted once
+    if not torch.equal((tap_weight != 0).sum(1), (weights != 0).sum(1)):
+        raise RuntimeError("bicubic stretch weights span more than 4 frames")  # PyTorch's kernel changed
+    return index.contiguous(), tap_weight.contiguous()
+
+
+def fold_image_applies(features: torch.Tensor, target: int, ratio: int) -> bool:
+    """Whether `fold_image` takes these (batch, 1, frames, mel) features to an image of `target` frames."""
+    batch, channels, frames, mel = features.shape
+    return (
+        channels == 1
+        and 1 < frames <= target
+        and mel % 8 == 0
+        and mel <= 256
+        and target % ratio == 0
+        and (target // ratio) % 8 == 0
+        and kernels_apply(features)
+    )
+
+
+def fold_image(features: torch.Tensor, target: int, ratio: int) -> torch.Tensor:
+    """HTS-AT's spectrogram image from (batch, 1, frames, mel) features in one pass: the time axis stretched
+    bicubically to `target` frames (`stretch_taps`), cut into `ratio` pieces stacked along frequency ->
+    (batch, 1, ratio * mel, target // ratio). `modeling_htsat.fold_spectrogram` with PyTorch's ops makes the same
+    image (within float32 rounding) in three passes: `F.interpolate`, a permute and a reshape copy."""
+    if not fold_image_applies(features, target, ratio):
+        raise ValueError(f"fold_image does not take features {tuple(features.shape)} to {target} frames in {ratio}")
+    batch, _, frames, mel = features.shape
+    if features.stride(-1) != 1:
+        features = features.contiguous()
+    index, weight = stretch_taps(frames, target)
+    image = features.new_empty(batch, 1, ratio * mel, target // ratio)
+    with named_in_profiles("htsat_fold_image"):
+        status = _kernels().htsat_fold_image(
+            features.data_ptr(), features.stride(0), features.stride(2), index.data_ptr(), weight.data_ptr(),
+            index.shape[1], image.data_ptr(), batch, target, mel, ratio, torch.get_num_threads(),
+        )
+    if status != 0:
+        raise ValueError(f"the fold_image kernel refused features {tuple(features.shape)}")
+    return image
+
+
 __all__ = [
-    "bias_gelu_", "build_kernels", "copy_rows", "fused_attention_applies", "kernel_cache_dir", "kernels_apply",
-    "layer_norm", "layer_norm_", "merge_norm", "merge_norm_applies", "torch_ops_instead", "window_attention",
+    "bias_gelu_", "build_kernels", "copy_rows", "fold_image", "fold_image_applies", "fused_attention_applies",
+    "kernel_cache_dir", "kernels_apply", "layer_norm", "layer_norm_", "merge_norm", "merge_norm_applies",
+    "stretch_taps", "torch_ops_instead", "window_attention",
 ]
