@@ -121,6 +121,40 @@ def test_kernel_reads_a_key_major_mask_as_it_is(kernel_build, monkeypatch):
     torch.testing.assert_close(from_key_major.double(), reference_attention(qkv, mask, 4, 24**-0.5, 1), atol=1e-5, rtol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("tokens, heads, head_dim, period, first", [(64, 4, 24, 16, 5), (16, 2, 8, 3, 0)])
+def test_kernel_adds_window_masks_by_kind(kernel_build, tokens, heads, head_dim, period, first):
+    """A per-head mask plus one of a few per-window masks chosen by kind: the attention of their sum."""
+    torch.manual_seed(3)
+    qkv, mask = torch.randn(9, tokens, 3 * heads * head_dim), torch.randn(1, heads, tokens, tokens)
+    kinds = torch.randn(3, tokens, tokens)
+    kinds[1, : tokens // 2, tokens // 2 :] = modeling.SHIFT_MASK_VALUE
+    kind_of_window = torch.randint(0, 3, (period,))
+    combined = mask + kinds[kind_of_window].unsqueeze(1)  # (period, heads, tokens, tokens)
+    with torch.no_grad():
+        fused = window_attention(qkv, mask, heads, head_dim**-0.5, first, window_masks=kinds, window_kinds=kind_of_window)
+    expected = reference_attention(qkv, combined, heads, head_dim**-0.5, first)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="must index the 3 window_masks"):
+        window_attention(qkv, mask, heads, 0.2, window_masks=kinds, window_kinds=kind_of_window.clone().fill_(3))
+    with pytest.raises(ValueError, match="go together"):
+        window_attention(qkv, mask, heads, 0.2, window_masks=kinds)
+    with pytest.raises(ValueError, match=r"window_masks must be float32 \(kinds"):
+        window_attention(qkv, mask, heads, 0.2, window_masks=kinds[0], window_kinds=kind_of_window)
+
+
+def test_shift_kinds_rebuild_the_shift_mask():
+    model = HTSATForAudioClassification(HTSATConfig(num_labels=3))
+    shifted = [block for stage in model.htsat.stages for block in stage.blocks if block.shift_mask is not None]
+    assert shifted and all(block.shift_kinds() is None for stage in model.htsat.stages for block in stage.blocks
+                           if block.shift_mask is None)
+    for block in shifted:
+        kinds, kind_of_window = block.shift_kinds()
+        assert kinds.shape[0] == 4 and kinds.transpose(-1, -2).is_contiguous()  # interior, two edges, corner
+        assert torch.equal(kinds[kind_of_window], block.shift_mask)
+        assert block.shift_kinds()[0] is kinds  # cached
+
+
 def test_attention_mask_is_cached_in_each_layout():
     block = HTSATForAudioClassification(HTSATConfig(num_labels=3)).htsat.stages[0].blocks[1]
     with torch.no_grad():

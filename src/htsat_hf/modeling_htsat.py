@@ -436,7 +436,7 @@ class HTSATWindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self._mask_cache: tuple[tuple, dict[bool, torch.Tensor]] | None = None  # (key, masks by layout); never saved
+        self._mask_cache: tuple[tuple, dict[tuple, torch.Tensor]] | None = None  # (weights, masks by layout); unsaved
 
     def relative_position_bias(self) -> torch.Tensor:
         tokens = self.window * self.window
@@ -449,16 +449,16 @@ class HTSATWindowAttention(nn.Module):
         transposed view of a contiguous tensor), as the fused kernel reads them, instead of contiguous for SDPA."""
         table = self.relative_position_bias_table
         cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not torch.compiler.is_compiling()
-        if cacheable:
-            shift_key = None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version)
-            key = (table.data_ptr(), table._version, table.device, table.dtype, shift_key)
-            if self._mask_cache is None or self._mask_cache[0] != key:
-                self._mask_cache = (key, {})
-            masks = self._mask_cache[1]
-            if key_major not in masks:
-                masks[key_major] = self._attention_mask(shift_mask, key_major)
-            return masks[key_major]
-        return self._attention_mask(shift_mask, key_major)
+        if not cacheable:
+            return self._attention_mask(shift_mask, key_major)
+        weights_key = (table.data_ptr(), table._version, table.device, table.dtype)
+        if self._mask_cache is None or self._mask_cache[0] != weights_key or len(self._mask_cache[1]) > 4:
+            self._mask_cache = (weights_key, {})
+        masks = self._mask_cache[1]
+        layout = (None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version), key_major)
+        if layout not in masks:
+            masks[layout] = self._attention_mask(shift_mask, key_major)
+        return masks[layout]
 
     def _attention_mask(self, shift_mask: torch.Tensor | None, key_major: bool) -> torch.Tensor:
         mask = self.relative_position_bias().unsqueeze(0)
@@ -493,16 +493,26 @@ class HTSATWindowAttention(nn.Module):
         )
 
     def attend_fused(
-        self, windows: torch.Tensor, mask: torch.Tensor, first_window: int, output_bias: bool = True
+        self,
+        windows: torch.Tensor,
+        mask: torch.Tensor,
+        first_window: int,
+        output_bias: bool = True,
+        window_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`attend` through the fused CPU kernel, for windows (windows, tokens, dim) that start at window `first_window`
-        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel. The
-        qkv bias of a plain linear layer is applied by the kernel rather than written into the GEMM's output; with
+        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel, and
+        `window_masks` (kinds, kind of each window of an image) are added per window (`HTSATSwinBlock.shift_kinds`).
+        The qkv bias of a plain linear layer is applied by the kernel rather than written into the GEMM's output; with
         `output_bias=False` the output projection's bias is left to the caller, which adds it with the residual."""
         split = bias_separable(self.qkv)
         qkv = linear(windows, self.qkv, with_bias=not split)
         qkv_bias = self.qkv.bias if split else None
-        context = window_attention(qkv, mask, self.num_heads, self.scale, first_window, qkv_bias=qkv_bias)
+        kinds, kind_of_window = window_masks if window_masks is not None else (None, None)
+        context = window_attention(
+            qkv, mask, self.num_heads, self.scale, first_window,
+            qkv_bias=qkv_bias, window_masks=kinds, window_kinds=kind_of_window,
+        )
         return linear(context, self.proj, with_bias=output_bias)
 
     def attend(
@@ -592,9 +602,22 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self.mlp = HTSATMlp(config, dim)
         self.register_buffer("shift_mask", self.create_shift_mask(), persistent=False)
         self.windows_per_chunk = self.chunk_size(int(dim * config.mlp_ratio))
+        self._kinds_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # never saved
 
     def create_shift_mask(self) -> torch.Tensor | None:
         return shifted_window_mask(self.grid, self.window, self.shift) if self.shift else None
+
+    def shift_kinds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The distinct windows of the shift mask (kinds, tokens, tokens), laid out key-major for the fused kernel,
+        and each window's kind (windows per image,): four kinds (interior, two edges, corner) in place of a mask per
+        window. None for a block without shift. Cached while the mask buffer is unchanged."""
+        if self.shift_mask is None:
+            return None
+        key = (self.shift_mask.data_ptr(), self.shift_mask._version, self.shift_mask.device)
+        if self._kinds_cache is None or self._kinds_cache[0] != key:
+            kinds, kind_of_window = torch.unique(self.shift_mask, dim=0, return_inverse=True)
+            self._kinds_cache = (key, (kinds.transpose(-1, -2).contiguous().transpose(-1, -2), kind_of_window))
+        return self._kinds_cache[1]
 
     def window_order(self) -> torch.Tensor:
         """(grid * grid,) grid positions of this block's tokens, window after window."""
@@ -642,7 +665,10 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         tokens = self.window * self.window
         total = source.shape[0] // tokens
         fused = self.attn.fuses(source.view(total, tokens, dim))
-        mask = self.attn.attention_mask(self.shift_mask, key_major=fused)  # (windows per image or 1, heads, q, k)
+        if fused:  # the position bias (1, heads, q, k) and the shift mask's few kinds, added apart by the kernel
+            mask, window_masks = self.attn.attention_mask(None, key_major=True), self.shift_kinds()
+        else:
+            mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, q, k)
         # the projection's and fc2's biases go into norm2's pass (quantised or replaced layers apply their own)
         split_biases = fused and bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
         later_biases = (self.attn.proj.bias, self.mlp.fc2.bias) if split_biases else (None, None)
@@ -657,7 +683,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
                 part = copy_rows(source, gathered[: stop - start], order[start:stop])
             windows = layer_norm(part, self.norm1).view(-1, tokens, dim)
             if fused:
-                attended = self.attn.attend_fused(windows, mask, first, output_bias=not split_biases)
+                attended = self.attn.attend_fused(windows, mask, first, not split_biases, window_masks)
             else:
                 attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
             normed = layer_norm(part, self.norm2, attended.view(-1, dim), *later_biases)

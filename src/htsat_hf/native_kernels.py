@@ -160,8 +160,8 @@ constexpr int dims_block(int qb, int head_dim) {
 }
 
 template <int T, int ND>  // tokens T (a multiple of 16), head_dim = 8 * ND
-static void attend_one(const float* qkv, const float* q_bias, const float* v_bias, const float* mask_t, float* out,
-                       int heads, int h, float scale) {
+static void attend_one(const float* qkv, const float* q_bias, const float* v_bias, const float* mask_t,
+                       const float* window_mask_t, float* out, int heads, int h, float scale) {
     // Scores are computed transposed, (key, query), so that every step runs down whole vectors of queries: the
     // softmax's maximum and sum are lane-wise (no reductions across a vector), and the context's head dims take one
     // broadcast each (no partial vectors where head_dim is not a multiple of the vector width).
@@ -197,7 +197,8 @@ static void attend_one(const float* qkv, const float* q_bias, const float* v_bia
             for (int b = 0; b < KJ; ++b)
                 for (int a = 0; a < QB; ++a) {
                     const long at = (j + b) * T + i0 + VW * a;
-                    const vec score = acc[b][a] * scale + *(const vec*)(mask_t + at);
+                    vec score = acc[b][a] * scale + *(const vec*)(mask_t + at);
+                    if (window_mask_t != nullptr) score += *(const vec*)(window_mask_t + at);
                     *(vec*)(p_t + at) = score;
                     m[a] = score > m[a] ? score : m[a];  // each query's running maximum
                 }
@@ -237,29 +238,41 @@ static void attend_one(const float* qkv, const float* q_bias, const float* v_bia
         for (int d = 0; d < D; d += 8) transpose_8x8(o_t + d * T + i, T, o + i * out_stride + d, out_stride);
 }
 
+struct AttentionMasks {  // the additive masks; windows are counted from `offset` (the call's first window)
+    const float* mask;          // (mask_windows, heads, key, query): window w takes mask[w % mask_windows]
+    long mask_windows;
+    const float* window_masks;  // null, or (kinds, key, query) for all heads: window w adds window_masks[kind[w % period]]
+    const int64_t* kind;
+    long period;
+    long offset;
+};
+
 template <int T, int ND>
-static void attend_all(const float* qkv, const float* qkv_bias, const float* mask, float* out, long windows, int heads,
-                       long mask_windows, long mask_offset, float scale, int threads) {
+static void attend_all(const float* qkv, const float* qkv_bias, const AttentionMasks& masks, float* out, long windows,
+                       int heads, float scale, int threads) {
     constexpr long D = 8 * ND;
     const long tasks = windows * heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long task = 0; task < tasks; ++task) {
-        long w = task / heads;
-        int h = (int)(task % heads);
-        const float* m = mask + (((mask_offset + w) % mask_windows) * heads + h) * T * T;
+        const long w = task / heads, window = masks.offset + w;
+        const int h = (int)(task % heads);
+        const float* mask = masks.mask + ((window % masks.mask_windows) * heads + h) * T * T;
+        const float* window_mask =
+            masks.window_masks != nullptr ? masks.window_masks + masks.kind[window % masks.period] * T * T : nullptr;
         const float* q_bias = qkv_bias != nullptr ? qkv_bias + h * D : nullptr;
         const float* v_bias = qkv_bias != nullptr ? qkv_bias + (2L * heads + h) * D : nullptr;
-        attend_one<T, ND>(qkv + w * T * 3 * heads * D, q_bias, v_bias, m, out + w * T * heads * D, heads, h, scale);
+        attend_one<T, ND>(qkv + w * T * 3 * heads * D, q_bias, v_bias, mask, window_mask, out + w * T * heads * D,
+                          heads, h, scale);
     }
 }
 
 template <int T>
-static int dispatch_head_dim(const float* qkv, const float* qkv_bias, const float* mask, float* out, long windows,
-                             int heads, int head_dim, long mask_windows, long mask_offset, float scale, int threads) {
+static int dispatch_head_dim(const float* qkv, const float* qkv_bias, const AttentionMasks& masks, float* out,
+                             long windows, int heads, int head_dim, float scale, int threads) {
     switch (head_dim) {
-#define CASE(ND)                                                                                  \
-    case 8 * ND:                                                                                  \
-        attend_all<T, ND>(qkv, qkv_bias, mask, out, windows, heads, mask_windows, mask_offset, scale, threads); \
+#define CASE(ND)                                                                        \
+    case 8 * ND:                                                                        \
+        attend_all<T, ND>(qkv, qkv_bias, masks, out, windows, heads, scale, threads);   \
         return 0;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -270,17 +283,22 @@ static int dispatch_head_dim(const float* qkv, const float* qkv_bias, const floa
 // qkv: (windows, tokens, 3, heads, head_dim), the projection without its bias; qkv_bias: (3, heads, head_dim) or
 // null. q's bias is added to the queries, v's to the context, k's nowhere: it adds q . b_k to all of a query's scores,
 // which the softmax takes out. mask: (mask_windows, heads, key, query), transposed, window w takes
-// mask[(mask_offset + w) % mask_windows]; out: (windows, tokens, heads, head_dim). Returns 0, or 1 for a shape
-// this kernel does not take (tokens 16/32/48/64, head_dim a multiple of 8 up to 64).
-extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, const float* mask, float* out,
+// mask[(mask_offset + w) % mask_windows]; window_masks: null, or (kinds, key, query), transposed, added for every head,
+// window w taking window_masks[window_kind[(mask_offset + w) % kind_period]]; out: (windows, tokens, heads,
+// head_dim). Returns 0, 1 for a shape this kernel does not take (tokens 16/32/48/64, head_dim a multiple of 8 up to
+// 64), or 2 for a window kind outside [0, kinds).
+extern "C" int htsat_window_attention(const float* qkv, const float* qkv_bias, const float* mask,
+                                      const float* window_masks, const int64_t* window_kind, float* out,
                                       long windows, int tokens, int heads, int head_dim, long mask_windows,
-                                      long mask_offset, float scale, int threads) {
-    if (mask_windows < 1 || heads < 1 || windows < 0) return 1;
+                                      long kinds, long kind_period, long mask_offset, float scale, int threads) {
+    if (mask_windows < 1 || heads < 1 || windows < 0 || (window_masks != nullptr && kind_period < 1)) return 1;
+    if (window_masks != nullptr)
+        for (long w = 0; w < kind_period; ++w)
+            if (window_kind[w] < 0 || window_kind[w] >= kinds) return 2;
+    const AttentionMasks masks{mask, mask_windows, window_masks, window_kind, kind_period, mask_offset};
     switch (tokens) {
-#define CASE(T)                                                                                       \
-    case T:                                                                                           \
-        return dispatch_head_dim<T>(qkv, qkv_bias, mask, out, windows, heads, head_dim, mask_windows,   \
-                                    mask_offset, scale, threads);
+#define CASE(T)                                                                                                 \
+    case T: return dispatch_head_dim<T>(qkv, qkv_bias, masks, out, windows, heads, head_dim, scale, threads);
         CASE(16) CASE(32) CASE(48) CASE(64)
 #undef CASE
         default: return 1;
@@ -518,7 +536,7 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
         raise RuntimeError(f"they would bring a second OpenMP runtime beside PyTorch's ({sorted(_libgomp_paths())})")
     pointer, long, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     loaded.htsat_window_attention.restype = int_
-    loaded.htsat_window_attention.argtypes = [pointer] * 4 + [long, int_, int_, int_, long, long, float_, int_]
+    loaded.htsat_window_attention.argtypes = [pointer] * 6 + [long, int_, int_, int_, long, long, long, long, float_, int_]
     loaded.htsat_vector_width.restype = int_
     loaded.htsat_vector_width.argtypes = []
     loaded.htsat_layer_norm.restype = int_
@@ -604,12 +622,19 @@ def window_attention(
     scale: float,
     first_window: int = 0,
     qkv_bias: torch.Tensor | None = None,
+    window_masks: torch.Tensor | None = None,
+    window_kinds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v per window and head, for qkv (windows, tokens, 3 * dim) laid out as
     (3, heads, head_dim) along the last axis, and an additive mask (mask_windows, heads, query, key) of which
     window w takes `mask[(first_window + w) % mask_windows]`. Returns the context (windows, tokens, dim).
 
-    The kernel reads the mask key-major (queries varying fastest in memory): a mask laid out so, such as
+    `window_masks` (kinds, query, key) with `window_kinds` (period,) int64: a second additive mask, the same for all
+    heads, window w adding `window_masks[window_kinds[(first_window + w) % period]]`. Swin's shifted windows take
+    few kinds (the interior's, the edges', the corner's): kept apart from the per-head position bias, the masks of a
+    chunk stay in cache instead of one per window and head.
+
+    The kernel reads the masks key-major (queries varying fastest in memory): a mask laid out so, such as
     `mask_by_key.transpose(-1, -2)`, is read as it is; any other is copied into that layout on each call.
 
     `qkv_bias` (3 * dim,): the projection's bias, when `qkv` was computed without it (saving the GEMM a pass that
@@ -623,17 +648,39 @@ def window_attention(
         raise ValueError(f"mask must be (mask_windows, {num_heads}, {tokens}, {tokens}), got {tuple(mask.shape)}")
     if qkv_bias is not None and (qkv_bias.shape != (width,) or qkv_bias.dtype != torch.float32):
         raise ValueError(f"qkv_bias must be float32 of shape ({width},), got {qkv_bias.dtype} {tuple(qkv_bias.shape)}")
+    if (window_masks is None) != (window_kinds is None):
+        raise ValueError("window_masks and window_kinds go together: pass both or neither")
+    if window_masks is not None and (
+        window_masks.dtype != torch.float32
+        or window_masks.dim() != 3
+        or tuple(window_masks.shape[1:]) != (tokens, tokens)
+        or window_kinds.dtype != torch.int64
+        or window_kinds.dim() != 1
+        or window_kinds.numel() == 0
+    ):
+        raise ValueError(
+            f"window_masks must be float32 (kinds, {tokens}, {tokens}) and window_kinds a non-empty 1-D int64 tensor, "
+            f"got {window_masks.dtype} {tuple(window_masks.shape)} and {window_kinds.dtype} {tuple(window_kinds.shape)}"
+        )
+    if first_window < 0:
+        raise ValueError(f"first_window must be >= 0, got {first_window}")
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("HTS-AT's native CPU kernels are not available here (see `kernels_apply`)")
     qkv, mask_by_key = qkv.contiguous(), mask.transpose(-1, -2).contiguous()  # (mask_windows, heads, key, query)
     qkv_bias = None if qkv_bias is None else qkv_bias.contiguous()
+    kinds_by_key = None if window_masks is None else window_masks.transpose(-1, -2).contiguous()
+    window_kinds = None if window_kinds is None else window_kinds.contiguous()
     context = qkv.new_empty(windows, tokens, dim)
     with named_in_profiles("htsat_window_attention"):
         status = kernels.htsat_window_attention(
-            qkv.data_ptr(), _pointer(qkv_bias), mask_by_key.data_ptr(), context.data_ptr(), windows, tokens, num_heads,
-            dim // num_heads, mask.shape[0], first_window % mask.shape[0], scale, torch.get_num_threads(),
+            qkv.data_ptr(), _pointer(qkv_bias), mask_by_key.data_ptr(), _pointer(kinds_by_key), _pointer(window_kinds),
+            context.data_ptr(), windows, tokens, num_heads, dim // num_heads, mask.shape[0],
+            0 if window_masks is None else window_masks.shape[0], 0 if window_kinds is None else window_kinds.numel(),
+            first_window, scale, torch.get_num_threads(),
         )
+    if status == 2:
+        raise ValueError(f"window_kinds must index the {window_masks.shape[0]} window_masks, got {window_kinds.tolist()}")
     if status != 0:
         raise ValueError(f"window_attention does not take {tokens} tokens with {dim // num_heads}-wide heads")
     return context
