@@ -254,3 +254,48 @@ def test_flop_counter_counts_the_fused_path():
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
 
+
+
+needs_reorder = pytest.mark.skipif(cpu_kernels._ONEDNN_REORDER is None, reason="this PyTorch build cannot pack")
+
+
+@needs_reorder
+@pytest.mark.parametrize("rows, inputs, outputs", [(2048, 96, 288), (512, 384, 1536), (37, 768, 527)])
+def test_packed_weights_give_the_plain_weights_product(rows, inputs, outputs):
+    """oneDNN with the weight packed once computes what it computes from the plain weight, for the rows it was
+    packed for and for others (a last, smaller chunk)."""
+    layer = _layer(inputs, outputs)
+    with torch.no_grad():
+        packed = cpu_kernels.packed_weight(layer.weight, rows)
+        assert packed is not layer.weight and packed.is_mkldnn
+        for count in (rows, rows // 2 + 1):
+            x = torch.randn(count, inputs)
+            plain = cpu_kernels._ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
+            torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, layer.bias), plain, rtol=1e-6, atol=1e-6)
+            gelu = cpu_kernels._ONEDNN_LINEAR(x, layer.weight, layer.bias, "gelu", [], "none")
+            torch.testing.assert_close(cpu_kernels._fused_onednn_gelu(x, layer.weight, layer.bias), gelu, rtol=1e-6, atol=1e-6)
+
+
+@needs_reorder
+def test_packed_weights_follow_the_weight_and_go_with_it():
+    """Packed once per weight; packed anew when the weight is loaded or edited in place; a view (the head's
+    convolution as a matrix) kept with the weight it views; forgotten when the weight is."""
+    import gc
+
+    layer = _layer(96, 192)
+    x = torch.randn(64, 96)
+    with torch.no_grad():
+        first = cpu_kernels.packed_weight(layer.weight, 64)
+        assert cpu_kernels.packed_weight(layer.weight, 64) is first
+        layer.load_state_dict(_layer(96, 192).state_dict() | {"weight": torch.randn(192, 96)})  # in-place copy
+        assert cpu_kernels.packed_weight(layer.weight, 64) is not first
+        torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
+        layer.weight.mul_(2.0)
+        torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
+        conv = nn.Conv2d(96, 10, (2, 3))
+        as_matrix = cpu_kernels.packed_weight(conv.weight.view(10, -1), 64)
+        assert cpu_kernels.packed_weight(conv.weight.view(10, -1), 64) is as_matrix  # a new view, the same weight
+    entries = len(cpu_kernels._PACKED_WEIGHTS)
+    del layer, conv, first, as_matrix
+    gc.collect()
+    assert len(cpu_kernels._PACKED_WEIGHTS) == entries - 2
