@@ -505,6 +505,22 @@ def test_fold_image_applies_only_where_it_can():
     assert wanting_gradients.grad is not None
 
 
+def test_onnx_export_check_reads_what_pytorch_reads(monkeypatch):
+    """The fast check agrees with `torch.onnx.is_in_onnx_export` whichever exporter's flag is set."""
+    assert native_kernels.in_onnx_export() is torch.onnx.is_in_onnx_export() is False
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        pytest.skip("this PyTorch keeps its ONNX export flags elsewhere: the public function is used")
+    for holder, name in ((_flags, "_is_onnx_exporting"), (GLOBALS, "in_onnx_export")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(holder, name, True)
+            assert torch.onnx.is_in_onnx_export() and native_kernels.in_onnx_export()
+            with torch.no_grad():
+                assert not kernels_apply(torch.randn(2, 8))
+
+
 def test_layer_norm_takes_torch_ops_where_the_kernel_does_not_apply():
     norm = torch.nn.LayerNorm(16)
     hidden, residual = torch.randn(4, 16), torch.randn(4, 16)

@@ -48,7 +48,7 @@ try:  # Unix: processes share the measured plan; elsewhere each process measures
 except ImportError:
     fcntl = None
 
-from .native_kernels import _cpu_flags, bias_gelu_, kernel_cache_dir
+from .native_kernels import _cpu_flags, bias_gelu_, in_onnx_export, kernel_cache_dir
 
 logger = logging.get_logger(__name__)
 
@@ -126,7 +126,7 @@ def _eager() -> bool:
     return (
         not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
+        and not in_onnx_export()
         and torch._C._len_torch_dispatch_stack() == 0
     )
 
