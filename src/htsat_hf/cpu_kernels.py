@@ -111,7 +111,7 @@ def inference_path_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
 
 def _weights_path_applies(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        inputs.device.type == "cpu"
+        inputs.is_cpu
         and inputs.dtype == torch.float32
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
