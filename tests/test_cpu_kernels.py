@@ -295,6 +295,9 @@ def test_packed_weights_follow_the_weight_and_go_with_it():
         conv = nn.Conv2d(96, 10, (2, 3))
         as_matrix = cpu_kernels.packed_weight(conv.weight.view(10, -1), 64)
         assert cpu_kernels.packed_weight(conv.weight.view(10, -1), 64) is as_matrix  # a new view, the same weight
+        with pytest.MonkeyPatch.context() as patch:  # memory before speed: the plain weight
+            patch.setenv("HTSAT_HF_PACK_WEIGHTS", "0")
+            assert cpu_kernels.packed_weight(layer.weight, 64) is layer.weight
     entries = len(cpu_kernels._PACKED_WEIGHTS)
     del layer, conv, first, as_matrix
     gc.collect()

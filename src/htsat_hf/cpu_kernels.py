@@ -18,7 +18,8 @@ the GEMM library instead.
 oneDNN takes each weight packed once into its own blocked layout (`packed_weight`, as PyTorch's compiler does to frozen
 weights) instead of packing the plain weight again on every call: bit-identical outputs, 3-8 % faster per GEMM in
 isolation and 1.10x for the whole model at batch 16 on an AMD EPYC Zen 5 (the repacking also evicted the caches the
-kernels around it use), for one more copy of the weights in memory (115 MiB more resident for the paper-size model).
+kernels around it use), for one more copy of the weights in memory (115 MiB more resident for the paper-size model;
+`HTSAT_HF_PACK_WEIGHTS=0` keeps the plain weights only).
 
 Used only where it applies (fp32 CPU tensors, a plain `nn.Linear`, no autograd, autocast, compiler tracing, ONNX export
 or dispatch mode such as `FlopCounterMode`); everything else takes the layer itself and `F.gelu`.
@@ -55,6 +56,7 @@ logger = logging.get_logger(__name__)
 ACTIVATIONS = ("none", "gelu")
 GEMM_LIBRARIES = ("blas", "onednn")
 GEMM_ENVIRONMENT_VARIABLE = "HTSAT_HF_CPU_GEMM"
+PACK_ENVIRONMENT_VARIABLE = "HTSAT_HF_PACK_WEIGHTS"  # "0": oneDNN takes the plain weights (no packed copies)
 CALIBRATION_SHAPE = (1024, 192, 576)  # rows, in_features, out_features: a stage-2 qkv projection on one chunk
 CALIBRATION_ROUNDS = 15
 MARGIN = 0.05  # the challenger must be this much faster than oneDNN (the previous fixed choice) to be chosen
@@ -153,8 +155,8 @@ def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     that evicts). Made once per weight and kept while it lives and is unchanged (data pointer, version, shape), so a
     weight loaded or edited in place is packed anew; a view of a weight (the head's convolution seen as a matrix) is
     kept with the weight it views. One more copy of the weights in memory. The plain weight where this PyTorch build
-    cannot reorder."""
-    if _ONEDNN_REORDER is None:
+    cannot reorder, or with `HTSAT_HF_PACK_WEIGHTS=0` (memory before speed)."""
+    if _ONEDNN_REORDER is None or os.environ.get(PACK_ENVIRONMENT_VARIABLE) == "0":
         return weight
     owner = weight if weight._base is None else weight._base
     key = (id(owner), tuple(weight.shape))
