@@ -62,30 +62,19 @@ CALIBRATION_ROUNDS = 15
 MARGIN = 0.05  # the challenger must be this much faster than oneDNN (the previous fixed choice) to be chosen
 
 
-def _onednn_linear_op():
-    """The fused oneDNN linear op of this PyTorch build on x86-64 (where it was measured), or None."""
+def _onednn_op(name: str):
+    """The oneDNN op `torch.ops.mkldnn.<name>` of this PyTorch build on x86-64 (where it was measured), or None."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
+        return getattr(torch.ops.mkldnn, name).default
     except (AttributeError, RuntimeError):
         return None
 
 
-_ONEDNN_LINEAR = _onednn_linear_op()
-
-
-def _onednn_reorder_op():
-    """oneDNN's weight reorder into its own blocked layout (what PyTorch's compiler does to frozen weights), or None."""
-    if _ONEDNN_LINEAR is None:
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_REORDER = _onednn_reorder_op()
+_ONEDNN_LINEAR = _onednn_op("_linear_pointwise")
+# the reorder of a weight into oneDNN's own blocked layout, as PyTorch's compiler does to frozen weights
+_ONEDNN_REORDER = _onednn_op("_reorder_linear_weight") if _ONEDNN_LINEAR is not None else None
 # (id of the weight or of the weight it views, shape) -> ((data pointer, version, strides), oneDNN's packed copy)
 _PACKED_WEIGHTS: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
