@@ -615,7 +615,7 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
             return None
         key = (self.shift_mask.data_ptr(), self.shift_mask._version, self.shift_mask.device)
         if self._kinds_cache is None or self._kinds_cache[0] != key:
-            kinds, kind_of_window = torch.unique(self.shift_mask, dim=0, return_inverse=True)
+            kinds, kind_of_window = torch.unique(self.shift_mask.float(), dim=0, return_inverse=True)  # 0 / -100
             self._kinds_cache = (key, (kinds.transpose(-1, -2).contiguous().transpose(-1, -2), kind_of_window))
         return self._kinds_cache[1]
 
