@@ -141,7 +141,7 @@ def _gelu_in_place_applies(output: torch.Tensor, inputs: torch.Tensor) -> bool:
 def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` (out, in) in oneDNN's blocked layout, for GEMMs of about `rows` rows: oneDNN otherwise packs a plain
     weight into that layout on every call (5-10 MiB read and written per call for the largest layers, and the caches
-    that evicts). Made once per weight and kept while it lives and is unchanged (data pointer, version, shape), so a
+    that evicts). Made once per weight and kept while it lives and is unchanged (data pointer, version, strides), so a
     weight loaded or edited in place is packed anew; a view of a weight (the head's convolution seen as a matrix) is
     kept with the weight it views. One more copy of the weights in memory. The plain weight where this PyTorch build
     cannot reorder, or with `HTSAT_HF_PACK_WEIGHTS=0` (memory before speed)."""

@@ -13,9 +13,10 @@ transposed back into (window, token, head, head_dim) order, ready for the output
 Zen 4 with an earlier, query-per-row version, and 1.24x that version on an AMD EPYC Zen 5 (0.164 against 0.203 ms
 per stage chunk; 1.13x with AVX2). The code is written once for the CPU's vector width: 16 floats and 32 registers
 with AVX-512, 8 floats and 16 registers with AVX2 (on 2 cores of an AMD EPYC Zen 3 the earlier version reached 57-61
-GFLOP/s against SDPA's 31-42). A CPU with neither takes PyTorch's ops. It takes the qkv projection without its bias (`addmm` would first copy the bias into every row of its
-output): q's bias is added to the four queries in registers, v's to the context (each query's probabilities sum to
-one), and k's nowhere (it adds the same q . b_k to every score of a query, which the softmax takes out).
+GFLOP/s against SDPA's 31-42). A CPU with neither takes PyTorch's ops. It takes the qkv projection without its bias
+(`addmm` would first copy the bias into every row of its output): q's bias is added to the transposed queries, v's to
+the context (each query's probabilities sum to one), and k's nowhere (it adds the same q . b_k to every score of a
+query, which the softmax takes out).
 
 LayerNorm: PyTorch's CPU LayerNorm moved 18-35 GB/s on the blocks' (tokens, 96..768) chunks, which sit in cache; one
 pass per row here is about 2x faster. The same pass adds the attention's residual with the output projection's bias,
@@ -193,7 +194,8 @@ static void attend_one(const float* qkv, const float* q_bias, const float* v_bia
                     for (int a = 0; a < QB; ++a) acc[b][a] += kd * qd[a];
                 }
             }
-            // scaled, plus the mask (scaling the sums, not the queries: as accurate as SDPA; scaled queries lost up to 1.5x)
+            // scaled, plus the masks (scaling the sums, not the queries: as accurate as SDPA against float64, where
+            // scaled queries were up to 1.5x less accurate)
             for (int b = 0; b < KJ; ++b)
                 for (int a = 0; a < QB; ++a) {
                     const long at = (j + b) * T + i0 + VW * a;
