@@ -304,6 +304,38 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch
         native_kernels._kernels.cache_clear()
 
 
+SKLEARN_FIRST = """
+import sklearn.ensemble  # brings scikit-learn's own OpenMP runtime, libgomp-<hash>.so, into the process first
+from htsat_hf import native_kernels
+kernels = native_kernels._kernels()
+assert kernels is not None, "the kernels were switched off"
+assert native_kernels.openmp_runtime(kernels) == native_kernels.torch_openmp_runtime() is not None
+print(native_kernels.openmp_runtime(kernels))
+"""
+
+
+@needs_kernel
+def test_the_kernels_run_on_pytorchs_openmp_even_after_scikit_learn(tmp_path):
+    """scikit-learn loads a second, renamed libgomp; the kernels still bind to PyTorch's, so they stay on (the README's
+    main job imports scikit-learn before its pipeline call)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    result = subprocess.run([sys.executable, "-c", SKLEARN_FIRST], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HTSAT_HF_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "native CPU kernels are off" not in result.stderr
+    assert result.stdout.strip().endswith("libgomp.so.1")
+
+
+@needs_kernel
+def test_kernels_on_another_openmp_runtime_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_kernels, "torch_openmp_runtime", lambda: "/elsewhere/libiomp5.so")
+    with pytest.raises(RuntimeError, match=r"OpenMP runtime .*libgomp.* not on PyTorch's \(/elsewhere/libiomp5.so\)"):
+        build_kernels(tmp_path)
+
+
 @needs_kernel
 def test_a_compile_error_says_what_the_compiler_said(tmp_path, monkeypatch):
     monkeypatch.setattr(native_kernels, "KERNEL_SOURCE", "this is not C++")

@@ -32,7 +32,9 @@ permute and a reshape copy at batch 16 (AMD EPYC Zen 5, 2 cores).
 GELU: the exact (erf) form, with fc1's bias, in place on fc1's bias-free output; its erf is the 1.5e-7 approximation
 that PyTorch's own vectorised CPU GELU uses, so the two agree to about 1 ulp.
 
-Both are threaded by PyTorch's own OpenMP runtime (the process's one libgomp) with `torch.get_num_threads()` threads.
+All are threaded by PyTorch's own OpenMP runtime with `torch.get_num_threads()` threads: the library asks for
+`libgomp.so.1`, which the loader resolves to the runtime PyTorch already loaded under that name (checked at load with
+`openmp_runtime`), also where another wheel brought its own renamed copy (scikit-learn's `libgomp-<hash>.so`).
 They are compiled with the system's C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`, a few seconds)
 into `$HTSAT_HF_CACHE` (default `~/.cache/htsat_hf/kernels`), once per source, compiler and CPU. They apply only to
 fp32 CPU inference on Linux x86-64, with no autograd, autocast, compiler tracing, ONNX export or dispatch mode (such
@@ -505,10 +507,37 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout
 
 
-def _libgomp_paths() -> set[str]:
-    """The OpenMP runtimes mapped into this process (two would mean two thread pools fighting over the cores)."""
-    with open("/proc/self/maps") as maps:
-        return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+class _SymbolInfo(ctypes.Structure):
+    """glibc's `Dl_info`, filled by `dladdr`."""
+
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+def openmp_runtime(library: ctypes.CDLL) -> str | None:
+    """The file of the OpenMP runtime that `library`'s calls go to (where its `omp_get_max_threads` resolves, found
+    with `dladdr`), or None where it has none. A library built with `-fopenmp` asks for `libgomp.so.1`, and the loader
+    gives it the object already loaded under that name: PyTorch's own. Other wheels' runtimes (scikit-learn's
+    `libgomp-<hash>.so`) are loaded under other names and are never chosen."""
+    try:
+        address = ctypes.cast(library.omp_get_max_threads, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    process = ctypes.CDLL(None)
+    process.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_SymbolInfo)]
+    info = _SymbolInfo()
+    if not process.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def torch_openmp_runtime() -> str | None:
+    """The OpenMP runtime PyTorch's CPU ops run on (see `openmp_runtime`), or None where it cannot be found."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        return openmp_runtime(ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY))
+    except OSError:  # another build layout
+        return None
 
 
 def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -532,10 +561,10 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed to compile the kernels:\n{result.stderr[-2000:]}")
             os.replace(built, library)  # atomic: processes compiling at once all end with a whole file
-    before = _libgomp_paths()
     loaded = ctypes.CDLL(str(library))
-    if len(_libgomp_paths() | before) > 1:
-        raise RuntimeError(f"they would bring a second OpenMP runtime beside PyTorch's ({sorted(_libgomp_paths())})")
+    ours, pytorch = openmp_runtime(loaded), torch_openmp_runtime()
+    if ours is None or ours != pytorch:  # two thread pools would fight over the cores
+        raise RuntimeError(f"they would run on the OpenMP runtime {ours}, not on PyTorch's ({pytorch})")
     pointer, long, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     loaded.htsat_window_attention.restype = int_
     loaded.htsat_window_attention.argtypes = [pointer] * 6 + [long, int_, int_, int_, long, long, long, long, float_, int_]
