@@ -465,6 +465,30 @@ def test_datasets_map_with_rank(annotator, corpus, rows):
         np.testing.assert_allclose([t["score"] for t in tags], [t["score"] for t in expected["tags"]], atol=1e-5)
 
 
+@needs_torchcodec
+def test_datasets_map_recipe_with_a_decoded_audio_column_gives_the_command_lines_rows(one_process_run, model_folder,
+                                                                                      corpus):
+    """The docs' recipe on `datasets`' default, a decoded `Audio` column (torchcodec `AudioDecoder` cells, here with
+    the cast's own rate): each cell is annotated from the bytes or file it was decoded from, by the command line's
+    FFmpeg path, so the rows are the command line's (not torchaudio's resampling of datasets' samples)."""
+    import datasets
+
+    out, _ = one_process_run
+    _, files = corpus
+    good = [path for path, (seconds, *_) in zip(files, CORPUS) if seconds < 60]  # mp3, flac, wav; several rates
+    table = datasets.Dataset.from_dict({"audio": good}).cast_column("audio", datasets.Audio(sampling_rate=22050))
+    assert type(table[0]["audio"]).__name__ == "AudioDecoder"
+    mapper = Annotator(str(model_folder), tasks=TASKS, top_k=4, batch_size=3, device="cpu")
+    mapped = table.add_column("id", good).map(mapper, batched=True, batch_size=4, remove_columns=["audio"])
+    recipe = mapped.to_pandas().sort_values("id").reset_index(drop=True)
+    cli_rows = read_rows(out)
+    cli_rows = cli_rows[cli_rows["id"].isin(good)].reset_index(drop=True)
+    assert recipe["error"].isna().all()
+    assert_same_rows(recipe, cli_rows)
+    for x, y in zip(recipe["frame_scores"], cli_rows["frame_scores"]):
+        np.testing.assert_array_equal(np.stack(x), np.stack(y))
+
+
 def test_ray_data_map_batches(model_folder, corpus, rows):
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")

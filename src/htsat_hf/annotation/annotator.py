@@ -23,6 +23,7 @@ from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, span_features, step_probabilities
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
+from .sources import encoded_audio_cell
 from .windows import (
     CLIP_TASKS,
     TASKS,
@@ -178,8 +179,11 @@ class Annotator:
     # --------------------------------------------------------------------------------------------------- inputs
     def annotate(self, inputs: Iterable[tuple[str, Any]]) -> Iterator[dict | AnnotationError]:
         """(id, audio) pairs -> one row dict or `AnnotationError` per input, as inputs complete (windows of
-        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes."""
-        items = (item for key, (input_id, audio) in enumerate(inputs) for item in self.cutter.items(key, input_id, audio))
+        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes; a decoded
+        `datasets` Audio cell is annotated from the bytes or file it was decoded from (`encoded_audio_cell`), as the
+        command line would annotate that file."""
+        items = (item for key, (input_id, audio) in enumerate(inputs)
+                 for item in self.cutter.items(key, input_id, encoded_audio_cell(audio)))
         yield from self.annotate_items(items)
 
     def annotate_items(self, items: Iterable[WindowItem]) -> Iterator[dict | AnnotationError]:
