@@ -546,6 +546,89 @@ def test_dataset_source_streaming_through_the_command_line(model_folder, corpus,
         assert [dict(e) for e in row["events"]] == by_name[row["id"]]["events"]
 
 
+def audio_folder(root: Path, corpus_root: Path, names: list[str], ids: list[str]) -> Path:
+    """An audiofolder of `names` copied from the corpus, with a `recording` column of `ids`."""
+    root.mkdir()
+    for name in set(names):
+        (root / name).write_bytes((corpus_root / name).read_bytes())
+    (root / "metadata.csv").write_text("file_name,recording\n" + "".join(f"{n},{i}\n" for n, i in zip(names, ids)))
+    return root
+
+
+def annotate_args(model_folder: Path, out: Path, *inputs: str) -> list[str]:
+    return ["--model_name_or_path", str(model_folder), *inputs, "--output_dir", str(out), "--top_k", "4",
+            "--batch_size", "4", "--no_progress", "--device", "cpu", "--num_workers", "0"]
+
+
+def test_bad_inputs_end_the_command_with_a_message(model_folder, corpus, tmp_path):
+    """A missing --file_list, repeated paths, repeated or null dataset ids and missing columns end the command with
+    what was wrong and what to do (no traceback), before a model is loaded or a process started."""
+    root, files = corpus
+    out = str(tmp_path / "out")
+
+    def refused(*inputs: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            annotate_main(annotate_args(model_folder, tmp_path / "out", *inputs) + ["--num_processes", "2"])
+        return str(stopped.value.code)
+
+    assert refused("--file_list", str(tmp_path / "missing.txt")) == (
+        f"error: --file_list {tmp_path / 'missing.txt'}: no such file; give a text file with one audio path per line.")
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# corpus\n{files[0]}\n{files[1]}\n\n{files[0]}\n")
+    message = refused("--file_list", str(listed), "--files", files[1])
+    assert message.startswith("error: Inputs listed more than once") and f"{files[0]!r} (2 times)" in message
+    assert f"{files[1]!r} (2 times)" in message and "list each file once" in message
+
+    names = [Path(f).name for f in files[:3]]
+    folder = audio_folder(tmp_path / "dup", root, names, ["a", "b", "a"])
+    message = refused("--dataset_name", str(folder), "--id_column_name", "recording")
+    assert message.startswith("error: Ids repeated in the column 'recording'") and "'a' (2 times)" in message
+    assert "--id_column_name" in message
+    message = refused("--dataset_name", str(folder), "--id_column_name", "file_id")
+    assert message.startswith("error: Split 'train' has no id column 'file_id'") and "recording" in message
+    message = refused("--dataset_name", str(folder), "--audio_column_name", "sound")
+    assert "has no audio column 'sound'" in message and "--audio_column_name" in message
+    assert not Path(out).exists()
+
+
+@needs_torchcodec
+def test_repeated_ids_of_a_stream_stop_the_run_with_a_message(model_folder, corpus, tmp_path):
+    """A stream cannot be counted up front: the first repeated id stops the run (read in a decoding worker here)."""
+    root, files = corpus
+    names = [Path(f).name for f in files[:2]] + [Path(files[0]).name]
+    folder = audio_folder(tmp_path / "dup", root, names, ["a", "b", "a"])
+    arguments = annotate_args(model_folder, tmp_path / "out", "--dataset_name", str(folder), "--streaming",
+                              "--id_column_name", "recording")
+    with pytest.raises(SystemExit) as stopped:
+        annotate_main([*arguments[:-2], "--num_workers", "1"])
+    assert str(stopped.value.code) == (
+        "error: Ids repeated in the column 'recording': rows 0 and 2 are both 'a' (each row's id must be unique); "
+        "choose a column whose values are unique with --id_column_name, or leave it out to use row numbers.")
+
+
+@needs_torchcodec
+def test_dataset_name_takes_a_folder_save_to_disk_wrote(model_folder, corpus, rows, tmp_path):
+    import datasets
+
+    _, files = corpus
+    good = files[:3]
+    saved = datasets.Dataset.from_dict({"audio": good, "name": [Path(f).name for f in good]}).cast_column(
+        "audio", datasets.Audio())
+    saved.save_to_disk(tmp_path / "saved")
+    out = tmp_path / "out"
+    summary = annotate_main(annotate_args(model_folder, out, "--dataset_name", str(tmp_path / "saved"),
+                                          "--id_column_name", "name"))
+    assert summary["done"] == 3 and read_manifest(out)["fingerprint"]["inputs"]["split"] == "train"
+    for _, row in read_rows(out).iterrows():
+        expected = rows[str(Path(files[0]).parent / row["id"])]
+        assert [dict(e) for e in row["events"]] == expected["events"]
+        np.testing.assert_allclose([t["score"] for t in row["tags"]], [t["score"] for t in expected["tags"]],
+                                   atol=1e-5)
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(tmp_path / "both")
+    with pytest.raises(SystemExit, match=r"has the splits \['test', 'train'\]: choose one with --split"):
+        annotate_main(annotate_args(model_folder, tmp_path / "out2", "--dataset_name", str(tmp_path / "both")))
+
+
 def test_bf16_autocast_stays_close_to_fp32(annotator, corpus, rows):
     _, files = corpus
     bf16 = Annotator(annotator.model, annotator.feature_extractor, tasks=("tags",), top_k=4, batch_size=4, bf16=True)
