@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -489,30 +490,50 @@ def test_datasets_map_recipe_with_a_decoded_audio_column_gives_the_command_lines
         np.testing.assert_array_equal(np.stack(x), np.stack(y))
 
 
+@pytest.mark.slow  # starting Ray: 35-40 s on 2 busy cores
 def test_ray_data_map_batches(model_folder, corpus, rows):
+    """The docs' CPU recipe on a 2-CPU Ray: files read by `read_binary_files`, an autoscaling pool of up to one
+    actor per CPU. (A fixed pool of 2, `concurrency=2`, holds both CPUs, one per actor, and the read tasks never get
+    one: it hung.)"""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
 
     _, files = corpus
     corrupt = [f for f in files if f.endswith("corrupt.flac")]
+    inputs = files[:5] + corrupt
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        items = ray.data.from_items([{"id": f, "audio": Path(f).read_bytes()} for f in files[:5] + corrupt])
-        annotated = items.map_batches(
-            Annotator, fn_constructor_kwargs={"model": str(model_folder), "id_column": "id", "top_k": 4,
-                                              "device": "cpu"},
-            batch_size=4, concurrency=1, batch_format="numpy",
-        ).take_all()
+        annotated = ray.data.read_binary_files(inputs, include_paths=True, override_num_blocks=3).map_batches(
+            Annotator,
+            fn_constructor_kwargs={"model": str(model_folder), "audio_column": "bytes", "id_column": "path",
+                                   "top_k": 4, "device": "cpu"},
+            batch_size=2, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        )
+        outcome: dict = {}
+        reader = threading.Thread(target=take_all_into, args=(annotated, outcome), daemon=True)
+        reader.start()
+        reader.join(timeout=300)  # a guard against the hang, not a speed bound
     finally:
         ray.shutdown()
-    by_id = {row["id"]: row for row in annotated}
-    assert set(by_id) == set(files[:5] + corrupt)
+    assert outcome, "the Ray recipe did not finish in 300 s: its read tasks got no CPU"
+    if "error" in outcome:
+        raise outcome["error"]
+    by_id = {row["path"]: row for row in outcome["rows"]}
+    assert set(by_id) == set(inputs)
     assert any(path.endswith(".mp3") for path in files[:5])  # bytes decode as the file does, MP3 included
     for path in files[:5]:
         assert [dict(e) for e in by_id[path]["events"]] == rows[path]["events"]
         np.testing.assert_allclose([t["score"] for t in by_id[path]["tags"]],
                                    [t["score"] for t in rows[path]["tags"]], atol=1e-5)
     assert by_id[corrupt[0]]["error"].startswith("decode:")
+
+
+def take_all_into(dataset, outcome: dict) -> None:
+    """`dataset.take_all()` into outcome["rows"], or the exception into outcome["error"]."""
+    try:
+        outcome["rows"] = dataset.take_all()
+    except Exception as error:  # noqa: BLE001 - re-raised by the test
+        outcome["error"] = error
 
 
 def test_manifest_is_json_and_names_the_model(one_process_run, model_folder):
