@@ -466,6 +466,17 @@ def test_datasets_map_with_rank(annotator, corpus, rows):
         np.testing.assert_allclose([t["score"] for t in tags], [t["score"] for t in expected["tags"]], atol=1e-5)
 
 
+def test_a_batch_without_the_columns_named_is_refused_with_the_setting(annotator, corpus):
+    _, files = corpus
+    batch = {"bytes": [Path(files[0]).read_bytes()], "path": [files[0]]}
+    with pytest.raises(ValueError, match=r"no column 'audio' \(audio_column\); its columns are \['bytes', 'path'\]: "
+                       r"pass Annotator\(\.\.\., audio_column=\.\.\.\)"):
+        annotator(batch)
+    reader = Annotator(annotator.model, annotator.feature_extractor, audio_column="bytes", id_column="file")
+    with pytest.raises(ValueError, match=r"no column 'file' \(id_column\)"):
+        reader(batch)
+
+
 @needs_torchcodec
 def test_datasets_map_recipe_with_a_decoded_audio_column_gives_the_command_lines_rows(one_process_run, model_folder,
                                                                                       corpus):

@@ -224,6 +224,7 @@ class Annotator:
         Arrow columns, so a batch in which nothing failed still gives `error` its string type."""
         if rank is not None:
             self._place_for_rank(rank)
+        self._check_columns(batch)
         audio = list(batch[self.audio_column])
         ids = [str(i) for i in batch[self.id_column]] if self.id_column else [str(i) for i in range(len(audio))]
         rows: dict[int, dict | AnnotationError] = {}
@@ -236,6 +237,13 @@ class Annotator:
             table = table.add_column(position, name, pa.array(values.tolist() if hasattr(values, "tolist") else
                                                               list(values)))
         return table
+
+    def _check_columns(self, batch: Mapping[str, Any]) -> None:
+        """The batch has the columns this annotator reads, else a ValueError naming the setting to change."""
+        for setting, name in (("audio_column", self.audio_column), ("id_column", self.id_column)):
+            if name is not None and name not in batch:
+                raise ValueError(f"The batch has no column {name!r} ({setting}); its columns are {list(batch)}: "
+                                 f"pass Annotator(..., {setting}=...) with one of them.")
 
     def _check_process(self) -> None:
         """In a process forked from the one that built the annotator (`datasets.map(num_proc=N)`), torch's OpenMP
