@@ -71,7 +71,9 @@ def read_file_list(file_list: str) -> list[str]:
     try:
         lines = Path(file_list).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise InputError(f"--file_list {file_list}: no such file; give a text file with one audio path per line.") from None
+        raise InputError(
+            f"--file_list {file_list}: no such file; give a text file with one audio path per line."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"--file_list {file_list} cannot be read as UTF-8 text ({error}); give a text file with one "
                          "audio path per line.") from None
@@ -153,8 +155,10 @@ def check_dataset_ids(ids: pa.ChunkedArray, id_column: str) -> None:
         first = pc.index(pc.is_null(ids), True).as_py()
         raise InputError(f"{ids.null_count} row(s) have no {id_column!r} (null; the first is row {first}): every "
                          "row needs an id; fill the column in, or leave --id_column_name out to use row numbers.")
-    check_unique_ids(ids, f"Ids repeated in the column {id_column!r} (each row's id must be unique)",
-                     "choose a column whose values are unique with --id_column_name, or leave it out to use row numbers")
+    check_unique_ids(
+        ids, f"Ids repeated in the column {id_column!r} (each row's id must be unique)",
+        "choose a column whose values are unique with --id_column_name, or leave it out to use row numbers",
+    )
 
 
 def unique_stream_ids(entries: Iterable[tuple[str, Any]], id_column: str) -> Iterator[tuple[str, Any]]:
@@ -198,6 +202,6 @@ def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
 
 
 __all__ = [
-    "InputError", "InputSource", "Record", "check_dataset_ids", "check_unique_ids", "dataset_source", "encoded_audio_cell",
-    "file_source", "read_file_list", "unique_stream_ids",
+    "InputError", "InputSource", "Record", "check_dataset_ids", "check_unique_ids", "dataset_source",
+    "encoded_audio_cell", "file_source", "read_file_list", "unique_stream_ids",
 ]
