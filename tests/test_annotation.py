@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -465,30 +466,85 @@ def test_datasets_map_with_rank(annotator, corpus, rows):
         np.testing.assert_allclose([t["score"] for t in tags], [t["score"] for t in expected["tags"]], atol=1e-5)
 
 
+def test_a_batch_without_the_columns_named_is_refused_with_the_setting(annotator, corpus):
+    _, files = corpus
+    batch = {"bytes": [Path(files[0]).read_bytes()], "path": [files[0]]}
+    with pytest.raises(ValueError, match=r"no column 'audio' \(audio_column\); its columns are \['bytes', 'path'\]: "
+                       r"pass Annotator\(\.\.\., audio_column=\.\.\.\)"):
+        annotator(batch)
+    reader = Annotator(annotator.model, annotator.feature_extractor, audio_column="bytes", id_column="file")
+    with pytest.raises(ValueError, match=r"no column 'file' \(id_column\)"):
+        reader(batch)
+
+
+@needs_torchcodec
+def test_datasets_map_recipe_with_a_decoded_audio_column_gives_the_command_lines_rows(one_process_run, model_folder,
+                                                                                      corpus):
+    """The docs' recipe on `datasets`' default, a decoded `Audio` column (torchcodec `AudioDecoder` cells, here with
+    the cast's own rate): each cell is annotated from the bytes or file it was decoded from, by the command line's
+    FFmpeg path, so the rows are the command line's (not torchaudio's resampling of datasets' samples)."""
+    import datasets
+
+    out, _ = one_process_run
+    _, files = corpus
+    good = [path for path, (seconds, *_) in zip(files, CORPUS) if seconds < 60]  # mp3, flac, wav; several rates
+    table = datasets.Dataset.from_dict({"audio": good}).cast_column("audio", datasets.Audio(sampling_rate=22050))
+    assert type(table[0]["audio"]).__name__ == "AudioDecoder"
+    mapper = Annotator(str(model_folder), tasks=TASKS, top_k=4, batch_size=3, device="cpu")
+    mapped = table.add_column("id", good).map(mapper, batched=True, batch_size=4, remove_columns=["audio"])
+    recipe = mapped.to_pandas().sort_values("id").reset_index(drop=True)
+    cli_rows = read_rows(out)
+    cli_rows = cli_rows[cli_rows["id"].isin(good)].reset_index(drop=True)
+    assert recipe["error"].isna().all()
+    assert_same_rows(recipe, cli_rows)
+    for x, y in zip(recipe["frame_scores"], cli_rows["frame_scores"]):
+        np.testing.assert_array_equal(np.stack(x), np.stack(y))
+
+
+@pytest.mark.slow  # starting Ray: 35-40 s on 2 busy cores
 def test_ray_data_map_batches(model_folder, corpus, rows):
+    """The docs' CPU recipe on a 2-CPU Ray: files read by `read_binary_files`, an autoscaling pool of up to one
+    actor per CPU. (A fixed pool of 2, `concurrency=2`, holds both CPUs, one per actor, and the read tasks never get
+    one: it hung.)"""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
 
     _, files = corpus
     corrupt = [f for f in files if f.endswith("corrupt.flac")]
+    inputs = files[:5] + corrupt
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        items = ray.data.from_items([{"id": f, "audio": Path(f).read_bytes()} for f in files[:5] + corrupt])
-        annotated = items.map_batches(
-            Annotator, fn_constructor_kwargs={"model": str(model_folder), "id_column": "id", "top_k": 4,
-                                              "device": "cpu"},
-            batch_size=4, concurrency=1, batch_format="numpy",
-        ).take_all()
+        annotated = ray.data.read_binary_files(inputs, include_paths=True, override_num_blocks=3).map_batches(
+            Annotator,
+            fn_constructor_kwargs={"model": str(model_folder), "audio_column": "bytes", "id_column": "path",
+                                   "top_k": 4, "device": "cpu"},
+            batch_size=2, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        )
+        outcome: dict = {}
+        reader = threading.Thread(target=take_all_into, args=(annotated, outcome), daemon=True)
+        reader.start()
+        reader.join(timeout=300)  # a guard against the hang, not a speed bound
     finally:
         ray.shutdown()
-    by_id = {row["id"]: row for row in annotated}
-    assert set(by_id) == set(files[:5] + corrupt)
+    assert outcome, "the Ray recipe did not finish in 300 s: its read tasks got no CPU"
+    if "error" in outcome:
+        raise outcome["error"]
+    by_id = {row["path"]: row for row in outcome["rows"]}
+    assert set(by_id) == set(inputs)
     assert any(path.endswith(".mp3") for path in files[:5])  # bytes decode as the file does, MP3 included
     for path in files[:5]:
         assert [dict(e) for e in by_id[path]["events"]] == rows[path]["events"]
         np.testing.assert_allclose([t["score"] for t in by_id[path]["tags"]],
                                    [t["score"] for t in rows[path]["tags"]], atol=1e-5)
     assert by_id[corrupt[0]]["error"].startswith("decode:")
+
+
+def take_all_into(dataset, outcome: dict) -> None:
+    """`dataset.take_all()` into outcome["rows"], or the exception into outcome["error"]."""
+    try:
+        outcome["rows"] = dataset.take_all()
+    except Exception as error:  # noqa: BLE001 - re-raised by the test
+        outcome["error"] = error
 
 
 def test_manifest_is_json_and_names_the_model(one_process_run, model_folder):
@@ -520,6 +576,89 @@ def test_dataset_source_streaming_through_the_command_line(model_folder, corpus,
     by_name = {f"rec-{Path(f).name}": rows[f] for f in files[:4]}
     for _, row in table.iterrows():
         assert [dict(e) for e in row["events"]] == by_name[row["id"]]["events"]
+
+
+def audio_folder(root: Path, corpus_root: Path, names: list[str], ids: list[str]) -> Path:
+    """An audiofolder of `names` copied from the corpus, with a `recording` column of `ids`."""
+    root.mkdir()
+    for name in set(names):
+        (root / name).write_bytes((corpus_root / name).read_bytes())
+    (root / "metadata.csv").write_text("file_name,recording\n" + "".join(f"{n},{i}\n" for n, i in zip(names, ids)))
+    return root
+
+
+def annotate_args(model_folder: Path, out: Path, *inputs: str) -> list[str]:
+    return ["--model_name_or_path", str(model_folder), *inputs, "--output_dir", str(out), "--top_k", "4",
+            "--batch_size", "4", "--no_progress", "--device", "cpu", "--num_workers", "0"]
+
+
+def test_bad_inputs_end_the_command_with_a_message(model_folder, corpus, tmp_path):
+    """A missing --file_list, repeated paths, repeated or null dataset ids and missing columns end the command with
+    what was wrong and what to do (no traceback), before a model is loaded or a process started."""
+    root, files = corpus
+    out = str(tmp_path / "out")
+
+    def refused(*inputs: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            annotate_main(annotate_args(model_folder, tmp_path / "out", *inputs) + ["--num_processes", "2"])
+        return str(stopped.value.code)
+
+    assert refused("--file_list", str(tmp_path / "missing.txt")) == (
+        f"error: --file_list {tmp_path / 'missing.txt'}: no such file; give a text file with one audio path per line.")
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# corpus\n{files[0]}\n{files[1]}\n\n{files[0]}\n")
+    message = refused("--file_list", str(listed), "--files", files[1])
+    assert message.startswith("error: Inputs listed more than once") and f"{files[0]!r} (2 times)" in message
+    assert f"{files[1]!r} (2 times)" in message and "list each file once" in message
+
+    names = [Path(f).name for f in files[:3]]
+    folder = audio_folder(tmp_path / "dup", root, names, ["a", "b", "a"])
+    message = refused("--dataset_name", str(folder), "--id_column_name", "recording")
+    assert message.startswith("error: Ids repeated in the column 'recording'") and "'a' (2 times)" in message
+    assert "--id_column_name" in message
+    message = refused("--dataset_name", str(folder), "--id_column_name", "file_id")
+    assert message.startswith("error: Split 'train' has no id column 'file_id'") and "recording" in message
+    message = refused("--dataset_name", str(folder), "--audio_column_name", "sound")
+    assert "has no audio column 'sound'" in message and "--audio_column_name" in message
+    assert not Path(out).exists()
+
+
+@needs_torchcodec
+def test_repeated_ids_of_a_stream_stop_the_run_with_a_message(model_folder, corpus, tmp_path):
+    """A stream cannot be counted up front: the first repeated id stops the run (read in a decoding worker here)."""
+    root, files = corpus
+    names = [Path(f).name for f in files[:2]] + [Path(files[0]).name]
+    folder = audio_folder(tmp_path / "dup", root, names, ["a", "b", "a"])
+    arguments = annotate_args(model_folder, tmp_path / "out", "--dataset_name", str(folder), "--streaming",
+                              "--id_column_name", "recording")
+    with pytest.raises(SystemExit) as stopped:
+        annotate_main([*arguments[:-2], "--num_workers", "1"])
+    assert str(stopped.value.code) == (
+        "error: Ids repeated in the column 'recording': rows 0 and 2 are both 'a' (each row's id must be unique); "
+        "choose a column whose values are unique with --id_column_name, or leave it out to use row numbers.")
+
+
+@needs_torchcodec
+def test_dataset_name_takes_a_folder_save_to_disk_wrote(model_folder, corpus, rows, tmp_path):
+    import datasets
+
+    _, files = corpus
+    good = files[:3]
+    saved = datasets.Dataset.from_dict({"audio": good, "name": [Path(f).name for f in good]}).cast_column(
+        "audio", datasets.Audio())
+    saved.save_to_disk(tmp_path / "saved")
+    out = tmp_path / "out"
+    summary = annotate_main(annotate_args(model_folder, out, "--dataset_name", str(tmp_path / "saved"),
+                                          "--id_column_name", "name"))
+    assert summary["done"] == 3 and read_manifest(out)["fingerprint"]["inputs"]["split"] == "train"
+    for _, row in read_rows(out).iterrows():
+        expected = rows[str(Path(files[0]).parent / row["id"])]
+        assert [dict(e) for e in row["events"]] == expected["events"]
+        np.testing.assert_allclose([t["score"] for t in row["tags"]], [t["score"] for t in expected["tags"]],
+                                   atol=1e-5)
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(tmp_path / "both")
+    with pytest.raises(SystemExit, match=r"has the splits \['test', 'train'\]: choose one with --split"):
+        annotate_main(annotate_args(model_folder, tmp_path / "out2", "--dataset_name", str(tmp_path / "both")))
 
 
 def test_bf16_autocast_stays_close_to_fp32(annotator, corpus, rows):

@@ -23,6 +23,7 @@ from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, span_features, step_probabilities
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
+from .sources import encoded_audio_cell
 from .windows import (
     CLIP_TASKS,
     TASKS,
@@ -178,8 +179,11 @@ class Annotator:
     # --------------------------------------------------------------------------------------------------- inputs
     def annotate(self, inputs: Iterable[tuple[str, Any]]) -> Iterator[dict | AnnotationError]:
         """(id, audio) pairs -> one row dict or `AnnotationError` per input, as inputs complete (windows of
-        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes."""
-        items = (item for key, (input_id, audio) in enumerate(inputs) for item in self.cutter.items(key, input_id, audio))
+        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes; a decoded
+        `datasets` Audio cell is annotated from the bytes or file it was decoded from (`encoded_audio_cell`), as the
+        command line would annotate that file."""
+        items = (item for key, (input_id, audio) in enumerate(inputs)
+                 for item in self.cutter.items(key, input_id, encoded_audio_cell(audio)))
         yield from self.annotate_items(items)
 
     def annotate_items(self, items: Iterable[WindowItem]) -> Iterator[dict | AnnotationError]:
@@ -220,6 +224,7 @@ class Annotator:
         Arrow columns, so a batch in which nothing failed still gives `error` its string type."""
         if rank is not None:
             self._place_for_rank(rank)
+        self._check_columns(batch)
         audio = list(batch[self.audio_column])
         ids = [str(i) for i in batch[self.id_column]] if self.id_column else [str(i) for i in range(len(audio))]
         rows: dict[int, dict | AnnotationError] = {}
@@ -232,6 +237,13 @@ class Annotator:
             table = table.add_column(position, name, pa.array(values.tolist() if hasattr(values, "tolist") else
                                                               list(values)))
         return table
+
+    def _check_columns(self, batch: Mapping[str, Any]) -> None:
+        """The batch has the columns this annotator reads, else a ValueError naming the setting to change."""
+        for setting, name in (("audio_column", self.audio_column), ("id_column", self.id_column)):
+            if name is not None and name not in batch:
+                raise ValueError(f"The batch has no column {name!r} ({setting}); its columns are {list(batch)}: "
+                                 f"pass Annotator(..., {setting}=...) with one of them.")
 
     def _check_process(self) -> None:
         """In a process forked from the one that built the annotator (`datasets.map(num_proc=N)`), torch's OpenMP

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
 from .windows import TASKS
+
+if TYPE_CHECKING:
+    from .sources import InputSource
 
 EXAMPLES = """examples:
   python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
@@ -74,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
+    source = input_source(args)  # bad inputs end here, once, before any process starts
     on_cpu = _runs_on_cpu(args.device)
     processes = _resolve_process_count(args.num_processes, on_cpu)
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not under a launcher yet: become one
@@ -82,18 +87,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from .annotator import Annotator
     from .corpus import Processes, annotate_corpus
-    from .sources import dataset_source, file_source
+    from .sources import InputError
     from .store import ManifestMismatchError
 
     state = PartialState(cpu=on_cpu)
     device = args.device or str(state.device)
-    if args.dataset_name:
-        source = dataset_source(
-            args.dataset_name, args.dataset_config_name, args.split, args.audio_column_name, args.id_column_name,
-            args.streaming,
-        )
-    else:
-        source = file_source(args.files, args.file_list)
     annotator = Annotator(
         args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
         bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
@@ -107,6 +105,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     except ManifestMismatchError as error:
         raise SystemExit(f"error: {error}") from None
+    except InputError as error:  # found while reading a stream (repeated ids), maybe in a decoding worker
+        raise SystemExit(f"error: {original_message(error)}") from None
+
+
+def input_source(args: argparse.Namespace) -> InputSource:
+    """The run's inputs from the parsed arguments; inputs that cannot be read as given (a missing --file_list,
+    repeated paths or ids, a missing column or split, a dataset that cannot be loaded) end the command with the
+    reason."""
+    from .sources import dataset_source, file_source
+
+    try:
+        if args.dataset_name:
+            return dataset_source(
+                args.dataset_name, args.dataset_config_name, args.split, args.audio_column_name, args.id_column_name,
+                args.streaming,
+            )
+        return file_source(args.files, args.file_list)
+    except (ValueError, FileNotFoundError) as error:  # InputError, and datasets' own (DatasetNotFoundError ...)
+        raise SystemExit(f"error: {error}") from None
+
+
+def original_message(error: BaseException) -> str:
+    """An exception's own message, without the traceback a DataLoader worker's re-raised copy carries ahead of it."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    return text.rsplit(marker, 1)[-1].strip() if "Original Traceback" in text and marker in text else text
 
 
 def _runs_on_cpu(device: str | None) -> bool:
@@ -212,7 +236,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "input_source", "main", "original_message"]
 
 if __name__ == "__main__":  # the processes `--num_processes` starts
     main()

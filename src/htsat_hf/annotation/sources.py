@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 Record = tuple[int, str, Any]  # (input index, id, audio: a path, bytes or anything `audio_source` takes)
+
+
+class InputError(ValueError):
+    """Inputs that cannot be annotated as given (a missing file list, repeated ids, a missing column): the message says
+    what was wrong and what to do. `scripts/annotate.py` prints it and exits."""
 
 
 class InputSource:
@@ -48,15 +57,42 @@ def file_source(files: list[str] | None = None, file_list: str | None = None) ->
     skipped); each file's id is its path as given."""
     paths = list(files or [])
     if file_list:
-        lines = Path(file_list).read_text(encoding="utf-8").splitlines()
-        paths += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        paths += read_file_list(file_list)
     if not paths:
-        raise ValueError("No input files: pass --files PATH... or --file_list TXT (one path per line).")
-    duplicates = sorted(path for path, count in Counter(paths).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"These inputs are listed more than once (ids must be unique): {duplicates[:5]}.")
+        raise InputError("No input files: pass --files PATH... or --file_list TXT (one path per line).")
+    check_unique_ids(paths, "Inputs listed more than once (each path is its row's id)",
+                     "list each file once")
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return InputSource({"files": len(paths), "sha256": digest}, len(paths), get=lambda i: (paths[i], paths[i]))
+
+
+def read_file_list(file_list: str) -> list[str]:
+    """The paths of a text file, one per line (blank lines and # comments skipped)."""
+    try:
+        lines = Path(file_list).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(
+            f"--file_list {file_list}: no such file; give a text file with one audio path per line."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"--file_list {file_list} cannot be read as UTF-8 text ({error}); give a text file with one "
+                         "audio path per line.") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def check_unique_ids(ids: Iterable[str] | pa.ChunkedArray, what: str, advice: str) -> None:
+    """Refuses repeated ids (a corpus run's rows are keyed by id), naming up to five of them with their counts. `ids`:
+    strings, or an Arrow column (counted by pyarrow, without Python objects per row)."""
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        counts = pc.value_counts(ids)
+        counts = counts.filter(pc.greater(counts.field("counts"), 1))
+        repeated = sorted(zip(map(str, counts.field("values").to_pylist()), counts.field("counts").to_pylist()))
+    else:
+        repeated = sorted((input_id, count) for input_id, count in Counter(ids).items() if count > 1)
+    if repeated:
+        shown = ", ".join(f"{input_id!r} ({count} times)" for input_id, count in repeated[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise InputError(f"{what}: {shown}{more}; {advice}.")
 
 
 def dataset_source(
@@ -79,26 +115,80 @@ def dataset_source(
     )
     if split is None:
         if len(splits) != 1:
-            raise ValueError(f"{dataset_name} has the splits {sorted(splits)}: choose one with --split.")
+            raise InputError(f"{dataset_name} has the splits {sorted(splits)}: choose one with --split.")
         split = next(iter(splits))
     if split not in splits:
-        raise ValueError(f"{dataset_name} has no split {split!r}; its splits are {sorted(splits)}.")
+        raise InputError(f"{dataset_name} has no split {split!r}; its splits are {sorted(splits)}.")
     data = splits[split]
     columns = list(data.features) if data.features is not None else None
     if id_column is not None and columns is not None and id_column not in columns:
-        raise ValueError(f"Split {split!r} has no id column {id_column!r} (columns: {columns}).")
+        raise InputError(f"Split {split!r} has no id column {id_column!r} (columns: {columns}); pass "
+                         "--id_column_name with one of them, or leave it out to use row numbers.")
+    if id_column is not None and not streaming:
+        check_dataset_ids(data.with_format("arrow")[id_column], id_column)
 
     def entry(row: dict, index: int) -> tuple[str, Any]:
-        return (str(row[id_column]) if id_column else str(index)), row[audio_column]
+        if id_column is None:
+            return str(index), row[audio_column]
+        if row[id_column] is None:
+            raise InputError(f"Row {index} has no {id_column!r} (null): every row needs an id; fill the column in, "
+                             "or leave --id_column_name out to use row numbers.")
+        return str(row[id_column]), row[audio_column]
 
     description = {
         "dataset": dataset_name, "config": dataset_config_name, "split": split, "audio_column": audio_column,
         "id_column": id_column, "streaming": streaming,
     }
     if streaming:
-        return InputSource(description, None, iterate=lambda: (entry(row, i) for i, row in enumerate(_rows(data))))
+        def iterate() -> Iterator[tuple[str, Any]]:
+            entries = (entry(row, i) for i, row in enumerate(_rows(data)))
+            return unique_stream_ids(entries, id_column) if id_column else entries
+
+        return InputSource(description, None, iterate=iterate)
     description["num_rows"] = len(data)
     return InputSource(description, len(data), get=lambda i: entry(data[i], i))
+
+
+def check_dataset_ids(ids: pa.ChunkedArray, id_column: str) -> None:
+    """A split's id column, refused where a value is null or repeated."""
+    if ids.null_count:
+        first = pc.index(pc.is_null(ids), True).as_py()
+        raise InputError(f"{ids.null_count} row(s) have no {id_column!r} (null; the first is row {first}): every "
+                         "row needs an id; fill the column in, or leave --id_column_name out to use row numbers.")
+    check_unique_ids(
+        ids, f"Ids repeated in the column {id_column!r} (each row's id must be unique)",
+        "choose a column whose values are unique with --id_column_name, or leave it out to use row numbers",
+    )
+
+
+def unique_stream_ids(entries: Iterable[tuple[str, Any]], id_column: str) -> Iterator[tuple[str, Any]]:
+    """A streamed split's (id, audio) entries, stopped with `InputError` at the first id seen before (a stream cannot
+    be counted up front; the ids read so far are kept to compare)."""
+    seen: dict[str, int] = {}
+    for index, (input_id, audio) in enumerate(entries):
+        first = seen.setdefault(input_id, index)
+        if first != index:
+            raise InputError(f"Ids repeated in the column {id_column!r}: rows {first} and {index} are both "
+                             f"{input_id!r} (each row's id must be unique); choose a column whose values are unique "
+                             "with --id_column_name, or leave it out to use row numbers.")
+        yield input_id, audio
+
+
+def encoded_audio_cell(audio: Any) -> Any:
+    """A decoded `datasets` Audio cell (torchcodec `AudioDecoder`) as the bytes or local file it was decoded from, so
+    that it is decoded as the command line decodes files (FFmpeg, resampled by libswresample to the model's rate)
+    whatever the column's `Audio(sampling_rate=..., num_channels=...)` says; anything else as it is. A decoder that
+    `datasets` did not make, or one of a remote file, stays a decoder (`pipeline_htsat.audio_source` reads its
+    samples)."""
+    if type(audio).__name__ != "AudioDecoder":
+        return audio
+    encoded = getattr(audio, "_hf_encoded", None)  # what `datasets.Audio.decode_example` decoded (its encode_example)
+    if not isinstance(encoded, dict):
+        return audio
+    if encoded.get("bytes"):
+        return {"bytes": encoded["bytes"], "path": encoded.get("path")}
+    path = encoded.get("path")
+    return path if isinstance(path, str) and os.path.isfile(path) else audio
 
 
 def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
@@ -111,4 +201,7 @@ def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
             yield dict(zip(columns, values))
 
 
-__all__ = ["InputSource", "Record", "dataset_source", "file_source"]
+__all__ = [
+    "InputError", "InputSource", "Record", "check_dataset_ids", "check_unique_ids", "dataset_source",
+    "encoded_audio_cell", "file_source", "read_file_list", "unique_stream_ids",
+]

@@ -187,6 +187,15 @@ def load_manifests(
     return type(raw)(resolved)
 
 
+def is_saved_to_disk(folder: Path) -> bool:
+    """A folder `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote (read with `datasets.load_from_disk`, which
+    `load_dataset` refuses to read)."""
+    return (folder / datasets.config.DATASETDICT_JSON_FILENAME).is_file() or (
+        (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file()
+        and (folder / datasets.config.DATASET_INFO_FILENAME).is_file()
+    )
+
+
 def load_source(
     dataset_name: str | None,
     dataset_config_name: str | None = None,
@@ -197,13 +206,21 @@ def load_source(
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """All splits of the data source, the audio column cast to `Audio(decode=False)` (decoded later)."""
+    """All splits of the data source, the audio column cast to `Audio(decode=False)` (decoded later). A local folder
+    may be one `save_to_disk` wrote (a lone `Dataset` is the split "train")."""
     if train_file or eval_file:
         return load_manifests(train_file, eval_file, audio_column, streaming)
     if not dataset_name:
         raise ValueError("Give --dataset_name (a Hub id or a local folder) or --train_file / --eval_file manifests.")
     local = Path(dataset_name)
-    if local.is_dir() and _is_esc50_folder(local):
+    if local.is_dir() and is_saved_to_disk(local):
+        if dataset_config_name:
+            raise ValueError(f"--dataset_config_name {dataset_config_name}: {dataset_name} is a folder save_to_disk "
+                             "wrote, which has no configurations; leave it out.")
+        raw = datasets.load_from_disk(str(local))
+        if isinstance(raw, datasets.Dataset):  # one split saved on its own: datasets' name for a lone split
+            raw = datasets.DatasetDict({"train": raw})
+    elif local.is_dir() and _is_esc50_folder(local):
         raw = load_esc50_folder(local)
     elif local.is_dir() and _is_speech_commands_folder(local):
         raw = load_speech_commands_folder(local)
@@ -726,6 +743,7 @@ __all__: list[str] = [
     "center_crop",
     "center_crop_start",
     "fold_values",
+    "is_saved_to_disk",
     "load_esc50_folder",
     "load_manifests",
     "load_source",
