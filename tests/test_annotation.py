@@ -386,12 +386,15 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
         "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO / "scripts" / "annotate.py"),
         "--model_name_or_path", str(model_folder), "--files", *files, "--output_dir", str(out), "--tasks", *TASKS,
-        "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "3", "--num_workers", "1", "--no_progress",
+        "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "256", "--num_workers", "1",
     ]
     result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}
-    assert ranks == {"0", "1"}  # both processes did part of the work
+    assert ranks == {"0", "1"}  # both processes did part of the work: 11 inputs in shards of 6, not one of 256
+    assert read_manifest(out)["shard_rows"] == 6
+    bar = result.stderr.replace("\r", "\n").splitlines()
+    assert any("annotating (2 processes)" in line and "11/11" in line for line in bar), result.stderr[-2000:]
     one, _ = one_process_run
     assert_same_rows(read_rows(out), read_rows(one))
     assert sorted(e["id"] for e in read_errors(out)) == sorted(e["id"] for e in read_errors(one))
@@ -813,3 +816,27 @@ def test_commit_unit_gives_every_process_work():
 
     assert shard_rows(256, 11, 2) == 6 and shard_rows(256, 600, 2) == 256 and shard_rows(3, 11, 2) == 3
     assert shard_rows(256, None, 4) == 256 and shard_rows(256, 0, 2) == 256 and shard_rows(256, 3, 8) == 1
+
+
+def test_sigkill_mid_run_then_the_same_command_gives_every_input_once(model_folder, short_files, tmp_path):
+    """A real `kill -9` of the command after its first commit (its lock, pending note and temporary files left as they
+    are): the same command again takes the folder over and ends with every input exactly once."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    arguments = ["--model_name_or_path", str(model_folder), "--files", *short_files, "--output_dir", str(out),
+                 "--tasks", *TASKS, "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "1", "--num_workers",
+                 "0", "--no_progress", "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "annotate.py"), *arguments],
+                               env=dict(training_env(), PYTHONPATH=str(REPO / "src")))
+    first = out / "__annotation__" / "shard-0-00000.done"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists()  # (a machine fast enough to finish within the poll leaves a finished run: also fine)
+    summary = annotate_main(arguments)
+    assert summary["inputs"] == len(short_files) and ids_of(out) == sorted(short_files)
+    assert read_manifest(out)["status"] == "complete"
