@@ -691,6 +691,10 @@ def test_limit_then_full_run_redoes_the_shard_the_limit_cut(annotator, short_fil
     assert read_manifest(out)["status"] == "complete"
     again = quick_run(annotator, source, out)
     assert again["run_audio_hours"] == 0 and ids_of(out) == sorted(short_files)
+    if streamed:  # a stream that ends on a shard boundary: complete too
+        eight = InputSource({"stream": "eight"}, None, iterate=lambda: ((f, f) for f in short_files[:8]))
+        quick_run(annotator, eight, tmp_path / "eight")
+        assert read_manifest(tmp_path / "eight")["status"] == "complete"
 
 
 def test_damaged_or_missing_shards_are_redone(annotator, short_files, tmp_path, capsys):
@@ -715,7 +719,7 @@ def test_damaged_or_missing_shards_are_redone(annotator, short_files, tmp_path, 
     assert marker["files"]["part-0-00001.parquet"]["size"] == part.stat().st_size
 
 
-def test_only_the_runs_own_files_are_touched(annotator, short_files, tmp_path):
+def test_only_the_runs_own_files_are_touched(annotator, short_files, tmp_path, capsys):
     """Clean-up removes only what this folder's runs left unfinished; a foreign non-empty folder is refused."""
     source = file_source(short_files)
     out = tmp_path / "out"
@@ -725,6 +729,7 @@ def test_only_the_runs_own_files_are_touched(annotator, short_files, tmp_path):
         path.write_text("not the run's")
     quick_run(annotator, source, out)
     assert all(path.read_text() == "not the run's" for path in foreign)
+    assert "Parquet files no commit of this run names (part-7-00003.parquet)" in capsys.readouterr().out
     for path in foreign[:2]:
         path.unlink()  # pandas would read them as rows
     assert ids_of(out) == sorted(short_files)
@@ -739,7 +744,7 @@ def test_only_the_runs_own_files_are_touched(annotator, short_files, tmp_path):
     assert (other / "data.parquet").read_text() == "someone's"
 
 
-def test_a_folder_is_held_by_one_live_run(annotator, short_files, tmp_path):
+def test_a_folder_is_held_by_one_live_run(annotator, model_folder, short_files, tmp_path):
     """A live holder (here this process, or another host's fresh heartbeat) is refused with its name; a dead one (its
     process killed with SIGKILL, or another host's lock older than the timeout) is taken over."""
     import signal
@@ -751,6 +756,8 @@ def test_a_folder_is_held_by_one_live_run(annotator, short_files, tmp_path):
     with FolderLock(out / "__annotation__").acquire():
         with pytest.raises(FolderBusyError, match=rf"in use by another annotation run \(host .*, pid {os.getpid()}"):
             quick_run(annotator, source, out)
+        with pytest.raises(SystemExit, match="in use by another annotation run .* pass --wait"):
+            run_cli(model_folder, short_files[:2], out)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from htsat_hf.annotation.lock import FolderLock; "
          f"FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(out / "__annotation__")],
@@ -815,6 +822,7 @@ def test_commit_unit_gives_every_process_work():
     from htsat_hf.annotation.corpus import shard_rows
 
     assert shard_rows(256, 11, 2) == 6 and shard_rows(256, 600, 2) == 256 and shard_rows(3, 11, 2) == 3
+    assert shard_rows(256, 600, 1) == 256
     assert shard_rows(256, None, 4) == 256 and shard_rows(256, 0, 2) == 256 and shard_rows(256, 3, 8) == 1
 
 

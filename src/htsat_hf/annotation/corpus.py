@@ -40,6 +40,7 @@ from .store import (
     shard_problem,
     summarize,
     uncommit,
+    write_failure,
     write_manifest,
     write_shard,
 )
@@ -148,12 +149,13 @@ def annotate_corpus(
             lock.release()
 
 
-def shard_rows(rows_per_shard: int, end: int | None, world_size: int) -> int:
-    """The commit unit of a new run: `rows_per_shard`, smaller where the run has fewer inputs than processes x shard,
-    so that every process gets work (ceil(inputs / processes))."""
-    if end is None or end < 1:
+def shard_rows(rows_per_shard: int, length: int | None, world_size: int) -> int:
+    """The commit unit of a new folder: `rows_per_shard`, smaller where the source has fewer inputs than processes x
+    shard, so that every process gets work (ceil(inputs / processes)). Sized on the whole source, not a `--limit`:
+    the unit stays for the folder's later runs."""
+    if length is None or length < 1:
         return rows_per_shard
-    return max(1, min(rows_per_shard, -(-end // world_size)))
+    return max(1, min(rows_per_shard, -(-length // world_size)))
 
 
 def _annotate_held(annotator, source, out, model_name, rows_per_shard, num_workers, limit, overwrite, processes,
@@ -171,7 +173,7 @@ def _annotate_held(annotator, source, out, model_name, rows_per_shard, num_worke
     end = source.length if limit is None else limit if source.length is None else min(limit, source.length)
     processes.barrier()
     if processes.is_main:
-        _prepare(out, fingerprint, annotator, previous, processes, overwrite, end)
+        _prepare(out, fingerprint, annotator, previous, processes, overwrite, end, source.length)
     processes.barrier()
     manifest = read_manifest(out)
     rows_per_shard = manifest.get("shard_rows", rows_per_shard)
@@ -190,7 +192,7 @@ def _annotate_held(annotator, source, out, model_name, rows_per_shard, num_worke
     )
     if processes.is_main:
         manifest = read_manifest(out)
-        complete = covers_source(out, rows_per_shard, source.length)
+        complete = covers_source(out, rows_per_shard, source.length, source.length is None and limit is None)
         manifest.update(status="complete" if complete else "incomplete", counts=summary)
         manifest["runs"].append({
             "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -213,7 +215,7 @@ def _annotate_held(annotator, source, out, model_name, rows_per_shard, num_worke
 
 
 def _prepare(out: Path, fingerprint: dict, annotator: Annotator, previous: dict | None, processes: Processes,
-             overwrite: bool, end: int | None) -> None:
+             overwrite: bool, end: int | None, length: int | None) -> None:
     """Process 0, holding the folder: starts over (`overwrite`), refuses a folder of other files, removes what killed
     runs left unfinished, withdraws committed shards that are damaged or stop short of this run's inputs, and writes
     the manifest (with the commit unit, fixed at a run's first start)."""
@@ -229,9 +231,14 @@ def _prepare(out: Path, fingerprint: dict, annotator: Annotator, previous: dict 
     removed = remove_unfinished(out)
     if removed:
         print(f"[annotate] removed {len(removed)} files of shards a stopped run left unfinished")
+    strays = [name for name in foreign_entries(out) if name.endswith(".parquet")]
+    if strays:
+        print(f"[annotate] warning: {out} holds Parquet files no commit of this run names ({', '.join(strays[:5])}"
+              + (f" and {len(strays) - 5} more" if len(strays) > 5 else "") + "); they are left alone, but "
+              "pandas and datasets read every Parquet file of the folder as rows: move them away if they are not yours")
     manifest = _manifest(fingerprint, annotator, previous, processes)
     manifest.setdefault("shard_rows", fingerprint["rows_per_shard"] if previous is not None  # begun before it was kept
-                        else shard_rows(fingerprint["rows_per_shard"], end, processes.world_size))
+                        else shard_rows(fingerprint["rows_per_shard"], length, processes.world_size))
     for marker in read_markers(out):
         if end is not None and marker.shard * manifest["shard_rows"] >= end:
             continue  # not among this run's inputs: checked when a run needs it
@@ -244,9 +251,10 @@ def _prepare(out: Path, fingerprint: dict, annotator: Annotator, previous: dict 
     write_manifest(out, manifest)
 
 
-def covers_source(out: Path, rows_per_shard: int, length: int | None) -> bool:
-    """Whether the committed shards hold every input of the source: each shard up to its end (a known length, or a
-    shard that saw a stream end) holds its whole index range."""
+def covers_source(out: Path, rows_per_shard: int, length: int | None, stream_exhausted: bool = False) -> bool:
+    """Whether the committed shards hold every input of the source: each shard up to its end (a known length, a
+    shard that saw a stream end, or the last shard of a run that read its stream to the end) holds its whole index
+    range."""
     markers = {marker.shard: marker for marker in read_markers(out) if marker.data is not None}
     shard = 0
     while shard in markers:
@@ -258,7 +266,7 @@ def covers_source(out: Path, rows_per_shard: int, length: int | None) -> bool:
         if stop < start + rows_per_shard:
             return False
         shard += 1
-    return length == 0
+    return length == 0 or (stream_exhausted and not any(later > shard for later in markers))
 
 
 def _run(annotator, source, out, wanted, limit, end, rows_per_shard, num_workers, processes, progress, on_commit,
@@ -389,8 +397,11 @@ class RunProgress:
 
 def _write_note(path: Path, note: dict) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(note))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(note))
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OutputFolderError(write_failure(path, error)) from error
 
 
 def remove_progress_notes(out: Path) -> None:

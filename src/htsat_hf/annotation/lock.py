@@ -5,12 +5,12 @@
 The lock is written to a private temporary file and hard-linked to `lock.json`: `link` fails when the name exists,
 atomically on a local disk and on NFS alike (the classic NFS lock recipe; O_EXCL is also atomic on NFSv3+, but
 linking publishes the holder's details together with the lock). While it runs, the holder touches the file every
-`HEARTBEAT_S` seconds. A holder counts as dead when, on this host, its process is gone (or its pid was reused by
-another process), and, on another host, when the lock was not touched for `STALE_AFTER_S` seconds (judged by this
-host's clock against the file's modification time: keep the hosts' clocks within a few seconds of each other). A
-dead holder's lock is taken over under a second, short-lived lock (`lock.json.takeover`), so that two runs cannot
-both take over the same dead holder. A holder that finds its lock taken over (it was suspended for longer than the
-timeout) stops before its next commit.
+`HEARTBEAT_S` seconds. A holder counts as dead when, on this host (and pid namespace), its process is gone (or its
+pid was reused by another process), and, on another host, when the lock was not touched for `STALE_AFTER_S` seconds
+(judged by this host's clock against the file's modification time: keep the hosts' clocks within a few seconds of
+each other). A dead holder's lock is taken over under a second, short-lived lock (`lock.json.takeover`), so that two
+runs cannot both take over the same dead holder. A holder that finds its lock taken over (it was suspended for longer
+than the timeout) stops before its next commit.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def process_space() -> str:
+    """Where a pid means this process's: the host, its boot and its pid namespace (containers sharing a host name or a
+    kernel have separate pid spaces)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, namespace = "", 0
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
 def process_alive(pid: int, start: int | None) -> bool:
     """Whether process `pid` of this host runs, and is the one that started at `start` (where that is known)."""
     try:
@@ -67,6 +78,7 @@ class FolderLock:
         self.token = uuid.uuid4().hex
         self.holder = {
             "host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start(os.getpid()),
+            "process_space": process_space(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "token": self.token, "command": " ".join(sys.argv)[:300],
         }
@@ -119,11 +131,10 @@ class FolderLock:
         return (holder if isinstance(holder, dict) else {"damaged": True}), age
 
     def _dead(self, holder: dict, age: float) -> bool:
-        if age > self.stale_after_s:
-            return True
-        if holder.get("host") == self.holder["host"] and isinstance(holder.get("pid"), int):
+        """Same process space: the holder's process is gone; elsewhere: its heartbeat is older than the timeout."""
+        if holder.get("process_space") == self.holder["process_space"] and isinstance(holder.get("pid"), int):
             return not process_alive(holder["pid"], holder.get("process_start"))
-        return False
+        return age > self.stale_after_s
 
     def _take_over(self, dead: dict) -> None:
         """Removes a dead holder's lock under the takeover lock, if it is still that holder's."""
@@ -203,4 +214,7 @@ def _describe(holder: dict | None) -> str:
             f"{holder.get('command', '')}")
 
 
-__all__ = ["HEARTBEAT_S", "LOCK", "STALE_AFTER_S", "FolderBusyError", "FolderLock", "process_alive", "process_start"]
+__all__ = [
+    "HEARTBEAT_S", "LOCK", "STALE_AFTER_S", "FolderBusyError", "FolderLock", "process_alive", "process_space",
+    "process_start",
+]
