@@ -392,7 +392,7 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}
     assert ranks == {"0", "1"}  # both processes did part of the work: 11 inputs in shards of 6, not one of 256
-    assert read_manifest(out)["shard_rows"] == 6
+    assert read_manifest(out)["shard_rows"] == 6 and not (out / "__annotation__" / "lock.json").exists()
     bar = result.stderr.replace("\r", "\n").splitlines()
     assert any("annotating (2 processes)" in line and "11/11" in line for line in bar), result.stderr[-2000:]
     one, _ = one_process_run
@@ -848,3 +848,23 @@ def test_sigkill_mid_run_then_the_same_command_gives_every_input_once(model_fold
     summary = annotate_main(arguments)
     assert summary["inputs"] == len(short_files) and ids_of(out) == sorted(short_files)
     assert read_manifest(out)["status"] == "complete"
+
+
+def test_markers_of_earlier_versions_are_checked_by_their_counts(tmp_path):
+    """Markers written before they recorded ranges and digests: a shard a --limit cut (fewer inputs than its range)
+    is redone, a whole one is kept while its Parquet file holds the rows its marker counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from htsat_hf.annotation.store import ShardMarker, shard_problem
+
+    (tmp_path / "__annotation__").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "part-0-00000.parquet")
+    pq.write_table(pa.table({"id": ["e", "f"]}), tmp_path / "part-0-00001.parquet")
+    whole = ShardMarker(0, 0, {"rows": 3, "errors": 1, "audio_seconds": 1.0, "failed_by_stage": {"decode": 1}})
+    cut = ShardMarker(0, 1, {"rows": 2, "errors": 0, "audio_seconds": 1.0, "failed_by_stage": {}})
+    assert shard_problem(tmp_path, whole, 4, 11) is None
+    assert shard_problem(tmp_path, cut, 4, 11) == "it holds inputs 4-5 only (a run with --limit), this run needs up to 7"
+    assert shard_problem(tmp_path, cut, 4, 6) is None  # the same limit again
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "part-0-00000.parquet")
+    assert shard_problem(tmp_path, whole, 4, 11) == "part-0-00000.parquet has 1 rows, its marker recorded 3"
