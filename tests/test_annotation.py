@@ -868,3 +868,18 @@ def test_markers_of_earlier_versions_are_checked_by_their_counts(tmp_path):
     assert shard_problem(tmp_path, cut, 4, 6) is None  # the same limit again
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "part-0-00000.parquet")
     assert shard_problem(tmp_path, whole, 4, 11) == "part-0-00000.parquet has 1 rows, its marker recorded 3"
+
+
+def test_several_processes_refuse_a_held_folder_together(model_folder, short_files, tmp_path, capfd, monkeypatch):
+    """`--num_processes 2` on a folder another run holds: process 0 refuses with the holder named, the launcher ends
+    process 1 (waiting at the first barrier), and nothing is written."""
+    from htsat_hf.annotation.lock import FolderLock
+
+    for name, value in training_env().items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "held"
+    with FolderLock(out / "__annotation__").acquire():
+        with pytest.raises(SystemExit, match="stopped with exit status"):
+            run_cli(model_folder, short_files, out, "--num_processes", "2")
+    assert f"in use by another annotation run (host {os.uname().nodename}, pid {os.getpid()}" in capfd.readouterr().err
+    assert sorted(path.name for path in out.rglob("*")) == ["__annotation__"]
