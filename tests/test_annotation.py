@@ -883,3 +883,17 @@ def test_several_processes_refuse_a_held_folder_together(model_folder, short_fil
             run_cli(model_folder, short_files, out, "--num_processes", "2")
     assert f"in use by another annotation run (host {os.uname().nodename}, pid {os.getpid()}" in capfd.readouterr().err
     assert sorted(path.name for path in out.rglob("*")) == ["__annotation__"]
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_before_committing(tmp_path):
+    """A run suspended past the timeout and taken over finds out at its next commit, and leaves the new lock alone."""
+    from htsat_hf.annotation.lock import FolderBusyError, FolderLock
+
+    lock = FolderLock(tmp_path).acquire()
+    lock.check()
+    taken = json.dumps({"host": "node-b", "pid": 7, "token": "theirs"})
+    (tmp_path / "lock.json").write_text(taken)
+    with pytest.raises(FolderBusyError, match="Another run took over"):
+        lock.check()
+    lock.release()
+    assert (tmp_path / "lock.json").read_text() == taken
