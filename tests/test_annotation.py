@@ -351,7 +351,8 @@ def test_killed_run_resumes_exactly_once(annotator, corpus, one_process_run, tmp
         pass
 
     def die_after_first_shard(shard):
-        # what a kill in the middle of the next shard leaves: its temporary files, half written
+        # what a kill in the middle of the next shard leaves: its pending note, its files, half written
+        (out / "__annotation__" / "shard-0-00001.pending").write_text("{}")
         (out / ".part-0-00001.parquet.tmp").write_bytes(b"PAR1 half")
         (out / "__annotation__" / "errors-0-00001.jsonl").write_text('{"id": "x", "stage": "decode"}\n')
         (out / "part-0-00001.parquet").write_bytes(b"not committed")
@@ -386,12 +387,15 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
         "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO / "scripts" / "annotate.py"),
         "--model_name_or_path", str(model_folder), "--files", *files, "--output_dir", str(out), "--tasks", *TASKS,
-        "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "3", "--num_workers", "1", "--no_progress",
+        "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "256", "--num_workers", "1",
     ]
     result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}
-    assert ranks == {"0", "1"}  # both processes did part of the work
+    assert ranks == {"0", "1"}  # both processes did part of the work: 11 inputs in shards of 6, not one of 256
+    assert read_manifest(out)["shard_rows"] == 6 and not (out / "__annotation__" / "lock.json").exists()
+    bar = result.stderr.replace("\r", "\n").splitlines()
+    assert any("annotating (2 processes)" in line and "11/11" in line for line in bar), result.stderr[-2000:]
     one, _ = one_process_run
     assert_same_rows(read_rows(out), read_rows(one))
     assert sorted(e["id"] for e in read_errors(out)) == sorted(e["id"] for e in read_errors(one))
@@ -778,3 +782,257 @@ def test_corpus_durations_without_torchcodec(tmp_path, monkeypatch):
     assert _duration(path, 32000) == with_torchcodec == pytest.approx(12.3, abs=1 / 32000)
     sf.write(tmp_path / "clip.flac", np.zeros(16000 * 3, dtype=np.float32), 16000)
     assert _duration(tmp_path / "clip.flac", 32000) == 3.0
+
+
+# ------------------------------------------------------------------------------------ exactly once, beyond a kill
+@pytest.fixture(scope="module")
+def short_files(corpus, tmp_path_factory):
+    """Ten short inputs (copies of the 0.5 s and 1.2 s clips) and one that fails: quick corpus runs."""
+    root, files = corpus
+    folder = tmp_path_factory.mktemp("short")
+    names = []
+    for index in range(10):
+        source = Path(files[0] if index % 2 else files[7])
+        names.append(str(folder / f"short{index}{source.suffix}"))
+        shutil.copy(source, names[-1])
+    names.insert(3, files[-3])  # corrupt.flac
+    return names
+
+
+def quick_run(annotator, source, out, **options):
+    options = {"model_name": "m", "rows_per_shard": 4, "num_workers": 0, "progress": False, **options}
+    return annotate_corpus(annotator, source, out, **options)
+
+
+def ids_of(out: Path) -> list[str]:
+    return sorted([*pd.read_parquet(out)["id"], *(e["id"] for e in read_errors(out))])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_limit_then_full_run_redoes_the_shard_the_limit_cut(annotator, short_files, tmp_path, streamed):
+    """`--limit 6` with 4 inputs per shard commits shard 1 with inputs 4-5 only: its marker says so, the limited run
+    is not "complete", and the full run redoes shard 1 (and does shard 2), so every input is there exactly once."""
+    from htsat_hf.annotation.sources import InputSource
+
+    if streamed:
+        source = InputSource({"stream": "short"}, None, iterate=lambda: ((f, f) for f in short_files))
+    else:
+        source = file_source(short_files)
+    out = tmp_path / "out"
+    quick_run(annotator, source, out, limit=6)
+    assert read_manifest(out)["status"] == "incomplete" and committed_shards(out)[1]["stop"] == 6
+    redone = []
+    quick_run(annotator, source, out, limit=6, on_progress=lambda *counts: redone.append(counts))
+    assert redone == []  # the same limit again: nothing to do
+    summary = quick_run(annotator, source, out, on_progress=lambda *counts: redone.append(counts))
+    assert redone[-1][0] == len(short_files) - 4  # shards 1 and 2: inputs 4-10
+    assert ids_of(out) == sorted(short_files) and summary["inputs"] == len(short_files)
+    assert read_manifest(out)["status"] == "complete"
+    again = quick_run(annotator, source, out)
+    assert again["run_audio_hours"] == 0 and ids_of(out) == sorted(short_files)
+    if streamed:  # a stream that ends on a shard boundary: complete too
+        eight = InputSource({"stream": "eight"}, None, iterate=lambda: ((f, f) for f in short_files[:8]))
+        quick_run(annotator, eight, tmp_path / "eight")
+        assert read_manifest(tmp_path / "eight")["status"] == "complete"
+
+
+def test_damaged_or_missing_shards_are_redone(annotator, short_files, tmp_path, capsys):
+    """A part file deleted, one truncated and one marker garbled: the resume says which and redoes exactly those."""
+    source = file_source(short_files)
+    out = tmp_path / "out"
+    quick_run(annotator, source, out)
+    (out / "part-0-00000.parquet").unlink()
+    part = out / "part-0-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-100])
+    (out / "__annotation__" / "shard-0-00002.done").write_text('{"rows": 3, "err')
+    capsys.readouterr()
+    redone = []
+    summary = quick_run(annotator, source, out, on_progress=lambda *counts: redone.append(counts))
+    printed = capsys.readouterr().out
+    assert "shard 0 is done again: part-0-00000.parquet is missing" in printed
+    assert "shard 1 is done again: part-0-00001.parquet has" in printed
+    assert "shard 2 is done again: its commit marker is damaged" in printed
+    assert redone[-1][0] == len(short_files) and summary["inputs"] == len(short_files)
+    assert ids_of(out) == sorted(short_files) and read_manifest(out)["status"] == "complete"
+    marker = committed_shards(out)[1]
+    assert marker["files"]["part-0-00001.parquet"]["size"] == part.stat().st_size
+
+
+def test_only_the_runs_own_files_are_touched(annotator, short_files, tmp_path, capsys):
+    """Clean-up removes only what this folder's runs left unfinished; a foreign non-empty folder is refused."""
+    source = file_source(short_files)
+    out = tmp_path / "out"
+    quick_run(annotator, source, out, limit=4)
+    foreign = [out / "notes.tmp", out / "part-7-00003.parquet", out / "__annotation__" / "mine.tmp"]
+    for path in foreign:
+        path.write_text("not the run's")
+    quick_run(annotator, source, out)
+    assert all(path.read_text() == "not the run's" for path in foreign)
+    assert "Parquet files no commit of this run names (part-7-00003.parquet)" in capsys.readouterr().out
+    for path in foreign[:2]:
+        path.unlink()  # pandas would read them as rows
+    assert ids_of(out) == sorted(short_files)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.parquet").write_text("someone's")
+    from htsat_hf.annotation.store import OutputFolderError
+
+    with pytest.raises(OutputFolderError, match=r"already holds files that no annotation run wrote \(data.parquet\)"):
+        quick_run(annotator, source, other)
+    assert (other / "data.parquet").read_text() == "someone's"
+
+
+def test_a_folder_is_held_by_one_live_run(annotator, model_folder, short_files, tmp_path):
+    """A live holder (here this process, or another host's fresh heartbeat) is refused with its name; a dead one (its
+    process killed with SIGKILL, or another host's lock older than the timeout) is taken over."""
+    import signal
+
+    from htsat_hf.annotation.lock import STALE_AFTER_S, FolderBusyError, FolderLock
+
+    source = file_source(short_files[:2])
+    out = tmp_path / "out"
+    with FolderLock(out / "__annotation__").acquire():
+        with pytest.raises(FolderBusyError, match=rf"in use by another annotation run \(host .*, pid {os.getpid()}"):
+            quick_run(annotator, source, out)
+        with pytest.raises(SystemExit, match="in use by another annotation run .* pass --wait"):
+            run_cli(model_folder, short_files[:2], out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from htsat_hf.annotation.lock import FolderLock; "
+         f"FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(out / "__annotation__")],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(FolderBusyError, match=f"pid {holder.pid}"):
+        quick_run(annotator, source, out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert quick_run(annotator, source, out)["inputs"] == 2  # the dead holder's folder is taken over
+    lock = out / "__annotation__" / "lock.json"
+    assert not lock.exists()  # released at the end
+
+    lock.write_text(json.dumps({"host": "node-b", "pid": 1, "started": "2026-12-07T00:00:00+00:00", "token": "b"}))
+    with pytest.raises(FolderBusyError, match="host node-b, pid 1"):
+        quick_run(annotator, source, out)
+    old = lock.stat().st_mtime - STALE_AFTER_S - 5
+    os.utime(lock, (old, old))  # node-b stopped refreshing it
+    assert quick_run(annotator, source, out)["inputs"] == 2
+
+
+def test_a_second_run_waits_for_the_holder(annotator, short_files, tmp_path):
+    import threading
+
+    from htsat_hf.annotation.lock import FolderLock
+
+    out = tmp_path / "out"
+    lock = FolderLock(out / "__annotation__").acquire()
+    threading.Timer(0.5, lock.release).start()
+    assert quick_run(annotator, file_source(short_files[:2]), out, wait=True)["inputs"] == 2
+
+
+def test_damaged_manifest_and_full_disk_end_in_clear_errors(model_folder, short_files, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    written = []
+
+    def full_disk(table, path, **kwargs):
+        if written:  # the second shard's results
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return original(table, path, **kwargs)
+
+    original = pq.write_table
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    with pytest.raises(SystemExit, match=r"part-0-00001.parquet: the disk is full .* run the same command again"):
+        run_cli(model_folder, short_files, out, "--rows_per_shard", "4", "--num_workers", "0")
+    monkeypatch.setattr(pq, "write_table", original)
+    assert not list(out.glob(".*.tmp")) and sorted(committed_shards(out)) == [0]
+    assert run_cli(model_folder, short_files, out, "--rows_per_shard", "4", "--num_workers", "0")["inputs"] == 11
+    assert ids_of(out) == sorted(short_files)
+    (out / "__annotation__" / "manifest.json").write_text('{"format": "htsat-hf-annot')
+    with pytest.raises(SystemExit, match=r"manifest.json is damaged .* --overwrite to start over"):
+        run_cli(model_folder, short_files, out, "--rows_per_shard", "4", "--num_workers", "0")
+
+
+def test_commit_unit_gives_every_process_work():
+    from htsat_hf.annotation.corpus import shard_rows
+
+    assert shard_rows(256, 11, 2) == 6 and shard_rows(256, 600, 2) == 256 and shard_rows(3, 11, 2) == 3
+    assert shard_rows(256, 600, 1) == 256
+    assert shard_rows(256, None, 4) == 256 and shard_rows(256, 0, 2) == 256 and shard_rows(256, 3, 8) == 1
+
+
+def test_sigkill_mid_run_then_the_same_command_gives_every_input_once(model_folder, short_files, tmp_path):
+    """A real `kill -9` of the command after its first commit (its lock, pending note and temporary files left as they
+    are): the same command again takes the folder over and ends with every input exactly once."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    arguments = ["--model_name_or_path", str(model_folder), "--files", *short_files, "--output_dir", str(out),
+                 "--tasks", *TASKS, "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "1", "--num_workers",
+                 "0", "--no_progress", "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "annotate.py"), *arguments],
+                               env=dict(training_env(), PYTHONPATH=str(REPO / "src")))
+    first = out / "__annotation__" / "shard-0-00000.done"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists()  # (a machine fast enough to finish within the poll leaves a finished run: also fine)
+    summary = annotate_main(arguments)
+    assert summary["inputs"] == len(short_files) and ids_of(out) == sorted(short_files)
+    assert read_manifest(out)["status"] == "complete"
+
+
+def test_markers_of_earlier_versions_are_checked_by_their_counts(tmp_path):
+    """Markers written before they recorded ranges and digests: a shard a --limit cut (fewer inputs than its range)
+    is redone, a whole one is kept while its Parquet file holds the rows its marker counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from htsat_hf.annotation.store import ShardMarker, shard_problem
+
+    (tmp_path / "__annotation__").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "part-0-00000.parquet")
+    pq.write_table(pa.table({"id": ["e", "f"]}), tmp_path / "part-0-00001.parquet")
+    whole = ShardMarker(0, 0, {"rows": 3, "errors": 1, "audio_seconds": 1.0, "failed_by_stage": {"decode": 1}})
+    cut = ShardMarker(0, 1, {"rows": 2, "errors": 0, "audio_seconds": 1.0, "failed_by_stage": {}})
+    assert shard_problem(tmp_path, whole, 4, 11) is None
+    assert shard_problem(tmp_path, cut, 4, 11) == "it holds inputs 4-5 only (a run with --limit), this run needs up to 7"
+    assert shard_problem(tmp_path, cut, 4, 6) is None  # the same limit again
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "part-0-00000.parquet")
+    assert shard_problem(tmp_path, whole, 4, 11) == "part-0-00000.parquet has 1 rows, its marker recorded 3"
+
+
+def test_several_processes_refuse_a_held_folder_together(model_folder, short_files, tmp_path, capfd, monkeypatch):
+    """`--num_processes 2` on a folder another run holds: process 0 refuses with the holder named, the launcher ends
+    process 1 (waiting at the first barrier), and nothing is written."""
+    from htsat_hf.annotation.lock import FolderLock
+
+    for name, value in training_env().items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "held"
+    with FolderLock(out / "__annotation__").acquire():
+        with pytest.raises(SystemExit, match="stopped with exit status"):
+            run_cli(model_folder, short_files, out, "--num_processes", "2")
+    assert f"in use by another annotation run (host {os.uname().nodename}, pid {os.getpid()}" in capfd.readouterr().err
+    assert sorted(path.name for path in out.rglob("*")) == ["__annotation__"]
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_before_committing(tmp_path):
+    """A run suspended past the timeout and taken over finds out at its next commit, and leaves the new lock alone."""
+    from htsat_hf.annotation.lock import FolderBusyError, FolderLock
+
+    lock = FolderLock(tmp_path).acquire()
+    lock.check()
+    taken = json.dumps({"host": "node-b", "pid": 7, "token": "theirs"})
+    (tmp_path / "lock.json").write_text(taken)
+    with pytest.raises(FolderBusyError, match="Another run took over"):
+        lock.check()
+    lock.release()
+    assert (tmp_path / "lock.json").read_text() == taken

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", required=True)
     output.add_argument("--overwrite", action="store_true", help="delete a previous run's output and start over")
+    output.add_argument("--wait", action="store_true",
+                        help="when another run holds --output_dir, wait for it to finish instead of stopping")
     output.add_argument("--rows_per_shard", type=int, default=256, help="inputs per Parquet shard (commit unit)")
     tasks = parser.add_argument_group("tasks and post-processing")
     tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from .annotator import Annotator
     from .corpus import Processes, annotate_corpus
     from .sources import InputError
-    from .store import ManifestMismatchError
+    from .store import ManifestMismatchError, OutputFolderError
 
     state = PartialState(cpu=on_cpu)
     device = args.device or str(state.device)
@@ -100,10 +102,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         return annotate_corpus(
             annotator, source, args.output_dir, model_name=args.model_name_or_path, rows_per_shard=args.rows_per_shard,
-            num_workers=args.num_workers, limit=args.limit, overwrite=args.overwrite,
+            num_workers=args.num_workers, limit=args.limit, overwrite=args.overwrite, wait=args.wait,
             processes=Processes.from_accelerate(state), progress=not args.no_progress,
         )
-    except ManifestMismatchError as error:
+    except (ManifestMismatchError, OutputFolderError) as error:
         raise SystemExit(f"error: {error}") from None
     except InputError as error:  # found while reading a stream (repeated ids), maybe in a decoding worker
         raise SystemExit(f"error: {original_message(error)}") from None
