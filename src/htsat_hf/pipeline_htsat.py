@@ -9,8 +9,10 @@ recording; with `return_frame_scores=True` the whole grid is kept and returned.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,56 @@ from transformers.utils import logging
 from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
-from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
+from .sed_postprocessing import (
+    EventSettings,
+    EventStream,
+    check_event_settings,
+    frames_to_events,
+    load_label_mapping,
+    map_scores,
+    resolve_label_mapping,
+)
 
 logger = logging.get_logger(__name__)
 
 READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
+# Taken by Transformers' `Pipeline.__call__` itself (and `Pipeline.__init__`), before `_sanitize_parameters`.
+PIPELINE_CALL_ARGUMENTS = ("batch_size", "num_workers")
+
+
+def keyword_names(function: Callable) -> list[str]:
+    """The named keyword parameters of `function` (not `self`, `*args` or `**kwargs`)."""
+    return [name for name, parameter in inspect.signature(function).parameters.items()
+            if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)]
+
+
+def reject_unknown_arguments(task: str, unknown: Mapping[str, Any], accepted: Iterable[str]) -> None:
+    """A TypeError, as a Python call raises it, naming each keyword argument the pipeline does not take (with the
+    closest accepted name) and listing those it takes; Transformers' `Pipeline` would otherwise drop them silently."""
+    if not unknown:
+        return
+    accepted = sorted(set(accepted) | set(PIPELINE_CALL_ARGUMENTS))
+    named = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, accepted, n=1)
+        named.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise TypeError(f'pipeline("{task}") got unexpected keyword argument{"s" if len(named) > 1 else ""} '
+                    f"{', '.join(named)}; it takes: {', '.join(accepted)}.")
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """`value` as an int >= 1, or a ValueError naming the setting (a bool, a fraction or a number < 1)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    return int(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """`value` as a bool, or a ValueError naming the setting (a string such as "no" would otherwise count as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
 
 
 @dataclass
@@ -148,13 +194,14 @@ class SoundEventDetectionPipeline(Pipeline):
         return_frame_scores=None,
         window_batch_size=None,
         progress=None,
-        **kwargs,
+        **unknown,
     ):
+        reject_unknown_arguments("sound-event-detection", unknown, keyword_names(type(self)._sanitize_parameters))
         forward = {}
         if window_batch_size is not None:
-            forward["window_batch_size"] = int(window_batch_size)
+            forward["window_batch_size"] = check_positive_int(window_batch_size, "window_batch_size")
         if progress is not None:
-            forward["progress"] = progress
+            forward["progress"] = check_flag(progress, "progress")
         post = {
             key: value
             for key, value in dict(
@@ -168,6 +215,9 @@ class SoundEventDetectionPipeline(Pipeline):
             ).items()
             if value is not None
         }
+        check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
+        if return_frame_scores is not None:
+            check_flag(return_frame_scores, "return_frame_scores")
         if label_mapping is not None:
             post["label_mapping"] = (
                 label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
@@ -187,17 +237,35 @@ class SoundEventDetectionPipeline(Pipeline):
         progress: bool | None = None,
         postprocessing: dict | None = None,
     ) -> dict:
+        """One input's outputs, or with `batch_size=` (Transformers' DataLoader collates the inputs' sources into a
+        list) a dict of per-input lists, which Transformers hands to `postprocess` one input at a time. Frame logits
+        come with a leading batch axis of one, as Transformers' unbatching gives them."""
+        sources = model_inputs["source"]
+        if not isinstance(sources, list):
+            output = self.detect_source(sources, window_batch_size, progress, postprocessing)
+            return {**output, "frame_logits": output["frame_logits"][None]} if "frame_logits" in output else output
+        outputs = [self.detect_source(source, window_batch_size, progress, postprocessing) for source in sources]
+        return {key: [output[key] for output in outputs] for key in outputs[0]}
+
+    def detect_source(
+        self,
+        source: AudioSource,
+        window_batch_size: int = 8,
+        progress: bool | None = None,
+        postprocessing: dict | None = None,
+    ) -> dict:
         """Runs the windows as the audio streams in and stitches their step logits. Steps that no later window reaches
         go straight into an `EventStream`, so memory does not grow with the recording; with `return_frame_scores`
         the whole grid of scores is kept (it is part of the answer)."""
         settings = dict(postprocessing or {})
         keep_scores = settings.pop("return_frame_scores", False)
         label_mapping = settings.pop("label_mapping", None)
-        source: AudioSource = model_inputs["source"]
         stream = WindowStream(self.model.config, self.feature_extractor, source)
         window_step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed input's step
         labels = self._labels() if label_mapping is None else list(resolve_label_mapping(label_mapping, self._labels()))
         events = None if keep_scores else EventStream(window_step, labels, **settings)
+        if keep_scores:  # the settings against the labels (a {label: value} threshold), before any audio is read
+            EventSettings.create(window_step, labels, **settings)
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
         bar = None
         if show:
@@ -261,7 +329,7 @@ class SoundEventDetectionPipeline(Pipeline):
     ) -> dict:
         if "events" in model_outputs:  # found while streaming (see `_forward`)
             return {"events": model_outputs["events"]}
-        scores, labels = self._scores(model_outputs["frame_logits"], label_mapping)
+        scores, labels = self._scores(model_outputs["frame_logits"][0], label_mapping)
         events = frames_to_events(
             scores,
             model_outputs["step_seconds"],

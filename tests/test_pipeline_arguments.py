@@ -1,0 +1,118 @@
+"""The pipelines' arguments as Transformers takes them: misspelt or bad ones raise naming the argument, `batch_size=`
+gives the unbatched results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+from transformers import pipeline
+
+from conftest import save_tiny_classifier, save_tiny_detector
+
+RATE = 32000
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return pipeline("sound-event-detection", model=str(save_tiny_detector(tmp_path_factory.mktemp("sed"))))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return pipeline("audio-classification", model=str(save_tiny_classifier(tmp_path_factory.mktemp("cls"))))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two files: one shorter than a window, one of two windows."""
+    folder = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, seconds in enumerate((3.0, 12.0)):
+        paths.append(str(folder / f"clip{index}.flac"))
+        sf.write(paths[-1], (rng.standard_normal(int(seconds * RATE)) * 0.1).astype(np.float32), RATE)
+    return paths
+
+
+def audio(seconds: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(1).standard_normal(int(seconds * RATE)) * 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize("task, misspelt, meant", [
+    ("sound-event-detection", "tresholds", "threshold"),
+    ("sound-event-detection", "min_duration", "min_duration_seconds"),
+    ("audio-classification", "topk", "top_k"),
+])
+def test_misspelt_arguments_raise_naming_them(detector, classifier, task, misspelt, meant):
+    pipe = detector if task == "sound-event-detection" else classifier
+    message = rf"unexpected keyword argument '{misspelt}' \(did you mean '{meant}'\?\); it takes: .*batch_size"
+    with pytest.raises(TypeError, match=message):
+        pipe(audio(), **{misspelt: 0.3})
+    with pytest.raises(TypeError, match=message):  # at construction too: the same parameters
+        type(pipe)(model=pipe.model, feature_extractor=pipe.feature_extractor, **{misspelt: 0.3})
+
+
+def test_transformers_own_arguments_still_work(classifier):
+    assert classifier(audio(), top_k=2, function_to_apply="softmax", batch_size=1, num_workers=0)[0]["score"] <= 1
+    with pytest.raises(ValueError, match="function_to_apply"):
+        classifier(audio(), function_to_apply="tanh")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_duration_seconds=float("nan")), "min_duration_seconds must be a finite number"),
+    (dict(median_filter_seconds=float("inf")), "median_filter_seconds must be a finite number"),
+    (dict(threshold="high"), "threshold must be a number"),
+    (dict(window_batch_size=0), "window_batch_size must be a whole number >= 1, got 0"),
+    (dict(window_batch_size=2.5), "window_batch_size must be a whole number"),
+    (dict(return_frame_scores="no"), "return_frame_scores must be True or False"),
+    (dict(progress="yes"), "progress must be True or False"),
+])
+def test_bad_detection_settings_raise_before_any_work(detector, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        detector(audio(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        pipeline("sound-event-detection", model=detector.model, feature_extractor=detector.feature_extractor, **kwargs)
+
+
+def test_label_dependent_settings_are_checked_before_the_audio_is_read(detector, monkeypatch):
+    import htsat_hf.pipeline_htsat as pipeline_module
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the audio was read before the settings were checked")
+
+    monkeypatch.setattr(pipeline_module.WindowStream, "window_batches", unreachable)
+    for keep_scores in (False, True):
+        with pytest.raises(ValueError, match="unknown labels"):
+            detector(audio(), threshold={"bark": 0.3}, return_frame_scores=keep_scores)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-1), "top_k must be a whole number >= 1, got -1"),
+    (dict(top_k=0), "top_k must be a whole number >= 1, got 0"),
+    (dict(top_k=1.5), "top_k must be a whole number"),
+    (dict(window_batch_size=-3), "window_batch_size must be a whole number >= 1"),
+])
+def test_bad_classification_settings_raise_naming_them(classifier, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        classifier(audio(), **kwargs)
+
+
+def test_batch_size_gives_the_unbatched_events(detector, files):
+    for kwargs in (dict(), dict(return_frame_scores=True, threshold=0.4)):
+        alone = [detector(path, **kwargs) for path in files]
+        batched = detector(files, batch_size=2, **kwargs)
+        assert [result["events"] for result in batched] == [result["events"] for result in alone]
+        for one, other in zip(batched, alone):
+            assert set(one) == set(other)
+            if "frame_scores" in one:
+                np.testing.assert_array_equal(one["frame_scores"], other["frame_scores"])
+                np.testing.assert_array_equal(one["frame_times"], other["frame_times"])
+
+
+def test_batch_size_gives_the_unbatched_tags(classifier, files):
+    alone = [classifier(path, top_k=3) for path in files]
+    batched = classifier(files, top_k=3, batch_size=2)
+    assert [[tag["label"] for tag in tags] for tags in batched] == [[tag["label"] for tag in tags] for tags in alone]
+    for tags, expected in zip(batched, alone):  # windows of several inputs share forward passes: same arithmetic
+        assert [tag["score"] for tag in tags] == pytest.approx([tag["score"] for tag in expected], abs=1e-6)
