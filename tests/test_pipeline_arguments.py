@@ -116,3 +116,24 @@ def test_batch_size_gives_the_unbatched_tags(classifier, files):
     assert [[tag["label"] for tag in tags] for tags in batched] == [[tag["label"] for tag in tags] for tags in alone]
     for tags, expected in zip(batched, alone):  # windows of several inputs share forward passes: same arithmetic
         assert [tag["score"] for tag in tags] == pytest.approx([tag["score"] for tag in expected], abs=1e-6)
+
+
+def test_a_call_threshold_may_name_the_labels_of_a_mapping_given_at_construction(detector):
+    mapped = pipeline("sound-event-detection", model=detector.model, feature_extractor=detector.feature_extractor,
+                      label_mapping={"loud": ["tone", "noise"]})
+    assert {event["label"] for event in mapped(audio(), threshold={"loud": 0.0})["events"]} == {"loud"}
+    with pytest.raises(ValueError, match="unknown labels"):
+        mapped(audio(), threshold={"tone": 0.3})
+    with pytest.raises(ValueError, match="unknown labels"):  # at construction: before any input
+        pipeline("sound-event-detection", model=detector.model, feature_extractor=detector.feature_extractor,
+                 threshold={"bark": 0.3})
+
+
+def test_construction_settings_stay_when_a_call_adds_others(detector):
+    """Transformers merges the forward parameters key by key: the streaming path's settings dict given at a call
+    replaced the whole of the constructor's, so `threshold=` given at construction was lost."""
+    low = pipeline("sound-event-detection", model=detector.model, feature_extractor=detector.feature_extractor,
+                   threshold=0.0)
+    expected = detector(audio(12.0), threshold=0.0, min_gap_seconds=0.1)["events"]
+    assert expected != detector(audio(12.0), min_gap_seconds=0.1)["events"]
+    assert low(audio(12.0), min_gap_seconds=0.1)["events"] == expected

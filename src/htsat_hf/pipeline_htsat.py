@@ -216,14 +216,28 @@ class SoundEventDetectionPipeline(Pipeline):
             if value is not None
         }
         check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
-        if return_frame_scores is not None:
-            check_flag(return_frame_scores, "return_frame_scores")
         if label_mapping is not None:
             post["label_mapping"] = (
                 label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
             )
-        forward["postprocessing"] = post  # events are found while the audio streams, unless frame scores are wanted
+        # a call's settings go with those given at construction (Transformers merges the dicts it is returned key by
+        # key, so this whole dict would replace the constructor's), and are checked together: a call's threshold
+        # dict may name the labels of a mapping given then
+        merged = {**getattr(self, "_postprocess_params", {}), **post}
+        self.check_postprocessing(merged)
+        forward["postprocessing"] = merged  # events are found while the audio streams, unless frame scores are wanted
         return {}, forward, post
+
+    def check_postprocessing(self, postprocessing: Mapping[str, Any]) -> None:
+        """A ValueError naming the setting when post-processing settings do not fit the model: `EventSettings`'
+        checks against the model's labels (or the mapped ones), so that a bad setting fails before any audio is
+        read."""
+        settings = dict(postprocessing)
+        if "return_frame_scores" in settings:
+            check_flag(settings.pop("return_frame_scores"), "return_frame_scores")
+        mapping = settings.pop("label_mapping", None)
+        labels = self._labels() if mapping is None else list(resolve_label_mapping(mapping, self._labels()))
+        EventSettings.create(self.model.frame_step_seconds(self.model.config.image_frames + 1), labels, **settings)
 
     # ------------------------------------------------------------------------------------------------- input
     def preprocess(self, inputs: Any) -> dict:
@@ -264,8 +278,6 @@ class SoundEventDetectionPipeline(Pipeline):
         window_step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed input's step
         labels = self._labels() if label_mapping is None else list(resolve_label_mapping(label_mapping, self._labels()))
         events = None if keep_scores else EventStream(window_step, labels, **settings)
-        if keep_scores:  # the settings against the labels (a {label: value} threshold), before any audio is read
-            EventSettings.create(window_step, labels, **settings)
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
         bar = None
         if show:
