@@ -137,3 +137,56 @@ def test_construction_settings_stay_when_a_call_adds_others(detector):
     expected = detector(audio(12.0), threshold=0.0, min_gap_seconds=0.1)["events"]
     assert expected != detector(audio(12.0), min_gap_seconds=0.1)["events"]
     assert low(audio(12.0), min_gap_seconds=0.1)["events"] == expected
+
+
+# ------------------------------------------------------------------ scripts/detect_events.py
+def run_detect_events(argv: list[str], capsys) -> tuple[int, str]:
+    from htsat_hf import detection_cli
+
+    try:
+        status = detection_cli.main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--window-batch-size", "0"], r"argument --window-batch-size: expected a whole number >= 1, got 0"),
+    (["--min-duration", "nan"], r"argument --min-duration: expected a finite number of seconds >= 0, got 'nan'"),
+    (["--median-filter", "-1"], r"argument --median-filter: expected a finite number"),
+    (["--threshold", "1.5"], r"argument --threshold: threshold must be in \[0, 1\], got 1.5"),
+    (["--hysteresis", "0.2", "0.6"], r"argument --hysteresis: hysteresis offset threshold 0.6 must be <= onset"),
+    (["--label-mapping", "missing.json"], r"argument --label-mapping: .*missing.json"),
+])
+def test_detect_events_refuses_bad_settings_before_loading_the_model(flags, message, files, capsys, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "pipeline", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    status, err = run_detect_events([files[0], "--model", "unused", *flags], capsys)
+    assert status == 2
+    assert re_search(message, err)
+
+
+def test_detect_events_checks_its_paths_and_labels_before_any_file(detector, files, tmp_path, capsys, monkeypatch):
+    import htsat_hf.pipeline_htsat as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "audio_source", lambda *args: pytest.fail("a file was read"))
+    folder = str(tmp_path)
+    detector.model.save_pretrained(tmp_path / "model")
+    detector.feature_extractor.save_pretrained(tmp_path / "model")
+    model = ["--model", str(tmp_path / "model")]
+    for argv, message in [
+        ([files[0], *model, "--output", folder], rf"argument --output: {folder} is a directory"),
+        ([files[0], *model, "--output", str(tmp_path / "no" / "events.tsv")], "does not exist"),
+        ([files[0], *model, "--plot", folder], rf"argument --plot: {folder} is a directory"),
+        ([*files, *model, "--plot", files[0]], "names a folder"),
+        ([*files, *model, "--threshold", '{"bark": 0.3}'], r"threshold names unknown labels \['bark'\]"),
+    ]:
+        status, err = run_detect_events(argv, capsys)
+        assert status == 2 and re_search(message, err), err
+
+
+def re_search(pattern: str, text: str) -> bool:
+    import re
+
+    return re.search(pattern, text) is not None

@@ -20,6 +20,7 @@ the context each stage needs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import numbers
@@ -675,15 +676,56 @@ def parse_threshold(text: str) -> float | dict:
     return json.loads(text) if text.strip().startswith("{") else float(text)
 
 
+def positive_int(text: str) -> int:
+    """A command-line whole number >= 1 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A command-line duration: a finite number of seconds >= 0."""
+    try:
+        return check_seconds(float(text), "seconds")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}") from None
+
+
+POSTPROCESSING_FLAGS = {
+    "threshold": "--threshold", "hysteresis": "--hysteresis", "median_filter_seconds": "--median-filter",
+    "min_duration_seconds": "--min-duration", "min_gap_seconds": "--min-gap", "upsample": "--upsample",
+}
+
+
 def add_postprocessing_arguments(parser) -> None:
     """The post-processing flags shared by scripts/detect_events.py and scripts/annotate.py."""
     parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
     parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
-    parser.add_argument("--median-filter", type=float, help="median filter length in seconds")
-    parser.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (s)")
-    parser.add_argument("--min-gap", type=float, default=0.0, help="merge same-class events closer than this (s)")
+    parser.add_argument("--median-filter", type=seconds, help="median filter length in seconds")
+    parser.add_argument("--min-duration", type=seconds, default=0.0, help="drop events shorter than this (s)")
+    parser.add_argument("--min-gap", type=seconds, default=0.0, help="merge same-class events closer than this (s)")
     parser.add_argument("--upsample", choices=["repeat", "linear"], default="repeat")
     parser.add_argument("--label-mapping", help="JSON/YAML mapping of new labels to groups of the model's labels")
+
+
+def check_postprocessing_arguments(parser, args) -> None:
+    """Checks the flags of `add_postprocessing_arguments` with `check_event_settings`, and reads the label mapping,
+    before any work: `parser.error` (exit status 2) names the flag that is wrong."""
+    settings = postprocessing_from_arguments(args)
+    for key, flag in POSTPROCESSING_FLAGS.items():
+        try:
+            check_event_settings(**{key: settings[key]})
+        except ValueError as error:
+            parser.error(f"argument {flag}: {error}")
+    if settings["label_mapping"] is not None:
+        try:
+            load_label_mapping(settings["label_mapping"])
+        except (OSError, ValueError) as error:
+            parser.error(f"argument --label-mapping: {error}")
 
 
 def postprocessing_from_arguments(args) -> dict:
