@@ -1,5 +1,5 @@
-"""The pipelines' arguments as Transformers takes them: misspelt or bad ones raise naming the argument, `batch_size=`
-gives the unbatched results."""
+"""Arguments and settings checked as Transformers does: the pipelines' (misspelt or bad ones raise naming the argument,
+`batch_size=` gives the unbatched results) and the command-line tools' (usage errors before any work)."""
 
 from __future__ import annotations
 
@@ -190,3 +190,59 @@ def re_search(pattern: str, text: str) -> bool:
     import re
 
     return re.search(pattern, text) is not None
+
+
+# ------------------------------------------------------------------ scripts/listen.py
+def run_listen(argv: list[str], stdin_bytes: bytes | None, tmp_path, capsys, monkeypatch) -> tuple[int, str, str]:
+    import sys
+    import types
+
+    from htsat_hf.live import cli
+
+    if stdin_bytes is not None:
+        (tmp_path / "stdin.raw").write_bytes(stdin_bytes)
+        handle = open(tmp_path / "stdin.raw", "rb")  # noqa: SIM115 - ffmpeg reads it as its stdin
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=handle))
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    finally:
+        if stdin_bytes is not None:
+            handle.close()
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "0"], "argument --top-k: expected a whole number >= 1, got 0"),
+    (["--stdin-rate", "-16000"], "argument --stdin-rate: expected a whole number >= 1"),
+    (["--threads", "0"], "argument --threads: expected a whole number >= 1"),
+    (["--lookahead", "-1"], "argument --lookahead: expected a finite number of seconds >= 0"),
+    (["--min-gap", "inf"], "argument --min-gap: expected a finite number of seconds >= 0"),
+    (["--threshold", "-0.1"], r"argument --threshold: threshold must be in \[0, 1\]"),
+    (["--hop", "20"], r"hop_seconds must be > 0 and at most the window"),
+    (["--threshold", '{"bark": 0.3}'], r"threshold names unknown labels \['bark'\]"),
+])
+def test_listen_refuses_bad_options_with_a_usage_error(detector, flags, message, tmp_path, capsys, monkeypatch):
+    detector.model.save_pretrained(tmp_path / "model")
+    detector.feature_extractor.save_pretrained(tmp_path / "model")
+    status, out, err = run_listen(["--model", str(tmp_path / "model"), "--stdin", *flags], None, tmp_path, capsys,
+                                  monkeypatch)
+    assert status == 2 and out == ""
+    assert re_search(message, err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("samples, message", [
+    (0, "no audio was received: the input is empty"),
+    (100, r"The stream has 200 samples \(6.2 ms\), fewer than the 513 that one STFT frame needs"),
+])
+def test_listen_fails_clearly_on_an_empty_or_too_short_stream(detector, samples, message, tmp_path, capsys,
+                                                               monkeypatch):
+    detector.model.save_pretrained(tmp_path / "model")
+    detector.feature_extractor.save_pretrained(tmp_path / "model")
+    pcm = (np.random.default_rng(2).standard_normal(samples) * 0.1).astype(np.float32)
+    argv = ["--model", str(tmp_path / "model"), "--stdin", "--stdin-format", "f32le", "--stdin-rate", "16000"]
+    status, out, err = run_listen(argv, pcm.tobytes(), tmp_path, capsys, monkeypatch)
+    assert status == 1 and out == ""
+    assert re_search(message, err)
