@@ -246,3 +246,48 @@ def test_listen_fails_clearly_on_an_empty_or_too_short_stream(detector, samples,
     status, out, err = run_listen(argv, pcm.tobytes(), tmp_path, capsys, monkeypatch)
     assert status == 1 and out == ""
     assert re_search(message, err)
+
+
+# ------------------------------------------------------------------ HTSATConfig
+@pytest.mark.parametrize("overrides, message", [
+    (dict(embed_dim="96"), "embed_dim must be a whole number >= 1, got '96'"),
+    (dict(num_heads=4), r"num_heads must be a list with one whole number per stage \(e.g. \[4, 8, 16, 32\]\), got 4"),
+    (dict(depths=[1, 1.5, 2, 1]), "depths must be a list with one whole number per stage"),
+    (dict(num_mel_bins=None), "num_mel_bins must be a whole number >= 1, got None"),
+    (dict(hop_length=0), "hop_length must be a whole number >= 1, got 0"),
+    (dict(spec_size=0), "spec_size must be a whole number >= 1, got 0"),
+    (dict(clip_seconds="10"), "clip_seconds must be a finite number, got '10'"),
+    (dict(f_max=None), "f_max must be a finite number, got None"),
+    (dict(long_input_hop_seconds=float("nan")), "long_input_hop_seconds must be a finite number, got nan"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\], got 1.5"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps must be > 0"),
+    (dict(qkv_bias="yes"), "qkv_bias must be True or False, got 'yes'"),
+    (dict(id2label={0: "tone", 2: "noise"}), r"id2label must number its 2 classes 0..1 .*missing ids \[1\]"),
+    (dict(id2label={"0": "tone", "one": "noise"}), "id2label's keys must be class ids"),
+    (dict(id2label={0: "tone", 1: None}), r"id2label\[1\] must be a label name"),
+    (dict(num_labels=0), "num_labels must be >= 1"),
+    (dict(num_mel_bins=128), r"^(?!clip_seconds).*num_mel_bins=128 \(spec_size // num_mel_bins = 2 chunks"),
+])
+def test_config_settings_of_the_wrong_type_raise_naming_the_setting(overrides, message):
+    from htsat_hf import HTSATConfig
+
+    with pytest.raises(ValueError, match=message):
+        HTSATConfig(**overrides)
+
+
+def test_config_type_checks_also_guard_later_changes_and_saved_files(tmp_path):
+    import json
+
+    from htsat_hf import HTSATConfig
+
+    config = HTSATConfig(id2label={"0": "tone", "1": "noise"})  # JSON's string keys are ids too
+    assert config.id2label == {0: "tone", 1: "noise"}
+    config.num_heads = 8
+    with pytest.raises(ValueError, match="num_heads must be a list"):
+        config.validate_architecture()
+    HTSATConfig(num_labels=2).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["id2label"] = {"0": "a", "5": "b"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"missing ids \[1\], ids out of range \[5\]"):
+        HTSATConfig.from_pretrained(tmp_path)

@@ -565,7 +565,8 @@ class _RegionTracker:
 
 
 def _check_hysteresis(hysteresis: Sequence[float]) -> tuple[float, float]:
-    if isinstance(hysteresis, (str, bytes)) or not isinstance(hysteresis, (Sequence, np.ndarray)) or len(hysteresis) != 2:
+    pair = isinstance(hysteresis, (Sequence, np.ndarray)) and not isinstance(hysteresis, (str, bytes))
+    if not pair or len(hysteresis) != 2:
         raise ValueError(f"hysteresis must be (onset, offset) thresholds, got {hysteresis!r}.")
     onset_threshold = _check_probability(hysteresis[0], "hysteresis onset threshold")
     offset_threshold = _check_probability(hysteresis[1], "hysteresis offset threshold")
