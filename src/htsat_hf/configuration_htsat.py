@@ -11,7 +11,7 @@ from transformers import PreTrainedConfig
 
 AUDIOSET_NUM_LABELS = 527
 
-# Each setting's type and range: (kind, lowest value, whether the lowest is allowed); checked by `validate_types`.
+# The type and range of each setting, checked by `validate_types` (whole numbers: the lowest value allowed).
 WHOLE_NUMBERS = {
     "sampling_rate": 1, "n_fft": 1, "hop_length": 1, "num_mel_bins": 1, "spec_size": 1, "patch_size": 1,
     "patch_stride": 1, "window_size": 1, "embed_dim": 1,

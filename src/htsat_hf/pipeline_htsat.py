@@ -174,7 +174,9 @@ class SoundEventDetectionPipeline(Pipeline):
     `median_filter_seconds`, `min_duration_seconds`, `min_gap_seconds`, `hysteresis=(onset, offset)`,
     `upsample="repeat"` (the original's step holding) or `"linear"`. `label_mapping`: a JSON/YAML path or dict mapping
     new labels to groups of the model's labels (e.g. DESED classes from AudioSet classes). `window_batch_size`: windows
-    per forward pass. `progress`: show a progress bar (default: for audio over two minutes).
+    per forward pass. `progress`: show a progress bar (default: for audio over two minutes). A list of inputs takes
+    Transformers' `batch_size=` and `num_workers=`. Any other keyword is a TypeError naming it; a bad value a
+    ValueError naming the setting, before any audio is read.
     """
 
     _load_processor = False
