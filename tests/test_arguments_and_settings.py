@@ -291,3 +291,15 @@ def test_config_type_checks_also_guard_later_changes_and_saved_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"missing ids \[1\], ids out of range \[5\]"):
         HTSATConfig.from_pretrained(tmp_path)
+
+
+def test_the_window_stream_itself_refuses_a_batch_size_below_one(detector):
+    """The shared mechanism (the SED pipeline's and the annotator's windows): pending windows were emitted when
+    their count reached the batch size, so a size below 1 held every window of the recording (3.45 GB on 3 h)."""
+    from htsat_hf.pipeline_htsat import WindowStream, audio_source
+
+    source = audio_source(audio(27.0), RATE)  # windows at 0, 5, 10, 15 and 17 s
+    stream = WindowStream(detector.model.config, detector.feature_extractor, source)
+    with pytest.raises(ValueError, match="window_batch_size must be a whole number >= 1, got 0"):
+        next(stream.window_batches(0))
+    assert [len(starts) for _, starts in stream.window_batches(2)] == [2, 2, 1]

@@ -512,6 +512,9 @@ class WindowStream:
         return self.num_samples / self.source.sampling_rate
 
     def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor | list[SampleSpan], list[int]]]:
+        """The windows in batches of `batch_size` (the last one smaller), with their start frames, as the audio
+        streams in. A batch size below 1 would never fill a batch and hold every window of the recording."""
+        batch_size = check_positive_int(batch_size, "window_batch_size")
         next_frame = 0
         done: set[int] = set()
         pending, pending_starts = [], []
