@@ -239,7 +239,7 @@ class SoundEventDetectionPipeline(Pipeline):
             check_flag(settings.pop("return_frame_scores"), "return_frame_scores")
         mapping = settings.pop("label_mapping", None)
         labels = self._labels() if mapping is None else list(resolve_label_mapping(mapping, self._labels()))
-        EventSettings.create(self.model.frame_step_seconds(self.model.config.image_frames + 1), labels, **settings)
+        EventSettings.create(1.0, labels, **settings)  # any step: what is checked is the settings against the labels
 
     # ------------------------------------------------------------------------------------------------- input
     def preprocess(self, inputs: Any) -> dict:
