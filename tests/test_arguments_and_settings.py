@@ -67,6 +67,7 @@ def test_transformers_own_arguments_still_work(classifier):
     (dict(window_batch_size=2.5), "window_batch_size must be a whole number"),
     (dict(return_frame_scores="no"), "return_frame_scores must be True or False"),
     (dict(progress="yes"), "progress must be True or False"),
+    (dict(label_mapping=["tone"]), "label_mapping must be a dict .* or the path of a JSON/YAML file of one, got list"),
 ])
 def test_bad_detection_settings_raise_before_any_work(detector, kwargs, message):
     with pytest.raises(ValueError, match=message):

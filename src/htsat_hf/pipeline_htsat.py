@@ -219,6 +219,9 @@ class SoundEventDetectionPipeline(Pipeline):
         }
         check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
         if label_mapping is not None:
+            if not isinstance(label_mapping, (dict, str, Path)):
+                raise ValueError(f"label_mapping must be a dict {{new label: [model labels]}} or the path of a JSON/YAML "
+                                 f"file of one, got {type(label_mapping).__name__}.")
             post["label_mapping"] = (
                 label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
             )
