@@ -152,6 +152,21 @@ def test_offset_and_duration_clipping():
         (dict(step_seconds=0.0), "step_seconds"),
         (dict(median_filter_seconds=-1.0), "median_filter_seconds"),
         (dict(min_duration_seconds=-1.0), "min_duration"),
+        (dict(min_duration_seconds=float("nan")), "min_duration_seconds must be a finite number"),
+        (dict(min_gap_seconds=float("inf")), "min_gap_seconds must be a finite number"),
+        (dict(median_filter_seconds=float("nan")), "median_filter_seconds must be a finite number"),
+        (dict(median_filter_seconds={"a": float("inf")}), "median_filter_seconds must be a finite number"),
+        (dict(threshold=float("nan")), r"threshold must be in \[0, 1\], got nan"),
+        (dict(threshold="0.3"), "threshold must be a number, got '0.3'"),
+        (dict(threshold={"a": None}), "threshold must be a number, got None"),
+        (dict(min_duration_seconds="0.2"), "min_duration_seconds must be a number"),
+        (dict(hysteresis=0.5), "onset, offset"),
+        (dict(hysteresis=(0.7, float("nan"))), "offset threshold must be in"),
+        (dict(upsample=None), "repeat"),
+        (dict(upsample_factor=float("nan")), "positive integer"),
+        (dict(upsample_factor=2.5), "positive integer"),
+        (dict(step_seconds=float("nan")), "step_seconds"),
+        (dict(step_seconds=float("inf")), "step_seconds"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, message):
@@ -269,6 +284,8 @@ def test_event_stream_checks_its_input():
         stream.push(np.full((3, 1), 2.0))
     with pytest.raises(ValueError, match="threshold"):
         EventStream(STEP, ["a"], threshold=1.5)
+    with pytest.raises(ValueError, match="min_duration_seconds"):
+        EventStream(STEP, ["a"], min_duration_seconds=float("nan"))
     stream.finish()
     with pytest.raises(RuntimeError, match="finished"):
         stream.push(np.zeros((1, 1)))

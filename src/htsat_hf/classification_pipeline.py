@@ -10,13 +10,23 @@ Any other model takes Transformers' code unchanged. Importing `htsat_hf` install
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
+import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
-from .pipeline_htsat import PROGRESS_MIN_SECONDS, audio_source
+from .pipeline_htsat import (
+    PROGRESS_MIN_SECONDS,
+    AudioSource,
+    audio_source,
+    check_flag,
+    check_positive_int,
+    keyword_names,
+    reject_unknown_arguments,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -35,11 +45,18 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
 
     def _sanitize_parameters(self, top_k=None, function_to_apply=None, window_batch_size=None, progress=None,
                              **kwargs):
+        """Transformers' arguments (`top_k`, `function_to_apply`, and any the parent class takes) and ours; any other
+        name is a TypeError (the parent would ignore a misspelt `topk=`)."""
+        parents = set(keyword_names(AudioClassificationPipeline._sanitize_parameters))
+        reject_unknown_arguments("audio-classification", {k: v for k, v in kwargs.items() if k not in parents},
+                                 parents | set(keyword_names(type(self)._sanitize_parameters)))
+        if top_k is not None:
+            top_k = check_positive_int(top_k, "top_k")
         preprocess, forward, postprocess = super()._sanitize_parameters(top_k, function_to_apply, **kwargs)
         if window_batch_size is not None:
-            forward["window_batch_size"] = int(window_batch_size)
+            forward["window_batch_size"] = check_positive_int(window_batch_size, "window_batch_size")
         if progress is not None:
-            forward["progress"] = progress
+            forward["progress"] = check_flag(progress, "progress")
         return preprocess, forward, postprocess
 
     def preprocess(self, inputs: Any):
@@ -48,22 +65,32 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
         return {"source": audio_source(inputs, self.feature_extractor.sampling_rate)}
 
     def _forward(self, model_inputs: dict, window_batch_size: int = 8, progress: bool | None = None):
+        """(inputs, labels) clip logits of one input, or with `batch_size=` of the inputs Transformers' DataLoader
+        collated (their sources come as a list); the windows of a batch's inputs share forward passes."""
         if not self._is_htsat():
             return super()._forward(model_inputs)
         from .annotation import AnnotationError, Annotator
 
-        source = model_inputs["source"]
+        sources = model_inputs["source"]
+        sources = sources if isinstance(sources, list) else [sources]
         annotator = Annotator(self.model, self.feature_extractor, tasks=("tags",), batch_size=window_batch_size)
+        items = chain.from_iterable(self._source_items(annotator, key, source, progress)
+                                    for key, source in enumerate(sources))
+        logits: dict[int, torch.Tensor] = {}
+        for row in annotator.annotate_items(items):
+            if isinstance(row, AnnotationError):
+                raise ValueError(row.message)
+            if row["warning"]:
+                logger.warning(row["warning"])
+            logits[row["key"]] = row["clip_logits"]
+        return SequenceClassifierOutput(logits=torch.stack([logits[key] for key in range(len(sources))]))
+
+    def _source_items(self, annotator, key: int, source: AudioSource, progress: bool | None):
+        """The annotator's window items of one source, counted by a progress bar when one is asked for (default: for
+        audio over two minutes)."""
+        items = annotator.cutter.source_items(key, "input", source)
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
-        items = annotator.cutter.source_items(0, "input", source)
-        if show:
-            items = _with_progress(items, source, self.model.config)
-        (row,) = list(annotator.annotate_items(items))
-        if isinstance(row, AnnotationError):
-            raise ValueError(row.message)
-        if row["warning"]:
-            logger.warning(row["warning"])
-        return SequenceClassifierOutput(logits=row["clip_logits"][None])
+        return _with_progress(items, source, self.model.config) if show else items
 
 
 def _with_progress(items, source, config):

@@ -4,10 +4,53 @@ Classification and Detection", ICASSP 2022)."""
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 from transformers import PreTrainedConfig
 
 AUDIOSET_NUM_LABELS = 527
+
+# The type and range of each setting, checked by `validate_types` (whole numbers: the lowest value allowed).
+WHOLE_NUMBERS = {
+    "sampling_rate": 1, "n_fft": 1, "hop_length": 1, "num_mel_bins": 1, "spec_size": 1, "patch_size": 1,
+    "patch_stride": 1, "window_size": 1, "embed_dim": 1,
+    "time_mask_width": 0, "num_time_masks": 0, "freq_mask_width": 0, "num_freq_masks": 0,
+}
+POSITIVE_NUMBERS = ("f_max", "clip_seconds", "mlp_ratio", "layer_norm_eps", "long_input_hop_seconds")
+NON_NEGATIVE_NUMBERS = ("f_min", "initializer_range")
+PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+FLAGS = ("qkv_bias", "use_token_semantic_head", "spec_augment")
+PER_STAGE = {"depths": [2, 2, 6, 2], "num_heads": [4, 8, 16, 32]}  # with the paper's values as examples
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int (or numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_id2label(id2label: Any) -> None:
+    """A ValueError naming `id2label` unless it maps the ids 0..n-1 (ints, or their strings as JSON has them), each
+    once, to label names: a gap would leave a class without a name, and the model's classes are its columns."""
+    if id2label is None:
+        return
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a dict {{id: label name}}, got {id2label!r}.")
+    if not id2label:
+        raise ValueError("num_labels must be >= 1 (id2label is empty): the model needs at least one class.")
+    ids = []
+    for key, label in id2label.items():
+        text = str(key)
+        if isinstance(key, bool) or not (is_whole_number(key) or (isinstance(key, str) and text.isdigit())):
+            raise ValueError(f"id2label's keys must be class ids 0, 1, ..., got {key!r}.")
+        if not isinstance(label, str):
+            raise ValueError(f"id2label[{key!r}] must be a label name (a string), got {label!r}.")
+        ids.append(int(key))
+    expected = set(range(len(id2label)))
+    if set(ids) != expected or len(set(ids)) != len(ids):
+        missing, extra = sorted(expected - set(ids)), sorted(set(ids) - expected)
+        raise ValueError(f"id2label must number its {len(id2label)} classes 0..{len(id2label) - 1} without gaps or "
+                         f"repeats: missing ids {missing}, ids out of range {extra}.")
 
 
 class HTSATConfig(PreTrainedConfig):
@@ -78,11 +121,13 @@ class HTSATConfig(PreTrainedConfig):
     problem_type: str | None = "multi_label_classification"
 
     def __post_init__(self, **kwargs):
+        check_id2label(self.id2label)  # before Transformers turns its keys into ints
         if self.id2label is None and kwargs.get("num_labels") is None:
             kwargs["num_labels"] = AUDIOSET_NUM_LABELS
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:
             self.label2id = {label: index for index, label in self.id2label.items()}
+        self.validate_types()
         self.depths = list(self.depths)
         self.num_heads = list(self.num_heads)
         self.validate_architecture()
@@ -148,8 +193,36 @@ class HTSATConfig(PreTrainedConfig):
         return int(round(self.clip_seconds * self.sampling_rate / self.hop_length)) + 1
 
     # ------------------------------------------------------------------------------------------------- validation
+    def validate_types(self) -> None:
+        """Raise a ValueError naming the setting when a setting has the wrong type or is out of its range (a string
+        `embed_dim`, an int `num_heads`, a NaN duration, a missing `num_mel_bins`), before they are combined."""
+        for name, lowest in WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < lowest:
+                raise ValueError(f"{name} must be a whole number >= {lowest}, got {value!r}.")
+        for name in POSITIVE_NUMBERS + NON_NEGATIVE_NUMBERS + PROBABILITIES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+            if name in POSITIVE_NUMBERS and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}.")
+            if name in NON_NEGATIVE_NUMBERS and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}.")
+            if name in PROBABILITIES and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name, example in PER_STAGE.items():
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value or not all(is_whole_number(v) for v in value):
+                raise ValueError(f"{name} must be a list with one whole number per stage (e.g. {example}), got "
+                                 f"{value!r}.")
+        check_id2label(self.id2label)
+
     def validate_architecture(self) -> None:
         """Raise a ValueError naming the setting when the settings cannot work together."""
+        self.validate_types()
         if len(self.depths) != len(self.num_heads):
             raise ValueError(
                 f"depths has {len(self.depths)} stages but num_heads has {len(self.num_heads)}; give one head count "
@@ -195,8 +268,11 @@ class HTSATConfig(PreTrainedConfig):
             )
         if self.clip_frames > self.image_frames:
             raise ValueError(
-                f"clip_seconds={self.clip_seconds} gives {self.clip_frames} frames, more than the "
-                f"{self.image_frames}-frame image; lower clip_seconds or raise spec_size."
+                f"one clip_seconds={self.clip_seconds} window is {self.clip_frames} frames (sampling_rate="
+                f"{self.sampling_rate}, hop_length={self.hop_length}), more than the {self.image_frames} frames that "
+                f"the spec_size={self.spec_size} image holds with num_mel_bins={self.num_mel_bins} (spec_size // "
+                f"num_mel_bins = {self.freq_ratio} chunks of {self.spec_size} frames); use fewer num_mel_bins "
+                "(64, as the paper), a larger spec_size or a shorter clip_seconds."
             )
         if not 0 < self.long_input_hop_seconds <= self.clip_seconds:
             raise ValueError(

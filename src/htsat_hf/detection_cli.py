@@ -15,7 +15,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+from .sed_postprocessing import (
+    add_postprocessing_arguments,
+    check_postprocessing_arguments,
+    positive_int,
+    postprocessing_from_arguments,
+)
 
 HEADER = ["filename", "onset", "offset", "event_label", "score"]
 
@@ -29,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
     parser.add_argument("--model", required=True, help="HTS-AT folder or Hub id")
     add_postprocessing_arguments(parser)
-    parser.add_argument("--window-batch-size", type=int, default=8)
+    parser.add_argument("--window-batch-size", type=positive_int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="e.g. cuda:0")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--output", help="TSV file for the events (default: stdout)")
@@ -39,13 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the detection; returns the exit status (1 when any file failed)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_postprocessing_arguments(parser, args)
+    check_output_paths(parser, args)
     import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
     from transformers import pipeline
 
-    detector = pipeline(
-        "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    try:  # the settings are checked against the model's labels here, before any file is read
+        detector = pipeline(
+            "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+            **postprocessing_from_arguments(args), window_batch_size=args.window_batch_size,
+            return_frame_scores=bool(args.plot),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     failures: list[tuple[str, str]] = []
     events_written = 0
     temporary = None
@@ -60,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer.writerow(HEADER)
         for audio in args.audio:
             try:
-                result = detector(audio, **postprocessing_from_arguments(args),
-                                  window_batch_size=args.window_batch_size, return_frame_scores=bool(args.plot))
+                result = detector(audio)
             except ValueError as error:  # unreadable, empty, too short...: report, go on with the other files
                 failures.append((audio, str(error)))
                 print(f"[detect_events] skipped {audio}: {error}", file=sys.stderr)
@@ -86,6 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` before any work when `--output` or `--plot` cannot be written as asked: the results of every
+    file would otherwise be computed and then lost."""
+    if args.output:
+        output = Path(args.output)
+        if output.is_dir():
+            parser.error(f"argument --output: {output} is a directory; give a file name for the TSV "
+                         f"(e.g. {output / 'events.tsv'}).")
+        folder = output.parent
+        if not folder.is_dir():
+            parser.error(f"argument --output: the folder {folder} does not exist; create it first.")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"argument --output: the folder {folder} is not writable.")
+    if args.plot:
+        plot = Path(args.plot)
+        if len(args.audio) == 1 and plot.is_dir():
+            parser.error(f"argument --plot: {plot} is a directory; for one file give the PNG's name "
+                         f"(e.g. {plot / (Path(args.audio[0]).stem + '.png')}).")
+        if len(args.audio) > 1 and plot.exists() and not plot.is_dir():
+            parser.error(f"argument --plot: with several files it names a folder for one PNG each, but {plot} is a "
+                         "file.")
+
+
 def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
     from .visualization import plot_sound_events
 
@@ -97,4 +132,4 @@ def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
     print(f"wrote {target}", file=sys.stderr)
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "check_output_paths", "main"]

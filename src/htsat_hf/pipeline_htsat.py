@@ -9,8 +9,10 @@ recording; with `return_frame_scores=True` the whole grid is kept and returned.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,56 @@ from transformers.utils import logging
 from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
-from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
+from .sed_postprocessing import (
+    EventSettings,
+    EventStream,
+    check_event_settings,
+    frames_to_events,
+    load_label_mapping,
+    map_scores,
+    resolve_label_mapping,
+)
 
 logger = logging.get_logger(__name__)
 
 READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
+# Taken by Transformers' `Pipeline.__call__` itself (and `Pipeline.__init__`), before `_sanitize_parameters`.
+PIPELINE_CALL_ARGUMENTS = ("batch_size", "num_workers")
+
+
+def keyword_names(function: Callable) -> list[str]:
+    """The named keyword parameters of `function` (not `self`, `*args` or `**kwargs`)."""
+    return [name for name, parameter in inspect.signature(function).parameters.items()
+            if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)]
+
+
+def reject_unknown_arguments(task: str, unknown: Mapping[str, Any], accepted: Iterable[str]) -> None:
+    """A TypeError, as a Python call raises it, naming each keyword argument the pipeline does not take (with the
+    closest accepted name) and listing those it takes; Transformers' `Pipeline` would otherwise drop them silently."""
+    if not unknown:
+        return
+    accepted = sorted(set(accepted) | set(PIPELINE_CALL_ARGUMENTS))
+    named = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, accepted, n=1)
+        named.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise TypeError(f'pipeline("{task}") got unexpected keyword argument{"s" if len(named) > 1 else ""} '
+                    f"{', '.join(named)}; it takes: {', '.join(accepted)}.")
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """`value` as an int >= 1, or a ValueError naming the setting (a bool, a fraction or a number < 1)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    return int(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """`value` as a bool, or a ValueError naming the setting (a string such as "no" would otherwise count as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
 
 
 @dataclass
@@ -128,7 +174,9 @@ class SoundEventDetectionPipeline(Pipeline):
     `median_filter_seconds`, `min_duration_seconds`, `min_gap_seconds`, `hysteresis=(onset, offset)`,
     `upsample="repeat"` (the original's step holding) or `"linear"`. `label_mapping`: a JSON/YAML path or dict mapping
     new labels to groups of the model's labels (e.g. DESED classes from AudioSet classes). `window_batch_size`: windows
-    per forward pass. `progress`: show a progress bar (default: for audio over two minutes).
+    per forward pass. `progress`: show a progress bar (default: for audio over two minutes). A list of inputs takes
+    Transformers' `batch_size=` and `num_workers=`. Any other keyword is a TypeError naming it; a bad value a
+    ValueError naming the setting, before any audio is read.
     """
 
     _load_processor = False
@@ -148,13 +196,14 @@ class SoundEventDetectionPipeline(Pipeline):
         return_frame_scores=None,
         window_batch_size=None,
         progress=None,
-        **kwargs,
+        **unknown,
     ):
+        reject_unknown_arguments("sound-event-detection", unknown, keyword_names(type(self)._sanitize_parameters))
         forward = {}
         if window_batch_size is not None:
-            forward["window_batch_size"] = int(window_batch_size)
+            forward["window_batch_size"] = check_positive_int(window_batch_size, "window_batch_size")
         if progress is not None:
-            forward["progress"] = progress
+            forward["progress"] = check_flag(progress, "progress")
         post = {
             key: value
             for key, value in dict(
@@ -168,12 +217,32 @@ class SoundEventDetectionPipeline(Pipeline):
             ).items()
             if value is not None
         }
+        check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
         if label_mapping is not None:
+            if not isinstance(label_mapping, (dict, str, Path)):
+                raise ValueError(f"label_mapping must be a dict {{new label: [model labels]}} or the path of a JSON/YAML "
+                                 f"file of one, got {type(label_mapping).__name__}.")
             post["label_mapping"] = (
                 label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
             )
-        forward["postprocessing"] = post  # events are found while the audio streams, unless frame scores are wanted
+        # a call's settings go with those given at construction (Transformers merges the dicts it is returned key by
+        # key, so this whole dict would replace the constructor's), and are checked together: a call's threshold
+        # dict may name the labels of a mapping given then
+        merged = {**getattr(self, "_postprocess_params", {}), **post}
+        self.check_postprocessing(merged)
+        forward["postprocessing"] = merged  # events are found while the audio streams, unless frame scores are wanted
         return {}, forward, post
+
+    def check_postprocessing(self, postprocessing: Mapping[str, Any]) -> None:
+        """A ValueError naming the setting when post-processing settings do not fit the model: `EventSettings`'
+        checks against the model's labels (or the mapped ones), so that a bad setting fails before any audio is
+        read."""
+        settings = dict(postprocessing)
+        if "return_frame_scores" in settings:
+            check_flag(settings.pop("return_frame_scores"), "return_frame_scores")
+        mapping = settings.pop("label_mapping", None)
+        labels = self._labels() if mapping is None else list(resolve_label_mapping(mapping, self._labels()))
+        EventSettings.create(1.0, labels, **settings)  # any step: what is checked is the settings against the labels
 
     # ------------------------------------------------------------------------------------------------- input
     def preprocess(self, inputs: Any) -> dict:
@@ -187,13 +256,29 @@ class SoundEventDetectionPipeline(Pipeline):
         progress: bool | None = None,
         postprocessing: dict | None = None,
     ) -> dict:
+        """One input's outputs, or with `batch_size=` (Transformers' DataLoader collates the inputs' sources into a
+        list) a dict of per-input lists, which Transformers hands to `postprocess` one input at a time. Frame logits
+        come with a leading batch axis of one, as Transformers' unbatching gives them."""
+        sources = model_inputs["source"]
+        if not isinstance(sources, list):
+            output = self.detect_source(sources, window_batch_size, progress, postprocessing)
+            return {**output, "frame_logits": output["frame_logits"][None]} if "frame_logits" in output else output
+        outputs = [self.detect_source(source, window_batch_size, progress, postprocessing) for source in sources]
+        return {key: [output[key] for output in outputs] for key in outputs[0]}
+
+    def detect_source(
+        self,
+        source: AudioSource,
+        window_batch_size: int = 8,
+        progress: bool | None = None,
+        postprocessing: dict | None = None,
+    ) -> dict:
         """Runs the windows as the audio streams in and stitches their step logits. Steps that no later window reaches
         go straight into an `EventStream`, so memory does not grow with the recording; with `return_frame_scores`
         the whole grid of scores is kept (it is part of the answer)."""
         settings = dict(postprocessing or {})
         keep_scores = settings.pop("return_frame_scores", False)
         label_mapping = settings.pop("label_mapping", None)
-        source: AudioSource = model_inputs["source"]
         stream = WindowStream(self.model.config, self.feature_extractor, source)
         window_step = self.model.frame_step_seconds(self.model.config.image_frames + 1)  # any windowed input's step
         labels = self._labels() if label_mapping is None else list(resolve_label_mapping(label_mapping, self._labels()))
@@ -261,7 +346,7 @@ class SoundEventDetectionPipeline(Pipeline):
     ) -> dict:
         if "events" in model_outputs:  # found while streaming (see `_forward`)
             return {"events": model_outputs["events"]}
-        scores, labels = self._scores(model_outputs["frame_logits"], label_mapping)
+        scores, labels = self._scores(model_outputs["frame_logits"][0], label_mapping)
         events = frames_to_events(
             scores,
             model_outputs["step_seconds"],
@@ -430,6 +515,9 @@ class WindowStream:
         return self.num_samples / self.source.sampling_rate
 
     def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor | list[SampleSpan], list[int]]]:
+        """The windows in batches of `batch_size` (the last one smaller), with their start frames, as the audio
+        streams in. A batch size below 1 would never fill a batch and hold every window of the recording."""
+        batch_size = check_positive_int(batch_size, "window_batch_size")
         next_frame = 0
         done: set[int] = set()
         pending, pending_starts = [], []

@@ -20,7 +20,10 @@ the context each stage needs.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +59,70 @@ def _check_scores(scores: np.ndarray, labels: Sequence[str] | None = None) -> np
     return scores
 
 
+def check_number(value: object, what: str) -> float:
+    """`value` as a float, or a ValueError naming the setting when it is not a real number (a string, a bool, None)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise ValueError(f"{what} must be a number, got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
 def _check_probability(value: float, what: str) -> float:
-    value = float(value)
+    value = check_number(value, what)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be in [0, 1], got {value}.")
     return value
+
+
+def check_seconds(value: float, what: str) -> float:
+    """A duration setting: a finite number >= 0 (NaN and infinity are refused: they would silently drop or keep
+    every event)."""
+    value = check_number(value, what)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value}.")
+    return value
+
+
+def per_class_settings(value: PerClass | None, what: str) -> list:
+    """The values of a scalar, per-class sequence or {label: value} setting (labels are checked against the model's
+    where they are known, in `per_class_values`)."""
+    if value is None or np.isscalar(value):
+        return [value]
+    if isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, (Sequence, np.ndarray)):
+        return list(value)
+    raise ValueError(f"{what} must be a number, a list with one value per label or a {{label: value}} dict, got "
+                     f"{type(value).__name__}.")
+
+
+def check_event_settings(
+    threshold: PerClass = 0.5,
+    median_filter_seconds: float | Sequence[float] | Mapping[str, float] | None = None,
+    min_duration_seconds: float = 0.0,
+    min_gap_seconds: float = 0.0,
+    hysteresis: tuple[float, float] | None = None,
+    upsample: str = "repeat",
+    upsample_factor: int | None = None,
+) -> None:
+    """Checks the post-processing settings of `frames_to_events` that do not depend on the labels: a ValueError
+    naming the setting when one is of the wrong type or out of range. `EventSettings.create` runs it; command-line
+    tools run it after parsing their flags, before any work."""
+    if threshold is not None:  # None: the default, 0.5
+        for value in per_class_settings(threshold, "threshold"):
+            _check_probability(value, "threshold")
+    for value in per_class_settings(median_filter_seconds, "median_filter_seconds"):
+        if value is not None:
+            check_seconds(value, "median_filter_seconds")
+    check_seconds(min_duration_seconds, "min_duration_seconds")
+    check_seconds(min_gap_seconds, "min_gap_seconds")
+    if hysteresis is not None:
+        _check_hysteresis(hysteresis)
+    if not isinstance(upsample, str) or upsample not in ("repeat", "linear"):
+        raise ValueError(f'upsample must be "repeat" or "linear", got {upsample!r}.')
+    if upsample_factor is not None:
+        factor = check_number(upsample_factor, "upsample_factor")
+        if not (math.isfinite(factor) and factor == int(factor) and factor >= 1):
+            raise ValueError(f"upsample_factor must be a positive integer, got {upsample_factor}.")
 
 
 def per_class_values(value: PerClass | None, labels: Sequence[str], what: str, default: float | None) -> list:
@@ -302,19 +364,16 @@ class EventSettings:
         upsample: str = "repeat",
         upsample_factor: int | None = None,
     ) -> EventSettings:
-        if not step_seconds > 0:
-            raise ValueError(f"step_seconds must be > 0, got {step_seconds}.")
-        if min_duration_seconds < 0 or min_gap_seconds < 0:
-            raise ValueError("min_duration_seconds and min_gap_seconds must be >= 0.")
+        step = check_number(step_seconds, "step_seconds")
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"step_seconds must be a finite number > 0, got {step_seconds}.")
+        check_event_settings(threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis,
+                             upsample, upsample_factor)
         thresholds = [_check_probability(t, "threshold") for t in per_class_values(threshold, labels, "threshold", 0.5)]
         if hysteresis is not None:
             hysteresis = _check_hysteresis(hysteresis)
-        if upsample not in ("repeat", "linear"):
-            raise ValueError(f'upsample must be "repeat" or "linear", got {upsample!r}.')
         factor = upsample_factor if upsample_factor is not None else (1 if upsample == "repeat" else DEFAULT_LINEAR_FACTOR)
-        if int(factor) != factor or factor < 1:
-            raise ValueError(f"upsample_factor must be a positive integer, got {factor}.")
-        frame_seconds = step_seconds / int(factor)
+        frame_seconds = step / int(factor)
         medians = per_class_values(median_filter_seconds, labels, "median_filter_seconds", None)
         return cls(
             upsample=upsample,
@@ -506,7 +565,8 @@ class _RegionTracker:
 
 
 def _check_hysteresis(hysteresis: Sequence[float]) -> tuple[float, float]:
-    if len(hysteresis) != 2:
+    pair = isinstance(hysteresis, (Sequence, np.ndarray)) and not isinstance(hysteresis, (str, bytes))
+    if not pair or len(hysteresis) != 2:
         raise ValueError(f"hysteresis must be (onset, offset) thresholds, got {hysteresis!r}.")
     onset_threshold = _check_probability(hysteresis[0], "hysteresis onset threshold")
     offset_threshold = _check_probability(hysteresis[1], "hysteresis offset threshold")
@@ -617,15 +677,56 @@ def parse_threshold(text: str) -> float | dict:
     return json.loads(text) if text.strip().startswith("{") else float(text)
 
 
+def positive_int(text: str) -> int:
+    """A command-line whole number >= 1 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A command-line duration: a finite number of seconds >= 0."""
+    try:
+        return check_seconds(float(text), "seconds")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}") from None
+
+
+POSTPROCESSING_FLAGS = {
+    "threshold": "--threshold", "hysteresis": "--hysteresis", "median_filter_seconds": "--median-filter",
+    "min_duration_seconds": "--min-duration", "min_gap_seconds": "--min-gap", "upsample": "--upsample",
+}
+
+
 def add_postprocessing_arguments(parser) -> None:
     """The post-processing flags shared by scripts/detect_events.py and scripts/annotate.py."""
     parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
     parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
-    parser.add_argument("--median-filter", type=float, help="median filter length in seconds")
-    parser.add_argument("--min-duration", type=float, default=0.0, help="drop events shorter than this (s)")
-    parser.add_argument("--min-gap", type=float, default=0.0, help="merge same-class events closer than this (s)")
+    parser.add_argument("--median-filter", type=seconds, help="median filter length in seconds")
+    parser.add_argument("--min-duration", type=seconds, default=0.0, help="drop events shorter than this (s)")
+    parser.add_argument("--min-gap", type=seconds, default=0.0, help="merge same-class events closer than this (s)")
     parser.add_argument("--upsample", choices=["repeat", "linear"], default="repeat")
     parser.add_argument("--label-mapping", help="JSON/YAML mapping of new labels to groups of the model's labels")
+
+
+def check_postprocessing_arguments(parser, args) -> None:
+    """Checks the flags of `add_postprocessing_arguments` with `check_event_settings`, and reads the label mapping,
+    before any work: `parser.error` (exit status 2) names the flag that is wrong."""
+    settings = postprocessing_from_arguments(args)
+    for key, flag in POSTPROCESSING_FLAGS.items():
+        try:
+            check_event_settings(**{key: settings[key]})
+        except ValueError as error:
+            parser.error(f"argument {flag}: {error}")
+    if settings["label_mapping"] is not None:
+        try:
+            load_label_mapping(settings["label_mapping"])
+        except (OSError, ValueError) as error:
+            parser.error(f"argument --label-mapping: {error}")
 
 
 def postprocessing_from_arguments(args) -> dict:

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import IO
 
 from ..audio_decoding import AudioInputError, ffmpeg_blocks
-from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+from ..sed_postprocessing import (
+    add_postprocessing_arguments,
+    check_postprocessing_arguments,
+    positive_int,
+    postprocessing_from_arguments,
+    seconds,
+)
 
 READ_SECONDS = 0.1  # audio per read from ffmpeg: the delay the reading itself adds
 
@@ -30,7 +36,7 @@ Output, one JSON object per line:
 """
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HTS-AT folder (or Hub id in the local cache)")
@@ -40,20 +46,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--ffmpeg-input", help='ffmpeg input options, e.g. "-f pulse -i default"')
     source.add_argument("--stdin", action="store_true", help="raw PCM on stdin (see --stdin-format/-rate/-channels)")
     parser.add_argument("--stdin-format", default="s16le", help="ffmpeg sample format of the raw PCM (s16le, f32le...)")
-    parser.add_argument("--stdin-rate", type=int, default=16000)
-    parser.add_argument("--stdin-channels", type=int, default=1)
+    parser.add_argument("--stdin-rate", type=positive_int, default=16000)
+    parser.add_argument("--stdin-channels", type=positive_int, default=1)
     parser.add_argument("--as-fast-as-possible", action="store_true",
                         help="read a file as fast as the model runs instead of in real time")
-    parser.add_argument("--hop", type=float, default=1.0, help="seconds of audio between runs of the model")
-    parser.add_argument("--lookahead", type=float, default=0.0,
+    parser.add_argument("--hop", type=seconds, default=1.0, help="seconds of audio between runs of the model")
+    parser.add_argument("--lookahead", type=seconds, default=0.0,
                         help="seconds of audio seen after a step before its score is emitted (more: closer to offline)")
-    parser.add_argument("--top-k", type=int, default=3, help="tags per hop")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="tags per hop")
     parser.add_argument("--no-pad-start", action="store_true", help="wait for one full window before the first hop")
     parser.add_argument("--device", default=None)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     add_postprocessing_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
@@ -81,7 +87,10 @@ def json_lines(updates, out: IO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    """Listens until the source ends (or Ctrl-C); bad flags are usage errors (exit status 2) naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_postprocessing_arguments(parser, args)
     if shutil.which("ffmpeg") is None:
         print("listen.py reads audio through ffmpeg: install it (e.g. apt-get install ffmpeg).", file=sys.stderr)
         return 1
@@ -91,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    detector = LiveDetector(
-        args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
-        pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16, trust_remote_code=args.trust_remote_code,
-        **postprocessing_from_arguments(args),
-    )
+    try:  # settings that depend on the model (a hop of whole frames within the window, threshold labels)
+        detector = LiveDetector(
+            args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
+            pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     rate = detector.sampling_rate
     command = ffmpeg_command(args, rate)
+    failure = None
     try:
         for block in ffmpeg_blocks(command, int(READ_SECONDS * rate), sys.stdin.buffer if args.stdin else None):
             json_lines(detector.push(block), sys.stdout)
@@ -107,9 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except AudioInputError as error:  # ffmpeg failed: what was heard so far is still reported
-        json_lines(detector.flush(), sys.stdout)
-        print(f"{error} (command: {' '.join(command)})", file=sys.stderr)
+        failure = f"{error} (command: {' '.join(command)})"
+    return finish_stream(detector, failure)
+
+
+def finish_stream(detector, failure: str | None = None) -> int:
+    """Flushes the last windows and events; the exit status: 1 with a message on stderr when the source failed
+    (`failure`), gave no audio, or too little for one STFT frame, else 0."""
+    if detector.seconds_seen == 0:
+        print(failure or "listen.py: no audio was received: the input is empty.", file=sys.stderr)
         return 1
-    json_lines(detector.flush(), sys.stdout)
+    try:
+        json_lines(detector.flush(), sys.stdout)
+    except AudioInputError as error:
+        print(f"listen.py: {error}", file=sys.stderr)
+        return 1
+    if failure:
+        print(failure, file=sys.stderr)
+        return 1
     print(f"listened to {detector.seconds_seen:.1f} s of audio", file=sys.stderr)
     return 0
