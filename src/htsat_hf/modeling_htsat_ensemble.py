@@ -60,10 +60,10 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
     How members are combined (`config.average`):
         - `"probabilities"` (default), as the paper's ensemble does: the mean of the members' probabilities, returned
           as logits of that mean (`logit(mean(sigmoid(.)))` for multi-label, `log(mean(softmax(.)))` for single-label
-          clip logits; frame logits always through the sigmoid). The pipelines apply the sigmoid / softmax to the
-          logits, so the scores they report are exactly the averaged probabilities. Averaging probabilities keeps one
-          over-confident member (a very large logit) from dominating, and each member's scores stay calibrated as
-          trained.
+          clip and frame logits alike). The pipelines apply the sigmoid / softmax to the logits as `problem_type`
+          says (`scores.logits_to_scores`), so the scores they report are exactly the averaged probabilities.
+          Averaging probabilities keeps one over-confident member (a very large logit) from dominating, and each
+          member's scores stay calibrated as trained.
         - `"logits"`: the mean of the logits (a geometric-mean-like combination).
     The clip `logits` combine the members' clip logits (each the time average of the member's own step logits).
     For inputs longer than one window, the step logits are combined window by window and then stitched over time,
@@ -138,7 +138,7 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
         logits = combine_logits(clip_logits, self.config.average, exclusive)
         frame_logits = None
         if window_steps:  # combined window by window, then stitched: what the streaming SED pipeline computes
-            combined = combine_logits(window_steps, self.config.average, exclusive=False)
+            combined = combine_logits(window_steps, self.config.average, exclusive)
             frame_logits = self._stitch(combined, starts, num_frames)
         loss = clip_loss(logits, labels, self.config) if labels is not None else None
         output = HTSATSoundEventDetectionOutput(loss=loss, logits=logits, frame_logits=frame_logits)

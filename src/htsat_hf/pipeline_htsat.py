@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
+from .scores import is_exclusive, logits_to_scores
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 
 logger = logging.get_logger(__name__)
@@ -105,14 +106,6 @@ def _as_float(array: np.ndarray) -> np.ndarray:
         return pcm_to_float(array)
     except ValueError as error:
         raise AudioInputError("decode", str(error)) from error
-
-
-def step_probabilities(logits: torch.Tensor) -> np.ndarray:
-    """float32 sigmoid of step logits whose value does not depend on the tensor's length or a step's place in it.
-    PyTorch's float32 sigmoid differs by an ulp between its vectorised loop and its scalar tail (seen on AVX2), so
-    blocks streamed one by one would score a step differently from the whole grid; in float64, rounded to float32,
-    the two agree (and the result is the correctly rounded sigmoid but for vanishingly rare ties)."""
-    return torch.sigmoid(logits.double()).float().numpy()
 
 
 class SoundEventDetectionPipeline(Pipeline):
@@ -239,12 +232,13 @@ class SoundEventDetectionPipeline(Pipeline):
         return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     def _scores(self, logits: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
-        """Probabilities of (steps, model labels) logits and their labels, mapped to the target labels when a mapping
-        is given."""
-        scores = step_probabilities(logits)
+        """Scores of (steps, model labels) logits as the config's problem_type says (`logits_to_scores`) and their
+        labels, mapped to the target labels when a mapping is given."""
+        problem_type = self.model.config.problem_type
+        scores = logits_to_scores(logits, problem_type).numpy()
         if label_mapping is None:
             return scores, self._labels()
-        return map_scores(scores, label_mapping, self._labels())
+        return map_scores(scores, label_mapping, self._labels(), exclusive=is_exclusive(problem_type))
 
     # ----------------------------------------------------------------------------------------------- output
     def postprocess(
