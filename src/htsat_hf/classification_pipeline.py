@@ -16,6 +16,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
+from .inference_checks import check_inference_ready
 from .pipeline_htsat import PROGRESS_MIN_SECONDS, audio_source
 
 logger = logging.get_logger(__name__)
@@ -23,6 +24,13 @@ logger = logging.get_logger(__name__)
 
 class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
     """Audio classification; for HTS-AT models windowed as the model does, in batches of `window_batch_size`."""
+
+    def __init__(self, *args, **kwargs):
+        """As Transformers' pipeline; an HTS-AT model whose weights were not loaded, or whose feature extractor
+        disagrees with its config, is refused (`inference_checks.check_inference_ready`)."""
+        super().__init__(*args, **kwargs)
+        if self._is_htsat():
+            check_inference_ready(self.model, self.feature_extractor)
 
     def _is_htsat(self) -> bool:
         """An HTS-AT model, or an ensemble whose members share one token-semantic grid (both stream through the

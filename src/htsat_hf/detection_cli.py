@@ -43,9 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
     from transformers import pipeline
 
-    detector = pipeline(
-        "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    try:
+        detector = pipeline(
+            "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code
+        )
+    except ValueError as error:  # e.g. weights that do not fit, or config files that disagree: nothing can run
+        print(f"[detect_events] cannot use the model {args.model}: {error}", file=sys.stderr)
+        return 2
     failures: list[tuple[str, str]] = []
     events_written = 0
     temporary = None

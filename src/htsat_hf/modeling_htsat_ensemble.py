@@ -22,6 +22,7 @@ from .modeling_htsat import (
     HTSATSoundEventDetectionOutput,
     HTSATTimeAxisMixin,
     clip_loss,
+    with_loading_info,
 )
 
 PROBABILITY_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before going back to logits
@@ -102,6 +103,11 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         HTSATPreTrainedModel._init_weights(self, module)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, keeping Transformers' load report on the model (`loading_info`)."""
+        return with_loading_info(super().from_pretrained, *args, **kwargs)
 
     @property
     def htsat(self) -> HTSATModel:

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
+from .inference_checks import check_inference_ready
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .scores import is_exclusive, logits_to_scores
 from .sed_postprocessing import EventStream, frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
@@ -128,6 +129,12 @@ class SoundEventDetectionPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = True
     _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        """As `Pipeline`; refuses a model whose weights were not loaded or whose feature extractor disagrees with its
+        config (`inference_checks.check_inference_ready`)."""
+        super().__init__(*args, **kwargs)
+        check_inference_ready(self.model, self.feature_extractor)
 
     def _sanitize_parameters(
         self,

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, span_features
 from ..scores import is_exclusive, logits_to_scores
@@ -398,7 +399,8 @@ def _plain(value: Any) -> Any:
 def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool, allow_ensemble: bool = False
           ) -> tuple[Any, Any]:
     """The model in eval mode on its device, and its feature extractor. Ensembles (`HTSATEnsembleModel`) only
-    where `allow_ensemble`."""
+    where `allow_ensemble`. A model whose weights were not loaded, or whose feature extractor disagrees with its
+    config, is refused (`check_inference_ready`)."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     from ..feature_extraction_htsat import HTSATFeatureExtractor
@@ -418,6 +420,7 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
         )
     if feature_extractor is None:
         feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
+    check_inference_ready(model, feature_extractor)
     if device is not None:
         model = model.to(device)
     return model.eval(), feature_extractor

@@ -91,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    detector = LiveDetector(
-        args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
-        pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16, trust_remote_code=args.trust_remote_code,
-        **postprocessing_from_arguments(args),
-    )
+    try:
+        detector = LiveDetector(
+            args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
+            pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
+        )
+    except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
+        print(f"listen.py: {error}", file=sys.stderr)
+        return 2
     rate = detector.sampling_rate
     command = ffmpeg_command(args, rate)
     try:
