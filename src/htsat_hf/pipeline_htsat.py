@@ -113,7 +113,9 @@ class SoundEventDetectionPipeline(Pipeline):
     """
     Detects sound events: `{"events": [{"label", "onset", "offset", "score"}, ...]}` in seconds from the start of the
     audio, plus `frame_scores` (steps, labels), `frame_times` (step onsets in seconds) and `labels` when
-    `return_frame_scores=True`.
+    `return_frame_scores=True`. Frame scores follow the config's `problem_type` as clip scores do
+    (`scores.logits_to_scores`): a sigmoid per label for a multi-label model, a softmax over the labels (each step's
+    scores sum to 1) for a single-label one.
 
     Inputs: a file path, raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate": int}` (resampled to the
     model's rate with torchaudio when it differs), or a 1-D array already at the model's rate.
