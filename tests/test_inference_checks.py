@@ -121,3 +121,16 @@ def test_a_feature_extractor_passed_in_is_checked_against_the_model(folder):
     model = AutoModelForAudioFrameClassification.from_pretrained(folder)
     with pytest.raises(ValueError, match="feature_size=32 but config.json says num_mel_bins=64"):
         pipeline("sound-event-detection", model=model, feature_extractor=HTSATFeatureExtractor(feature_size=32))
+
+
+def test_an_ensemble_folder_whose_weights_do_not_fit_is_refused(tmp_path):
+    from htsat_hf import HTSATConfig, HTSATEnsembleModel, HTSATFeatureExtractor, HTSATForSoundEventDetection
+
+    config = HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=3)
+    ensemble = HTSATEnsembleModel.from_members([HTSATForSoundEventDetection(config) for _ in range(2)])
+    ensemble.save_pretrained(tmp_path)
+    HTSATFeatureExtractor().save_pretrained(tmp_path)
+    assert pipeline("sound-event-detection", model=str(tmp_path)).model.loading_info["missing_keys"] == set()
+    rewrite_weights(tmp_path, lambda weights: {k: v for k, v in weights.items() if not k.startswith("members.1.")})
+    with pytest.raises(ValueError, match=r"missing .*members\.1\.classifier\.conv"):
+        pipeline("sound-event-detection", model=str(tmp_path))
