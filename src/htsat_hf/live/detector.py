@@ -47,7 +47,8 @@ class LiveUpdate:
     time: stream time (s) at the end of the window that ran. tags: top-k {label, score} of that window's clip
     scores. events: events whose offsets became final, {label, onset, offset, score} in stream seconds.
     first_step / step_scores: the steps emitted at this hop (grid steps `first_step ...`, probabilities
-    (steps, labels) after any label mapping); step `i` covers [i, i + 1) * step_seconds.
+    (steps, labels) after any label mapping, sigmoid or softmax as the config's `problem_type` says, like the offline
+    pipeline's); step `i` covers [i, i + 1) * step_seconds.
     """
 
     time: float
