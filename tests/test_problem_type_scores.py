@@ -121,3 +121,15 @@ def test_the_sed_pipeline_maps_single_label_scores_by_sum(folder, audio):
     plain = detector(audio, return_frame_scores=True)
     mapped = detector(audio, return_frame_scores=True, label_mapping={"command": ["go", "yes"], "no": ["no"]})
     np.testing.assert_allclose(mapped["frame_scores"][:, 0], plain["frame_scores"][:, :2].sum(axis=1), rtol=1e-6)
+
+
+def test_the_classification_pipeline_makes_clip_scores_as_the_annotator(folder, audio):
+    """One rule for clip scores: the pipeline's tags are the annotator's exactly; `function_to_apply` still overrides
+    it, as in Transformers."""
+    from htsat_hf.annotation import Annotator
+
+    classify = pipeline("audio-classification", model=str(folder))
+    (row,) = Annotator(str(folder), tasks=("tags",), top_k=3).annotate([("a", audio)])
+    assert classify(audio, top_k=3) == row["tags"]
+    as_sigmoid = {tag["label"]: tag["score"] for tag in classify(audio, top_k=3, function_to_apply="sigmoid")}
+    assert as_sigmoid["go"] > 0.85 and as_sigmoid["yes"] > 0.6  # independent scores: what frames must not use

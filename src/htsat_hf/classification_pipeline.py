@@ -73,6 +73,16 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
             logger.warning(row["warning"])
         return SequenceClassifierOutput(logits=row["clip_logits"][None])
 
+    def postprocess(self, model_outputs, top_k: int = 5, function_to_apply: str | None = None):
+        """Top-k {label, score}; an HTS-AT model's scores by `scores.logits_to_scores` (as the annotator, the live
+        detector and the SED pipeline make theirs), unless `function_to_apply` asks for another function."""
+        if function_to_apply is not None or not self._is_htsat():
+            return super().postprocess(model_outputs, top_k=top_k, function_to_apply=function_to_apply)
+        from .annotation.annotator import top_tags
+
+        labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        return top_tags(model_outputs.logits[0], labels, self.model.config.problem_type, top_k)
+
 
 def _with_progress(items, source, config):
     """Passes the window items on while a bar counts the seconds of audio they start at."""
