@@ -134,3 +134,12 @@ def test_an_ensemble_folder_whose_weights_do_not_fit_is_refused(tmp_path):
     rewrite_weights(tmp_path, lambda weights: {k: v for k, v in weights.items() if not k.startswith("members.1.")})
     with pytest.raises(ValueError, match=r"missing .*members\.1\.classifier\.conv"):
         pipeline("sound-event-detection", model=str(tmp_path))
+
+
+def test_weights_skipped_for_another_shape_are_refused(folder):
+    """`ignore_mismatched_sizes=True` (e.g. a head for another label set) leaves those weights random: refused."""
+    edit_json(folder / "config.json", id2label={str(i): f"c{i}" for i in range(4)},
+              label2id={f"c{i}": i for i in range(4)})
+    with pytest.raises(ValueError, match=r"2 with another shape .*classifier\.conv\.bias \(3,\) in the checkpoint, "
+                                         r"\(4,\) in the model"):
+        pipeline("sound-event-detection", model=str(folder), model_kwargs={"ignore_mismatched_sizes": True})
