@@ -110,7 +110,8 @@ def test_sound_event_detection_pipeline_as_remote_code(tmp_path):
     HTSATForSoundEventDetection(config).save_pretrained(folder)
     HTSATFeatureExtractor().save_pretrained(folder)
     add_remote_sed_pipeline(folder)
-    assert {"pipeline_htsat.py", "audio_decoding.py", "sed_postprocessing.py"} <= {p.name for p in folder.glob("*.py")}
+    assert {"pipeline_htsat.py", "audio_decoding.py", "sed_postprocessing.py", "scores.py", "inference_checks.py"} <= {
+        p.name for p in folder.glob("*.py")}
     (tmp_path / "sed.py").write_text(SED_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, str(tmp_path / "sed.py"), str(folder)], capture_output=True, text=True,

@@ -221,12 +221,16 @@ def test_ffmpeg_warnings_do_not_stall_the_stream(tmp_path, monkeypatch, caplog, 
         assert "ffmpeg could not decode x.flac" in outcome["error"] and "invalid frame header" in outcome["error"]
 
 
-def test_step_probabilities_do_not_depend_on_how_the_steps_are_split():
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_step_scores_do_not_depend_on_how_the_steps_are_split(problem_type):
     """Streamed blocks and the whole grid must score each step identically, whatever the block lengths."""
+    from htsat_hf.scores import logits_to_scores
+
     logits = torch.randn(203, 7, generator=torch.Generator().manual_seed(0)) * 4
-    whole = pipeline_module.step_probabilities(logits)
+    whole = logits_to_scores(logits, problem_type).numpy()
     for cut in (1, 2, 5, 13, 64, 101, 202):
-        parts = [pipeline_module.step_probabilities(logits[:cut]), pipeline_module.step_probabilities(logits[cut:])]
+        parts = [logits_to_scores(logits[:cut], problem_type), logits_to_scores(logits[cut:], problem_type)]
         assert np.array_equal(np.concatenate(parts), whole)
     assert whole.dtype == np.float32
-    np.testing.assert_allclose(whole, torch.sigmoid(logits).numpy(), rtol=1e-6)
+    expected = torch.sigmoid(logits) if problem_type.startswith("multi") else torch.softmax(logits, dim=-1)
+    np.testing.assert_allclose(whole, expected.numpy(), rtol=1e-6)

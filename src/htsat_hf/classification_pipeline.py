@@ -18,6 +18,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
+from .inference_checks import check_inference_ready
 from .pipeline_htsat import (
     PROGRESS_MIN_SECONDS,
     AudioSource,
@@ -33,6 +34,13 @@ logger = logging.get_logger(__name__)
 
 class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
     """Audio classification; for HTS-AT models windowed as the model does, in batches of `window_batch_size`."""
+
+    def __init__(self, *args, **kwargs):
+        """As Transformers' pipeline; an HTS-AT model whose weights were not loaded, or whose feature extractor
+        disagrees with its config, is refused (`inference_checks.check_inference_ready`)."""
+        super().__init__(*args, **kwargs)
+        if self._is_htsat():
+            check_inference_ready(self.model, self.feature_extractor)
 
     def _is_htsat(self) -> bool:
         """An HTS-AT model, or an ensemble whose members share one token-semantic grid (both stream through the
@@ -91,6 +99,16 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
         items = annotator.cutter.source_items(key, "input", source)
         show = progress if progress is not None else (source.duration_hint or 0) > PROGRESS_MIN_SECONDS
         return _with_progress(items, source, self.model.config) if show else items
+
+    def postprocess(self, model_outputs, top_k: int = 5, function_to_apply: str | None = None):
+        """Top-k {label, score}; an HTS-AT model's scores by `scores.logits_to_scores` (as the annotator, the live
+        detector and the SED pipeline make theirs), unless `function_to_apply` asks for another function."""
+        if function_to_apply is not None or not self._is_htsat():
+            return super().postprocess(model_outputs, top_k=top_k, function_to_apply=function_to_apply)
+        from .annotation.annotator import top_tags
+
+        labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        return top_tags(model_outputs.logits[0], labels, self.model.config.problem_type, top_k)
 
 
 def _with_progress(items, source, config):

@@ -51,14 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
     from transformers import pipeline
 
-    try:  # the settings are checked against the model's labels here, before any file is read
+    try:  # settings are checked against the model's labels, and the model folder is checked, before any file is read
         detector = pipeline(
             "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code,
             **postprocessing_from_arguments(args), window_batch_size=args.window_batch_size,
             return_frame_scores=bool(args.plot),
         )
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # bad settings, weights that do not fit, config files that disagree: nothing can run
+        print(f"[detect_events] cannot run with the model {args.model}: {error}", file=sys.stderr)
+        return 2
     failures: list[tuple[str, str]] = []
     events_written = 0
     temporary = None

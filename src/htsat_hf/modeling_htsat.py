@@ -857,12 +857,28 @@ class HTSATPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; from a local folder without the "Loading weights" bar, which for a
-        model of this size flashes by in a fraction of a second (downloads keep their bars)."""
+        """As `PreTrainedModel.from_pretrained`, keeping Transformers' load report on the model (`loading_info`, see
+        `with_loading_info`); from a local folder without the "Loading weights" bar, which for a model of this size
+        flashes by in a fraction of a second (downloads keep their bars)."""
+        load = super().from_pretrained
         if not os.path.isdir(str(pretrained_model_name_or_path)):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return with_loading_info(load, pretrained_model_name_or_path, *args, **kwargs)
         with quiet_progress_bars():
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return with_loading_info(load, pretrained_model_name_or_path, *args, **kwargs)
+
+
+def with_loading_info(load, *args, **kwargs):
+    """
+    Runs `load` (a `PreTrainedModel.from_pretrained`) with `output_loading_info=True` and keeps the report on the model
+    as `model.loading_info`: {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}, after the model's
+    documented `_keys_to_ignore_on_load_*` patterns. Transformers only logs it; `inference_checks.check_weights_loaded`
+    refuses a model whose weights were not all loaded. Returns what `from_pretrained` returns for the caller's own
+    `output_loading_info`.
+    """
+    wanted = kwargs.pop("output_loading_info", False)
+    model, loading_info = load(*args, output_loading_info=True, **kwargs)
+    model.loading_info = loading_info
+    return (model, loading_info) if wanted else model
 
 
 # -------------------------------------------------------------------------------------------------- backbone
@@ -1263,6 +1279,7 @@ __all__ = [
     "grid_steps",
     "stitch_on_grid",
     "window_layout",
+    "with_loading_info",
     "window_start_frames",
     "window_starts",
 ]

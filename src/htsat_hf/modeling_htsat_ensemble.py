@@ -22,6 +22,7 @@ from .modeling_htsat import (
     HTSATSoundEventDetectionOutput,
     HTSATTimeAxisMixin,
     clip_loss,
+    with_loading_info,
 )
 
 PROBABILITY_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before going back to logits
@@ -60,10 +61,10 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
     How members are combined (`config.average`):
         - `"probabilities"` (default), as the paper's ensemble does: the mean of the members' probabilities, returned
           as logits of that mean (`logit(mean(sigmoid(.)))` for multi-label, `log(mean(softmax(.)))` for single-label
-          clip logits; frame logits always through the sigmoid). The pipelines apply the sigmoid / softmax to the
-          logits, so the scores they report are exactly the averaged probabilities. Averaging probabilities keeps one
-          over-confident member (a very large logit) from dominating, and each member's scores stay calibrated as
-          trained.
+          clip and frame logits alike). The pipelines apply the sigmoid / softmax to the logits as `problem_type`
+          says (`scores.logits_to_scores`), so the scores they report are exactly the averaged probabilities.
+          Averaging probabilities keeps one over-confident member (a very large logit) from dominating, and each
+          member's scores stay calibrated as trained.
         - `"logits"`: the mean of the logits (a geometric-mean-like combination).
     The clip `logits` combine the members' clip logits (each the time average of the member's own step logits).
     For inputs longer than one window, the step logits are combined window by window and then stitched over time,
@@ -103,6 +104,11 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         HTSATPreTrainedModel._init_weights(self, module)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, keeping Transformers' load report on the model (`loading_info`)."""
+        return with_loading_info(super().from_pretrained, *args, **kwargs)
+
     @property
     def htsat(self) -> HTSATModel:
         """The first member's backbone. Members share the time axis, so its `window_layout` is the ensemble's (the
@@ -138,7 +144,7 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
         logits = combine_logits(clip_logits, self.config.average, exclusive)
         frame_logits = None
         if window_steps:  # combined window by window, then stitched: what the streaming SED pipeline computes
-            combined = combine_logits(window_steps, self.config.average, exclusive=False)
+            combined = combine_logits(window_steps, self.config.average, exclusive)
             frame_logits = self._stitch(combined, starts, num_frames)
         loss = clip_loss(logits, labels, self.config) if labels is not None else None
         output = HTSATSoundEventDetectionOutput(loss=loss, logits=logits, frame_logits=frame_logits)

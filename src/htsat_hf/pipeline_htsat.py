@@ -25,7 +25,9 @@ from transformers.utils import logging
 
 from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
 from .feature_extraction_htsat import AMIN, pcm_to_float
+from .inference_checks import check_inference_ready
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
+from .scores import is_exclusive, logits_to_scores
 from .sed_postprocessing import (
     EventSettings,
     EventStream,
@@ -153,19 +155,13 @@ def _as_float(array: np.ndarray) -> np.ndarray:
         raise AudioInputError("decode", str(error)) from error
 
 
-def step_probabilities(logits: torch.Tensor) -> np.ndarray:
-    """float32 sigmoid of step logits whose value does not depend on the tensor's length or a step's place in it.
-    PyTorch's float32 sigmoid differs by an ulp between its vectorised loop and its scalar tail (seen on AVX2), so
-    blocks streamed one by one would score a step differently from the whole grid; in float64, rounded to float32,
-    the two agree (and the result is the correctly rounded sigmoid but for vanishingly rare ties)."""
-    return torch.sigmoid(logits.double()).float().numpy()
-
-
 class SoundEventDetectionPipeline(Pipeline):
     """
     Detects sound events: `{"events": [{"label", "onset", "offset", "score"}, ...]}` in seconds from the start of the
     audio, plus `frame_scores` (steps, labels), `frame_times` (step onsets in seconds) and `labels` when
-    `return_frame_scores=True`.
+    `return_frame_scores=True`. Frame scores follow the config's `problem_type` as clip scores do
+    (`scores.logits_to_scores`): a sigmoid per label for a multi-label model, a softmax over the labels (each step's
+    scores sum to 1) for a single-label one.
 
     Inputs: a file path, raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate": int}` (resampled to the
     model's rate with torchaudio when it differs), or a 1-D array already at the model's rate.
@@ -183,6 +179,12 @@ class SoundEventDetectionPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = True
     _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        """As `Pipeline`; refuses a model whose weights were not loaded or whose feature extractor disagrees with its
+        config (`inference_checks.check_inference_ready`)."""
+        super().__init__(*args, **kwargs)
+        check_inference_ready(self.model, self.feature_extractor)
 
     def _sanitize_parameters(
         self,
@@ -324,12 +326,13 @@ class SoundEventDetectionPipeline(Pipeline):
         return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     def _scores(self, logits: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
-        """Probabilities of (steps, model labels) logits and their labels, mapped to the target labels when a mapping
-        is given."""
-        scores = step_probabilities(logits)
+        """Scores of (steps, model labels) logits as the config's problem_type says (`logits_to_scores`) and their
+        labels, mapped to the target labels when a mapping is given."""
+        problem_type = self.model.config.problem_type
+        scores = logits_to_scores(logits, problem_type).numpy()
         if label_mapping is None:
             return scores, self._labels()
-        return map_scores(scores, label_mapping, self._labels())
+        return map_scores(scores, label_mapping, self._labels(), exclusive=is_exclusive(problem_type))
 
     # ----------------------------------------------------------------------------------------------- output
     def postprocess(

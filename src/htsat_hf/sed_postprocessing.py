@@ -54,7 +54,8 @@ def _check_scores(scores: np.ndarray, labels: Sequence[str] | None = None) -> np
     if scores.size and (scores.min() < 0.0 or scores.max() > 1.0):
         raise ValueError(
             f"scores must be probabilities in [0, 1] (got {scores.min():.4g}..{scores.max():.4g}); "
-            "apply a sigmoid to logits first."
+            "turn logits into scores first (`htsat_hf.scores.logits_to_scores`: sigmoid or softmax as the model's "
+            "problem_type says)."
         )
     return scores
 
@@ -625,12 +626,17 @@ def resolve_label_mapping(
 
 
 def map_scores(
-    scores: np.ndarray, mapping: Mapping[str, Sequence[int | str]], source_labels: Sequence[str]
+    scores: np.ndarray,
+    mapping: Mapping[str, Sequence[int | str]],
+    source_labels: Sequence[str],
+    exclusive: bool = False,
 ) -> tuple[np.ndarray, list[str]]:
-    """(frames, source classes) -> (frames, target classes): each target is the max over its source group.
+    """(frames, source classes) -> (frames, target classes), each target from its source group's scores.
 
-    A target class is therefore active whenever any of its source classes is (e.g. DESED "Dog" from AudioSet "Dog",
-    "Bark", ...). Targets keep the mapping's order.
+    Independent (multi-label, sigmoid) scores: the max over the group, so a target class is active whenever any of its
+    source classes is (e.g. DESED "Dog" from AudioSet "Dog", "Bark", ...). `exclusive` (single-label, softmax) scores:
+    the sum over the group, the probability that the step belongs to any of its classes (capped at 1 against
+    rounding); the max would understate a group whose members share the probability. Targets keep the mapping's order.
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
@@ -641,7 +647,10 @@ def map_scores(
     if not resolved:
         raise ValueError("Label mapping is empty.")
     target_labels = list(resolved)
-    mapped = np.stack([scores[:, resolved[t]].max(axis=1) for t in target_labels], axis=1)
+    if exclusive:
+        mapped = np.stack([np.minimum(scores[:, resolved[t]].sum(axis=1), 1) for t in target_labels], axis=1)
+    else:
+        mapped = np.stack([scores[:, resolved[t]].max(axis=1) for t in target_labels], axis=1)
     return mapped, target_labels
 
 

@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
-from ..pipeline_htsat import SampleSpan, span_features, step_probabilities
+from ..pipeline_htsat import SampleSpan, span_features
+from ..scores import is_exclusive, logits_to_scores
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
 from .sources import encoded_audio_cell
@@ -73,7 +75,8 @@ class Annotator:
             / `HTSATEnsembleModel` (members on one time grid; combined as the ensemble's forward combines them).
         feature_extractor: defaults to the folder's (or one matching the model's config).
         tasks: any of "tags", "events", "embeddings", "frame_scores".
-        top_k: tags per input (sigmoid or softmax scores as the config's `problem_type` says, like the pipeline).
+        top_k: tags per input. Tags and frame scores alike are sigmoid or softmax scores as the config's
+            `problem_type` says (`scores.logits_to_scores`), like the pipelines.
         batch_size: windows per forward pass, packed across inputs.
         threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: the SED
             pipeline's post-processing (`sed_postprocessing.frames_to_events`).
@@ -324,7 +327,7 @@ class Annotator:
                 return (self.model.stitch_window_steps(window_steps, starts, end.num_frames) if end.windowed
                         else window_steps[0])
 
-            frame_logits = stitch(self._combine(list(steps), exclusive=False))  # combined per window, then stitched
+            frame_logits = stitch(self._combine(list(steps), self._exclusive))  # combined per window, then stitched
             member_frames = [stitch(member) for member in steps] if self.ensemble else [frame_logits]
         if CLIP_TASKS & set(self.tasks):
             if clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE:
@@ -341,9 +344,9 @@ class Annotator:
             if "embeddings" in self.tasks:
                 row["embedding"] = embedding.numpy().astype(np.float32)
         if TIMELINE_TASKS & set(self.tasks):
-            scores = step_probabilities(frame_logits)
+            scores = logits_to_scores(frame_logits, self.config.problem_type).numpy()
             if self.label_mapping:
-                scores, _ = map_scores(scores, self.label_mapping, self.model_labels)
+                scores, _ = map_scores(scores, self.label_mapping, self.model_labels, exclusive=self._exclusive)
             step_seconds = self.model.frame_step_seconds(end.num_frames)
             if "events" in self.tasks:
                 row["events"] = frames_to_events(
@@ -357,7 +360,7 @@ class Annotator:
 
     @property
     def _exclusive(self) -> bool:
-        return self.config.problem_type == "single_label_classification"
+        return is_exclusive(self.config.problem_type)
 
     def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
         return combine_members(self.model, member_logits, exclusive)
@@ -372,15 +375,9 @@ class Annotator:
 
 
 def top_tags(logits: torch.Tensor, labels: list[str], problem_type: str | None, k: int) -> list[dict]:
-    """Top-k {label, score} of one clip's logits, the score as `pipeline("audio-classification")` applies it:
-    sigmoid for multi-label, identity for regression, else softmax."""
-    if problem_type == "multi_label_classification":
-        probabilities = logits.sigmoid()
-    elif problem_type == "regression":
-        probabilities = logits
-    else:
-        probabilities = logits.softmax(-1)
-    scores, ids = probabilities.topk(k)
+    """Top-k {label, score} of one clip's logits, the score as `pipeline("audio-classification")` applies it
+    (`logits_to_scores`: sigmoid for multi-label, identity for regression, else softmax)."""
+    scores, ids = logits_to_scores(logits, problem_type).topk(k)
     return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
 
 
@@ -414,7 +411,8 @@ def _plain(value: Any) -> Any:
 def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool, allow_ensemble: bool = False
           ) -> tuple[Any, Any]:
     """The model in eval mode on its device, and its feature extractor. Ensembles (`HTSATEnsembleModel`) only
-    where `allow_ensemble`."""
+    where `allow_ensemble`. A model whose weights were not loaded, or whose feature extractor disagrees with its
+    config, is refused (`check_inference_ready`)."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
     from ..feature_extraction_htsat import HTSATFeatureExtractor
@@ -434,6 +432,7 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
         )
     if feature_extractor is None:
         feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
+    check_inference_ready(model, feature_extractor)
     if device is not None:
         model = model.to(device)
     return model.eval(), feature_extractor

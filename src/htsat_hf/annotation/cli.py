@@ -94,11 +94,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     state = PartialState(cpu=on_cpu)
     device = args.device or str(state.device)
-    annotator = Annotator(
-        args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
-        bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
-        **postprocessing_from_arguments(args),
-    )
+    try:
+        annotator = Annotator(
+            args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
+            bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
+            **postprocessing_from_arguments(args),
+        )
+    except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
+        raise SystemExit(f"error: {error}") from None
     try:
         return annotate_corpus(
             annotator, source, args.output_dir, model_name=args.model_name_or_path, rows_per_shard=args.rows_per_shard,

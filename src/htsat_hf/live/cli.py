@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
             trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
         )
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
+        print(f"listen.py: {error}", file=sys.stderr)
+        return 2
     rate = detector.sampling_rate
     command = ffmpeg_command(args, rate)
     failure = None

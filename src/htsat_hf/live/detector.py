@@ -35,7 +35,8 @@ import torch
 from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
-from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
+from ..pipeline_htsat import AudioInputError, StreamFrames
+from ..scores import is_exclusive, logits_to_scores
 from ..sed_postprocessing import EventStream, _sorted_events, load_label_mapping, map_scores, resolve_label_mapping
 
 
@@ -46,7 +47,8 @@ class LiveUpdate:
     time: stream time (s) at the end of the window that ran. tags: top-k {label, score} of that window's clip
     scores. events: events whose offsets became final, {label, onset, offset, score} in stream seconds.
     first_step / step_scores: the steps emitted at this hop (grid steps `first_step ...`, probabilities
-    (steps, labels) after any label mapping); step `i` covers [i, i + 1) * step_seconds.
+    (steps, labels) after any label mapping, sigmoid or softmax as the config's `problem_type` says, like the offline
+    pipeline's); step `i` covers [i, i + 1) * step_seconds.
     """
 
     time: float
@@ -235,22 +237,24 @@ class LiveDetector:
     def _after_window(self, start: int, member_logits: torch.Tensor) -> LiveUpdate:
         """Adds one window's (members, steps, labels) logits; emits the steps `lookahead_seconds` behind its end."""
         self.windows_run += 1
-        logits = combine_members(self.model, list(member_logits), exclusive=False)  # per window, as offline
+        exclusive = is_exclusive(self.config.problem_type)
+        logits = combine_members(self.model, list(member_logits), exclusive)  # per window, as offline
         self.stitcher.add(logits[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
         first_step = self.stitcher.offset
         emit_before = self.stitcher.first_step(end_seconds - self.lookahead_seconds)
         scores = self._step_scores(self.stitcher.pop_final(emit_before))
         self.events.push(scores)
-        exclusive = self.config.problem_type == "single_label_classification"
         clip_logits = combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
         tags = top_tags(clip_logits, self.model_labels, self.config.problem_type, self.top_k)
         return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
 
     def _step_scores(self, logits: torch.Tensor) -> np.ndarray:
-        scores = step_probabilities(logits)
+        """Step scores as the config's problem_type says (`logits_to_scores`), mapped when a mapping is given."""
+        problem_type = self.config.problem_type
+        scores = logits_to_scores(logits, problem_type).numpy()
         if self.label_mapping is not None:
-            scores = map_scores(scores, self.label_mapping, self.model_labels)[0]
+            scores = map_scores(scores, self.label_mapping, self.model_labels, exclusive=is_exclusive(problem_type))[0]
         return scores
 
     def _as_mono(self, samples: Any) -> np.ndarray:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from .. import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
+from ..inference_checks import check_front_end_agrees
 from .arguments import TRAINING_DEFAULTS, DataTrainingArguments, HTSATRecipeArguments, ModelArguments
 from .data import build_label_space, fold_values, load_source, prepare_data, select_splits
 from .labels import LabelSpace
@@ -54,10 +55,6 @@ ARCH_OVERRIDES = (
     "freq_mask_width",
     "use_token_semantic_head",
 )
-FE_FIELDS = {"sampling_rate": "sampling_rate", "hop_length": "hop_length", "n_fft": "n_fft", "num_mel_bins": "feature_size",
-             "f_min": "f_min", "f_max": "f_max"}
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, HTSATRecipeArguments, TrainingArguments]:
     """Parse the command line (or a single .json file of arguments) with the recipe's defaults."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, HTSATRecipeArguments, TrainingArguments))
@@ -117,12 +114,7 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
         feature_extractor = AutoFeatureExtractor.from_pretrained(fe_source, **common)
     else:
         feature_extractor = HTSATFeatureExtractor.for_model_config(config)
-    for name, fe_name in FE_FIELDS.items():
-        if hasattr(config, name) and getattr(feature_extractor, fe_name, getattr(config, name)) != getattr(config, name):
-            raise ValueError(
-                f"The feature extractor's {fe_name}={getattr(feature_extractor, fe_name)} does not match the model's "
-                f"{name}={getattr(config, name)}; pass a matching --feature_extractor_name."
-            )
+    check_front_end_agrees(config, feature_extractor)  # else: pass a matching --feature_extractor_name
     if max_length_seconds is not None:
         feature_extractor.max_length_seconds = float(max_length_seconds)
     if model_args.freeze_feature_encoder:
