@@ -16,7 +16,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
-from .pipeline_htsat import PROGRESS_MIN_SECONDS, audio_source
+from .pipeline_htsat import PROGRESS_MIN_SECONDS, audio_source, one_waveform
 
 logger = logging.get_logger(__name__)
 
@@ -41,6 +41,9 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
         if progress is not None:
             forward["progress"] = progress
         return preprocess, forward, postprocess
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(one_waveform(inputs), *args, **kwargs)
 
     def preprocess(self, inputs: Any):
         if not self._is_htsat():
