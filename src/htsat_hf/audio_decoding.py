@@ -228,8 +228,8 @@ def decode_file(
     """A file of any format ffmpeg reads -> mono float32 blocks of `block_samples` at `sampling_rate` (the last one
     shorter), decoded in process where torchcodec can; where it cannot open the file or fails part way, the `ffmpeg`
     command reads it and its blocks continue exactly where torchcodec's stopped (it would have decoded the same samples
-    up to there), so a damaged file gets ffmpeg's warning or error as before. A file decoded in process whose audio
-    ends well before its header says (`SHORT_BY`) gets ffmpeg's messages about it (`ffmpeg_messages`)."""
+    up to there), so a damaged file gets ffmpeg's warning or error as before. A file decoded in process that looks
+    cut short gets ffmpeg's messages about it (`truncation_warning`)."""
     sent = 0
     notes: list[str] = []
     in_process = _decode_in_process(path, sampling_rate, block_samples, notes)
@@ -240,8 +240,8 @@ def decode_file(
             if finished.value is not None:
                 for note in notes:
                     report(note, warnings)
-                if finished.value:
-                    report(finished.value + _ffmpeg_verdict(path), warnings)
+                if message := truncation_warning(path, *finished.value):
+                    report(message, warnings)
                 return
             break
         sent += len(block)
@@ -261,9 +261,23 @@ def ffmpeg_messages(path: str) -> str:
     return damage_messages(result.stderr)
 
 
-def _ffmpeg_verdict(path: str) -> str:
+def truncation_warning(path: str, seconds: float, stated: float | None) -> str:
+    """The warning for a file decoded in process to `seconds` of audio, or "": a WAV whose data chunk is cut short
+    (`wav_truncation`) always gets one; audio shorter than the header's `stated` duration by more than `SHORT_BY`
+    (both the seconds and the fraction) gets one when ffmpeg confirms damage (a duration estimated from the bitrate,
+    as for a VBR MP3 without a header, can be that far off in a healthy file). Either asks the `ffmpeg` command for
+    its messages, so that both decoders report a damaged file in ffmpeg's words."""
+    wav = wav_truncation(path)
+    short = bool(stated) and stated - seconds > max(SHORT_BY[0], SHORT_BY[1] * stated)
+    if not (wav or short):
+        return ""
     messages = ffmpeg_messages(path)
-    return f"; ffmpeg's messages:\n{messages}" if messages else "."
+    if wav:
+        return wav + (f"; ffmpeg's messages:\n{messages}" if messages else ".")
+    if not messages:
+        return ""
+    return (f"ffmpeg reported problems decoding {path} (the audio may be incomplete: {seconds:.2f} s decoded of the "
+            f"{stated:.2f} s its header states); its last messages:\n{messages}")
 
 
 def decode_bytes_blocks(
@@ -313,12 +327,12 @@ def audio_stream_indices(decoder: Any) -> list[int]:
 
 def _decode_in_process(
     path: str, sampling_rate: int, block_samples: int, notes: list[str]
-) -> Generator[np.ndarray, None, str | None]:
+) -> Generator[np.ndarray, None, tuple[float, float | None] | None]:
     """torchcodec's blocks of the file; returns None when it could not decode all of it (then the caller reads the
-    rest with the ffmpeg command), else "" or, when the audio ends well before its header says, a message saying so.
-    Notes (a second audio stream) go to `notes`. Blocks are consecutive time ranges, except that from two blocks
-    before the stream's stated end everything left is decoded at once: a stated duration can be an estimate (a VBR
-    MP3 without a header), and asking for a range past the real end is an error."""
+    rest with the ffmpeg command), else the seconds decoded and the duration the header states (or None). Notes (a
+    second audio stream) go to `notes`. Blocks are consecutive time ranges, except that from two blocks before the
+    stream's stated end everything left is decoded at once: a stated duration can be an estimate (a VBR MP3 without
+    a header), and asking for a range past the real end is an error."""
     try:
         from torchcodec.decoders import AudioDecoder
 
@@ -356,17 +370,7 @@ def _decode_in_process(
         yield held
     if not complete:
         return None
-    return (_shortfall(path, decoded / sampling_rate, decoder.metadata.duration_seconds_from_header)
-            or wav_truncation(path))
-
-
-def _shortfall(path: str, seconds: float, stated: float | None) -> str:
-    """A message when `seconds` of decoded audio fall short of the header's `stated` duration by more than
-    `SHORT_BY` (both the seconds and the fraction), else ""."""
-    if not stated or stated - seconds <= max(SHORT_BY[0], SHORT_BY[1] * stated):
-        return ""
-    return (f"{path} decoded to {seconds:.2f} s of audio, but its header states {stated:.2f} s: the file is probably "
-            "truncated or damaged (the audio may be incomplete)")
+    return decoded / sampling_rate, decoder.metadata.duration_seconds_from_header
 
 
 def wav_truncation(path: str) -> str:
@@ -416,4 +420,4 @@ def probe_duration(path: str | os.PathLike | bytes) -> float | None:
 
 __all__ = ["MAX_CHANNELS", "AudioInputError", "channels_first", "decode_bytes", "decode_bytes_blocks", "decode_file",
            "downmix", "ffmpeg_blocks", "ffmpeg_messages", "ffmpeg_source", "probe_duration", "probe_streams",
-           "resample", "stream_with_ffmpeg", "wav_truncation", "whole_rate"]
+           "resample", "stream_with_ffmpeg", "truncation_warning", "wav_truncation", "whole_rate"]
