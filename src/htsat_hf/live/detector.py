@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
+from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, step_probabilities
@@ -262,9 +263,7 @@ class LiveDetector:
         if not shape_ok:
             raise ValueError(f"A block of shape {array.shape}; this stream takes {expected} blocks "
                              f"(LiveDetector(channels={self.channels})).")
-        array = pcm_to_float(array, "The block")
-        if array.ndim == 2:
-            array = array.mean(axis=1)
+        array = downmix(pcm_to_float(array, "The block").reshape(len(array), -1).T)  # as a file's channels are
         if not np.isfinite(array).all():
             raise AudioInputError("invalid_audio", f"A block of the stream (at {self.seconds_seen:.2f} s) contains "
                                   "NaN or Inf samples.")
