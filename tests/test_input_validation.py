@@ -64,6 +64,14 @@ def test_a_2d_array_is_a_batch_of_clips_as_in_transformers():
         extractor(np.zeros((1, 2, RATE), np.float32), sampling_rate=RATE)
 
 
+@pytest.mark.parametrize("rate", [16000, 32000.5, 31999.9])
+def test_the_extractor_refuses_another_rate_even_a_fraction_off(rate):
+    """int(32000.5) == 32000 let a fractional rate through as the model's."""
+    with pytest.raises(ValueError, match=rf"sampled at {rate} Hz.*audio_decoding.resample"):
+        HTSATFeatureExtractor()(np.zeros(RATE, np.float32), sampling_rate=rate)
+    assert HTSATFeatureExtractor()(np.zeros(RATE, np.float32), sampling_rate=32000.0)["input_features"].shape[0] == 1
+
+
 def test_channel_shaped_arrays_in_the_pipelines(folder):
     """A bare 2-D array is refused (channels, or a batch?); a dict is one recording, so its channels are averaged,
     either way round, as a file's are."""

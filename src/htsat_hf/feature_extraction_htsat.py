@@ -275,12 +275,13 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
                 f"Pass `sampling_rate=` with the audio: this feature extractor expects {self.sampling_rate} Hz audio and "
                 "needs the rate to make sure the audio matches."
             )
-        if int(sampling_rate) != self.sampling_rate:
+        if float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000 (int() would have said it was)
             raise ValueError(
                 f"The audio is sampled at {sampling_rate} Hz but this model expects {self.sampling_rate} Hz. Resample it "
-                f"first, e.g. torchaudio.functional.resample(x, {sampling_rate}, {self.sampling_rate}), or load a "
-                f"`datasets` column with Audio(sampling_rate={self.sampling_rate}); pipeline('audio-classification') "
-                "resamples automatically."
+                f"first as the pipelines do (FFmpeg's libswresample), e.g. htsat_hf.audio_decoding.resample(x[None], "
+                f"{sampling_rate}, {self.sampling_rate}), or load a `datasets` column with "
+                f"Audio(sampling_rate={self.sampling_rate}); the pipelines take {{'array': x, 'sampling_rate': rate}} "
+                "and resample it themselves."
             )
 
     # -------------------------------------------------------------------------------------------------- __call__
