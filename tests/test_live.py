@@ -190,6 +190,10 @@ def test_bad_blocks(folder):
         detector.push(np.zeros((100, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="resample it upstream"):
         LiveDetector(str(folder), sampling_rate=16000)
+    with pytest.raises(ValueError, match="resample it upstream"):  # int() took 32000.5 Hz for the model's rate
+        LiveDetector(str(folder), sampling_rate=RATE + 0.5)
+    with pytest.raises(ValueError, match="cannot change within a stream"):
+        detector.push(np.zeros(100, dtype=np.float32), sampling_rate=RATE + 0.5)
     with pytest.raises(ValueError, match="whole number of feature hops"):
         LiveDetector(str(folder), hop_seconds=0.123)
     with pytest.raises(AudioInputError, match="fewer than the 513"):

@@ -111,7 +111,7 @@ class LiveDetector:
                 "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
                 else "this model uses the pooled head (use_token_semantic_head=False)."))
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
-        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+        if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
                              f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; listen.py does).")
         hop_length = config.hop_length
@@ -161,7 +161,7 @@ class LiveDetector:
         one update per window it completes."""
         if self.finished:
             raise RuntimeError("This stream was flushed; start a new LiveDetector.")
-        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+        if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"A block at {sampling_rate} Hz in a stream at {self.sampling_rate} Hz: the sampling rate "
                              "cannot change within a stream; resample it, or start a new LiveDetector.")
         block = self._as_mono(samples)
