@@ -48,24 +48,43 @@ def test_integer_pcm_is_scaled_like_soundfile(folder, dtype, scale):
         extractor(np.zeros(2000, dtype=np.int64), sampling_rate=RATE)
 
 
-def test_channel_shaped_arrays_are_refused_with_the_way_out():
+def test_a_2d_array_is_a_batch_of_clips_as_in_transformers():
+    """Transformers' feature extractors take a 2-D array as (batch, samples) (its common tests pass (3, 800)); the
+    extractor cannot know channels, so it does not guess them. (The pipelines, given a dict, can: see below.)"""
     extractor = HTSATFeatureExtractor()
-    stereo = np.zeros((RATE, 2), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"channels last.*x.mean\(axis=1\)"):
+    rng = np.random.default_rng(0)
+    batch = (0.1 * rng.standard_normal((3, 800))).astype(np.float32)
+    features = extractor(batch, sampling_rate=RATE, padding=False)["input_features"]
+    assert features.shape == (3, 3, 64)
+    np.testing.assert_array_equal(features, extractor(list(batch), sampling_rate=RATE, padding=False)["input_features"])
+    stereo = np.zeros((RATE, 2), dtype=np.float32)  # channels last: a batch of 32,000 two-sample clips, too short
+    with pytest.raises(ValueError, match=r"Waveform 0 has 2 samples"):
         extractor(stereo, sampling_rate=RATE)
-    with pytest.raises(ValueError, match=r"2 channels of one recording, or a batch of 2 clips.*list\(x\)"):
-        extractor(stereo.T.copy(), sampling_rate=RATE)
-    batch = extractor(list(stereo.T), sampling_rate=RATE)["input_features"]  # a batch said so: a list
-    assert batch.shape == (2, 1001, 64)
-    assert extractor(np.zeros((9, 4000), np.float32), sampling_rate=RATE, padding=False)["input_features"].shape[0] == 9
+    with pytest.raises(ValueError, match=r"x.mean\(axis=0\)"):
+        extractor(np.zeros((1, 2, RATE), np.float32), sampling_rate=RATE)
+
+
+@pytest.mark.parametrize("rate", [16000, 32000.5, 31999.9])
+def test_the_extractor_refuses_another_rate_even_a_fraction_off(rate):
+    """int(32000.5) == 32000 let a fractional rate through as the model's."""
+    with pytest.raises(ValueError, match=rf"sampled at {rate} Hz.*audio_decoding.resample"):
+        HTSATFeatureExtractor()(np.zeros(RATE, np.float32), sampling_rate=rate)
+    assert HTSATFeatureExtractor()(np.zeros(RATE, np.float32), sampling_rate=32000.0)["input_features"].shape[0] == 1
 
 
 def test_channel_shaped_arrays_in_the_pipelines(folder):
+    """A bare 2-D array is refused (channels, or a batch?); a dict is one recording, so its channels are averaged,
+    either way round, as a file's are."""
     detect = pipeline("sound-event-detection", model=str(folder))
-    with pytest.raises(ValueError, match=r"x.mean\(axis=1\)"):
+    with pytest.raises(ValueError, match=r'Expected mono audio.*"sampling_rate": rate\}.*averaged'):
         detect(np.zeros((RATE, 2), np.float32))
-    with pytest.raises(ValueError, match=r"x.mean\(axis=0\)"):
-        detect({"array": np.zeros((2, RATE), np.float32), "sampling_rate": 16000})
+    stereo = np.stack([speech_like(3.0, 1), speech_like(3.0, 2)]).astype(np.float32)
+    averaged = detect({"array": stereo.mean(axis=0), "sampling_rate": 16000}, return_frame_scores=True)
+    for layout in (stereo, stereo.T):
+        result = detect({"array": layout, "sampling_rate": 16000}, return_frame_scores=True)
+        np.testing.assert_allclose(result["frame_scores"], averaged["frame_scores"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(9, 9\).*at most 8 channels"):
+        detect({"array": np.zeros((9, 9), np.float32), "sampling_rate": RATE})
 
 
 def test_one_length_rule_everywhere(folder):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -189,6 +190,10 @@ def test_bad_blocks(folder):
         detector.push(np.zeros((100, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="resample it upstream"):
         LiveDetector(str(folder), sampling_rate=16000)
+    with pytest.raises(ValueError, match="resample it upstream"):  # int() took 32000.5 Hz for the model's rate
+        LiveDetector(str(folder), sampling_rate=RATE + 0.5)
+    with pytest.raises(ValueError, match="cannot change within a stream"):
+        detector.push(np.zeros(100, dtype=np.float32), sampling_rate=RATE + 0.5)
     with pytest.raises(ValueError, match="whole number of feature hops"):
         LiveDetector(str(folder), hop_seconds=0.123)
     with pytest.raises(AudioInputError, match="fewer than the 513"):
@@ -226,6 +231,27 @@ def test_listen_script_on_a_file_and_on_stdin(folder, tmp_path):
         events = [{k: v for k, v in line.items() if k != "type"} for line in lines if line["type"] == "event"]
         assert len(events) == sum(len(u.events) for u in expected) > 0
         assert [e["label"] for e in events] == [e["label"] for u in expected for e in u.events]
+
+
+def test_listen_script_averages_a_stereo_file_as_the_pipelines_do(folder, tmp_path):
+    """listen.py used ffmpeg's -ac 1 (+3 dB for stereo); now the channels are averaged, as every other input's are."""
+    from htsat_hf.audio_decoding import downmix
+
+    stereo = np.stack([noisy(12.0, seed=9), 0.3 * noisy(12.0, seed=10)], axis=1).astype(np.float32)
+    sf.write(tmp_path / "stereo.wav", stereo, RATE, subtype="FLOAT")
+    expected = run_in_blocks(LiveDetector(str(folder), threshold=0.5), downmix(stereo.T))
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "listen.py"), "--model", str(folder), "--threshold", "0.5",
+         "--top-k", "5", "--input", str(tmp_path / "stereo.wav"), "--as-fast-as-possible"],
+        capture_output=True, timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    hops = [line for line in map(json.loads, result.stdout.decode().splitlines()) if line["type"] == "tags"]
+    assert len(hops) == len(expected) > 0
+    for hop, update in zip(hops, expected):
+        assert {t["label"]: t["score"] for t in hop["tags"]} == pytest.approx(
+            {t["label"]: t["score"] for t in update.tags}, abs=1e-5)
 
 
 def test_latency_probe_and_agreement_measure_what_they_say(folder):

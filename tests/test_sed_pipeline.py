@@ -202,6 +202,8 @@ def test_ffmpeg_warnings_do_not_stall_the_stream(tmp_path, monkeypatch, caplog, 
     fake.write_text(FAKE_FFMPEG.format(python=sys.executable, code=code))
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    sf.write("x.flac", np.zeros(RATE, np.float32), RATE)  # a real file for ffprobe (the streams, the channels)
     outcome = {}
 
     def read():

@@ -238,6 +238,21 @@ def test_native_mono_reads_equal_the_ffmpeg_decoder(tmp_path, suffix, subtype):
         np.testing.assert_array_equal(fast, expected)
 
 
+def test_training_averages_the_channels_as_the_pipelines_do(tmp_path):
+    """Training decoded with datasets' `num_channels=1` (FFmpeg's -ac 1 matrix, +3 dB for stereo) while every
+    inference path averages the channels: a model was trained on louder stereo clips than it was run on."""
+    from htsat_hf.pipeline_htsat import audio_source
+
+    t = np.arange(3 * 44100) / 44100
+    stereo = np.stack([0.4 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 3000 * t)], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo.astype(np.float32), 44100, subtype="FLOAT")
+    transform = AudioTransform(HTSATFeatureExtractor(), None, label_column=None)
+    expected = audio_source(str(path), 32000).samples()
+    for cell in ({"path": str(path), "bytes": None}, {"path": None, "bytes": path.read_bytes()}):
+        np.testing.assert_array_equal(transform.decode(cell), expected)
+
+
 def test_native_mono_leaves_resampling_downmixing_and_errors_to_ffmpeg(tmp_path):
     from htsat_hf.training.data import read_native_mono
 

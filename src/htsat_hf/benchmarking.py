@@ -795,7 +795,7 @@ def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "t
     logits = {name: [] for name in variants}
     for first in range(0, len(data), batch):
         rows = data[first : first + batch]["audio"]
-        arrays = [audio_source(cell, rate, probe=False).array for cell in rows]  # decoded and resampled as the pipelines do
+        arrays = [audio_source(cell, rate, probe=False).samples() for cell in rows]  # decoded as the pipelines do
         features = extractor(arrays, sampling_rate=rate, return_tensors="pt")["input_features"]
         with torch.inference_mode():
             for name, variant in variants.items():

@@ -26,6 +26,7 @@ from .pipeline_htsat import (
     check_flag,
     check_positive_int,
     keyword_names,
+    one_waveform,
     reject_unknown_arguments,
 )
 
@@ -66,6 +67,9 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
         if progress is not None:
             forward["progress"] = check_flag(progress, "progress")
         return preprocess, forward, postprocess
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(one_waveform(inputs), *args, **kwargs)
 
     def preprocess(self, inputs: Any):
         if not self._is_htsat():

@@ -17,7 +17,6 @@ AMIN = 1e-10  # floor of the power mel spectrogram before the log (torchlibrosa'
 
 
 BLOCK_FRAMES = 6000  # 60 s at hop 320: longer clips get their log-mel frames block by block
-MAX_CHANNELS = 8  # a 2-D array with a side this short is read as channels, not as a batch of clips or samples
 
 
 def pcm_to_float(samples: np.ndarray, what: str = "The audio") -> np.ndarray:
@@ -33,24 +32,6 @@ def pcm_to_float(samples: np.ndarray, what: str = "The audio") -> np.ndarray:
         f"{what} has dtype {samples.dtype}; pass floating-point samples in [-1, 1] or integer PCM (int8, int16, "
         "int32, uint8)."
     )
-
-
-def check_not_channels(shape: tuple[int, ...]) -> None:
-    """Refuses a 2-D array that looks like multi-channel audio: (samples, channels) is never a batch, and (channels,
-    samples) with at most `MAX_CHANNELS` rows cannot be told from a small batch, so it must be said which it is."""
-    rows, columns = shape
-    if columns <= MAX_CHANNELS < rows:
-        raise ValueError(
-            f"Got an array of shape {shape}: that is {columns}-channel audio, channels last. Pass mono audio, e.g. "
-            "x.mean(axis=1) to average the channels, or a list of 1-D arrays for a batch."
-        )
-    if 1 < rows <= MAX_CHANNELS < columns:  # one row reads the same either way
-        raise ValueError(
-            f"Got an array of shape {shape}: {rows} channels of one recording, or a batch of {rows} clips? Average the "
-            "channels for mono audio (x.mean(axis=0)), or pass a batch as a list of 1-D arrays "
-            "(list(x)); 2-D arrays are taken as batches only with more than "
-            f"{MAX_CHANNELS} rows."
-        )
 
 
 class HTSATFeatureExtractor(SequenceFeatureExtractor):
@@ -250,13 +231,13 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         if isinstance(raw_speech, np.ndarray):
             if raw_speech.ndim == 1:
                 clips = [raw_speech]
-            elif raw_speech.ndim == 2:
-                check_not_channels(raw_speech.shape)
+            elif raw_speech.ndim == 2:  # a batch of clips, as every Transformers feature extractor takes it
                 clips = list(raw_speech)
             else:
                 raise ValueError(
                     f"Got an array of shape {raw_speech.shape}; expected one mono waveform (samples,) or a batch "
-                    "(batch, samples). For multi-channel audio, average the channels first, e.g. x.mean(axis=0)."
+                    "(batch, samples). For multi-channel audio, average the channels first, e.g. x.mean(axis=0), or "
+                    'pass {"array": x, "sampling_rate": rate} to a pipeline, which averages them.'
                 )
         elif isinstance(raw_speech, Sequence) and not isinstance(raw_speech, (str, bytes)):
             if len(raw_speech) == 0:
@@ -294,12 +275,13 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
                 f"Pass `sampling_rate=` with the audio: this feature extractor expects {self.sampling_rate} Hz audio and "
                 "needs the rate to make sure the audio matches."
             )
-        if int(sampling_rate) != self.sampling_rate:
+        if float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000 (int() would have said it was)
             raise ValueError(
                 f"The audio is sampled at {sampling_rate} Hz but this model expects {self.sampling_rate} Hz. Resample it "
-                f"first, e.g. torchaudio.functional.resample(x, {sampling_rate}, {self.sampling_rate}), or load a "
-                f"`datasets` column with Audio(sampling_rate={self.sampling_rate}); pipeline('audio-classification') "
-                "resamples automatically."
+                f"first as the pipelines do (FFmpeg's libswresample), e.g. htsat_hf.audio_decoding.resample(x[None], "
+                f"{sampling_rate}, {self.sampling_rate}), or load a `datasets` column with "
+                f"Audio(sampling_rate={self.sampling_rate}); the pipelines take {{'array': x, 'sampling_rate': rate}} "
+                "and resample it themselves."
             )
 
     # -------------------------------------------------------------------------------------------------- __call__
@@ -315,6 +297,9 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
         """
         Args:
             raw_speech: one mono waveform (1-D), a batch as a 2-D array (batch, samples), or a list of 1-D waveforms.
+                A 2-D array is always a batch, as in every Transformers feature extractor: the extractor cannot know
+                channels, so average one recording's channels first (`x.mean(axis=0)` for (channels, samples)), or
+                give the pipelines `{"array": x, "sampling_rate": rate}`, which average them as they do a file's.
             sampling_rate: the rate of `raw_speech`; required, and must equal `self.sampling_rate`.
             padding: `"repeat"`/`True` (repeat short clips to `max_length_seconds`) or `False`/`"do_not_pad"`.
             return_tensors: `"pt"` for torch tensors, `"np"` or None for numpy arrays.
@@ -348,4 +333,4 @@ class HTSATFeatureExtractor(SequenceFeatureExtractor):
 
 HTSATFeatureExtractor.register_for_auto_class()
 
-__all__ = ["HTSATFeatureExtractor", "check_not_channels", "pcm_to_float"]
+__all__ = ["HTSATFeatureExtractor", "pcm_to_float"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import numbers
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchaudio
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .audio_decoding import AudioInputError, decode_bytes, decode_file, probe_duration
+from .audio_decoding import (
+    AudioInputError,
+    channels_first,
+    decode_bytes_blocks,
+    decode_file,
+    probe_duration,
+    resample,
+    whole_rate,
+)
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .inference_checks import check_inference_ready
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
@@ -82,69 +91,114 @@ def check_flag(value: Any, name: str) -> bool:
 
 @dataclass
 class AudioSource:
-    """Mono audio at the model's rate, as an in-memory array or a file decoded block by block (`decode_file`)."""
+    """Mono audio at the model's rate: an in-memory array, a file decoded block by block (`decode_file`), or the
+    bytes of a file, decoded as that file would be (`decode_bytes_blocks`)."""
 
     sampling_rate: int
     array: np.ndarray | None = None
     path: str | None = None
     duration_hint: float | None = None
     warnings: list[str] | None = None  # where ffmpeg's warnings go instead of the log (see `decode_file`)
+    data: bytes | None = None
 
     def blocks(self, block_samples: int) -> Iterator[np.ndarray]:
         if self.array is not None:
             for start in range(0, len(self.array), block_samples):
                 yield self.array[start : start + block_samples]
             return
+        if self.data is not None:
+            yield from decode_bytes_blocks(self.data, self.sampling_rate, block_samples, self.warnings)
+            return
         yield from decode_file(self.path, self.sampling_rate, block_samples, self.warnings)
+
+    def samples(self) -> np.ndarray:
+        """All of the audio at once (an array as it is; a file or bytes decoded whole)."""
+        if self.array is not None:
+            return self.array
+        blocks = list(self.blocks(int(READ_BLOCK_SECONDS * self.sampling_rate)))
+        return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSource:
-    """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`: a file path (streamed
-    with FFmpeg), bytes of a file (decoded by FFmpeg), `{"array"|"raw", "sampling_rate"}` (resampled with
-    torchaudio), an undecoded `datasets` Audio cell `{"bytes", "path"}`, a torchcodec `AudioDecoder` (channels
-    averaged, resampled), or a 1-D array / tensor at the rate. `probe`: read a file's duration from its header
-    first (a progress-bar hint)."""
+    """Any input the pipelines take -> an `AudioSource` of mono audio at `sampling_rate`, by one rule (see
+    `audio_decoding`: the first audio stream, each channel resampled by FFmpeg's libswresample, channels averaged):
+    a file path (`str` or `os.PathLike`; streamed with FFmpeg; a `scheme://` string naming no file is a URL), bytes of
+    a file, `{"array"|"raw", "sampling_rate"}` (mono, or one recording's channels either way round), an undecoded
+    `datasets` Audio cell `{"bytes", "path"}` (its bytes when it has them, even empty), a torchcodec `AudioDecoder`,
+    or a 1-D array / tensor / list of numbers at the rate. `probe`: read a file's duration from its header first (a
+    progress-bar hint)."""
     rate = sampling_rate
-    if isinstance(inputs, dict) and not ({"array", "raw"} & set(inputs)) and (inputs.get("bytes") or inputs.get("path")):
-        inputs = inputs.get("bytes") or inputs["path"]  # an undecoded `datasets` Audio cell
-    if isinstance(inputs, str):
-        return AudioSource(rate, path=inputs, duration_hint=probe_duration(inputs) if probe else None)
-    if isinstance(inputs, bytes):
-        inputs = decode_bytes(inputs, rate)
-    elif type(inputs).__name__ == "AudioDecoder":  # what `datasets` gives for a decoded Audio column
+    if isinstance(inputs, dict) and not ({"array", "raw"} & set(inputs)) and ({"bytes", "path"} & set(inputs)):
+        inputs = _cell_audio(inputs)  # an undecoded `datasets` Audio cell
+    if isinstance(inputs, (str, os.PathLike)):
+        return AudioSource(rate, path=inputs if isinstance(inputs, str) else os.fspath(inputs),
+                           duration_hint=probe_duration(inputs) if probe else None)
+    if isinstance(inputs, (bytes, bytearray, memoryview)):
+        data = bytes(inputs)
+        if not data:
+            raise AudioInputError("empty", "The audio is empty: the bytes given hold 0 bytes.")
+        return AudioSource(rate, data=data, duration_hint=probe_duration(data) if probe else None)
+    if type(inputs).__name__ == "AudioDecoder":  # what `datasets` gives for a decoded Audio column
         samples = inputs.get_all_samples()
-        inputs = {"array": samples.data.mean(dim=0).numpy(), "sampling_rate": samples.sample_rate}
+        inputs = {"array": samples.data.numpy(), "sampling_rate": samples.sample_rate}
     if isinstance(inputs, dict):
         if "sampling_rate" not in inputs or not ({"array", "raw"} & set(inputs)):
             raise AudioInputError("decode", 'A dict input needs "array" (or "raw") and "sampling_rate" keys.')
-        array = inputs.get("array", inputs.get("raw"))
-        array = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+        given = whole_rate(inputs["sampling_rate"])
+        channels = channels_first(_as_float(_as_numpy(inputs.get("array", inputs.get("raw")))))
+        if given != rate:
+            logger.info(f"resampling audio from {given} Hz to {rate} Hz")
+        array = resample(channels, given, rate)
+    else:
+        array = _as_numpy(inputs)
         _check_mono(array)
-        array = torch.from_numpy(_as_float(array))
-        if int(inputs["sampling_rate"]) != rate:
-            logger.info(f"resampling audio from {inputs['sampling_rate']} Hz to {rate} Hz")
-            array = torchaudio.functional.resample(array, int(inputs["sampling_rate"]), rate)
-        inputs = array.numpy()
-    elif isinstance(inputs, torch.Tensor):
-        inputs = inputs.detach().cpu().numpy()
-    if not isinstance(inputs, np.ndarray):
-        raise AudioInputError(
-            "decode",
-            f"Unsupported input {type(inputs).__name__}: pass a file path, bytes, a 1-D array at {rate} Hz or "
-            '{"array": ..., "sampling_rate": ...}.',
-        )
-    _check_mono(inputs)
-    array = _as_float(inputs)
+        array = _as_float(array)
     return AudioSource(rate, array=array, duration_hint=len(array) / rate)
+
+
+def _cell_audio(cell: dict) -> Any:
+    """An undecoded `datasets` Audio cell's audio: its bytes whenever it has them (empty bytes are empty audio, not
+    a reason to read its path), else its path."""
+    if cell.get("bytes") is not None:
+        if len(cell["bytes"]) == 0:
+            raise AudioInputError("empty", f"The audio is empty: the cell's bytes hold 0 bytes (its path, "
+                                           f"{cell.get('path')!r}, is not read in their place).")
+        return cell["bytes"]
+    if cell.get("path") is None:
+        raise AudioInputError("decode", 'An Audio cell with neither "bytes" nor "path".')
+    return cell["path"]
+
+
+def _as_numpy(samples: Any) -> np.ndarray:
+    """An array, tensor, or (nested) list of numbers as a numpy array; anything else is an unsupported input."""
+    if isinstance(samples, torch.Tensor):
+        return samples.detach().cpu().numpy()
+    if isinstance(samples, (np.ndarray, list, tuple)):
+        array = np.asarray(samples)
+        if array.dtype.kind in "iuf":
+            return array
+    raise AudioInputError(
+        "decode",
+        f"Unsupported input {type(samples).__name__}: pass a file path, bytes, a 1-D array (or list of numbers) at "
+        'the model\'s rate, or {"array": ..., "sampling_rate": ...}.',
+    )
+
+
+def one_waveform(inputs: Any) -> Any:
+    """A list of numbers is one waveform (as a numpy array), not a batch of single numbers, which the pipelines'
+    `__call__` would otherwise make of any list; anything else is returned as it is."""
+    if isinstance(inputs, list) and inputs and all(isinstance(x, numbers.Real) for x in inputs):
+        return np.asarray(inputs)
+    return inputs
 
 
 def _check_mono(array: np.ndarray) -> None:
     if array.ndim != 1:
-        axis = 1 if array.ndim == 2 and array.shape[1] < array.shape[0] else 0
         raise AudioInputError(
             "decode",
-            f"Expected mono audio (samples,), got shape {array.shape}; average the channels first "
-            f"(x.mean(axis={axis})), or pass the clips of a batch one by one.",
+            f"Expected mono audio (samples,) at the model's rate, got shape {array.shape}. For one recording's "
+            'channels pass {"array": x, "sampling_rate": rate} (the channels are averaged, as a file\'s are); pass '
+            "the clips of a batch as a list, one by one.",
         )
 
 
@@ -163,8 +217,9 @@ class SoundEventDetectionPipeline(Pipeline):
     (`scores.logits_to_scores`): a sigmoid per label for a multi-label model, a softmax over the labels (each step's
     scores sum to 1) for a single-label one.
 
-    Inputs: a file path, raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate": int}` (resampled to the
-    model's rate with torchaudio when it differs), or a 1-D array already at the model's rate.
+    Inputs: a file path (`str` or `pathlib.Path`), raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate":
+    int}` (mono or one recording's channels), or a 1-D array (or list of numbers) already at the model's rate. Every
+    input follows one rule: channels averaged, other rates resampled by FFmpeg's libswresample (`audio_decoding`).
 
     Post-processing (see `sed_postprocessing.frames_to_events`): `threshold` (float, per-class list or dict),
     `median_filter_seconds`, `min_duration_seconds`, `min_gap_seconds`, `hysteresis=(onset, offset)`,
@@ -247,6 +302,9 @@ class SoundEventDetectionPipeline(Pipeline):
         EventSettings.create(1.0, labels, **settings)  # any step: what is checked is the settings against the labels
 
     # ------------------------------------------------------------------------------------------------- input
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(one_waveform(inputs), *args, **kwargs)
+
     def preprocess(self, inputs: Any) -> dict:
         return {"source": audio_source(inputs, self.feature_extractor.sampling_rate)}
 
@@ -623,4 +681,4 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
 
 
 __all__ = ["AudioInputError", "SampleSpan", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source",
-           "span_features"]
+           "one_waveform", "span_features"]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from ..audio_decoding import AudioInputError, ffmpeg_blocks
+from ..audio_decoding import AudioInputError, ffmpeg_blocks, ffmpeg_source, probe_streams
 from ..sed_postprocessing import (
     add_postprocessing_arguments,
     check_postprocessing_arguments,
@@ -62,8 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
-    """ffmpeg reading the chosen source and writing mono float32 at the model's rate to stdout."""
+def input_channels(args: argparse.Namespace) -> int:
+    """The channels of the chosen source's first audio stream: raw PCM has those given; a file, URL or device is
+    probed with ffprobe."""
+    if args.stdin:
+        return args.stdin_channels
+    if args.ffmpeg_input:
+        return probe_streams(args.ffmpeg_input, shlex.split(args.ffmpeg_input))[0][1]
+    return probe_streams(args.input)[0][1]
+
+
+def ffmpeg_command(args: argparse.Namespace, sampling_rate: int, channels: int) -> list[str]:
+    """ffmpeg reading the chosen source's first audio stream and writing its `channels` as float32 at the model's
+    rate to stdout: the detector averages them, as the pipelines average a file's (not ffmpeg's -ac 1 matrix)."""
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
     if args.stdin:
         command = command[:1] + command[2:]  # ffmpeg reads our stdin
@@ -74,8 +85,8 @@ def ffmpeg_command(args: argparse.Namespace, sampling_rate: int) -> list[str]:
     else:
         if Path(args.input).exists() and not args.as_fast_as_possible:
             command.append("-re")  # a file is played at its own pace, as a live source would deliver it
-        command += ["-i", args.input]
-    return command + ["-ac", "1", "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
+        command += ["-i", ffmpeg_source(args.input)]  # a path is a path; a URL only as scheme://
+    return command + ["-map", "0:a:0", "-ac", str(channels), "-ar", str(sampling_rate), "-f", "f32le", "pipe:1"]
 
 
 def json_lines(updates, out: IO) -> None:
@@ -100,21 +111,27 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        channels = input_channels(args)
+    except AudioInputError as error:
+        print(error, file=sys.stderr)
+        return 1
     try:  # settings that depend on the model (a hop of whole frames within the window, threshold labels)
         detector = LiveDetector(
             args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
             pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code, **postprocessing_from_arguments(args),
+            trust_remote_code=args.trust_remote_code, channels=channels, **postprocessing_from_arguments(args),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         print(f"listen.py: {error}", file=sys.stderr)
         return 2
     rate = detector.sampling_rate
-    command = ffmpeg_command(args, rate)
+    command = ffmpeg_command(args, rate, channels)
     failure = None
     try:
-        for block in ffmpeg_blocks(command, int(READ_SECONDS * rate), sys.stdin.buffer if args.stdin else None):
-            json_lines(detector.push(block), sys.stdout)
+        for block in ffmpeg_blocks(command, int(READ_SECONDS * rate) * channels,
+                                   sys.stdin.buffer if args.stdin else None, frame=channels):
+            json_lines(detector.push(block.reshape(-1, channels) if channels > 1 else block), sys.stdout)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends the stream: the open events are closed below
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly (Python's documented recipe)

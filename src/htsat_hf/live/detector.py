@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
+from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames
@@ -112,7 +113,7 @@ class LiveDetector:
                 "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
                 else "this model uses the pooled head (use_token_semantic_head=False)."))
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
-        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+        if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
                              f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; listen.py does).")
         hop_length = config.hop_length
@@ -162,7 +163,7 @@ class LiveDetector:
         one update per window it completes."""
         if self.finished:
             raise RuntimeError("This stream was flushed; start a new LiveDetector.")
-        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+        if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"A block at {sampling_rate} Hz in a stream at {self.sampling_rate} Hz: the sampling rate "
                              "cannot change within a stream; resample it, or start a new LiveDetector.")
         block = self._as_mono(samples)
@@ -266,9 +267,7 @@ class LiveDetector:
         if not shape_ok:
             raise ValueError(f"A block of shape {array.shape}; this stream takes {expected} blocks "
                              f"(LiveDetector(channels={self.channels})).")
-        array = pcm_to_float(array, "The block")
-        if array.ndim == 2:
-            array = array.mean(axis=1)
+        array = downmix(pcm_to_float(array, "The block").reshape(len(array), -1).T)  # as a file's channels are
         if not np.isfinite(array).all():
             raise AudioInputError("invalid_audio", f"A block of the stream (at {self.seconds_seen:.2f} s) contains "
                                   "NaN or Inf samples.")

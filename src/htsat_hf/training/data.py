@@ -12,8 +12,9 @@ Labels (`build_label_space`): `ClassLabel` ints, strings, lists of strings (Audi
 AudioSet `index,mid,display_name` CSV), comma-joined strings (FSD50K), or plain ints (ESC-50's `target`, named by its
 `category` column). Folds (`fold` column) select train / eval rows for cross-validation.
 
-Audio is decoded and resampled by `datasets` (`Audio(sampling_rate=fe.sampling_rate, num_channels=1)`) when a batch
-is read; mono WAV / FLAC files already at the model's rate are read by libsndfile instead (`read_native_mono`): the
+Audio is decoded and resampled by `datasets` (`Audio(sampling_rate=fe.sampling_rate)`, every channel) when a batch
+is read, and the channels are averaged as the pipelines average them (`audio_decoding.downmix`, not FFmpeg's -ac 1
+matrix); mono WAV / FLAC files already at the model's rate are read by libsndfile instead (`read_native_mono`): the
 same samples, without FFmpeg's per-file decoder set-up (the up-front audio check uses the same path). Training clips
 longer than `max_length_seconds` are randomly cropped to it; shorter ones are repeated to it by the feature extractor. Evaluation clips are cropped centrally to `max_length_seconds` by default
 (`eval_crop="center"`, so batches stack); `eval_crop="none"` keeps them whole (the model then averages over
@@ -41,6 +42,7 @@ import torch
 from datasets import Audio, ClassLabel, Dataset, IterableDataset, load_dataset
 from tqdm.auto import tqdm
 
+from ..audio_decoding import downmix
 from .labels import LabelError, LabelSpace, infer_names, looks_multi_label, read_label_csv
 
 logger = logging.getLogger(__name__)
@@ -383,7 +385,7 @@ def check_decodes(cell: dict[str, Any]) -> None:
     """Decode one `Audio(decode=False)` cell fully, at its own rate, as training will (raises when unreadable or empty)."""
     samples = read_native_mono(cell, None)
     if samples is None:
-        samples = Audio(num_channels=1).decode_example(cell)["array"]
+        samples = Audio().decode_example(cell)["array"]
     if samples.size == 0:
         raise ValueError("no audio samples")
     if not np.isfinite(samples).all():
@@ -485,7 +487,7 @@ def read_native_mono(cell: dict[str, Any] | None, sampling_rate: int | None) -> 
     """float32 samples of a mono WAV / FLAC cell (`{"path", "bytes"}`) already at `sampling_rate` (None: at any rate),
     read by libsndfile, or None when the file needs FFmpeg (another rate, several channels, another format, unreadable).
 
-    They equal what `datasets.Audio(sampling_rate, num_channels=1)` decodes (integer PCM / 32768, floats as stored),
+    They equal what `datasets.Audio(sampling_rate)` decodes (integer PCM / 32768, floats as stored),
     at about 0.2 ms instead of 5-12 ms per 2-s file: FFmpeg sets up a decoder per file, which dominated the training
     step of a small model. Other files, and every error message, stay with `datasets`."""
     if not cell:
@@ -539,7 +541,7 @@ class AudioTransform:
         self.eval_crop = eval_crop
         self.skip_bad_examples = skip_bad_examples
         self.skipped = 0
-        self.decoder = Audio(sampling_rate=feature_extractor.sampling_rate, num_channels=1)
+        self.decoder = Audio(sampling_rate=feature_extractor.sampling_rate)  # every channel: averaged in `decode`
         self.input_name = feature_extractor.model_input_names[0]
 
     @property
@@ -551,7 +553,7 @@ class AudioTransform:
         """The whole clip as float32 mono samples at the feature extractor's rate."""
         waveform = read_native_mono(cell, self.feature_extractor.sampling_rate)
         if waveform is None:
-            waveform = np.asarray(self.decoder.decode_example(cell)["array"], dtype=np.float32)
+            waveform = downmix(self.decoder.decode_example(cell).get_all_samples().data.numpy())
         if waveform.size == 0:
             raise ValueError("no audio samples")
         return waveform
