@@ -375,6 +375,7 @@ def test_killed_run_resumes_exactly_once(annotator, corpus, one_process_run, tmp
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # two processes under `accelerate launch`, end to end
 def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_folder, corpus, tmp_path):
     _, files = corpus
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -397,6 +398,7 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
     assert read_manifest(out)["processes"] == 2 and "11 inputs: 8 annotated, 3 failed" in result.stdout
 
 
+@pytest.mark.slow  # two processes through torch's launcher, end to end
 def test_num_processes_starts_the_processes_itself(one_process_run, model_folder, corpus, tmp_path, capfd, monkeypatch):
     """`--num_processes 2` on the CPU: two single-threaded processes through torch's launcher, the rows of one."""
     _, files = corpus
@@ -615,7 +617,7 @@ def test_annotation_benchmark_one_process_on_a_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the benchmark's work folder
     settings = AnnotationBenchmarkSettings(hours=0.004, batch_size=2, num_workers=1, model_batches=1,
-                                           corpus_dir=str(tmp_path / "corpus"), single_process=True)
+                                           corpus_dir=str(tmp_path / "corpus"), single_process=True, model_size="tiny")
     results = run_annotation_benchmark(settings)
     run = results["one_process_on_device"]
     assert len(results["model_only_audio_hours_per_hour"]) == 3 and min(results["model_only_audio_hours_per_hour"]) > 0
