@@ -14,8 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from htsat_hf.annotation.benchmark import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
-from htsat_hf.benchmarking import MODEL_SIZES
 
 
 def main() -> None:
@@ -32,10 +30,13 @@ def main() -> None:
     parser.add_argument("--single_process", action="store_true",
                         help="only one end-to-end process on --device between model-only rounds (the GPU layout; "
                              "the default on any device but the CPU)")
-    parser.add_argument("--model_size", choices=MODEL_SIZES, default="paper",
+    parser.add_argument("--model_size", choices=["paper", "tiny"], default="paper",
                         help="paper: the published model (default); tiny: a tiny one of the same layout, to check the "
                              "plumbing in seconds (the timings mean nothing)")
     args = parser.parse_args()
+    # imported once the arguments are read, so that a wrong one is reported at once, not after torch has loaded
+    from htsat_hf.annotation.benchmark import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
+
     settings = AnnotationBenchmarkSettings(
         hours=args.hours, batch_size=args.batch_size, num_workers=args.num_workers, corpus_dir=args.corpus_dir,
         device=args.device, bf16=args.bf16, model_size=args.model_size, single_process=args.single_process or None,
