@@ -5,6 +5,7 @@ Examples:
     python scripts/benchmark.py --output results/benchmark_cpu.json           # full CPU run (several minutes)
     python scripts/benchmark.py --quick                                      # batch 1 and 4, 5 min of SED audio
     python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # batch 1/16/128
+    python scripts/benchmark.py --model-size tiny --sections inference --repeats 1  # plumbing only, in seconds
 See `htsat_hf.benchmarking` for what is measured and how.
 """
 
@@ -38,6 +39,9 @@ def main() -> None:
                              "CPU kernels)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd htsat_hf (slow to build)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 dynamically quantised htsat_hf row")
+    parser.add_argument("--model-size", choices=["paper", "tiny"], default="paper",
+                        help="paper: the published models (default); tiny: tiny models of the same layout and a "
+                             "256^3 reference matmul, to check the plumbing in seconds (the timings mean nothing)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
     parser.add_argument("--thp", action="store_true",
                         help="set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for large CPU tensors; on the 2-core "
@@ -56,7 +60,7 @@ def main() -> None:
     overrides = dict(bf16=args.bf16, include_int8=not args.no_int8, include_compile=args.compile,
                      include_onnx=not args.no_onnx, include_cpu_bf16=not args.no_cpu_bf16,
                      include_torch_ops=not args.no_torch_ops,
-                     fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data)
+                     fidelity_model=args.fidelity_model, fidelity_data=args.fidelity_data, model_size=args.model_size)
     sections = list(args.sections) + (["fidelity"] if args.fidelity_model and "fidelity" not in args.sections else [])
     if args.batch_sizes:
         overrides["batch_sizes"] = tuple(args.batch_sizes)

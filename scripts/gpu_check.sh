@@ -9,8 +9,10 @@
 # others' time. Results go to $OUT (default
 # results/gpu): environment.txt and, per step, its log, and the benchmarks' JSON (6 files). Wheels in .whl/
 # (scripts/device_wheels.sh) are installed first, for images that lack some of the project's dependencies.
-# It exits 1 if any step failed (all steps still run). tests/test_gpu_check.py runs it on the CPU with the sizes cut down:
-#   DEVICE=cpu BENCHMARK_EXTRA="--batch-sizes 1 ..." ANNOTATION_EXTRA="..." bash scripts/gpu_check.sh
+# It exits 1 if any step failed (all steps still run). tests/test_gpu_check.py runs it on the CPU with tiny models and
+# the sizes cut down, so that it checks the plumbing in seconds on any CPU (bf16 emulated or not):
+#   DEVICE=cpu BENCHMARK_EXTRA="--model-size tiny --batch-sizes 1 ..." ANNOTATION_EXTRA="--model_size tiny ..." \
+#     bash scripts/gpu_check.sh
 # (DEVICE: the benchmarks' --device, default cuda; WHEELS: the wheel folder, default .whl; CORPUS_DIR: where the
 # annotation corpus is generated, default /tmp/htsat-corpus; *_EXTRA: arguments appended to a step's command, where the last
 # value of a flag wins.)

@@ -135,3 +135,26 @@ def test_gpu_settings_take_the_issue_batch_sizes_unless_given():
     cpu = BenchmarkSettings.for_device("cpu")
     assert (cpu.batch_sizes, cpu.train_batch_size) == ((1, 4, 16), 8)
     assert BenchmarkSettings.for_device("cpu", quick=True).batch_sizes == (1, 4)
+
+
+def test_tiny_model_size_builds_tiny_models_and_a_small_matmul_and_paper_stays_the_default():
+    """`--model-size tiny` checks a benchmark's plumbing in seconds on any CPU; without it the run is unchanged."""
+    import pytest
+
+    from htsat_hf.benchmarking import BenchmarkSettings, build_candidates, htsat_config, peer_configs
+
+    paper = BenchmarkSettings.for_device("cuda", bf16=True)
+    assert (paper.model_size, paper.matmul_size) == ("paper", 4096)
+    assert htsat_config().embed_dim == 96 and peer_configs()[0].patch_embeds_hidden_size == 96
+    tiny = BenchmarkSettings.for_device("cpu", model_size="tiny", batch_sizes=(1,), train_batch_size=1,
+                                        include_int8=False, include_onnx=False, include_cpu_bf16=False,
+                                        include_torch_ops=False)
+    assert tiny.matmul_size == 256
+    assert BenchmarkSettings.for_device("cpu", model_size="tiny", matmul_size=64).matmul_size == 64
+    candidates = {c.name: c for c in build_candidates(tiny)}
+    assert set(candidates) == {"htsat_hf", "ClapAudioModel", "AST"}
+    for candidate in candidates.values():
+        assert sum(p.numel() for p in candidate.model.parameters()) < 1_000_000  # the paper-size ones: tens of millions
+    assert candidates["htsat_hf"].model.config.num_labels == 527
+    with pytest.raises(ValueError, match="model_size must be one of paper, tiny, not 'small'"):
+        BenchmarkSettings(model_size="small")

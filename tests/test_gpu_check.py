@@ -1,6 +1,7 @@
 """`scripts/gpu_check.sh`, the one GPU run issues #11 and #13 wait for, works before a GPU is lent: run here on the CPU
-with its sizes cut down, every step runs and writes its files, and a step that fails is named and fails the run
-while the others still run."""
+with tiny models and sizes cut down (instant on any machine, bf16 emulated or not: no step comes near its time
+limit), every step runs and writes its files, and a step that fails is named and fails the run while the others
+still run."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-SMALL_BENCHMARK = "--sections inference --batch-sizes 1 --repeats 1 --no-onnx --no-cpu-bf16 --no-torch-ops --no-int8"
-SMALL_ANNOTATION = "--num_workers 1 --batch_size 4"
+# Tiny models (and a 256^3 reference matmul): the plumbing is checked, not the speed.
+SMALL_BENCHMARK = ("--model-size tiny --sections inference --batch-sizes 1 --repeats 1 --no-onnx --no-cpu-bf16 "
+                   "--no-torch-ops --no-int8")
+# --single_process: the layout the GPU run takes (one end-to-end process on the device), not the CPU's 1 x 2 / 2 x 1.
+SMALL_ANNOTATION = "--model_size tiny --model_batches 1 --single_process --num_workers 1 --batch_size 4"
 
 # No torchcodec marker: the GPU image lacks it, and the annotation benchmark decodes with the ffmpeg command there.
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the annotation corpus is encoded with ffmpeg")
@@ -65,12 +69,15 @@ def test_every_step_runs_and_writes_its_results(passing_run):
     benchmark = json.loads((out / "benchmark_gpu_bf16.json").read_text())
     assert benchmark["settings"]["device"] == "cpu" and benchmark["settings"]["bf16"] is True  # DEVICE, and --bf16
     assert benchmark["settings"]["batch_sizes"] == [1] and benchmark["training"] == []  # BENCHMARK_EXTRA's last values
+    assert benchmark["settings"]["model_size"] == "tiny" and benchmark["settings"]["matmul_size"] == 256
     assert {row["model"] for row in benchmark["inference"]} >= {"htsat_hf", "ClapAudioModel", "AST"}
     assert all(row["clips_per_s"] > 0 for row in benchmark["inference"])
     annotation = json.loads((out / "benchmark_annotation_gpu.json").read_text())
     assert annotation["settings"]["device"] == "cpu" and annotation["settings"]["bf16"] is True
     assert annotation["settings"]["batch_size"] == 4 and annotation["settings"]["corpus_dir"].endswith("corpus")
-    assert annotation["files"] >= 1 and annotation["one_process_two_threads"]["audio_hours_per_hour"] > 0
+    assert annotation["settings"]["model_size"] == "tiny" and annotation["settings"]["single_process"] is True
+    assert annotation["settings"]["model_batches"] == 1
+    assert annotation["files"] >= 1 and annotation["one_process_on_device"]["audio_hours_per_hour"] > 0
 
 
 def test_a_failing_step_is_named_and_fails_the_run_while_the_others_run(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -254,17 +255,34 @@ def test_listen_script_averages_a_stereo_file_as_the_pipelines_do(folder, tmp_pa
             {t["label"]: t["score"] for t in update.tags}, abs=1e-5)
 
 
-def test_latency_probe_and_agreement_measure_what_they_say(folder):
+class VirtualClock:
+    """`time` for the latency probe whose clock moves only when it sleeps: the real-time schedule without the
+    machine's speed in it (each push takes no time), so the latencies are the schedule's own on any machine."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.process_time = time.process_time
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_latency_probe_and_agreement_measure_what_they_say(folder, monkeypatch):
     """The benchmark's own bookkeeping: a real-time feed of 3 s at hop 1 s emits every step, with latencies in
-    [0, hop + block]; identical event lists agree with F1 1, disjoint ones 0."""
+    [0, hop + block] when processing takes no time; identical event lists agree with F1 1, disjoint ones 0."""
+    from htsat_hf.live import benchmark
     from htsat_hf.live.benchmark import agreement, real_time_latency
 
+    monkeypatch.setattr(benchmark, "time", VirtualClock())
     detector = LiveDetector(str(folder), hop_seconds=1.0)
     result = real_time_latency(detector, noisy(3.0, seed=8))
     # the window ending at 3 s needs the STFT's right context past the end, so it runs only at flush (not timed)
     assert result.steps == int(2.0 // detector.step_seconds)
-    assert 0.0 <= result.latency_p50 <= result.latency_p95 <= result.latency_max < 1.0 + 0.1 + 1.0
-    assert 0.0 < result.cpu_cores < 2.5
+    assert 0.0 <= result.latency_p50 <= result.latency_p95 <= result.latency_max <= 1.0 + 0.1
+    assert result.latency_max > 0.1 and result.cpu_cores > 0.0  # a step waits for its window's hop
     events = [{"label": "tone", "onset": 1.0, "offset": 2.0}, {"label": "noise", "onset": 3.0, "offset": 3.5}]
     assert agreement(events, events, 5.0, ["tone", "noise"]) == 1.0
     moved = [{"label": "tone", "onset": 4.0, "offset": 4.5}, {"label": "noise", "onset": 0.2, "offset": 0.4}]

@@ -288,6 +288,7 @@ def test_train_py_refuses_strong_labels_with_options_that_break_the_alignment(de
 
 
 @needs_torchcodec
+@pytest.mark.slow  # 2-process DDP training, end to end
 def test_strong_label_training_under_two_process_ddp_evaluates_like_one_process(desed_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes: frame targets are sharded with their clips, and the evaluation
     gathered from both ranks (clip and frame metrics) equals a one-process evaluation of the saved model."""

@@ -16,7 +16,9 @@ import pytest
 import soundfile as sf
 from conftest import needs_torchcodec
 
-pytestmark = needs_torchcodec  # the training script decodes its audiofolder through datasets (torchcodec)
+# The training script decodes its audiofolder through datasets (torchcodec); 2-process DDP training is a true
+# end-to-end run: `pytest -m slow` (CI's second step).
+pytestmark = [needs_torchcodec, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = [

@@ -1,7 +1,9 @@
 """
 Side-by-side performance benchmark of `htsat_hf` against Transformers' `ClapAudioModel` (its HTS-AT port) and
 `ASTForAudioClassification`, in one process, with the models interleaved so that load from other processes hits all
-of them alike. Every model is built from its default config with random weights (nothing is downloaded).
+of them alike. Every model is built from its default config with random weights (nothing is downloaded); with
+`model_size="tiny"` (`--model-size tiny`) all three are tiny models of the same layout and the reference matmul is
+256^3, so a run checks the plumbing in seconds on any machine (its timings mean nothing).
 
 Measured on 10-s clips:
     - inference clips/s at each batch size (median of interleaved repeats), GFLOP per clip
@@ -65,6 +67,10 @@ REFERENCE_MATMUL = "reference matmul"
 GPU_BATCH_SIZES = (1, 16, 128)
 GPU_TRAIN_BATCH_SIZE = 32
 FE_SAMPLE_SECONDS = 0.2  # feature-extraction calls are repeated back to back to fill timing samples this long
+# "paper": the models as published (what every timing is about); "tiny": under a million parameters each and a 256^3
+# reference matmul, so a run checks a script's plumbing in seconds on any machine (its timings mean nothing).
+MODEL_SIZES = ("paper", "tiny")
+TINY_MATMUL_SIZE = 256
 
 
 @dataclass
@@ -87,7 +93,11 @@ class BenchmarkSettings:
     include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of native_kernels
     fidelity_model: str | None = None  # a trained folder: int8 / bf16 / ONNX outputs against fp32 on its held-out data
     fidelity_data: str | None = None  # the audiofolder it was trained on (its "test" split is used)
+    model_size: str = "paper"  # one of MODEL_SIZES: "tiny" for a plumbing check (`htsat_config`, `peer_configs`)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_model_size(self.model_size)
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> BenchmarkSettings:
@@ -98,11 +108,14 @@ class BenchmarkSettings:
     @classmethod
     def for_device(cls, device: str = "cpu", quick: bool = False, **overrides: Any) -> BenchmarkSettings:
         """The settings for `device`, `quick` or not: on a GPU the batch sizes are GPU_BATCH_SIZES (1 and 16 when
-        quick) and a training step takes GPU_TRAIN_BATCH_SIZE clips, unless `overrides` name them."""
+        quick) and a training step takes GPU_TRAIN_BATCH_SIZE clips, and tiny models (`model_size="tiny"`) take a
+        TINY_MATMUL_SIZE reference matmul, unless `overrides` name them."""
         values: dict[str, Any] = {"device": device}
         if device.startswith("cuda"):
             values.update(batch_sizes=GPU_BATCH_SIZES[:2] if quick else GPU_BATCH_SIZES,
                           train_batch_size=GPU_TRAIN_BATCH_SIZE)
+        if overrides.get("model_size") == "tiny":
+            values.update(matmul_size=TINY_MATMUL_SIZE)
         values.update(overrides)
         return cls.quick_settings(**values) if quick else cls(**values)
 
@@ -110,6 +123,36 @@ class BenchmarkSettings:
     def matmul_dtype(self) -> torch.dtype:
         """The reference matmul's dtype: the one the models compute in."""
         return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def check_model_size(model_size: str) -> None:
+    """Raises ValueError naming the setting unless `model_size` is one of MODEL_SIZES."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}, not {model_size!r}: 'paper' for the "
+                         "published models (real timings), 'tiny' to check a benchmark's plumbing in seconds")
+
+
+def htsat_config(model_size: str = "paper", **overrides: Any) -> HTSATConfig:
+    """HTS-AT's configuration at `model_size`: the paper's, or a tiny one (embed_dim 8, one or two blocks a stage,
+    527 labels as the paper's) that runs in milliseconds."""
+    check_model_size(model_size)
+    if model_size == "tiny":
+        overrides = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8]) | overrides
+    return HTSATConfig(**overrides)
+
+
+def peer_configs(model_size: str = "paper") -> tuple[Any, Any]:
+    """(ClapAudioConfig, ASTConfig) of the models HTS-AT is measured against, at `model_size`: Transformers'
+    defaults (AST with 527 multi-label outputs), or tiny ones of the same layout that run in milliseconds."""
+    from transformers import ASTConfig, ClapAudioConfig
+
+    check_model_size(model_size)
+    ast = dict(num_labels=527, problem_type="multi_label_classification")
+    if model_size == "paper":
+        return ClapAudioConfig(), ASTConfig(**ast)
+    clap = ClapAudioConfig(patch_embeds_hidden_size=8, depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 4, 8],
+                           hidden_size=64)  # hidden_size: the last stage's width, 8 * 2**3
+    return clap, ASTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **ast)
 
 
 # --------------------------------------------------------------------------------------------------------- memory
@@ -253,14 +296,7 @@ def random_clips(count: int, sampling_rate: int, seed: int) -> list[np.ndarray]:
 
 
 def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
-    from transformers import (
-        ASTConfig,
-        ASTFeatureExtractor,
-        ASTForAudioClassification,
-        ClapAudioConfig,
-        ClapAudioModel,
-        ClapFeatureExtractor,
-    )
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification, ClapAudioModel, ClapFeatureExtractor
 
     device = settings.device
     max_batch = max(max(settings.batch_sizes), settings.train_batch_size)
@@ -273,9 +309,9 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
             features["input_features"] = features["input_features"].float()
         return lambda batch: {key: value[:batch] for key, value in features.items()}
 
-    htsat = HTSATForAudioClassification(HTSATConfig()).to(device).eval()
-    clap = ClapAudioModel(ClapAudioConfig()).to(device).eval()
-    ast_config = ASTConfig(num_labels=527, problem_type="multi_label_classification")
+    htsat = HTSATForAudioClassification(htsat_config(settings.model_size)).to(device).eval()
+    clap_config, ast_config = peer_configs(settings.model_size)
+    clap = ClapAudioModel(clap_config).to(device).eval()
     ast = ASTForAudioClassification(ast_config).to(device).eval()
     candidates = [
         Candidate("htsat_hf", htsat, inputs_from(HTSATFeatureExtractor(), 32000, ("input_features",)), True),
@@ -532,7 +568,7 @@ def bench_sed(settings: BenchmarkSettings) -> dict[str, Any]:
     by window (as a streamed file would be), features computed per batch of windows, step logits stitched with
     `StepStitcher` onto one time grid exactly as the model does for a long input.
     """
-    config = HTSATConfig()
+    config = htsat_config(settings.model_size)
     extractor = HTSATFeatureExtractor()
     rate, hop = config.sampling_rate, config.hop_length
     with PeakMemory(settings.device) as peak:
@@ -829,4 +865,5 @@ def save_results(results: dict[str, Any], path: str) -> None:
         json.dump(results, handle, indent=2, default=str)
 
 
-__all__ = ["BenchmarkSettings", "PeakMemory", "format_report", "run_benchmark", "save_results"]
+__all__ = ["MODEL_SIZES", "BenchmarkSettings", "PeakMemory", "check_model_size", "format_report", "htsat_config",
+           "peer_configs", "run_benchmark", "save_results"]

@@ -1,7 +1,8 @@
 """Benchmark of corpus annotation on a generated corpus (`scripts/benchmark_annotation.py`).
 
 Measured in one run, interleaved (model-only, end to end 1 x 2, model-only, end to end 2 x 1, model-only), with the
-paper-size model (random weights: speed does not depend on them):
+paper-size model (random weights: speed does not depend on them; `model_size="tiny"` takes a tiny one instead, to
+check the plumbing in seconds):
 - model-only throughput: forward passes over ready window features at the run's batch size, expressed as hours of
   audio per hour through the corpus's own windows per second of audio;
 - end to end: `scripts/annotate.py` as a subprocess (decoding in DataLoader workers, features, model, Parquet), hours
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from ..audio_decoding import decode_file
-from ..benchmarking import cpu_model
+from ..benchmarking import check_model_size, cpu_model, htsat_config
 from ..configuration_htsat import HTSATConfig
 from ..feature_extraction_htsat import HTSATFeatureExtractor
 from ..modeling_htsat import HTSATForAudioClassification
@@ -57,6 +58,10 @@ class AnnotationBenchmarkSettings:
     device: str = "cpu"
     bf16: bool = False
     single_process: bool | None = None  # only the one-process run on `device` (default: on any device but the CPU)
+    model_size: str = "paper"  # "tiny": a tiny HTS-AT, to check the plumbing in seconds (`benchmarking.htsat_config`)
+
+    def __post_init__(self) -> None:
+        check_model_size(self.model_size)
 
     @property
     def one_device_run(self) -> bool:
@@ -289,7 +294,7 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
     print(f"[bench] generating {settings.hours} h of audio in {corpus_dir}", flush=True)
     files = make_corpus(corpus_dir, settings.hours, settings.seed)
     (work / "files.txt").write_text("\n".join(str(p) for p in files) + "\n")
-    config, extractor = HTSATConfig(), HTSATFeatureExtractor()
+    config, extractor = htsat_config(settings.model_size), HTSATFeatureExtractor()
     torch.manual_seed(0)
     model = HTSATForAudioClassification(config).eval()
     model.save_pretrained(work / "model")
