@@ -286,3 +286,27 @@ def test_a_long_single_label_input_is_capped_window_by_window_and_streams_as_its
     assert event_labels(detector(audio, threshold=0.5)["events"]) == {"go"}
     uncapped = logits_to_scores(stitched_logits, "single_label_classification").numpy()
     assert uncapped[0, 1] > 0.85  # the grid's first step: only window 0's first step covers it
+
+
+def test_a_single_label_ensemble_is_capped_the_same_way_in_every_entry_point(tmp_path):
+    """Members combined per window first, then the window clip cap: the annotator's rows and the live detector's
+    steps (in its offline-identity settings) equal the SED pipeline's grid, streamed events the grid's."""
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.live.detector import LiveDetector
+
+    members = [edge_detector("single_label_classification"), single_label_detector(seed=1, bias=(0.0, 1.5, -1.0))]
+    HTSATEnsembleModel.from_members(members, average="probabilities").save_pretrained(tmp_path)
+    HTSATFeatureExtractor().save_pretrained(tmp_path)
+    audio = (np.random.default_rng(5).standard_normal(int(RATE * 23.1)) * 0.05).astype(np.float32)
+    detector = pipeline("sound-event-detection", model=str(tmp_path))
+    detected = detector(audio, threshold=0.3, return_frame_scores=True)
+    assert detector(audio, threshold=0.3)["events"] == detected["events"]
+    assert detected["events"] and (detected["frame_scores"].sum(axis=1) <= 1 + 1e-5).all()
+    (row,) = Annotator(str(tmp_path), tasks=("events", "frame_scores"), threshold=0.3).annotate([("a", audio)])
+    assert row["events"] == detected["events"]
+    np.testing.assert_allclose(row["frame_scores"], detected["frame_scores"], atol=1e-5)
+    live = LiveDetector(str(tmp_path), hop_seconds=5.0, lookahead_seconds=10.0, pad_start=False, threshold=0.3)
+    updates = live.push(audio) + live.flush()
+    np.testing.assert_allclose(np.concatenate([u.step_scores for u in updates]), detected["frame_scores"], atol=1e-5)
+    assert sorted((e["label"], e["onset"]) for u in updates for e in u.events) == sorted(
+        (e["label"], e["onset"]) for e in detected["events"])
