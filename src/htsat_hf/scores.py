@@ -3,8 +3,8 @@
 - `"multi_label_classification"`: a sigmoid per label. Labels are independent; a frame score is the probability that
   the label is active in that step, and several labels can be active at once.
 - `"single_label_classification"` (and no problem_type, as Transformers' audio-classification pipeline reads it):
-  a softmax over the labels. Labels exclude each other; a step's scores sum to 1, and a frame score is the share of
-  that step the model gives the label among all of them.
+  a softmax over the labels. Labels exclude each other; a step's softmax sums to 1, and is the share of that step
+  the model gives each label among all of them (capped for frame scores, see below).
 - `"regression"`: the logits as they are.
 
 Frame (step) scores of a single-label model are also capped by the clip score of the window they lie in
