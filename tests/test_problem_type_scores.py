@@ -13,7 +13,7 @@ import torch
 from transformers import pipeline
 
 from htsat_hf import HTSATConfig, HTSATEnsembleModel, HTSATFeatureExtractor, HTSATForSoundEventDetection
-from htsat_hf.scores import logits_to_scores
+from htsat_hf.scores import frame_scores, logits_to_scores, with_window_clip_logits
 from htsat_hf.sed_postprocessing import map_scores
 
 RATE = 32000
@@ -72,7 +72,8 @@ def test_no_event_for_a_class_the_clip_scores_rule_out_in_any_entry_point(folder
 
     detected = pipeline("sound-event-detection", model=str(folder))(audio, threshold=0.5, return_frame_scores=True)
     assert event_labels(detected["events"]) == {"go"}
-    np.testing.assert_allclose(detected["frame_scores"].sum(axis=1), 1.0, atol=1e-5)  # a softmax over labels
+    sums = detected["frame_scores"].sum(axis=1)  # a softmax over labels, capped by the window clip scores
+    assert (sums <= 1 + 1e-5).all() and (sums > 0.99).all()
     streamed = pipeline("sound-event-detection", model=str(folder))(audio, threshold=0.5)
     assert streamed["events"] == detected["events"]
 
@@ -83,7 +84,8 @@ def test_no_event_for_a_class_the_clip_scores_rule_out_in_any_entry_point(folder
     live = LiveDetector(str(folder), hop_seconds=5.0, lookahead_seconds=10.0, pad_start=False, threshold=0.5)
     updates = live.push(audio) + live.flush()
     assert event_labels([event for update in updates for event in update.events]) == {"go"}
-    np.testing.assert_allclose(np.concatenate([u.step_scores for u in updates]).sum(axis=1), 1.0, atol=1e-5)
+    live_sums = np.concatenate([u.step_scores for u in updates]).sum(axis=1)
+    assert (live_sums <= 1 + 1e-5).all() and (live_sums > 0.99).all()
 
     wav, out = tmp_path / "clip.wav", tmp_path / "events.tsv"
     sf.write(wav, audio, RATE, subtype="FLOAT")
@@ -133,3 +135,178 @@ def test_the_classification_pipeline_makes_clip_scores_as_the_annotator(folder, 
     assert classify(audio, top_k=3) == row["tags"]
     as_sigmoid = {tag["label"]: tag["score"] for tag in classify(audio, top_k=3, function_to_apply="sigmoid")}
     assert as_sigmoid["go"] > 0.85 and as_sigmoid["yes"] > 0.6  # independent scores: what frames must not use
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Window clip scores cap a single-label model's frame scores (issue #32: the demo's keyword model reported events, at a
+# window's first or last step, for classes whose clip score was below 0.1).
+
+EDGE_BIAS = (2.0, 4.0, -3.0)  # go, yes, no
+EDGE_DROP = 10.0  # "yes" loses this much wherever the step has a left neighbour: all steps but a window's first
+
+
+def edge_detector(problem_type: str) -> HTSATForSoundEventDetection:
+    """A tiny detector whose every window has the same step logits, whatever the audio: the final norm makes every
+    token 1, and the head's left tap takes EDGE_DROP off "yes", except at the window's first step (zero-padded).
+    Step logits: (2, 4, -3) at a window's first step (softmax "yes" 0.88), (2, -6, -3) elsewhere; the window's
+    clip logits give "yes" a softmax of 0.0005 (and a sigmoid model an event for "yes" at each window's first step)."""
+    model = single_label_detector(bias=EDGE_BIAS)
+    model.config.problem_type = problem_type
+    with torch.no_grad():
+        model.htsat.norm.weight.zero_()
+        model.htsat.norm.bias.fill_(1.0)
+        weight = model.classifier.conv.weight  # (labels, hidden, frequency groups, 3 time taps)
+        weight.zero_()
+        weight[1, :, :, 0] = -EDGE_DROP / (weight.shape[1] * weight.shape[2])
+    return model
+
+
+def edge_window_logits(model: HTSATForSoundEventDetection) -> torch.Tensor:
+    """(token_steps, labels) step logits of any window of `edge_detector`."""
+    steps = torch.tensor(EDGE_BIAS).repeat(model.config.token_steps, 1)
+    steps[1:, 1] -= EDGE_DROP
+    return steps
+
+
+@pytest.fixture(scope="module")
+def edge_folders(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for problem_type in ("single_label_classification", "multi_label_classification"):
+        path = tmp_path_factory.mktemp(problem_type)
+        edge_detector(problem_type).save_pretrained(path)
+        HTSATFeatureExtractor().save_pretrained(path)
+        folders[problem_type] = path
+    return folders
+
+
+def test_frame_scores_are_capped_by_the_window_clip_score():
+    window = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [-4.0, 0.0]])  # clip logits (-4/3, 0)
+    stitched = with_window_clip_logits(window, "single_label_classification")
+    assert stitched.shape == (3, 4)
+    torch.testing.assert_close(stitched[:, 2:], torch.tensor([[-4 / 3, 0.0]]).expand(3, 2))
+    scores = frame_scores(stitched, "single_label_classification")
+    clip = torch.tensor([-4 / 3, 0.0]).softmax(-1)
+    torch.testing.assert_close(scores, torch.minimum(window.softmax(-1), clip), atol=1e-6, rtol=1e-6)
+    assert scores[0, 0] == pytest.approx(clip[0].item(), rel=1e-6) and window.softmax(-1)[0, 0] > 0.98
+    for problem_type in ("multi_label_classification", "regression"):  # unchanged: the logits' own scores
+        assert with_window_clip_logits(window, problem_type) is window
+        assert torch.equal(frame_scores(window, problem_type), logits_to_scores(window, problem_type))
+
+
+def test_no_entry_point_reports_a_label_the_window_clip_score_rules_out(edge_folders, tmp_path):
+    """A one-window clip: "yes" has a softmax of 0.88 at the first step but a clip score of 0.0005; no entry point
+    reports it, and no frame score exceeds the clip score."""
+    from htsat_hf import detection_cli
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.live.detector import LiveDetector
+
+    folder = edge_folders["single_label_classification"]
+    audio = (np.random.default_rng(2).standard_normal(RATE * 10) * 0.05).astype(np.float32)
+    clip = {tag["label"]: tag["score"] for tag in pipeline("audio-classification", model=str(folder))(audio)}
+    assert clip["yes"] < 0.001 and clip["go"] > 0.99
+    window = edge_window_logits(single_label_detector())
+    assert window.softmax(-1)[0, 1] > 0.85  # the step the old rule gave an event for "yes"
+    clip_scores = np.array([clip[label] for label in LABELS.values()], dtype=np.float32)
+
+    detected = pipeline("sound-event-detection", model=str(folder))(audio, threshold=0.5, return_frame_scores=True)
+    assert event_labels(detected["events"]) == {"go"}
+    assert (detected["frame_scores"] <= clip_scores + 1e-6).all()
+    expected = np.minimum(window.softmax(-1).numpy(), clip_scores)
+    np.testing.assert_allclose(detected["frame_scores"], expected, atol=1e-5)
+    assert pipeline("sound-event-detection", model=str(folder))(audio, threshold=0.5)["events"] == detected["events"]
+
+    (row,) = Annotator(str(folder), tasks=("events", "frame_scores"), threshold=0.5).annotate([("a", audio)])
+    assert row["events"] == detected["events"]
+    np.testing.assert_allclose(row["frame_scores"], detected["frame_scores"], atol=1e-6)
+
+    for pad_start in (False, True):
+        live = LiveDetector(str(folder), hop_seconds=1.0, lookahead_seconds=10.0, pad_start=pad_start, threshold=0.5)
+        updates = live.push(audio) + live.flush()
+        assert event_labels([event for update in updates for event in update.events]) == {"go"}
+        live_scores = np.concatenate([update.step_scores for update in updates])
+        assert live_scores[:, 1].max() < 0.001  # every window's clip score rules "yes" out
+
+    wav, out = tmp_path / "clip.wav", tmp_path / "events.tsv"
+    sf.write(wav, audio, RATE, subtype="FLOAT")
+    assert detection_cli.main([str(wav), "--model", str(folder), "--threshold", "0.5", "--output", str(out)]) == 0
+    with open(out, newline="") as handle:
+        assert {row["event_label"] for row in csv.DictReader(handle, delimiter="\t")} == {"go"}
+
+
+@pytest.mark.parametrize("seconds", [10.0, 27.3])
+def test_a_multi_label_models_frame_scores_stay_the_plain_sigmoid(edge_folders, seconds):
+    """The paper's per-step sigmoid, uncapped: "yes" at a window's first step is an event of its own."""
+    from htsat_hf.annotation import Annotator
+
+    folder = edge_folders["multi_label_classification"]
+    audio = (np.random.default_rng(3).standard_normal(int(RATE * seconds)) * 0.05).astype(np.float32)
+    model = HTSATForSoundEventDetection.from_pretrained(folder).eval()
+    features = HTSATFeatureExtractor.from_pretrained(folder)(audio, sampling_rate=RATE, padding=False,
+                                                             return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**features).frame_logits[0].double().sigmoid().float().numpy()
+    detected = pipeline("sound-event-detection", model=str(folder))(audio, threshold=0.5, return_frame_scores=True)
+    np.testing.assert_allclose(detected["frame_scores"], expected, atol=1e-5)
+    assert "yes" in event_labels(detected["events"])
+    (row,) = Annotator(str(folder), tasks=("events", "frame_scores"), threshold=0.5).annotate([("a", audio)])
+    np.testing.assert_allclose(row["frame_scores"], expected, atol=1e-5)
+    assert row["events"] == detected["events"]
+
+
+def test_a_long_single_label_input_is_capped_window_by_window_and_streams_as_its_grid(edge_folders, monkeypatch):
+    """Several overlapping windows: each step is capped by its windows' stitched clip logits (here every window's are
+    the same, so by the one window clip score); streamed events equal the returned grid's, and the annotator's."""
+    import htsat_hf.pipeline_htsat as pipeline_module
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.sed_postprocessing import frames_to_events
+
+    monkeypatch.setattr(pipeline_module, "READ_BLOCK_SECONDS", 3.0)  # many blocks, windows straddle them
+    folder = edge_folders["single_label_classification"]
+    audio = (np.random.default_rng(4).standard_normal(int(RATE * 31.7)) * 0.05).astype(np.float32)
+    model = HTSATForSoundEventDetection.from_pretrained(folder).eval()
+    features = HTSATFeatureExtractor.from_pretrained(folder)(audio, sampling_rate=RATE, padding=False,
+                                                             return_tensors="pt")
+    with torch.no_grad():
+        stitched_logits = model(**features).frame_logits[0]
+    clip_scores = edge_window_logits(model).mean(0).softmax(-1).numpy()
+    expected = np.minimum(logits_to_scores(stitched_logits, "single_label_classification").numpy(), clip_scores)
+
+    detector = pipeline("sound-event-detection", model=str(folder))
+    for threshold in (0.5, 0.1, 0.0001):
+        detected = detector(audio, threshold=threshold, return_frame_scores=True, window_batch_size=2)
+        np.testing.assert_allclose(detected["frame_scores"], expected, atol=1e-5)
+        assert (detected["frame_scores"] <= clip_scores + 1e-6).all()
+        assert detector(audio, threshold=threshold, window_batch_size=2)["events"] == detected["events"]
+        grid_events = frames_to_events(detected["frame_scores"], detected["frame_times"][1], detected["labels"],
+                                       threshold=threshold, duration_seconds=len(audio) / RATE)
+        assert detected["events"] == grid_events
+        (row,) = Annotator(str(folder), tasks=("events", "frame_scores"), threshold=threshold).annotate([("a", audio)])
+        assert row["events"] == detected["events"]
+        np.testing.assert_allclose(row["frame_scores"], detected["frame_scores"], atol=1e-6)
+    assert event_labels(detector(audio, threshold=0.5)["events"]) == {"go"}
+    uncapped = logits_to_scores(stitched_logits, "single_label_classification").numpy()
+    assert uncapped[0, 1] > 0.85  # the grid's first step: only window 0's first step covers it
+
+
+def test_a_single_label_ensemble_is_capped_the_same_way_in_every_entry_point(tmp_path):
+    """Members combined per window first, then the window clip cap: the annotator's rows and the live detector's
+    steps (in its offline-identity settings) equal the SED pipeline's grid, streamed events the grid's."""
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.live.detector import LiveDetector
+
+    members = [edge_detector("single_label_classification"), single_label_detector(seed=1, bias=(0.0, 1.5, -1.0))]
+    HTSATEnsembleModel.from_members(members, average="probabilities").save_pretrained(tmp_path)
+    HTSATFeatureExtractor().save_pretrained(tmp_path)
+    audio = (np.random.default_rng(5).standard_normal(int(RATE * 23.1)) * 0.05).astype(np.float32)
+    detector = pipeline("sound-event-detection", model=str(tmp_path))
+    detected = detector(audio, threshold=0.3, return_frame_scores=True)
+    assert detector(audio, threshold=0.3)["events"] == detected["events"]
+    assert detected["events"] and (detected["frame_scores"].sum(axis=1) <= 1 + 1e-5).all()
+    (row,) = Annotator(str(tmp_path), tasks=("events", "frame_scores"), threshold=0.3).annotate([("a", audio)])
+    assert row["events"] == detected["events"]
+    np.testing.assert_allclose(row["frame_scores"], detected["frame_scores"], atol=1e-5)
+    live = LiveDetector(str(tmp_path), hop_seconds=5.0, lookahead_seconds=10.0, pad_start=False, threshold=0.3)
+    updates = live.push(audio) + live.flush()
+    np.testing.assert_allclose(np.concatenate([u.step_scores for u in updates]), detected["frame_scores"], atol=1e-5)
+    assert sorted((e["label"], e["onset"]) for u in updates for e in u.events) == sorted(
+        (e["label"], e["onset"]) for e in detected["events"])

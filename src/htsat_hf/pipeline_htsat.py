@@ -2,7 +2,8 @@
 
 Audio longer than one window is read as a stream (files are decoded block by block, see `audio_decoding`, so an hour
 of audio is never held in memory whole), cut into the model's overlapping 10-s windows, and the windows' step logits
-are stitched onto one time grid exactly as `HTSATForSoundEventDetection` does for a long input. Steps that no later
+are stitched onto one time grid exactly as `HTSATForSoundEventDetection` does for a long input (for a single-label
+model with each window's clip logits, which cap its frame scores: `scores.frame_scores`). Steps that no later
 window reaches are post-processed into events as they are complete (`EventStream`), so memory does not grow with the
 recording; with `return_frame_scores=True` the whole grid is kept and returned.
 """
@@ -36,7 +37,7 @@ from .audio_decoding import (
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .inference_checks import check_inference_ready
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
-from .scores import is_exclusive, logits_to_scores
+from .scores import frame_scores, is_exclusive, with_window_clip_logits
 from .sed_postprocessing import (
     EventSettings,
     EventStream,
@@ -214,8 +215,9 @@ class SoundEventDetectionPipeline(Pipeline):
     Detects sound events: `{"events": [{"label", "onset", "offset", "score"}, ...]}` in seconds from the start of the
     audio, plus `frame_scores` (steps, labels), `frame_times` (step onsets in seconds) and `labels` when
     `return_frame_scores=True`. Frame scores follow the config's `problem_type` as clip scores do
-    (`scores.logits_to_scores`): a sigmoid per label for a multi-label model, a softmax over the labels (each step's
-    scores sum to 1) for a single-label one.
+    (`scores.logits_to_scores`): a sigmoid per label for a multi-label model; for a single-label one a softmax over
+    the labels capped by the clip score of the window the step lies in (`scores.frame_scores`), so no event is
+    reported for a label the window's clip score rules out.
 
     Inputs: a file path (`str` or `pathlib.Path`), raw bytes of a file, `{"array"|"raw": np.ndarray, "sampling_rate":
     int}` (mono or one recording's channels), or a 1-D array (or list of numbers) already at the model's rate. Every
@@ -317,12 +319,12 @@ class SoundEventDetectionPipeline(Pipeline):
         postprocessing: dict | None = None,
     ) -> dict:
         """One input's outputs, or with `batch_size=` (Transformers' DataLoader collates the inputs' sources into a
-        list) a dict of per-input lists, which Transformers hands to `postprocess` one input at a time. Frame logits
-        come with a leading batch axis of one, as Transformers' unbatching gives them."""
+        list) a dict of per-input lists, which Transformers hands to `postprocess` one input at a time. The stitched
+        step values (`detect_source`) come with a leading batch axis of one, as Transformers' unbatching gives them."""
         sources = model_inputs["source"]
         if not isinstance(sources, list):
             output = self.detect_source(sources, window_batch_size, progress, postprocessing)
-            return {**output, "frame_logits": output["frame_logits"][None]} if "frame_logits" in output else output
+            return {**output, "stitched": output["stitched"][None]} if "stitched" in output else output
         outputs = [self.detect_source(source, window_batch_size, progress, postprocessing) for source in sources]
         return {key: [output[key] for output in outputs] for key in outputs[0]}
 
@@ -333,7 +335,8 @@ class SoundEventDetectionPipeline(Pipeline):
         progress: bool | None = None,
         postprocessing: dict | None = None,
     ) -> dict:
-        """Runs the windows as the audio streams in and stitches their step logits. Steps that no later window reaches
+        """Runs the windows as the audio streams in and stitches their step logits (for a single-label model with
+        each window's clip logits beside them: `scores.with_window_clip_logits`). Steps that no later window reaches
         go straight into an `EventStream`, so memory does not grow with the recording; with `return_frame_scores`
         the whole grid of scores is kept (it is part of the answer)."""
         settings = dict(postprocessing or {})
@@ -350,18 +353,21 @@ class SoundEventDetectionPipeline(Pipeline):
 
             bar = tqdm(total=round(source.duration_hint or 0, 1) or None, unit="s", desc="sound event detection")
         frame_seconds = self.model.config.hop_length / self.model.config.sampling_rate
-        stitcher, frame_logits = None, None
+        problem_type = self.model.config.problem_type
+        stitcher, stitched = None, None
         for features, batch_starts in stream.window_batches(window_batch_size):
             with torch.no_grad():
                 output = self.model(input_features=features.to(self.device, self.model.dtype))
-            logits = output.frame_logits.float().cpu()
+            # (windows, steps, labels) per window (an ensemble's members combined per window), then the windows'
+            # clip logits beside them for a single-label model
+            values = with_window_clip_logits(output.frame_logits.float().cpu(), problem_type)
             if not stream.windowed:  # an input of at most one image: one window, already on its own grid
-                frame_logits = logits[0]
+                stitched = values[0]
             else:
                 if stitcher is None:
-                    stitcher = StepStitcher(None, window_step, logits.shape[-1])
+                    stitcher = StepStitcher(None, window_step, values.shape[-1])
                 start_seconds = [start * frame_seconds for start in batch_starts]
-                stitcher.add(logits, start_seconds)
+                stitcher.add(values, start_seconds)
                 if events is not None:  # windows come in time order: no later one reaches before the newest's start
                     final = stitcher.pop_final(stitcher.first_step(max(start_seconds)))
                     events.push(self._scores(final, label_mapping)[0])
@@ -370,24 +376,25 @@ class SoundEventDetectionPipeline(Pipeline):
         if bar is not None:
             bar.close()
         if stitcher is not None:
-            frame_logits = stitcher.result(self.model.total_steps(stream.num_frames))
+            stitched = stitcher.result(self.model.total_steps(stream.num_frames))
         duration = stream.num_samples / source.sampling_rate
         step_seconds = self.model.frame_step_seconds(stream.num_frames)
         if events is None:
-            return {"frame_logits": frame_logits, "step_seconds": step_seconds, "duration": duration}
+            return {"stitched": stitched, "step_seconds": step_seconds, "duration": duration}
         if not stream.windowed:  # one stretched window: its own step length
             events = EventStream(step_seconds, events.labels, **settings)
-        events.push(self._scores(frame_logits, label_mapping)[0])
+        events.push(self._scores(stitched, label_mapping)[0])
         return {"events": events.finish(duration)}
 
     def _labels(self) -> list[str]:
         return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
-    def _scores(self, logits: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
-        """Scores of (steps, model labels) logits as the config's problem_type says (`logits_to_scores`) and their
-        labels, mapped to the target labels when a mapping is given."""
+    def _scores(self, stitched: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
+        """Frame scores of stitched steps (`scores.frame_scores`: as the config's problem_type says, capped by the
+        window clip score for a single-label model) and their labels, mapped to the target labels when a mapping is
+        given."""
         problem_type = self.model.config.problem_type
-        scores = logits_to_scores(logits, problem_type).numpy()
+        scores = frame_scores(stitched, problem_type).numpy()
         if label_mapping is None:
             return scores, self._labels()
         return map_scores(scores, label_mapping, self._labels(), exclusive=is_exclusive(problem_type))
@@ -407,7 +414,7 @@ class SoundEventDetectionPipeline(Pipeline):
     ) -> dict:
         if "events" in model_outputs:  # found while streaming (see `_forward`)
             return {"events": model_outputs["events"]}
-        scores, labels = self._scores(model_outputs["frame_logits"][0], label_mapping)
+        scores, labels = self._scores(model_outputs["stitched"][0], label_mapping)
         events = frames_to_events(
             scores,
             model_outputs["step_seconds"],

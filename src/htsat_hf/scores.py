@@ -3,9 +3,23 @@
 - `"multi_label_classification"`: a sigmoid per label. Labels are independent; a frame score is the probability that
   the label is active in that step, and several labels can be active at once.
 - `"single_label_classification"` (and no problem_type, as Transformers' audio-classification pipeline reads it):
-  a softmax over the labels. Labels exclude each other; a step's scores sum to 1, and a frame score is the share of
-  that step the model gives the label among all of them.
+  a softmax over the labels. Labels exclude each other; a step's softmax sums to 1, and is the share of that step
+  the model gives each label among all of them (capped for frame scores, see below).
 - `"regression"`: the logits as they are.
+
+Frame (step) scores of a single-label model are also capped by the clip score of the window they lie in
+(`with_window_clip_logits`, then `frame_scores`):
+
+    score(t, c) = min(softmax(frame_logits[t])[c], softmax(window_clip_logits(t))[c])
+
+where a window's clip logits are the mean of its step logits (what the model's clip `logits` are for one window), and
+a step covered by several overlapping windows takes them stitched as its frame logits are (the same overlap
+weighting). A single-label model decides one label per window: its frame scores say where in the window, never more
+than the window's own clip score, so no event is reported for a label the window's clip score rules out (weak-label
+masking, as the DCASE baselines mask frame predictions by clip predictions). Per-step logits of a clip-trained model
+are unreliable, above all at a window's first and last steps; without the cap, a softmax there reported events for
+classes whose clip score was below 0.1. For a one-window input the cap is exactly the clip score. Multi-label models
+keep the paper's per-step sigmoid, uncapped.
 
 Relative imports only: this module travels with the remote-code pipeline (`add_remote_sed_pipeline`).
 """
@@ -53,4 +67,48 @@ def logits_to_scores(logits: torch.Tensor, problem_type: str | None) -> torch.Te
     return scores.float()
 
 
-__all__ = ["MULTI_LABEL", "REGRESSION", "SINGLE_LABEL", "is_exclusive", "logits_to_scores", "score_function"]
+def capped_by_window_clip(problem_type: str | None) -> bool:
+    """True where frame scores are capped by their window's clip score (single-label models, the softmax rule)."""
+    return is_exclusive(problem_type)
+
+
+def stitched_channels(num_labels: int, problem_type: str | None) -> int:
+    """Channels of the values a `StepStitcher` stitches for a model of `num_labels` labels: the labels' step logits,
+    and for a single-label model their window's clip logits after them (`with_window_clip_logits`)."""
+    return 2 * num_labels if capped_by_window_clip(problem_type) else num_labels
+
+
+def with_window_clip_logits(window_logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """
+    (..., steps, labels) step logits of one window each (an ensemble's members already combined per window) -> the
+    values to stitch over time: for a single-label model, (..., steps, 2 * labels), each step's logits followed by
+    its window's clip logits (the mean over the window's steps, as the model's clip `logits`); otherwise the logits
+    as they are. Stitch them as frame logits are (`StepStitcher`, `stitch_window_steps`), then score them with
+    `frame_scores`.
+    """
+    if not capped_by_window_clip(problem_type):
+        return window_logits
+    clip = window_logits.mean(dim=-2, keepdim=True).expand_as(window_logits)
+    return torch.cat([window_logits, clip], dim=-1)
+
+
+def frame_scores(stitched: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """
+    float32 (..., steps, labels) frame scores of stitched `with_window_clip_logits` values: for a single-label model
+    min(softmax(step logits), softmax(window clip logits)) per label, so no step scores a label above its window's
+    clip score; otherwise `logits_to_scores` of the step logits (the paper's sigmoid for multi-label).
+    """
+    if not capped_by_window_clip(problem_type):
+        return logits_to_scores(stitched, problem_type)
+    channels = stitched.shape[-1]
+    if channels % 2:
+        raise ValueError(f"Stitched single-label values have {channels} channels; expected step logits followed by "
+                         "window clip logits (with_window_clip_logits), 2 x labels.")
+    steps, clips = torch.as_tensor(stitched).split(channels // 2, dim=-1)
+    return torch.minimum(logits_to_scores(steps, problem_type), logits_to_scores(clips, problem_type))
+
+
+__all__ = [
+    "MULTI_LABEL", "REGRESSION", "SINGLE_LABEL", "capped_by_window_clip", "frame_scores", "is_exclusive",
+    "logits_to_scores", "score_function", "stitched_channels", "with_window_clip_logits",
+]

@@ -22,7 +22,7 @@ import torch
 from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, span_features
-from ..scores import is_exclusive, logits_to_scores
+from ..scores import frame_scores, is_exclusive, logits_to_scores, with_window_clip_logits
 from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
 from .sources import encoded_audio_cell
@@ -76,7 +76,8 @@ class Annotator:
         feature_extractor: defaults to the folder's (or one matching the model's config).
         tasks: any of "tags", "events", "embeddings", "frame_scores".
         top_k: tags per input. Tags and frame scores alike are sigmoid or softmax scores as the config's
-            `problem_type` says (`scores.logits_to_scores`), like the pipelines.
+            `problem_type` says (`scores.logits_to_scores`), like the pipelines; a single-label model's frame scores
+            are capped by their window's clip score (`scores.frame_scores`).
         batch_size: windows per forward pass, packed across inputs.
         threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: the SED
             pipeline's post-processing (`sed_postprocessing.frames_to_events`).
@@ -319,7 +320,7 @@ class Annotator:
         row: dict[str, Any] = {"key": key, "id": end.id, "duration_s": end.num_samples / end.sampling_rate}
         state.timeline.sort(key=lambda window: window[0])
         starts = [start for start, _, _ in state.timeline]
-        frame_logits = member_frames = None
+        stitched = member_frames = None
         if state.timeline and self.config.use_token_semantic_head:
             steps = torch.stack([step for _, step, _ in state.timeline]).transpose(0, 1)  # members, windows, ...
 
@@ -327,7 +328,10 @@ class Annotator:
                 return (self.model.stitch_window_steps(window_steps, starts, end.num_frames) if end.windowed
                         else window_steps[0])
 
-            frame_logits = stitch(self._combine(list(steps), self._exclusive))  # combined per window, then stitched
+            combined = self._combine(list(steps), self._exclusive)  # combined per window, then stitched
+            # for a single-label model with each window's clip logits beside the steps' (they cap the frame scores)
+            stitched = stitch(with_window_clip_logits(combined, self.config.problem_type))
+            frame_logits = stitched[..., : combined.shape[-1]]
             member_frames = [stitch(member) for member in steps] if self.ensemble else [frame_logits]
         if CLIP_TASKS & set(self.tasks):
             if clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE:
@@ -344,7 +348,7 @@ class Annotator:
             if "embeddings" in self.tasks:
                 row["embedding"] = embedding.numpy().astype(np.float32)
         if TIMELINE_TASKS & set(self.tasks):
-            scores = logits_to_scores(frame_logits, self.config.problem_type).numpy()
+            scores = frame_scores(stitched, self.config.problem_type).numpy()
             if self.label_mapping:
                 scores, _ = map_scores(scores, self.label_mapping, self.model_labels, exclusive=self._exclusive)
             step_seconds = self.model.frame_step_seconds(end.num_frames)

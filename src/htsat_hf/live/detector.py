@@ -37,7 +37,7 @@ from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames
-from ..scores import is_exclusive, logits_to_scores
+from ..scores import frame_scores, is_exclusive, stitched_channels, with_window_clip_logits
 from ..sed_postprocessing import EventStream, _sorted_events, load_label_mapping, map_scores, resolve_label_mapping
 
 
@@ -48,8 +48,8 @@ class LiveUpdate:
     time: stream time (s) at the end of the window that ran. tags: top-k {label, score} of that window's clip
     scores. events: events whose offsets became final, {label, onset, offset, score} in stream seconds.
     first_step / step_scores: the steps emitted at this hop (grid steps `first_step ...`, probabilities
-    (steps, labels) after any label mapping, sigmoid or softmax as the config's `problem_type` says, like the offline
-    pipeline's); step `i` covers [i, i + 1) * step_seconds.
+    (steps, labels) after any label mapping, sigmoid or softmax as the config's `problem_type` says, a single-label
+    model's capped by the window clip score, like the offline pipeline's); step `i` covers [i, i + 1) * step_seconds.
     """
 
     time: float
@@ -147,7 +147,9 @@ class LiveDetector:
             upsample=upsample,
         )
         self.frames = StreamFrames(self.feature_extractor, config.num_mel_bins)
-        self.stitcher = StepStitcher(None, self.step_seconds, config.num_labels, drop_handed_out=True)
+        # for a single-label model, each window's clip logits are stitched beside its step logits (2 x labels)
+        channels = stitched_channels(config.num_labels, config.problem_type)
+        self.stitcher = StepStitcher(None, self.step_seconds, channels, drop_handed_out=True)
         # window k starts at frame k * hop_frames; the first one ends at the first hop (or at one full window)
         self.next_window = -((self.window_frames - 1) // self.hop_frames) + 1 if pad_start else 0
         self.windows_run = 0
@@ -240,7 +242,7 @@ class LiveDetector:
         self.windows_run += 1
         exclusive = is_exclusive(self.config.problem_type)
         logits = combine_members(self.model, list(member_logits), exclusive)  # per window, as offline
-        self.stitcher.add(logits[None], [start * self.frame_seconds])
+        self.stitcher.add(with_window_clip_logits(logits, self.config.problem_type)[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
         first_step = self.stitcher.offset
         emit_before = self.stitcher.first_step(end_seconds - self.lookahead_seconds)
@@ -250,10 +252,11 @@ class LiveDetector:
         tags = top_tags(clip_logits, self.model_labels, self.config.problem_type, self.top_k)
         return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
 
-    def _step_scores(self, logits: torch.Tensor) -> np.ndarray:
-        """Step scores as the config's problem_type says (`logits_to_scores`), mapped when a mapping is given."""
+    def _step_scores(self, stitched: torch.Tensor) -> np.ndarray:
+        """Step scores of stitched steps as the config's problem_type says (`scores.frame_scores`: a single-label
+        model's capped by the window clip score), mapped when a mapping is given."""
         problem_type = self.config.problem_type
-        scores = logits_to_scores(logits, problem_type).numpy()
+        scores = frame_scores(stitched, problem_type).numpy()
         if self.label_mapping is not None:
             scores = map_scores(scores, self.label_mapping, self.model_labels, exclusive=is_exclusive(problem_type))[0]
         return scores
