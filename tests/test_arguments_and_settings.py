@@ -268,6 +268,7 @@ def test_listen_fails_clearly_on_an_empty_or_too_short_stream(detector, samples,
     (dict(id2label={0: "tone", 1: None}), r"id2label\[1\] must be a label name"),
     (dict(num_labels=0), "num_labels must be >= 1"),
     (dict(num_mel_bins=128), r"^(?!clip_seconds).*num_mel_bins=128 \(spec_size // num_mel_bins = 2 chunks"),
+    (dict(problem_type="multi_label"), r"problem_type must be one of .*'multi_label_classification'.*got 'multi_label'"),
 ])
 def test_config_settings_of_the_wrong_type_raise_naming_the_setting(overrides, message):
     from htsat_hf import HTSATConfig
@@ -304,3 +305,43 @@ def test_the_window_stream_itself_refuses_a_batch_size_below_one(detector):
     with pytest.raises(ValueError, match="window_batch_size must be a whole number >= 1, got 0"):
         next(stream.window_batches(0))
     assert [len(starts) for _, starts in stream.window_batches(2)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rows_per_shard", "0"], "argument --rows_per_shard: expected a whole number >= 1, got 0"),
+    (["--limit", "-1"], "argument --limit: expected a whole number >= 1, got -1"),
+    (["--num_workers", "-1"], "argument --num_workers: expected a whole number >= 0, got -1"),
+    (["--top_k", "0"], "argument --top_k: expected a whole number >= 1, got 0"),
+    (["--label-mapping", "missing.json"], r"argument --label-mapping: .*missing.json"),
+    (["--min-duration", "nan"], r"argument --min-duration: expected a finite number of seconds >= 0"),
+])
+def test_annotate_refuses_bad_options_before_any_work(flags, message, files, tmp_path, capsys, monkeypatch):
+    from htsat_hf.annotation import cli
+
+    monkeypatch.setattr(cli, "input_source", lambda args: pytest.fail("the inputs were read"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--model_name_or_path", "unused", "--files", files[0], "--output_dir", str(tmp_path / "out"),
+                  *flags])
+    assert exit.value.code == 2
+    assert re_search(message, capsys.readouterr().err)
+
+
+def test_annotator_and_live_detector_take_a_path_label_mapping_and_refuse_fractions(detector, tmp_path):
+    import json
+    from pathlib import Path
+
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.live.detector import LiveDetector
+
+    labels = list(detector.model.config.id2label.values())
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"first two": labels[:2]}))
+    detector.model.save_pretrained(tmp_path / "model")
+    detector.feature_extractor.save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    assert Annotator(model, label_mapping=Path(mapping)).label_mapping == {"first two": labels[:2]}
+    assert LiveDetector(model, label_mapping=Path(mapping)).labels == ["first two"]
+    with pytest.raises(ValueError, match="top_k must be a whole number >= 1, got 2.5"):
+        Annotator(model, top_k=2.5)
+    with pytest.raises(ValueError, match="window_batch_size must be a whole number >= 1, got '3'"):
+        LiveDetector(model, window_batch_size="3")

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from transformers import pipeline
 
-from conftest import save_tiny_classifier, save_tiny_detector
+from conftest import needs_torchcodec, save_tiny_classifier, save_tiny_detector
 from htsat_hf.audio_decoding import AudioInputError, decode_file
 from htsat_hf.pipeline_htsat import audio_source
 
@@ -222,3 +222,17 @@ def test_a_damaged_cell_warns_in_its_row(damaged, detector):
     (row,) = list(Annotator(detector, tasks=("tags",)).annotate([("cell", cell)]))
     assert row["warning"] and "CRC mismatch" in row["warning"] and "the bytes given" in row["warning"]
     assert str(root) not in row["warning"] and "htsat-bytes-" not in row["warning"]
+
+
+@needs_torchcodec
+def test_a_decoded_datasets_cell_is_read_from_its_file_in_the_pipelines(tmp_path):
+    """`datasets` decodes an Audio column with torchcodec, resampled to the column's rate; the pipelines (like the
+    annotator) read such a cell from the file it was decoded from, so it scores as that file does."""
+    from datasets import Audio, Dataset
+
+    stereo = (np.random.default_rng(8).standard_normal((2, 22050 * 3)) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "a.wav", stereo.T, 22050)
+    cells = Dataset.from_dict({"audio": [str(tmp_path / "a.wav")]}).cast_column("audio", Audio(sampling_rate=16000))
+    cell = cells[0]["audio"]
+    assert type(cell).__name__ == "AudioDecoder"
+    np.testing.assert_array_equal(audio_source(cell, RATE).samples(), audio_source(tmp_path / "a.wav", RATE).samples())

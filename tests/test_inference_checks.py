@@ -143,3 +143,21 @@ def test_weights_skipped_for_another_shape_are_refused(folder):
     with pytest.raises(ValueError, match=r"2 with another shape .*classifier\.conv\.bias \(3,\) in the checkpoint, "
                                          r"\(4,\) in the model"):
         pipeline("sound-event-detection", model=str(folder), model_kwargs={"ignore_mismatched_sizes": True})
+
+
+def test_a_head_fine_tuned_after_ignore_mismatched_sizes_is_usable(folder):
+    """Loaded with a new head (`ignore_mismatched_sizes`), the model is refused as it stands; once trained (train()),
+    the load report no longer describes its weights and every entry point takes it."""
+    from htsat_hf import HTSATForSoundEventDetection
+
+    labels = json.loads((folder / "config.json").read_text())["id2label"]
+    model = HTSATForSoundEventDetection.from_pretrained(folder, num_labels=len(labels) + 2, ignore_mismatched_sizes=True)
+    with pytest.raises(ValueError, match="another shape"):
+        check_inference_ready(model)
+    model.train()  # as the Trainer does before it changes the weights
+    model.eval()
+    check_inference_ready(model)
+    from htsat_hf import HTSATFeatureExtractor
+
+    extractor = HTSATFeatureExtractor.from_pretrained(folder)
+    assert pipeline("audio-classification", model=model, feature_extractor=extractor) is not None

@@ -310,3 +310,19 @@ def test_a_single_label_ensemble_is_capped_the_same_way_in_every_entry_point(tmp
     np.testing.assert_allclose(np.concatenate([u.step_scores for u in updates]), detected["frame_scores"], atol=1e-5)
     assert sorted((e["label"], e["onset"]) for u in updates for e in u.events) == sorted(
         (e["label"], e["onset"]) for e in detected["events"])
+
+
+def test_an_ensembles_frame_scores_never_exceed_its_own_clip_score(tmp_path):
+    """The cap is the ensemble's clip score (the members' clip logits combined), not a score of the combined steps'
+    mean: averaged probabilities make the two differ."""
+    members = [edge_detector("single_label_classification"), single_label_detector(seed=1, bias=(0.0, 1.5, -1.0))]
+    ensemble = HTSATEnsembleModel.from_members(members, average="probabilities")
+    ensemble.save_pretrained(tmp_path)
+    HTSATFeatureExtractor().save_pretrained(tmp_path)
+    audio = (np.random.default_rng(6).standard_normal(RATE * 10) * 0.05).astype(np.float32)  # one window
+    features = HTSATFeatureExtractor()(audio, sampling_rate=RATE, return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        clip = logits_to_scores(ensemble.eval()(input_features=features).logits[0], "single_label_classification")
+    detected = pipeline("sound-event-detection", model=str(tmp_path))(audio, return_frame_scores=True)
+    assert (detected["frame_scores"] <= clip.numpy() + 1e-6).all()
+    assert np.isclose(detected["frame_scores"].max(axis=0), clip.numpy(), atol=1e-6).any()  # the cap is reached

@@ -29,7 +29,6 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
-import soundfile
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -108,6 +107,8 @@ def resample(channels: np.ndarray, orig_rate: int, sampling_rate: int) -> np.nda
     averaged. Memory and time grow with the audio's length only, whatever the rates."""
     if orig_rate == sampling_rate:
         return downmix(channels)
+    import soundfile  # here, not at the top: a remote-code folder's pipeline then loads without it
+
     buffer = io.BytesIO()
     container = "WAV" if channels.nbytes < 2**32 - 4096 else "RF64"  # RIFF sizes are 32-bit
     soundfile.write(buffer, channels.T, orig_rate, format=container, subtype="FLOAT")

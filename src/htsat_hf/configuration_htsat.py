@@ -21,6 +21,7 @@ POSITIVE_NUMBERS = ("f_max", "clip_seconds", "mlp_ratio", "layer_norm_eps", "lon
 NON_NEGATIVE_NUMBERS = ("f_min", "initializer_range")
 PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 FLAGS = ("qkv_bias", "use_token_semantic_head", "spec_augment")
+PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")  # Transformers' values
 PER_STAGE = {"depths": [2, 2, 6, 2], "num_heads": [4, 8, 16, 32]}  # with the paper's values as examples
 
 
@@ -219,6 +220,8 @@ class HTSATConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a list with one whole number per stage (e.g. {example}), got "
                                  f"{value!r}.")
         check_id2label(self.id2label)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}.")
 
     def validate_architecture(self) -> None:
         """Raise a ValueError naming the setting when the settings cannot work together."""

@@ -866,6 +866,13 @@ class HTSATPreTrainedModel(PreTrainedModel):
         with quiet_progress_bars():
             return with_loading_info(load, pretrained_model_name_or_path, *args, **kwargs)
 
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`. Training changes the weights, so the load report (`loading_info`) no longer describes
+        them and is dropped: a head fine-tuned from `ignore_mismatched_sizes=True` is then usable for inference."""
+        if mode:
+            self.__dict__.pop("loading_info", None)
+        return super().train(mode)
+
 
 def with_loading_info(load, *args, **kwargs):
     """

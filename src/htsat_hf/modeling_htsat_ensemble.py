@@ -24,6 +24,7 @@ from .modeling_htsat import (
     clip_loss,
     with_loading_info,
 )
+from .scores import is_exclusive
 
 PROBABILITY_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before going back to logits
 
@@ -129,7 +130,7 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
         """input_features: (batch, frames, num_mel_bins) as `HTSATFeatureExtractor` computes them. labels: as for
         `HTSATForAudioClassification` (the loss is computed on the combined logits)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        exclusive = self.config.problem_type == "single_label_classification"
+        exclusive = is_exclusive(self.config.problem_type)
         clip_logits, window_steps = [], []
         starts, num_frames = [0], input_features.shape[1]
         for member in self.members:

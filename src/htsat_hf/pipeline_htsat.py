@@ -43,7 +43,7 @@ from .sed_postprocessing import (
     EventStream,
     check_event_settings,
     frames_to_events,
-    load_label_mapping,
+    label_mapping_from,
     map_scores,
     resolve_label_mapping,
 )
@@ -129,6 +129,7 @@ def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSo
     or a 1-D array / tensor / list of numbers at the rate. `probe`: read a file's duration from its header first (a
     progress-bar hint)."""
     rate = sampling_rate
+    inputs = encoded_audio_cell(inputs)  # a decoded `datasets` cell: the bytes or file it was decoded from
     if isinstance(inputs, dict) and not ({"array", "raw"} & set(inputs)) and ({"bytes", "path"} & set(inputs)):
         inputs = _cell_audio(inputs)  # an undecoded `datasets` Audio cell
     if isinstance(inputs, (str, os.PathLike)):
@@ -155,6 +156,22 @@ def audio_source(inputs: Any, sampling_rate: int, probe: bool = True) -> AudioSo
         _check_mono(array)
         array = _as_float(array)
     return AudioSource(rate, array=array, duration_hint=len(array) / rate)
+
+
+def encoded_audio_cell(audio: Any) -> Any:
+    """A decoded `datasets` Audio cell (torchcodec `AudioDecoder`) as the bytes or local file it was decoded from, so
+    that it is decoded as the command line decodes files (FFmpeg, resampled by libswresample to the model's rate)
+    whatever the column's `Audio(sampling_rate=..., num_channels=...)` says; anything else as it is. A decoder that
+    `datasets` did not make, or one of a remote file, stays a decoder (`audio_source` reads its samples)."""
+    if type(audio).__name__ != "AudioDecoder":
+        return audio
+    encoded = getattr(audio, "_hf_encoded", None)  # what `datasets.Audio.decode_example` decoded (its encode_example)
+    if not isinstance(encoded, dict):
+        return audio
+    if encoded.get("bytes"):
+        return {"bytes": encoded["bytes"], "path": encoded.get("path")}
+    path = encoded.get("path")
+    return path if isinstance(path, str) and os.path.isfile(path) else audio
 
 
 def _cell_audio(cell: dict) -> Any:
@@ -278,12 +295,7 @@ class SoundEventDetectionPipeline(Pipeline):
         }
         check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
         if label_mapping is not None:
-            if not isinstance(label_mapping, (dict, str, Path)):
-                raise ValueError(f"label_mapping must be a dict {{new label: [model labels]}} or the path of a JSON/YAML "
-                                 f"file of one, got {type(label_mapping).__name__}.")
-            post["label_mapping"] = (
-                label_mapping if isinstance(label_mapping, dict) else load_label_mapping(label_mapping)
-            )
+            post["label_mapping"] = label_mapping_from(label_mapping)
         # a call's settings go with those given at construction (Transformers merges the dicts it is returned key by
         # key, so this whole dict would replace the constructor's), and are checked together: a call's threshold
         # dict may name the labels of a mapping given then
@@ -360,7 +372,7 @@ class SoundEventDetectionPipeline(Pipeline):
                 output = self.model(input_features=features.to(self.device, self.model.dtype))
             # (windows, steps, labels) per window (an ensemble's members combined per window), then the windows'
             # clip logits beside them for a single-label model
-            values = with_window_clip_logits(output.frame_logits.float().cpu(), problem_type)
+            values = with_window_clip_logits(output.frame_logits.float().cpu(), problem_type, output.logits.float().cpu())
             if not stream.windowed:  # an input of at most one image: one window, already on its own grid
                 stitched = values[0]
             else:
@@ -688,4 +700,4 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
 
 
 __all__ = ["AudioInputError", "SampleSpan", "SoundEventDetectionPipeline", "add_remote_sed_pipeline", "audio_source",
-           "one_waveform", "span_features"]
+           "encoded_audio_cell", "one_waveform", "span_features"]

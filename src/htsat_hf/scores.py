@@ -78,18 +78,19 @@ def stitched_channels(num_labels: int, problem_type: str | None) -> int:
     return 2 * num_labels if capped_by_window_clip(problem_type) else num_labels
 
 
-def with_window_clip_logits(window_logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+def with_window_clip_logits(window_logits: torch.Tensor, problem_type: str | None,
+                            clip_logits: torch.Tensor | None = None) -> torch.Tensor:
     """
     (..., steps, labels) step logits of one window each (an ensemble's members already combined per window) -> the
     values to stitch over time: for a single-label model, (..., steps, 2 * labels), each step's logits followed by
-    its window's clip logits (the mean over the window's steps, as the model's clip `logits`); otherwise the logits
-    as they are. Stitch them as frame logits are (`StepStitcher`, `stitch_window_steps`), then score them with
-    `frame_scores`.
+    its window's (..., labels) `clip_logits` (default: the mean over the window's steps, which is a single model's
+    clip `logits`; an ensemble passes its own, the members' clip logits combined); otherwise the logits as they are.
+    Stitch them as frame logits are (`StepStitcher`, `stitch_window_steps`), then score them with `frame_scores`.
     """
     if not capped_by_window_clip(problem_type):
         return window_logits
-    clip = window_logits.mean(dim=-2, keepdim=True).expand_as(window_logits)
-    return torch.cat([window_logits, clip], dim=-1)
+    clip = window_logits.mean(dim=-2) if clip_logits is None else clip_logits.to(window_logits.dtype)
+    return torch.cat([window_logits, clip.unsqueeze(-2).expand_as(window_logits)], dim=-1)
 
 
 def frame_scores(stitched: torch.Tensor, problem_type: str | None) -> torch.Tensor:

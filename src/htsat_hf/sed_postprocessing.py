@@ -24,10 +24,11 @@ import argparse
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from scipy.ndimage import median_filter
@@ -680,21 +681,41 @@ def load_label_mapping(path: str | Path) -> dict[str, list[int | str]]:
     return mapping
 
 
+def label_mapping_from(value: Any) -> dict[str, list[int | str]] | None:
+    """A `label_mapping` argument as every entry point takes it: None, a dict {new label: [model labels]}, or the path
+    (`str` or `os.PathLike`) of a JSON/YAML file of one (`load_label_mapping`); anything else is a ValueError."""
+    if value is None or isinstance(value, dict):
+        return None if value is None else dict(value)
+    if isinstance(value, (str, os.PathLike)):
+        return load_label_mapping(value)
+    raise ValueError(f"label_mapping must be a dict {{new label: [model labels]}} or the path of a JSON/YAML file of "
+                     f"one, got {type(value).__name__}.")
+
+
 # ------------------------------------------------------------------------------------------- command-line flags
 def parse_threshold(text: str) -> float | dict:
     """A command-line threshold: a number, or a JSON object {label: threshold}."""
     return json.loads(text) if text.strip().startswith("{") else float(text)
 
 
-def positive_int(text: str) -> int:
-    """A command-line whole number >= 1 (argparse reports anything else as a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def whole_number_at_least(lowest: int):
+    """An argparse type: a command-line whole number >= `lowest` (anything else is a usage error naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lowest}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {lowest}"
+    return parse
+
+
+positive_int = whole_number_at_least(1)
+non_negative_int = whole_number_at_least(0)
 
 
 def seconds(text: str) -> float:

@@ -21,11 +21,10 @@ import torch
 
 from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
-from ..pipeline_htsat import SampleSpan, span_features
+from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
 from ..scores import frame_scores, is_exclusive, logits_to_scores, with_window_clip_logits
-from ..sed_postprocessing import frames_to_events, load_label_mapping, map_scores, resolve_label_mapping
+from ..sed_postprocessing import frames_to_events, label_mapping_from, map_scores, resolve_label_mapping
 from .schema import task_columns, typed_column
-from .sources import encoded_audio_cell
 from .windows import (
     CLIP_TASKS,
     TASKS,
@@ -132,18 +131,12 @@ class Annotator:
                 "events and frame_scores need the token-semantic head; this model uses the pooled head "
                 "(use_token_semantic_head=False): ask for tags and embeddings only."
             )
-        if int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.top_k = min(int(top_k), self.config.num_labels)
-        self.batch_size = int(batch_size)
+        self.top_k = min(check_positive_int(top_k, "top_k"), self.config.num_labels)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.bf16 = bool(bf16)
         self.audio_column, self.id_column = audio_column, id_column
         self.model_labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
-        if isinstance(label_mapping, str):
-            label_mapping = load_label_mapping(label_mapping)
-        self.label_mapping = dict(label_mapping) if label_mapping is not None else None
+        self.label_mapping = label_mapping_from(label_mapping)
         self.event_labels = (
             list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping else self.model_labels
         )
@@ -183,11 +176,10 @@ class Annotator:
     # --------------------------------------------------------------------------------------------------- inputs
     def annotate(self, inputs: Iterable[tuple[str, Any]]) -> Iterator[dict | AnnotationError]:
         """(id, audio) pairs -> one row dict or `AnnotationError` per input, as inputs complete (windows of
-        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes; a decoded
-        `datasets` Audio cell is annotated from the bytes or file it was decoded from (`encoded_audio_cell`), as the
-        command line would annotate that file."""
+        neighbouring inputs share forward passes). Audio: anything `pipeline_htsat.audio_source` takes (a decoded
+        `datasets` Audio cell is read from the bytes or file it was decoded from, as the command line reads files)."""
         items = (item for key, (input_id, audio) in enumerate(inputs)
-                 for item in self.cutter.items(key, input_id, encoded_audio_cell(audio)))
+                 for item in self.cutter.items(key, input_id, audio))
         yield from self.annotate_items(items)
 
     def annotate_items(self, items: Iterable[WindowItem]) -> Iterator[dict | AnnotationError]:
@@ -330,7 +322,8 @@ class Annotator:
 
             combined = self._combine(list(steps), self._exclusive)  # combined per window, then stitched
             # for a single-label model with each window's clip logits beside the steps' (they cap the frame scores)
-            stitched = stitch(with_window_clip_logits(combined, self.config.problem_type))
+            clips = self._combine([member.mean(dim=-2) for member in steps], self._exclusive)  # each window's clip
+            stitched = stitch(with_window_clip_logits(combined, self.config.problem_type, clips))
             frame_logits = stitched[..., : combined.shape[-1]]
             member_frames = [stitch(member) for member in steps] if self.ensemble else [frame_logits]
         if CLIP_TASKS & set(self.tasks):

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..sed_postprocessing import add_postprocessing_arguments, postprocessing_from_arguments
+from ..sed_postprocessing import (
+    add_postprocessing_arguments,
+    check_postprocessing_arguments,
+    non_negative_int,
+    positive_int,
+    postprocessing_from_arguments,
+)
 from .windows import TASKS
 
 if TYPE_CHECKING:
@@ -45,20 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--audio_column_name", default="audio")
     inputs.add_argument("--id_column_name", help="column with each row's id (default: the row index)")
     inputs.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
-    inputs.add_argument("--limit", type=int, help="annotate only the first N inputs")
+    inputs.add_argument("--limit", type=positive_int, help="annotate only the first N inputs")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", required=True)
     output.add_argument("--overwrite", action="store_true", help="delete a previous run's output and start over")
     output.add_argument("--wait", action="store_true",
                         help="when another run holds --output_dir, wait for it to finish instead of stopping")
-    output.add_argument("--rows_per_shard", type=int, default=256, help="inputs per Parquet shard (commit unit)")
+    output.add_argument("--rows_per_shard", type=positive_int, default=256, help="inputs per Parquet shard (commit unit)")
     tasks = parser.add_argument_group("tasks and post-processing")
     tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
-    tasks.add_argument("--top_k", type=int, default=5, help="tags per input")
+    tasks.add_argument("--top_k", type=positive_int, default=5, help="tags per input")
     add_postprocessing_arguments(tasks)
     run = parser.add_argument_group("execution")
-    run.add_argument("--batch_size", type=int, default=16, help="windows per forward pass, packed across files")
-    run.add_argument("--num_workers", type=int, default=2,
+    run.add_argument("--batch_size", type=positive_int, default=16, help="windows per forward pass, packed across files")
+    run.add_argument("--num_workers", type=non_negative_int, default=2,
                      help="decoding processes per model process (0: decode in the main process)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU, else the CPU)")
     run.add_argument("--features_on", choices=["auto", "workers", "device"], default="auto",
@@ -77,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_postprocessing_arguments(parser, args)  # bad settings are usage errors, before any process starts
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
     source = input_source(args)  # bad inputs end here, once, before any process starts

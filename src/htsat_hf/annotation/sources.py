@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -174,23 +173,6 @@ def unique_stream_ids(entries: Iterable[tuple[str, Any]], id_column: str) -> Ite
         yield input_id, audio
 
 
-def encoded_audio_cell(audio: Any) -> Any:
-    """A decoded `datasets` Audio cell (torchcodec `AudioDecoder`) as the bytes or local file it was decoded from, so
-    that it is decoded as the command line decodes files (FFmpeg, resampled by libswresample to the model's rate)
-    whatever the column's `Audio(sampling_rate=..., num_channels=...)` says; anything else as it is. A decoder that
-    `datasets` did not make, or one of a remote file, stays a decoder (`pipeline_htsat.audio_source` reads its
-    samples)."""
-    if type(audio).__name__ != "AudioDecoder":
-        return audio
-    encoded = getattr(audio, "_hf_encoded", None)  # what `datasets.Audio.decode_example` decoded (its encode_example)
-    if not isinstance(encoded, dict):
-        return audio
-    if encoded.get("bytes"):
-        return {"bytes": encoded["bytes"], "path": encoded.get("path")}
-    path = encoded.get("path")
-    return path if isinstance(path, str) and os.path.isfile(path) else audio
-
-
 def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
     """Every row of a streamed dataset in order, wherever it is iterated. (Iterated directly inside a DataLoader
     worker, a `datasets.IterableDataset` hands each worker only some of its file shards: the row numbers, which decide
@@ -203,5 +185,5 @@ def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
 
 __all__ = [
     "InputError", "InputSource", "Record", "check_dataset_ids", "check_unique_ids", "dataset_source",
-    "encoded_audio_cell", "file_source", "read_file_list", "unique_stream_ids",
+    "file_source", "read_file_list", "unique_stream_ids",
 ]

@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_postprocessing_arguments(parser, args)
-    if shutil.which("ffmpeg") is None:
-        print("listen.py reads audio through ffmpeg: install it (e.g. apt-get install ffmpeg).", file=sys.stderr)
+    missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+    if missing:
+        print(f"listen.py reads audio through ffmpeg and ffprobe ({' and '.join(missing)} not found): install ffmpeg "
+              "(e.g. apt-get install ffmpeg).", file=sys.stderr)
         return 1
     import torch
 

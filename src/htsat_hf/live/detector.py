@@ -36,9 +36,9 @@ from ..annotation.annotator import _is_ensemble, _load, combine_members, model_m
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
-from ..pipeline_htsat import AudioInputError, StreamFrames
+from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
 from ..scores import frame_scores, is_exclusive, stitched_channels, with_window_clip_logits
-from ..sed_postprocessing import EventStream, _sorted_events, load_label_mapping, map_scores, resolve_label_mapping
+from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, map_scores, resolve_label_mapping
 
 
 @dataclass
@@ -125,20 +125,16 @@ class LiveDetector:
                              f"got {hop_seconds}.")
         if not lookahead_seconds >= 0:
             raise ValueError(f"lookahead_seconds must be >= 0, got {lookahead_seconds}.")
-        if int(top_k) < 1 or int(window_batch_size) < 1 or int(channels) < 1:
-            raise ValueError("top_k, window_batch_size and channels must be >= 1.")
         self.hop_seconds = self.hop_frames * self.frame_seconds
         self.lookahead_seconds = float(lookahead_seconds)
-        self.top_k = min(int(top_k), config.num_labels)
-        self.channels = int(channels)
-        self.window_batch_size = int(window_batch_size)
+        self.top_k = min(check_positive_int(top_k, "top_k"), config.num_labels)
+        self.channels = check_positive_int(channels, "channels")
+        self.window_batch_size = check_positive_int(window_batch_size, "window_batch_size")
         self.bf16 = bool(bf16)
         self.device = next(self.model.parameters()).device
         self.step_seconds = self.model.frame_step_seconds(config.image_frames + 1)  # any windowed input's step
         self.model_labels = [config.id2label[i] for i in range(config.num_labels)]
-        if isinstance(label_mapping, str):
-            label_mapping = load_label_mapping(label_mapping)
-        self.label_mapping = dict(label_mapping) if label_mapping is not None else None
+        self.label_mapping = label_mapping_from(label_mapping)
         self.labels = (list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping
                        else self.model_labels)
         self.events = EventStream(
@@ -242,13 +238,14 @@ class LiveDetector:
         self.windows_run += 1
         exclusive = is_exclusive(self.config.problem_type)
         logits = combine_members(self.model, list(member_logits), exclusive)  # per window, as offline
-        self.stitcher.add(with_window_clip_logits(logits, self.config.problem_type)[None], [start * self.frame_seconds])
+        clip_logits = combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
+        values = with_window_clip_logits(logits, self.config.problem_type, clip_logits)
+        self.stitcher.add(values[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
         first_step = self.stitcher.offset
         emit_before = self.stitcher.first_step(end_seconds - self.lookahead_seconds)
         scores = self._step_scores(self.stitcher.pop_final(emit_before))
         self.events.push(scores)
-        clip_logits = combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
         tags = top_tags(clip_logits, self.model_labels, self.config.problem_type, self.top_k)
         return LiveUpdate(end_seconds, tags, self.events.pop_final_events(), first_step, scores)
 
