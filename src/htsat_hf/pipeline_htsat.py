@@ -37,14 +37,12 @@ from .audio_decoding import (
 from .feature_extraction_htsat import AMIN, pcm_to_float
 from .inference_checks import check_inference_ready
 from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
-from .scores import frame_scores, is_exclusive, with_window_clip_logits
+from .scores import labelled_frame_scores, with_window_clip_logits
 from .sed_postprocessing import (
     EventSettings,
     EventStream,
-    check_event_settings,
     frames_to_events,
     label_mapping_from,
-    map_scores,
     resolve_label_mapping,
 )
 
@@ -293,7 +291,6 @@ class SoundEventDetectionPipeline(Pipeline):
             ).items()
             if value is not None
         }
-        check_event_settings(**{key: value for key, value in post.items() if key != "return_frame_scores"})
         if label_mapping is not None:
             post["label_mapping"] = label_mapping_from(label_mapping)
         # a call's settings go with those given at construction (Transformers merges the dicts it is returned key by
@@ -404,12 +401,8 @@ class SoundEventDetectionPipeline(Pipeline):
     def _scores(self, stitched: torch.Tensor, label_mapping: dict | None) -> tuple[np.ndarray, list[str]]:
         """Frame scores of stitched steps (`scores.frame_scores`: as the config's problem_type says, capped by the
         window clip score for a single-label model) and their labels, mapped to the target labels when a mapping is
-        given."""
-        problem_type = self.model.config.problem_type
-        scores = frame_scores(stitched, problem_type).numpy()
-        if label_mapping is None:
-            return scores, self._labels()
-        return map_scores(scores, label_mapping, self._labels(), exclusive=is_exclusive(problem_type))
+        given (`labelled_frame_scores`)."""
+        return labelled_frame_scores(stitched, self.model.config.problem_type, self._labels(), label_mapping)
 
     # ----------------------------------------------------------------------------------------------- output
     def postprocess(

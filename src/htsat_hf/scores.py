@@ -26,7 +26,13 @@ Relative imports only: this module travels with the remote-code pipeline (`add_r
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
 import torch
+
+from .sed_postprocessing import map_scores
 
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
@@ -109,7 +115,20 @@ def frame_scores(stitched: torch.Tensor, problem_type: str | None) -> torch.Tens
     return torch.minimum(logits_to_scores(steps, problem_type), logits_to_scores(clips, problem_type))
 
 
+def labelled_frame_scores(
+    stitched: Any, problem_type: str | None, model_labels: Sequence[str], mapping: Mapping | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """(steps, labels) frame scores of stitched step values (`scores.frame_scores`: by `problem_type`, a single-label
+    model's capped by the window clip score) and their labels; mapped to `mapping`'s labels when one is given
+    (`map_scores`, summed for a single-label model). What the SED pipeline, the annotator and the live detector
+    score their steps with."""
+    scores = frame_scores(stitched, problem_type).numpy()
+    if mapping is None:
+        return scores, list(model_labels)
+    return map_scores(scores, mapping, model_labels, exclusive=is_exclusive(problem_type))
+
+
 __all__ = [
     "MULTI_LABEL", "REGRESSION", "SINGLE_LABEL", "capped_by_window_clip", "frame_scores", "is_exclusive",
-    "logits_to_scores", "score_function", "stitched_channels", "with_window_clip_logits",
+    "labelled_frame_scores", "logits_to_scores", "score_function", "stitched_channels", "with_window_clip_logits",
 ]

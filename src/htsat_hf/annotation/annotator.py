@@ -22,8 +22,8 @@ import torch
 from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
-from ..scores import frame_scores, is_exclusive, logits_to_scores, with_window_clip_logits
-from ..sed_postprocessing import frames_to_events, label_mapping_from, map_scores, resolve_label_mapping
+from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
+from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
 from .schema import task_columns, typed_column
 from .windows import (
     CLIP_TASKS,
@@ -341,9 +341,8 @@ class Annotator:
             if "embeddings" in self.tasks:
                 row["embedding"] = embedding.numpy().astype(np.float32)
         if TIMELINE_TASKS & set(self.tasks):
-            scores = frame_scores(stitched, self.config.problem_type).numpy()
-            if self.label_mapping:
-                scores, _ = map_scores(scores, self.label_mapping, self.model_labels, exclusive=self._exclusive)
+            scores, _ = labelled_frame_scores(stitched, self.config.problem_type, self.model_labels,
+                                              self.label_mapping or None)
             step_seconds = self.model.frame_step_seconds(end.num_frames)
             if "events" in self.tasks:
                 row["events"] = frames_to_events(

@@ -37,8 +37,8 @@ from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
-from ..scores import frame_scores, is_exclusive, stitched_channels, with_window_clip_logits
-from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, map_scores, resolve_label_mapping
+from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
+from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, resolve_label_mapping
 
 
 @dataclass
@@ -252,11 +252,7 @@ class LiveDetector:
     def _step_scores(self, stitched: torch.Tensor) -> np.ndarray:
         """Step scores of stitched steps as the config's problem_type says (`scores.frame_scores`: a single-label
         model's capped by the window clip score), mapped when a mapping is given."""
-        problem_type = self.config.problem_type
-        scores = frame_scores(stitched, problem_type).numpy()
-        if self.label_mapping is not None:
-            scores = map_scores(scores, self.label_mapping, self.model_labels, exclusive=is_exclusive(problem_type))[0]
-        return scores
+        return labelled_frame_scores(stitched, self.config.problem_type, self.model_labels, self.label_mapping)[0]
 
     def _as_mono(self, samples: Any) -> np.ndarray:
         array = np.asarray(samples)

@@ -55,6 +55,8 @@ ARCH_OVERRIDES = (
     "freq_mask_width",
     "use_token_semantic_head",
 )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, HTSATRecipeArguments, TrainingArguments]:
     """Parse the command line (or a single .json file of arguments) with the recipe's defaults."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, HTSATRecipeArguments, TrainingArguments))
