@@ -7,7 +7,7 @@
 See `python scripts/annotate.py --help` and htsat_hf/annotation/.
 """
 
-from htsat_hf.annotation.cli import main
+from htsat_hf.commands.annotate import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ Examples:
     python scripts/benchmark.py --quick                                      # batch 1 and 4, 5 min of SED audio
     python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # batch 1/16/128
     python scripts/benchmark.py --model-size tiny --sections inference --repeats 1  # plumbing only, in seconds
-See `htsat_hf.benchmarking` for what is measured and how.
+See `htsat_hf.benchmarks.model` for what is measured and how.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
 
-    from htsat_hf.benchmarking import BenchmarkSettings, format_report, run_benchmark, save_results
+    from htsat_hf.benchmarks.model import BenchmarkSettings, format_report, run_benchmark, save_results
 
     if args.threads:
         torch.set_num_threads(args.threads)

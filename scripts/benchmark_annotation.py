@@ -35,7 +35,7 @@ def main() -> None:
                              "plumbing in seconds (the timings mean nothing)")
     args = parser.parse_args()
     # imported once the arguments are read, so that a wrong one is reported at once, not after torch has loaded
-    from htsat_hf.annotation.benchmark import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
+    from htsat_hf.benchmarks.annotation import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
 
     settings = AnnotationBenchmarkSettings(
         hours=args.hours, batch_size=args.batch_size, num_workers=args.num_workers, corpus_dir=args.corpus_dir,

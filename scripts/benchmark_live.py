@@ -6,7 +6,7 @@ live events with the offline pipeline's at each lookahead, on a trained model.
     python scripts/benchmark_live.py --quality_model DIR        # a trained model for the agreement table
 
 Without `--quality_model`, a small model with a 10-s window is first trained from strong labels on synthetic scenes
-of sound events (beeps, chirps, buzzes, hisses; about three minutes on 2 cores). See htsat_hf/live/benchmark.py.
+of sound events (beeps, chirps, buzzes, hisses; about three minutes on 2 cores). See htsat_hf/benchmarks/live.py.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def main() -> None:
     import torch
 
     from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
-    from htsat_hf.benchmarking import cpu_model
-    from htsat_hf.demo_data import sound_event_scene
+    from htsat_hf.benchmarks.model import cpu_model
+    from htsat_hf.demo.data import sound_event_scene
     from htsat_hf.live import LiveDetector
-    from htsat_hf.live.benchmark import agreement, lookahead_agreement, real_time_latency, train_sound_event_model
+    from htsat_hf.benchmarks.live import agreement, lookahead_agreement, real_time_latency, train_sound_event_model
 
     report = {"cpu": cpu_model(), "latency": [], "agreement": None}
     if not args.skip_latency:

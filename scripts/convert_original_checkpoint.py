@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from htsat_hf.convert_original import convert_original_checkpoint
+from htsat_hf.weights.convert_original import convert_original_checkpoint
 
 
 def main() -> None:

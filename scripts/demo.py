@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import pipeline
 
     import htsat_hf  # noqa: F401  (registers HTS-AT with the Auto classes and the pipeline)
-    from htsat_hf.demo_data import KeywordDataSpec, build_keyword_dataset, espeak_available
+    from htsat_hf.demo.data import KeywordDataSpec, build_keyword_dataset, espeak_available
     from htsat_hf.training.run import main as train_main
 
     if not espeak_available():

@@ -16,7 +16,7 @@ import json
 import sys
 import warnings
 
-from htsat_hf.sed_metrics import evaluate_files
+from htsat_hf.metrics.sed_metrics import evaluate_files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection
-from htsat_hf.export import export_onnx, onnx_session, run_onnx
+from htsat_hf.deployment.export import export_onnx, onnx_session, run_onnx
 
 
 def main() -> None:

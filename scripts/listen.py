@@ -10,7 +10,7 @@ See `python scripts/listen.py --help` and htsat_hf/live/.
 
 import sys
 
-from htsat_hf.live.cli import main
+from htsat_hf.commands.listen import main
 
 if __name__ == "__main__":
     sys.exit(main())

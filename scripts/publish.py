@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from htsat_hf.publishing import CardSettings, publish
+from htsat_hf.weights.publishing import CardSettings, publish
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from transformers import pipeline
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
 from htsat_hf.annotation import Annotator
-from htsat_hf.annotation.cli import main as annotate_main
+from htsat_hf.commands.annotate import main as annotate_main
 from htsat_hf.annotation.corpus import annotate_corpus
 from htsat_hf.annotation.sources import file_source
 from htsat_hf.annotation.store import committed_shards, read_errors, read_manifest
@@ -427,7 +427,7 @@ def test_num_processes_starts_the_processes_itself(one_process_run, model_folder
 
 
 def test_num_processes_is_checked():
-    from htsat_hf.annotation.cli import _resolve_process_count, build_parser
+    from htsat_hf.commands.annotate import _resolve_process_count, build_parser
 
     for bad in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
@@ -436,7 +436,7 @@ def test_num_processes_is_checked():
 
 
 def test_auto_process_count_is_one_per_core_as_memory_allows(monkeypatch, capsys):
-    from htsat_hf.annotation import cli
+    from htsat_hf.commands import annotate as cli
 
     assert cli._available_memory() > 0  # read from /proc/meminfo (and the cgroup limit) here
     monkeypatch.setattr(cli, "_usable_cores", lambda: 64)
@@ -737,7 +737,7 @@ def test_peak_memory_of_a_process_tree_outlives_its_processes():
     import sys
     import time
 
-    from htsat_hf.annotation.benchmark import TreePeakMemory, high_water_mark
+    from htsat_hf.benchmarks.annotation import TreePeakMemory, high_water_mark
 
     child = ("import subprocess, sys, time; subprocess.run([sys.executable, '-c', "
              "'import time; b = bytearray(200 * 2**20); time.sleep(1.5)']); time.sleep(1.0)")
@@ -757,7 +757,7 @@ def test_annotation_benchmark_one_process_on_a_device(tmp_path, monkeypatch):
     the CPU with a tiny corpus: it measures, reports, and its run used the device features."""
     import tempfile
 
-    from htsat_hf.annotation.benchmark import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
+    from htsat_hf.benchmarks.annotation import AnnotationBenchmarkSettings, format_report, run_annotation_benchmark
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the benchmark's work folder
     settings = AnnotationBenchmarkSettings(hours=0.004, batch_size=2, num_workers=1, model_batches=1,
@@ -776,7 +776,7 @@ def test_annotation_benchmark_one_process_on_a_device(tmp_path, monkeypatch):
 def test_corpus_durations_without_torchcodec(tmp_path, monkeypatch):
     """A GPU image may have the ffmpeg command but not torchcodec (or FFmpeg's libraries for it): an MP3's duration is
     its decoded length either way (not the header's, which counts the encoder's padding)."""
-    from htsat_hf.annotation.benchmark import _duration, _write
+    from htsat_hf.benchmarks.annotation import _duration, _write
 
     path = tmp_path / "clip.mp3"
     _write(path, 12.3, 44100, 2, np.random.default_rng(0))

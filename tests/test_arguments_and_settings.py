@@ -142,7 +142,7 @@ def test_construction_settings_stay_when_a_call_adds_others(detector):
 
 # ------------------------------------------------------------------ scripts/detect_events.py
 def run_detect_events(argv: list[str], capsys) -> tuple[int, str]:
-    from htsat_hf import detection_cli
+    from htsat_hf.commands import detect as detection_cli
 
     try:
         status = detection_cli.main(argv)
@@ -198,7 +198,7 @@ def run_listen(argv: list[str], stdin_bytes: bytes | None, tmp_path, capsys, mon
     import sys
     import types
 
-    from htsat_hf.live import cli
+    from htsat_hf.commands import listen as cli
 
     if stdin_bytes is not None:
         (tmp_path / "stdin.raw").write_bytes(stdin_bytes)
@@ -316,7 +316,7 @@ def test_the_window_stream_itself_refuses_a_batch_size_below_one(detector):
     (["--min-duration", "nan"], r"argument --min-duration: expected a finite number of seconds >= 0"),
 ])
 def test_annotate_refuses_bad_options_before_any_work(flags, message, files, tmp_path, capsys, monkeypatch):
-    from htsat_hf.annotation import cli
+    from htsat_hf.commands import annotate as cli
 
     monkeypatch.setattr(cli, "input_source", lambda args: pytest.fail("the inputs were read"))
     with pytest.raises(SystemExit) as exit:

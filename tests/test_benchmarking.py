@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import needs_torchcodec
 
-from htsat_hf.benchmarking import (
+from htsat_hf.benchmarks.model import (
     PeakMemory,
     evaluate_targets,
     format_report,
@@ -103,7 +103,7 @@ def test_fidelity_of_int8_bf16_and_onnx_on_a_saved_model(tmp_path):
     import soundfile as sf
     from conftest import save_tiny_classifier
 
-    from htsat_hf.benchmarking import trained_model_fidelity
+    from htsat_hf.benchmarks.model import trained_model_fidelity
 
     folder = save_tiny_classifier(tmp_path / "model")
     rng = np.random.default_rng(0)
@@ -124,7 +124,7 @@ def test_fidelity_of_int8_bf16_and_onnx_on_a_saved_model(tmp_path):
 
 
 def test_gpu_settings_take_the_issue_batch_sizes_unless_given():
-    from htsat_hf.benchmarking import BenchmarkSettings
+    from htsat_hf.benchmarks.model import BenchmarkSettings
 
     gpu = BenchmarkSettings.for_device("cuda:1", bf16=True)
     assert (gpu.device, gpu.bf16, gpu.batch_sizes, gpu.train_batch_size) == ("cuda:1", True, (1, 16, 128), 32)
@@ -141,7 +141,7 @@ def test_tiny_model_size_builds_tiny_models_and_a_small_matmul_and_paper_stays_t
     """`--model-size tiny` checks a benchmark's plumbing in seconds on any CPU; without it the run is unchanged."""
     import pytest
 
-    from htsat_hf.benchmarking import BenchmarkSettings, build_candidates, htsat_config, peer_configs
+    from htsat_hf.benchmarks.model import BenchmarkSettings, build_candidates, htsat_config, peer_configs
 
     paper = BenchmarkSettings.for_device("cuda", bf16=True)
     assert (paper.model_size, paper.matmul_size) == ("paper", 4096)

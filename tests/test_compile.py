@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from htsat_hf import HTSATConfig, HTSATForSoundEventDetection
-from htsat_hf.export import compile_model
+from htsat_hf.deployment.export import compile_model
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("HTSAT_SLOW_TESTS") != "1", reason="torch.compile takes minutes on 2 CPU cores; set HTSAT_SLOW_TESTS=1"

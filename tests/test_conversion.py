@@ -14,7 +14,7 @@ from original_reference import front_end_tensors, log_mel, original_forward
 from safetensors.torch import load_file
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
-from htsat_hf.convert_original import convert_original_checkpoint, load_original_state_dict
+from htsat_hf.weights.convert_original import convert_original_checkpoint, load_original_state_dict
 
 FIXTURE = ("fixtures", "original_htsat")
 
@@ -245,7 +245,7 @@ def test_script_writes_a_loadable_folder_with_labels(tmp_path):
 
 
 def test_audioset_label_csv_is_read_in_index_order():
-    from htsat_hf.convert_original import read_audioset_labels
+    from htsat_hf.weights.convert_original import read_audioset_labels
 
     labels = read_audioset_labels(shared_path("data", "audioset_class_labels_indices.csv"))
     assert len(labels) == 527 and labels[0] == "Speech" and labels[526] == "Field recording"

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelF
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
 from htsat_hf.configuration_htsat_ensemble import HTSATEnsembleConfig
-from htsat_hf.ensemble import build_ensemble
+from htsat_hf.weights.ensemble import build_ensemble
 from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel, combine_logits
 
 LABELS = {0: "dog", 1: "cat", 2: "siren"}

@@ -14,9 +14,9 @@ from htsat_hf import (
     HTSATFeatureExtractor,
     HTSATForAudioClassification,
     HTSATForSoundEventDetection,
-    export,
 )
-from htsat_hf.export import export_onnx, onnx_session, quantize_dynamic_int8, run_onnx
+from htsat_hf.deployment import export
+from htsat_hf.deployment.export import export_onnx, onnx_session, quantize_dynamic_int8, run_onnx
 
 TINY = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], num_labels=10)
 
@@ -50,7 +50,7 @@ def test_onnx_matches_pytorch_for_any_batch_and_length(cls, tmp_path):
 
 
 def test_torch_export_programs_take_any_length():
-    from htsat_hf.export import export_programs
+    from htsat_hf.deployment.export import export_programs
 
     model = tiny(HTSATForSoundEventDetection)
     programs = export_programs(model)

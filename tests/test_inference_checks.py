@@ -60,7 +60,7 @@ def folder(tmp_path) -> Path:
 
 
 def test_keys_with_a_module_prefix_are_refused_everywhere(folder, capsys):
-    from htsat_hf import detection_cli
+    from htsat_hf.commands import detect as detection_cli
 
     rewrite_weights(folder, lambda weights: {"module." + key: value for key, value in weights.items()})
     for name, error in entry_points(folder).items():

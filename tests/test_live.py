@@ -273,8 +273,8 @@ class VirtualClock:
 def test_latency_probe_and_agreement_measure_what_they_say(folder, monkeypatch):
     """The benchmark's own bookkeeping: a real-time feed of 3 s at hop 1 s emits every step, with latencies in
     [0, hop + block] when processing takes no time; identical event lists agree with F1 1, disjoint ones 0."""
-    from htsat_hf.live import benchmark
-    from htsat_hf.live.benchmark import agreement, real_time_latency
+    from htsat_hf.benchmarks import live as benchmark
+    from htsat_hf.benchmarks.live import agreement, real_time_latency
 
     monkeypatch.setattr(benchmark, "time", VirtualClock())
     detector = LiveDetector(str(folder), hop_seconds=1.0)
@@ -292,7 +292,7 @@ def test_latency_probe_and_agreement_measure_what_they_say(folder, monkeypatch):
 def test_lookahead_agreement_reports_every_hop_and_lookahead(folder):
     """The agreement table's rows: one per live hop and lookahead, F1s in [0, 1]; the offline events at the default
     hop agree with themselves (F1 1), and a live run that sees every window at the offline hop agrees closely."""
-    from htsat_hf.live.benchmark import lookahead_agreement
+    from htsat_hf.benchmarks.live import lookahead_agreement
 
     audio = noisy(24.0, seed=3)
     result = lookahead_agreement(str(folder), audio, [0.0, 10.0], {"threshold": 0.5}, hops=(1.0, 5.0))

@@ -217,7 +217,7 @@ def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
 @needs_kernel
 def test_a_quantised_model_keeps_its_layers_biases(monkeypatch):
     """int8 layers apply their own biases, so the fused path leaves them there: the same logits as PyTorch's ops."""
-    from htsat_hf.export import quantize_dynamic_int8
+    from htsat_hf.deployment.export import quantize_dynamic_int8
 
     torch.manual_seed(0)
     model = HTSATForAudioClassification(HTSATConfig(num_labels=10)).eval()

@@ -10,7 +10,7 @@ from transformers import ClapAudioConfig, ClapAudioModel, SwinConfig, SwinForIma
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATModel
 from htsat_hf.modeling_htsat import fold_spectrogram
-from htsat_hf.pretrained_init import (
+from htsat_hf.weights.pretrained_init import (
     init_from_clap,
     init_from_swin,
     load_weights,

@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
 from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
-from htsat_hf.publishing import (
+from htsat_hf.weights.publishing import (
     CardSettings,
     check_publishable,
     prepare_repository,
@@ -222,7 +222,7 @@ def test_every_data_file_the_package_reads_ships_in_wheels(repo_root):
     import configparser
     import fnmatch
 
-    from htsat_hf.publishing import find_template
+    from htsat_hf.weights.publishing import find_template
 
     package = repo_root / "src" / "htsat_hf"
     assert find_template().resolve().is_relative_to(package.resolve())
@@ -235,6 +235,6 @@ def test_every_data_file_the_package_reads_ships_in_wheels(repo_root):
         if path.is_file() and "__pycache__" not in path.parts
         and not (path.suffix == ".py" and (path.parent / "__init__.py").exists())  # modules of packages ship anyway
     ]
-    assert any(name.startswith("model_cards/") for name in data_files)
+    assert any(name.startswith("weights/model_cards/") for name in data_files)
     missing = [name for name in data_files if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
     assert not missing, f"not declared in setup.cfg [options.package_data]: {missing}"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import shared_path
 
-from htsat_hf import sed_metrics as m
+from htsat_hf.metrics import sed_metrics as m
 
 # README of fixtures/desed_htsat: per-class intersection F1 (%), its macro average; notes: collar and segment F1 (%)
 HTSAT_TABLE = {

@@ -121,7 +121,7 @@ def test_cli_writes_tsv_and_plot(folder, tmp_path):
 
 
 def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp_path, monkeypatch, capsys):
-    from htsat_hf import detection_cli
+    from htsat_hf.commands import detect as detection_cli
 
     for name, seed in (("a.wav", 1), ("c.wav", 2)):
         sf.write(tmp_path / name, noise(6.0, seed=seed), RATE)

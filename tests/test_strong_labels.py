@@ -77,7 +77,7 @@ def test_strong_label_scene_dataset_lists_every_event_it_placed(tmp_path):
     training splits of the four classes."""
     import soundfile as sf
 
-    from htsat_hf.demo_data import SOUND_CLASSES, build_strong_label_scene_dataset, sound_event_scene
+    from htsat_hf.demo.data import SOUND_CLASSES, build_strong_label_scene_dataset, sound_event_scene
     from htsat_hf.training.strong_labels import load_strong_labels
 
     root = build_strong_label_scene_dataset(tmp_path / "scenes", clips=(3, 2), clip_seconds=4.0, rate=8000, seed=5)

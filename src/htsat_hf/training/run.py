@@ -95,7 +95,7 @@ def build_model(model_args: ModelArguments, labels: LabelSpace, max_length_secon
     if model_args.init_from_swin or model_args.init_from_clap:
         if model_args.model_name_or_path:
             raise ValueError("--init_from_swin/--init_from_clap start a new model; leave out --model_name_or_path.")
-        from ..pretrained_init import initialise_model
+        from ..weights.pretrained_init import initialise_model
 
         report = initialise_model(
             config, init_from_swin_path=model_args.init_from_swin, init_from_clap_path=model_args.init_from_clap,
@@ -363,7 +363,7 @@ def push_trained_model(model_args: ModelArguments, data_args: DataTrainingArgume
                        api: Any = None) -> None:
     """`--push_to_hub`: a clean repository (safetensors, remote code, model card with the eval results) uploaded to
     `--hub_model_id` (default: the output folder's name)."""
-    from ..publishing import CardSettings, publish
+    from ..weights.publishing import CardSettings, publish
 
     output = Path(training_args.output_dir)
     settings = CardSettings(

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from datasets import Audio, Dataset
 
-from ..sed_metrics import LINE_COLUMN, _read_table, events_table
+from ..metrics.sed_metrics import LINE_COLUMN, _read_table, events_table
 from .data import AudioTransform, BadExampleError, PreparedData, SplitReport, prepare_splits, validate_split
 from .labels import LabelSpace, read_label_csv
 

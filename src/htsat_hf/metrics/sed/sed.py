@@ -1,10 +1,10 @@
 """Sound event detection metrics of DCASE task 4 (a local, offline `evaluate` module): intersection-based F1,
-collar-based F1 and segment-based F1, computed by `htsat_hf.sed_metrics`."""
+collar-based F1 and segment-based F1, computed by `htsat_hf.metrics.sed_metrics`."""
 
 import datasets
 import evaluate
 
-from htsat_hf.sed_metrics import compute_sed_metrics
+from htsat_hf.metrics.sed_metrics import compute_sed_metrics
 
 _DESCRIPTION = """
 One example = one audio file: its detected events (`predictions`) and its reference events (`references`), each a

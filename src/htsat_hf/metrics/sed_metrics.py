@@ -35,7 +35,7 @@ import pandas as pd
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-from .sed_postprocessing import contiguous_regions
+from ..sed_postprocessing import contiguous_regions
 
 EventsLike = Union[pd.DataFrame, str, Path, Sequence[Mapping[str, Any]]]
 DurationsLike = Union[pd.DataFrame, pd.Series, Mapping[str, float], str, Path]

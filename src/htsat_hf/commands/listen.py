@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    from .detector import LiveDetector
+    from ..live.detector import LiveDetector
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import READ_SECONDS
-from .detector import LiveDetector
+from ..commands.listen import READ_SECONDS
+from ..live.detector import LiveDetector
 
 
 @dataclass
@@ -98,7 +98,7 @@ def train_sound_event_model(directory: str) -> str:
     held-out frame and clip metrics are in all_results.json)."""
     from pathlib import Path
 
-    from ..demo_data import build_strong_label_scene_dataset
+    from ..demo.data import build_strong_label_scene_dataset
     from ..training.run import main as train_main
 
     data, model = Path(directory) / "scenes", Path(directory) / "strong_model"
@@ -120,7 +120,7 @@ def _table(events: list[dict], filename: str = "stream") -> pd.DataFrame:
 
 def agreement(reference: list[dict], events: list[dict], duration: float, labels: list[str]) -> float:
     """Macro intersection F1 of `events` with `reference` as the ground truth (classes present in the reference)."""
-    from ..sed_metrics import intersection_f1
+    from ..metrics.sed_metrics import intersection_f1
 
     present = sorted({e.get("event_label", e.get("label")) for e in reference})
     result = intersection_f1(_table(reference), _table(events), {"stream": duration}, labels=present)

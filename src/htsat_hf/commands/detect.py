@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .sed_postprocessing import (
+from ..sed_postprocessing import (
     add_postprocessing_arguments,
     check_postprocessing_arguments,
     positive_int,
@@ -123,7 +123,7 @@ def check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
-    from .visualization import plot_sound_events
+    from ..visualization import plot_sound_events
 
     target = Path(plot)
     if several:

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from ..audio_decoding import decode_file
-from ..benchmarking import check_model_size, cpu_model, htsat_config
+from .model import check_model_size, cpu_model, htsat_config
 from ..configuration_htsat import HTSATConfig
 from ..feature_extraction_htsat import HTSATFeatureExtractor
 from ..modeling_htsat import HTSATForAudioClassification
-from .store import committed_shards, read_manifest
-from .windows import count_windows
+from ..annotation.store import committed_shards, read_manifest
+from ..annotation.windows import count_windows
 
 FORMATS = (("flac", 32000, 1), ("wav", 16000, 2), ("mp3", 44100, 2), ("flac", 48000, 1), ("wav", 22050, 1))
 

@@ -6,7 +6,7 @@ pipelines. Weight averaging of the checkpoints of one run (the released models a
 `htsat_hf.training.averaging.average_checkpoints`; average first, then ensemble the averaged models.
 
 Command line:
-    python -m htsat_hf.ensemble OUTPUT_DIR MODEL_A MODEL_B ... [--average logits]
+    python -m htsat_hf.weights.ensemble OUTPUT_DIR MODEL_A MODEL_B ... [--average logits]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection
-from .modeling_htsat_ensemble import HTSATEnsembleModel
+from ..modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection
+from ..modeling_htsat_ensemble import HTSATEnsembleModel
 
 
 def load_member(folder: str | Path):
@@ -36,7 +36,7 @@ def build_ensemble(
 ) -> HTSATEnsembleModel:
     """An `HTSATEnsembleModel` of the models in `folders`; with `output_dir`, saved there with the first member's
     feature extractor (all members must use the same front end, which the ensemble config checks)."""
-    from .feature_extraction_htsat import HTSATFeatureExtractor
+    from ..feature_extraction_htsat import HTSATFeatureExtractor
 
     ensemble = HTSATEnsembleModel.from_members([load_member(folder) for folder in folders], average=average)
     if output_dir is not None:

@@ -48,11 +48,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import native_kernels
-from .configuration_htsat import HTSATConfig
-from .cpu_kernels import _ONEDNN_LINEAR, linear_plan, packed_weight
-from .feature_extraction_htsat import HTSATFeatureExtractor
-from .modeling_htsat import (
+from .. import native_kernels
+from ..configuration_htsat import HTSATConfig
+from ..cpu_kernels import _ONEDNN_LINEAR, linear_plan, packed_weight
+from ..feature_extraction_htsat import HTSATFeatureExtractor
+from ..modeling_htsat import (
     HTSATForAudioClassification,
     HTSATForSoundEventDetection,
     StepStitcher,
@@ -325,7 +325,7 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
         Candidate("AST", ast, inputs_from(ASTFeatureExtractor(), 16000, ("input_values",)), True),
     ]
     if settings.include_int8 and device == "cpu":
-        from .export import quantize_dynamic_int8
+        from ..deployment.export import quantize_dynamic_int8
 
         candidates.insert(1, Candidate("htsat_hf int8", quantize_dynamic_int8(htsat), candidates[0].make_inputs))
     if settings.include_cpu_bf16 and device == "cpu" and not settings.bf16:
@@ -370,7 +370,7 @@ class OnnxRuntimeModel:
     def __init__(self, model: torch.nn.Module, threads: int | None = None):
         import tempfile
 
-        from .export import export_onnx, onnx_session
+        from ..deployment.export import export_onnx, onnx_session
 
         self._directory = tempfile.TemporaryDirectory()
         path = export_onnx(model, os.path.join(self._directory.name, "model.onnx"))
@@ -379,7 +379,7 @@ class OnnxRuntimeModel:
     def __call__(self, input_features: torch.Tensor, **_):
         from types import SimpleNamespace
 
-        from .export import run_onnx
+        from ..deployment.export import run_onnx
 
         return SimpleNamespace(logits=run_onnx(self.session, input_features)[0])
 
@@ -773,7 +773,7 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
         kernels = native_kernels._kernels()
         info["native_kernels"] = f"{kernels.htsat_vector_width()}-float vectors" if kernels is not None else "off"
         if settings.include_int8:
-            from .export import int8_engine
+            from ..deployment.export import int8_engine
 
             info["int8_engine"] = int8_engine()
     return info
@@ -817,8 +817,8 @@ def trained_model_fidelity(model_dir: str, data_dir: str | None, split: str = "t
     import datasets
     from transformers import AutoFeatureExtractor
 
-    from .export import quantize_dynamic_int8
-    from .pipeline_htsat import audio_source
+    from ..deployment.export import quantize_dynamic_int8
+    from ..pipeline_htsat import audio_source
 
     model = HTSATForAudioClassification.from_pretrained(model_dir).eval()
     extractor = AutoFeatureExtractor.from_pretrained(model_dir)

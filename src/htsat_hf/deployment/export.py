@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .cpu_kernels import CALIBRATION_ROUNDS, _choose, _fastest_times, _kept_per_machine, _machine_key
-from .modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATPreTrainedModel
+from ..cpu_kernels import CALIBRATION_ROUNDS, _choose, _fastest_times, _kept_per_machine, _machine_key
+from ..modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATPreTrainedModel
 
 logger = logging.get_logger(__name__)
 

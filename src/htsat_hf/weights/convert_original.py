@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .configuration_htsat import HTSATConfig
-from .feature_extraction_htsat import HTSATFeatureExtractor
-from .modeling_htsat import HTSATForAudioClassification
+from ..configuration_htsat import HTSATConfig
+from ..feature_extraction_htsat import HTSATFeatureExtractor
+from ..modeling_htsat import HTSATForAudioClassification
 
 logger = logging.get_logger(__name__)
 

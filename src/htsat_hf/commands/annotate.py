@@ -17,10 +17,10 @@ from ..sed_postprocessing import (
     positive_int,
     postprocessing_from_arguments,
 )
-from .windows import TASKS
+from ..annotation.windows import TASKS
 
 if TYPE_CHECKING:
-    from .sources import InputSource
+    from ..annotation.sources import InputSource
 
 EXAMPLES = """examples:
   python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
@@ -95,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return _launch(argv, processes, on_cpu, args.output_dir)
     from accelerate import PartialState
 
-    from .annotator import Annotator
-    from .corpus import Processes, annotate_corpus
-    from .sources import InputError
-    from .store import ManifestMismatchError, OutputFolderError
+    from ..annotation.annotator import Annotator
+    from ..annotation.corpus import Processes, annotate_corpus
+    from ..annotation.sources import InputError
+    from ..annotation.store import ManifestMismatchError, OutputFolderError
 
     state = PartialState(cpu=on_cpu)
     device = args.device or str(state.device)
@@ -126,7 +126,7 @@ def input_source(args: argparse.Namespace) -> InputSource:
     """The run's inputs from the parsed arguments; inputs that cannot be read as given (a missing --file_list,
     repeated paths or ids, a missing column or split, a dataset that cannot be loaded) end the command with the
     reason."""
-    from .sources import dataset_source, file_source
+    from ..annotation.sources import dataset_source, file_source
 
     try:
         if args.dataset_name:
@@ -210,7 +210,7 @@ def _available_memory() -> int | None:
 def _launch(argv: list[str], processes: int, on_cpu: bool, output_dir: str) -> dict:
     """Runs this command in `processes` processes through torch's launcher (`torchrun --standalone`), each with its
     share of the CPU's threads, and returns the run's counts from the manifest they wrote."""
-    from .store import read_manifest
+    from ..annotation.store import read_manifest
 
     env = dict(os.environ)
     if on_cpu:
@@ -218,7 +218,7 @@ def _launch(argv: list[str], processes: int, on_cpu: bool, output_dir: str) -> d
         env.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cores() // processes)))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
-        str(processes), "--module", "htsat_hf.annotation.cli", *_without_process_count(argv),
+        str(processes), "--module", "htsat_hf.commands.annotate", *_without_process_count(argv),
     ]
     print(f"[annotate] starting {processes} processes" + (f" of {env['OMP_NUM_THREADS']} thread(s)" if on_cpu else ""))
     result = subprocess.run(command, env=env, check=False)

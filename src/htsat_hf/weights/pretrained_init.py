@@ -22,8 +22,8 @@ What is done to the tensors:
   the mel BatchNorm (Swin) and the classification head are left at their fresh initialisation.
 
 Command line (writes an initialised model folder that training can start from with `--model_name_or_path`):
-    python -m htsat_hf.pretrained_init swin SWIN_DIR_OR_FILE OUTPUT_DIR --num_labels 50 --single_label
-    python -m htsat_hf.pretrained_init clap CLAP_DIR_OR_FILE OUTPUT_DIR --labels_csv class_labels_indices.csv
+    python -m htsat_hf.weights.pretrained_init swin SWIN_DIR_OR_FILE OUTPUT_DIR --num_labels 50 --single_label
+    python -m htsat_hf.weights.pretrained_init clap CLAP_DIR_OR_FILE OUTPUT_DIR --labels_csv class_labels_indices.csv
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_htsat import HTSATConfig
-from .modeling_htsat import HTSATForAudioClassification, HTSATPreTrainedModel
+from ..configuration_htsat import HTSATConfig
+from ..modeling_htsat import HTSATForAudioClassification, HTSATPreTrainedModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -469,7 +469,7 @@ def initialise_model(
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> None:
     from .convert_original import read_audioset_labels
-    from .feature_extraction_htsat import HTSATFeatureExtractor
+    from ..feature_extraction_htsat import HTSATFeatureExtractor
 
     parser = argparse.ArgumentParser(
         description="Write an HTS-AT model folder started from a Swin (ImageNet) or CLAP checkpoint."

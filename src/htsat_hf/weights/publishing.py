@@ -110,8 +110,8 @@ def pickled_files(folder: str | Path) -> list[str]:
 
 def _load_model(source: Path, convert_trusted_pickle: bool):
     """The model of `source` through the package's classes, from safetensors; pickled weights only on request."""
-    from .modeling_htsat import HTSATForAudioClassification
-    from .modeling_htsat_ensemble import HTSATEnsembleModel
+    from ..modeling_htsat import HTSATForAudioClassification
+    from ..modeling_htsat_ensemble import HTSATEnsembleModel
 
     config = json.loads((source / "config.json").read_text())
     classes = {"htsat": HTSATForAudioClassification, "htsat_ensemble": HTSATEnsembleModel}
@@ -133,7 +133,7 @@ def _load_model(source: Path, convert_trusted_pickle: bool):
 
 
 def _feature_extractor(source: Path, config):
-    from .feature_extraction_htsat import HTSATFeatureExtractor
+    from ..feature_extraction_htsat import HTSATFeatureExtractor
 
     if (source / "preprocessor_config.json").exists():
         return HTSATFeatureExtractor.from_pretrained(source), None
@@ -144,7 +144,7 @@ def _feature_extractor(source: Path, config):
 def _add_sed_pipeline(output: Path) -> str:
     """Ships the sound-event-detection pipeline's code in the repository (`custom_pipelines` in config.json)."""
     try:
-        from .pipeline_htsat import add_remote_sed_pipeline
+        from ..pipeline_htsat import add_remote_sed_pipeline
     except ImportError as error:
         return f"sound-event-detection pipeline code not available ({error}): not included"
     add_remote_sed_pipeline(output)
