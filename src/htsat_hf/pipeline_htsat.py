@@ -52,6 +52,8 @@ READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
 # Taken by Transformers' `Pipeline.__call__` itself (and `Pipeline.__init__`), before `_sanitize_parameters`.
 PIPELINE_CALL_ARGUMENTS = ("batch_size", "num_workers")
+# A CLAP model's phrases and their calibration (`modeling_htsat_clap.text_query_model`).
+TEXT_QUERY_ARGUMENTS = ("candidate_labels", "hypothesis_template", "calibration", "background_label", "calibration_bias")
 
 
 def keyword_names(function: Callable) -> list[str]:
@@ -254,8 +256,17 @@ class SoundEventDetectionPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         """As `Pipeline`; refuses a model whose weights were not loaded or whose feature extractor disagrees with its
-        config (`inference_checks.check_inference_ready`)."""
+        config (`inference_checks.check_inference_ready`). A CLAP model (`HTSATClapModel`) takes phrases as its labels
+        (`TEXT_QUERY_ARGUMENTS`, here or in a call): it then runs as `text_query_model(model, candidate_labels, ...)`,
+        through the same windows, stitching and post-processing as a label model."""
+        query = {key: kwargs.pop(key) for key in TEXT_QUERY_ARGUMENTS if key in kwargs}
         super().__init__(*args, **kwargs)
+        self.clap_model = self.model if hasattr(self.model, "text_query") else None
+        if self.clap_model is not None and query:
+            self.model = self.clap_model.text_query(tokenizer=self.tokenizer, **query)
+        elif query:
+            raise ValueError(f"{', '.join(sorted(query))}: phrases need a CLAP model (HTSATClapModel), not "
+                             f"{type(self.model).__name__}.")
         check_inference_ready(self.model, self.feature_extractor)
 
     def _sanitize_parameters(
@@ -314,7 +325,22 @@ class SoundEventDetectionPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------- input
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        return super().__call__(one_waveform(inputs), *args, **kwargs)
+        """A call's phrases (`TEXT_QUERY_ARGUMENTS`, for a CLAP model) hold for that call (give a generator's phrases
+        at construction: its results are produced after the call returns)."""
+        query = {key: kwargs.pop(key) for key in TEXT_QUERY_ARGUMENTS if key in kwargs}
+        if self.clap_model is None:
+            if query:
+                raise ValueError(f"{', '.join(sorted(query))}: phrases need a CLAP model (HTSATClapModel).")
+            return super().__call__(one_waveform(inputs), *args, **kwargs)
+        if not query and self.model is self.clap_model:
+            raise ValueError("A CLAP model detects the phrases it is given: pass candidate_labels=[...].")
+        held = self.model
+        if query:
+            self.model = self.clap_model.text_query(tokenizer=self.tokenizer, **{**getattr(held, "query", {}), **query})
+        try:
+            return super().__call__(one_waveform(inputs), *args, **kwargs)
+        finally:
+            self.model = held
 
     def preprocess(self, inputs: Any) -> dict:
         return {"source": audio_source(inputs, self.feature_extractor.sampling_rate)}

@@ -143,8 +143,8 @@ def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     raise FileNotFoundError(f"{path} is neither a model folder nor a .safetensors file.")
 
 
-def _source_state(source: nn.Module | Mapping[str, torch.Tensor] | str | Path, allow_pickle: bool):
-    """(state dict, source config as a dict or None)."""
+def source_state(source: nn.Module | Mapping[str, torch.Tensor] | str | Path, allow_pickle: bool = False):
+    """(state dict, source config as a dict or None) of a module, a state dict, a folder or a weights file."""
     if isinstance(source, nn.Module):
         config = getattr(source, "config", None)
         return dict(source.state_dict()), (config.to_dict() if config is not None else None)
@@ -154,6 +154,9 @@ def _source_state(source: nn.Module | Mapping[str, torch.Tensor] | str | Path, a
     config_file = path / "config.json" if path.is_dir() else None
     config = json.loads(config_file.read_text()) if config_file is not None and config_file.exists() else None
     return load_weights(path, allow_pickle), config
+
+
+_source_state = source_state
 
 
 def _strip_prefix(
@@ -519,4 +522,5 @@ __all__ = [
     "load_weights",
     "reduce_rgb_patch_filters",
     "resize_relative_position_bias_table",
+    "source_state",
 ]
