@@ -156,9 +156,6 @@ def source_state(source: nn.Module | Mapping[str, torch.Tensor] | str | Path, al
     return load_weights(path, allow_pickle), config
 
 
-_source_state = source_state
-
-
 def _strip_prefix(
     state: dict[str, torch.Tensor], prefixes: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], list[str], str]:
@@ -370,7 +367,7 @@ def init_from_swin(
     Note `microsoft/swin-tiny-patch4-window7-224` has 3/6/12/24 heads, HTS-AT's default 4/8/16/32: the model built
     from it has Swin-T's heads (the authors' own start used a 4/8/16/32-head, window-8 Swin-T).
     """
-    state, _ = _source_state(swin, allow_pickle)
+    state, _ = source_state(swin, allow_pickle)
     state, foreign, prefix = _strip_prefix(state, ("swin.", "model."))
     mapped, unused = _translate(state, _translate_swin)
     wanted = _architecture(mapped)
@@ -411,7 +408,7 @@ def init_from_clap(
     `spec_size` and `num_mel_bins`); the front end (sampling rate, hop, mel scale) is not stored in CLAP's weights:
     see `docs/publishing.md` for the settings that match CLAP's feature extractor.
     """
-    state, source_config = _source_state(clap, allow_pickle)
+    state, source_config = source_state(clap, allow_pickle)
     state, foreign, prefix = _strip_prefix(state, ("audio_model.audio_encoder.", "audio_encoder."))
     mapped, unused = _translate(state, _translate_clap)
     wanted = _architecture(mapped)
