@@ -383,3 +383,17 @@ def test_text_query_arguments_are_checked(clap_setup):
         text_query_model(model, LABELS, tokenizer, hypothesis_template="no slot")
     softmax = text_query_model(model, LABELS, tokenizer, background="silence")
     assert softmax.config.id2label[3] == "silence" and softmax.config.problem_type == "single_label_classification"
+
+
+def test_clap_folder_converts(clap_setup, tmp_path):
+    from htsat_hf.weights.clap import main
+
+    source = tmp_path / "clap"
+    clap_setup["clap"].save_pretrained(source)
+    clap_setup["clap_extractor"].save_pretrained(source)
+    clap_setup["tokenizer"].save_pretrained(source)
+    main([str(source), str(tmp_path / "out")])
+    zero_shot = pipeline("zero-shot-audio-classification", model=str(tmp_path / "out"))
+    expected = pipeline("zero-shot-audio-classification", model=str(clap_setup["folder"]))
+    audio = noise(5.0, 80)
+    assert zero_shot(audio, candidate_labels=LABELS) == expected(audio, candidate_labels=LABELS)
