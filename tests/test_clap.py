@@ -397,3 +397,29 @@ def test_clap_folder_converts(clap_setup, tmp_path):
     expected = pipeline("zero-shot-audio-classification", model=str(clap_setup["folder"]))
     audio = noise(5.0, 80)
     assert zero_shot(audio, candidate_labels=LABELS) == expected(audio, candidate_labels=LABELS)
+
+
+def test_planted_phrase_is_found_where_it_was_planted(clap_setup):
+    """A phrase whose text embedding is planted as the mean projected step embedding of a 3-kHz tone (7-9 s, after
+    silence and noise) is detected there, against a background phrase planted on the noise."""
+    model, extractor = clap_setup["model"], clap_setup["extractor"]
+    audio = noise(10.0, 90)
+    audio[: 4 * RATE] = 0.0
+    audio[7 * RATE : 9 * RATE] = 0.5 * np.sin(2 * np.pi * 3000 * np.arange(2 * RATE) / RATE)
+    features = extractor(audio, sampling_rate=RATE, padding=False, return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        tokens, _, _ = model.encode_audio(features)
+        steps = model.project_audio(model.step_embeddings(tokens[:, 0]))[0]
+    onsets = np.arange(32) * 10.0 / 32
+    tone = torch.tensor((onsets >= 7.0) & (onsets + 10.0 / 32 <= 9.0))
+    noisy = torch.tensor(onsets >= 4.0) & ~tone
+    detector = pipeline("sound-event-detection", model=str(clap_setup["folder"]), candidate_labels=["a tone"],
+                        background_label="noise", calibration="sigmoid")
+    detector.model.text_embeds = F.normalize(steps[tone].mean(dim=0), dim=-1)[None]
+    detector.model.background_embed = F.normalize(steps[noisy].mean(dim=0), dim=-1)[None]
+    with torch.no_grad():
+        detector.model.clap.logit_scale_a.fill_(np.log(100.0))  # a trained CLAP's scale is of this order
+    events = detector(audio, threshold=0.7)["events"]
+    print(f"planted tone 7-9 s, detected {events}")
+    assert [event["label"] for event in events] == ["a tone"]
+    assert abs(events[0]["onset"] - 7.0) <= 0.5 and abs(events[0]["offset"] - 9.0) <= 0.5
