@@ -144,7 +144,7 @@ REMOTE = textwrap.dedent(
     import json, sys
     sys.modules["htsat_hf"] = None  # the package is not available here
     import torch
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor, AutoModel, pipeline
     folder = sys.argv[1]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
@@ -152,8 +152,10 @@ REMOTE = textwrap.dedent(
     features = extractor(audio, sampling_rate=48000, return_tensors="pt")["input_features"]
     with torch.no_grad():
         embeds = model.get_audio_features(features).pooler_output
+    zero_shot = pipeline("zero-shot-audio-classification", model=folder, trust_remote_code=True)
     print(json.dumps({"classes": [type(model).__name__, type(extractor).__name__],
-                      "modules": [type(model).__module__, type(extractor).__module__], "embeds": embeds.tolist()}))
+                      "modules": [type(model).__module__, type(extractor).__module__], "embeds": embeds.tolist(),
+                      "zero_shot": zero_shot(audio, candidate_labels=["a dog barking", "a siren", "rain on a roof"])}))
     """
 )
 
@@ -174,6 +176,10 @@ def test_saved_folder_loads_as_remote_code(clap_setup):
     with torch.no_grad():
         expected = clap_setup["model"].get_audio_features(features).pooler_output
     assert torch.allclose(torch.tensor(report["embeds"]), expected, atol=1e-6)
+    # Transformers' own zero-shot pipeline runs the remote model (inputs up to one window give CLAP's scores)
+    ours = pipeline("zero-shot-audio-classification", model=str(folder))(audio, candidate_labels=LABELS)
+    assert [entry["label"] for entry in report["zero_shot"]] == [entry["label"] for entry in ours]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(report["zero_shot"], ours)) < 1e-6
 
 
 # ----------------------------------------------------------------------------------------- front end and fold
