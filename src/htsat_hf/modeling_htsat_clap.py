@@ -252,17 +252,28 @@ class HTSATClapModel(HTSATClapPreTrainedModel):
         start_steps = start_seconds / self.frame_step_seconds(num_frames)
         return stitch_on_grid(step_values, start_steps, self.total_steps(num_frames))
 
+    def token_step_logits(self, tokens: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, tokens, hidden) final tokens of n windows -> their step logits (n, steps, phrases) against normalised
+        `text_embeds`, and the normalised projected step embeddings (n, steps, projection_dim)."""
+        steps = self.project_audio(self.step_embeddings(tokens))
+        return steps @ text_embeds.t() * self.logit_scale(), steps
+
+    def pooled_logits(self, pooled: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) pooled embeddings (the mean tokens of a window, or of all an input's windows) -> clip logits
+        (..., phrases): exp(logit_scale_a) * cos(projected audio, text)."""
+        return self.project_audio(pooled) @ text_embeds.t() * self.logit_scale()
+
     def step_similarity(self, input_features: torch.Tensor, text_embeds: torch.Tensor) -> HTSATClapStepOutput:
         """Per-step and clip logits of `input_features` (batch, frames, mel) against normalised `text_embeds`
         (phrases, projection_dim) (`get_text_features(...).pooler_output`); see the module's definitions."""
         tokens, starts, _ = self.encode_audio(input_features)
         batch, windows = tokens.shape[:2]
-        scale = self.logit_scale()
-        steps = self.project_audio(self.step_embeddings(tokens.flatten(0, 1)))  # (batch * windows, steps, dim)
-        step_logits = (steps @ text_embeds.t() * scale).view(batch, windows, steps.shape[1], -1)
+        step_logits, steps = self.token_step_logits(tokens.flatten(0, 1), text_embeds)  # (batch * windows, steps, .)
+        step_logits = step_logits.view(batch, windows, steps.shape[1], -1)
         steps = steps.view(batch, windows, *steps.shape[1:])
-        window_logits = self.project_audio(tokens.mean(dim=2)) @ text_embeds.t() * scale
+        window_logits = self.pooled_logits(tokens.mean(dim=2), text_embeds)
         audio_embeds = self.project_audio(tokens.mean(dim=(1, 2)))
+        scale = self.logit_scale()
         num_frames = input_features.shape[1]
         if num_frames <= self.config.audio_config.image_frames:
             step_logits, steps = step_logits[:, 0], steps[:, 0]
@@ -307,6 +318,9 @@ class HTSATClapTextQuery(nn.Module):
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: index for index, label in enumerate(labels)}
         config.problem_type = "single_label_classification" if calibration == "softmax" else "multi_label_classification"
+        # per-step outputs on the token-semantic head's step grid (`classifier` is that head's slot), so the annotator
+        # and the live detector run the steps as for an `HTSATForSoundEventDetection`
+        config.use_token_semantic_head = True
         self.config = config
         self.loading_info = getattr(clap_model, "loading_info", None)
         self.name_or_path = getattr(clap_model, "name_or_path", None)
@@ -329,12 +343,32 @@ class HTSATClapTextQuery(nn.Module):
             return logits[..., :-1] - logits[..., -1:] + self.bias
         return logits + self.bias
 
-    def forward(self, input_features: torch.Tensor, **kwargs) -> TextQueryOutput:
-        phrases = self.text_embeds if self.background_embed is None else torch.cat(
+    def phrase_embeds(self) -> torch.Tensor:
+        """(phrases [+ background], projection_dim) the normalised text embeddings the audio is compared with."""
+        return self.text_embeds if self.background_embed is None else torch.cat(
             [self.text_embeds, self.background_embed])
-        output = self.clap.step_similarity(input_features, phrases)
+
+    def forward(self, input_features: torch.Tensor, **kwargs) -> TextQueryOutput:
+        output = self.clap.step_similarity(input_features, self.phrase_embeds())
         return TextQueryOutput(logits=self.calibrate(output.logits_per_audio),
                                frame_logits=self.calibrate(output.step_logits), pooler_output=output.audio_embeds)
+
+    # what the annotator and the live detector run on windows they encode themselves (`htsat.encode_images`)
+    def classifier(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, tokens, hidden) final tokens of n windows -> (n, steps, labels) calibrated step logits, in the slot of
+        `HTSATForSoundEventDetection.classifier` (the same `token_step_logits` as `forward`)."""
+        return self.calibrate(self.clap.token_step_logits(tokens, self.phrase_embeds())[0])
+
+    def clip_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) pooled embeddings (a window's mean tokens, or the mean over an input's windows) -> calibrated
+        clip logits (..., labels), as `forward`'s `logits` (a window's clip logits are not the mean of its step
+        logits: the projection is not linear)."""
+        return self.calibrate(self.clap.pooled_logits(pooled, self.phrase_embeds()))
+
+    def joint_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) pooled embeddings -> (..., projection_dim) normalised audio embeddings in CLAP's joint space
+        (what `get_audio_features` returns), comparable with `get_text_features`."""
+        return self.clap.project_audio(pooled)
 
     def frame_step_seconds(self, num_frames: int) -> float:
         return self.clap.frame_step_seconds(num_frames)

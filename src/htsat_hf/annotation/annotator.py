@@ -25,6 +25,7 @@ from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
 from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
 from .schema import task_columns, typed_column
+from .text_queries import is_text_query, text_query_for, text_query_settings
 from .windows import (
     CLIP_TASKS,
     TASKS,
@@ -89,6 +90,10 @@ class Annotator:
             workers then only decode, which keeps a GPU fed), or "auto" ("device" for a model on a GPU).
         audio_column, id_column: the columns `__call__` reads (batched `datasets.map`, Ray `map_batches`).
         trust_remote_code: for loading a folder whose model code travels with it.
+        text_labels: for a CLAP model (`HTSATClapModel`, folder or loaded): the phrases to detect (a list, or a file
+            of them one per line), which then stand for the labels in tags and events (`text_queries.py`), with
+            hypothesis_template, calibration, background_label, calibration_bias (the SED pipeline's options) and
+            tokenizer (default: the folder's). With "embeddings" the stored embedding is CLAP's joint-space one.
     """
 
     def __init__(
@@ -112,7 +117,17 @@ class Annotator:
         audio_column: str = "audio",
         id_column: str | None = None,
         trust_remote_code: bool = False,
+        text_labels: Any = None,
+        hypothesis_template: str | None = None,
+        calibration: str | None = None,
+        background_label: str | None = None,
+        calibration_bias: float | None = None,
+        tokenizer: Any = None,
     ):
+        model, feature_extractor = text_query_for(  # a CLAP model asked about phrases (else unchanged)
+            model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
+            trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
+            background_label=background_label, calibration_bias=calibration_bias)
         self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
                                                    allow_ensemble=True)
         self.config = self.model.config
@@ -167,6 +182,7 @@ class Annotator:
             "label_mapping": self.label_mapping,
             "bf16": self.bf16,
             "features_on": self.features_on,
+            **({"text_query": text_query_settings(self.model)} if is_text_query(self.model) else {}),
         }
 
     @property
@@ -322,7 +338,9 @@ class Annotator:
 
             combined = self._combine(list(steps), self._exclusive)  # combined per window, then stitched
             # for a single-label model with each window's clip logits beside the steps' (they cap the frame scores)
-            clips = self._combine([member.mean(dim=-2) for member in steps], self._exclusive)  # each window's clip
+            clips = (self.model.clip_logits(torch.stack([tokens for _, _, tokens in state.timeline]))
+                     if is_text_query(self.model)  # a CLAP window's clip logits come from its pooled embedding
+                     else self._combine([member.mean(dim=-2) for member in steps], self._exclusive))  # each window's
             stitched = stitch(with_window_clip_logits(combined, self.config.problem_type, clips))
             frame_logits = stitched[..., : combined.shape[-1]]
             member_frames = [stitch(member) for member in steps] if self.ensemble else [frame_logits]
@@ -335,10 +353,13 @@ class Annotator:
             embedding = torch.stack(clip_tokens).mean(dim=0)
             if "tags" in self.tasks:
                 logits = (self._combine([member.mean(dim=0) for member in clip_steps], self._exclusive)
-                          if clip_steps is not None else self._pooled_logits(embedding))
+                          if clip_steps is not None and not is_text_query(self.model)
+                          else self._pooled_logits(embedding))
                 row["tags"] = self._tags(logits)
                 row["clip_logits"] = logits  # not a column: for `pipeline("audio-classification")`
             if "embeddings" in self.tasks:
+                if is_text_query(self.model):  # CLAP's joint space: projected and normalised
+                    embedding = self._pooled_logits(embedding, joint=True)
                 row["embedding"] = embedding.numpy().astype(np.float32)
         if TIMELINE_TASKS & set(self.tasks):
             scores, _ = labelled_frame_scores(stitched, self.config.problem_type, self.model_labels,
@@ -361,10 +382,15 @@ class Annotator:
     def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
         return combine_members(self.model, member_logits, exclusive)
 
-    def _pooled_logits(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Clip logits of the pooled-head ablation from the mean token."""
+    def _pooled_logits(self, embedding: torch.Tensor, joint: bool = False) -> torch.Tensor:
+        """Clip logits of the pooled-head ablation from the mean token; for phrases (a CLAP model) the calibrated
+        clip logits (or with `joint` the joint-space embedding) of the input's pooled embedding."""
         with torch.inference_mode():
-            return self.model.classifier(embedding.to(self.device, self.model.dtype)[None])[0].float().cpu()
+            embedding = embedding.to(self.device, self.model.dtype)[None]
+            if is_text_query(self.model):
+                head = self.model.joint_embedding if joint else self.model.clip_logits
+                return head(embedding)[0].float().cpu()
+            return self.model.classifier(embedding)[0].float().cpu()
 
     def _tags(self, logits: torch.Tensor) -> list[dict]:
         return top_tags(logits, self.model_labels, self.config.problem_type, self.top_k)

@@ -17,6 +17,7 @@ from ..sed_postprocessing import (
     positive_int,
     postprocessing_from_arguments,
 )
+from ..annotation.text_queries import add_text_query_arguments, text_query_from_arguments
 from ..annotation.windows import TASKS
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
       --device cpu --num_processes auto                # one model process per CPU core (as memory allows)
   accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
       --output_dir out --bf16
+  python scripts/annotate.py --model_name_or_path clap-folder --files a.wav --output_dir out \
+      --text_labels "a dog barking" "a siren" --tasks tags events embeddings   # a CLAP model: phrases
 Running the same command again continues an interrupted run; the output loads with
 datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
 
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
     tasks.add_argument("--top_k", type=positive_int, default=5, help="tags per input")
     add_postprocessing_arguments(tasks)
+    add_text_query_arguments(parser)
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=positive_int, default=16, help="windows per forward pass, packed across files")
     run.add_argument("--num_workers", type=non_negative_int, default=2,
@@ -106,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         annotator = Annotator(
             args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
             bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
-            **postprocessing_from_arguments(args),
+            **postprocessing_from_arguments(args), **text_query_from_arguments(args),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         raise SystemExit(f"error: {error}") from None
