@@ -3,6 +3,8 @@ phrases live (LiveDetector). Reuses tests/test_clap.py's small random CLAP and l
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -117,3 +119,73 @@ def test_annotate_command_takes_phrases(clap_setup, clap_corpus, tmp_path):
     with pytest.raises(SystemExit, match="text_labels"):
         main(["--model_name_or_path", folder, "--files", clap_corpus[0], "--output_dir", str(tmp_path / "o2"),
               "--num_workers", "0", "--device", "cpu", "--no_progress"])
+
+
+# -------------------------------------------------------------------------------------------------------- search
+def planted_corpus(tmp_path, planted_vector, rows=3000, dim=64, planted=(17, 1234, 2999)):
+    from htsat_hf.benchmarks.search import random_embeddings, write_embedding_corpus
+
+    embeddings = random_embeddings(rows, dim, seed=5)
+    noise_rng = np.random.default_rng(6)
+    for strength, row in zip((0.0, 0.05, 0.1), planted):  # the planted rows, each a little further from the vector
+        vector = planted_vector + strength * noise_rng.standard_normal(dim).astype(np.float32)
+        embeddings[row] = vector / np.linalg.norm(vector)
+    durations = noise_rng.uniform(1.0, 30.0, rows)
+    return write_embedding_corpus(tmp_path / "planted", embeddings, durations, rows_per_shard=700), durations
+
+
+def test_search_returns_the_planted_rows_first(tmp_path):
+    from htsat_hf.annotation.search import EmbeddingIndex
+
+    vector = np.random.default_rng(7).standard_normal(64).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    out, durations = planted_corpus(tmp_path, vector)
+    index = EmbeddingIndex.open(out)
+    assert len(index) == 3000 and len(index.batches) == 5  # one record batch per shard: merged across batches
+    other = np.random.default_rng(8).standard_normal(64).astype(np.float32)
+    hits = index.search_embeddings(["planted", "other"], np.stack([vector, other / np.linalg.norm(other)]), top_k=5)
+    assert [hit.id for hit in hits["planted"][:3]] == ["input-17", "input-1234", "input-2999"]
+    assert hits["planted"][0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits["planted"][2].score > hits["planted"][3].score + 0.3
+    assert (hits["planted"][1].onset, hits["planted"][1].offset) == (0.0, pytest.approx(durations[1234]))
+    # the top k equal a full sort of every row's score
+    stored = np.concatenate([view for view in index._views])
+    expected = np.argsort(-(stored @ other / np.linalg.norm(other)))[:5]
+    assert [hit.id for hit in hits["other"]] == [f"input-{i}" for i in expected]
+    assert EmbeddingIndex.open(out).path == index.path  # built once, then memory-mapped
+
+
+def test_search_embeds_phrases_with_the_text_tower_only(clap_setup, tmp_path):
+    from htsat_hf.annotation.search import search, text_embeddings
+
+    model, tokenizer = clap_setup["model"], clap_setup["tokenizer"]
+    siren = text_embeddings(model, ["a siren"], tokenizer)[0]
+    out, _ = planted_corpus(tmp_path, siren)
+    hits = search(out, ["a siren", "a dog barking"], model=model, tokenizer=tokenizer, top_k=3)
+    assert [hit.id for hit in hits["a siren"]] == ["input-17", "input-1234", "input-2999"]
+    assert [hit.rank for hit in hits["a siren"]] == [1, 2, 3]
+
+
+def test_search_over_an_annotated_folder(clap_setup, clap_corpus, tmp_path, capsys):
+    from htsat_hf.annotation.search import SearchError, search, text_embeddings
+    from htsat_hf.commands.search import main
+
+    folder, out = str(clap_setup["folder"]), tmp_path / "out"
+    annotator = Annotator(folder, tasks=("tags", "embeddings"), device="cpu", text_labels=LABELS)
+    annotate_corpus(annotator, file_source(clap_corpus), out, model_name=folder, num_workers=0, progress=False)
+    hits = search(out, LABELS[1], top_k=5)[LABELS[1]]  # the model the manifest names
+    table = pd.read_parquet(out).set_index("id")
+    text = text_embeddings(clap_setup["model"], [LABELS[1]], clap_setup["tokenizer"])[0]
+    expected = sorted(((float(np.dot(np.asarray(e, np.float32), text)), i) for i, e in table["embedding"].items()),
+                      reverse=True)
+    assert [(hit.id, hit.offset) for hit in hits] == [(i, table.loc[i, "duration_s"]) for _, i in expected]
+    np.testing.assert_allclose([hit.score for hit in hits], [score for score, _ in expected], atol=1e-5)
+    capsys.readouterr()
+    assert main([str(out), LABELS[1], "--json", "--top_k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == [hit.id for hit in hits[:2]]
+    labelled = tmp_path / "no_embeddings"
+    annotate_corpus(Annotator(folder, tasks=("tags",), device="cpu", text_labels=LABELS), file_source(clap_corpus[:1]),
+                    labelled, model_name=folder, num_workers=0, progress=False)
+    with pytest.raises(SearchError, match="without embeddings"):
+        search(labelled, "a siren")
