@@ -189,3 +189,55 @@ def test_search_over_an_annotated_folder(clap_setup, clap_corpus, tmp_path, caps
                     labelled, model_name=folder, num_workers=0, progress=False)
     with pytest.raises(SearchError, match="without embeddings"):
         search(labelled, "a siren")
+
+
+# ---------------------------------------------------------------------------------------------------------- live
+@pytest.mark.parametrize("options", [
+    {},
+    {"calibration": "sigmoid", "background_label": "silence"},
+])
+def test_live_scores_for_phrases_equal_the_pipeline(clap_setup, options):
+    from htsat_hf.live.detector import LiveDetector
+
+    folder = str(clap_setup["folder"])
+    audio = noise(23.7, 120)
+    audio[8 * RATE : 14 * RATE] = 0.0
+    offline = pipeline("sound-event-detection", model=folder)
+    reference = offline(audio, candidate_labels=LABELS, return_frame_scores=True, **options)
+    threshold = float(np.quantile(reference["frame_scores"], 0.7))
+    expected = offline(audio, candidate_labels=LABELS, threshold=threshold, min_duration_seconds=0.3, **options)
+    assert expected["events"]
+    detector = LiveDetector(folder, hop_seconds=5.0, lookahead_seconds=10.0, pad_start=False, threshold=threshold,
+                            min_duration_seconds=0.3, device="cpu", text_labels=LABELS, **options)
+    assert detector.labels == LABELS and detector.config.long_input_hop_seconds == 5.0
+    updates = []
+    for start in range(0, len(audio), RATE):
+        updates += detector.push(audio[start : start + RATE])
+    updates += detector.flush()
+    scores = np.concatenate([update.step_scores for update in updates])
+    np.testing.assert_allclose(scores, reference["frame_scores"], atol=1e-5)
+    events = sorted((e for u in updates for e in u.events), key=lambda e: (e["onset"], e["label"]))
+    expected = sorted(expected["events"], key=lambda e: (e["onset"], e["label"]))
+    assert [(e["label"], e["onset"], e["offset"]) for e in events] == [
+        (e["label"], e["onset"], e["offset"]) for e in expected]  # scores as the steps', within float rounding
+    np.testing.assert_allclose([e["score"] for e in events], [e["score"] for e in expected], atol=1e-5)
+    # a window's tags are its own clip scores (from its pooled embedding, not the mean of its steps)
+    first = updates[0]
+    features = clap_setup["extractor"](audio[: 10 * RATE], sampling_rate=RATE, padding=False,
+                                       return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        window = detector.model(features[:, : detector.window_frames])
+    scores = torch.softmax(window.logits[0], -1) if not options else torch.sigmoid(window.logits[0])
+    assert first.tags[0]["score"] == pytest.approx(float(scores.max()), abs=1e-5)
+
+
+def test_listen_command_takes_phrases(clap_setup, tmp_path):
+    from htsat_hf.commands.listen import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--stdin", "--text-labels", "a siren", "a dog barking",
+                                      "--calibration", "sigmoid", "--background-label", "silence"])
+    from htsat_hf.annotation.text_queries import text_query_from_arguments
+
+    assert text_query_from_arguments(args) == dict(
+        text_labels=["a siren", "a dog barking"], hypothesis_template=None, calibration="sigmoid",
+        background_label="silence", calibration_bias=None)

@@ -115,22 +115,43 @@ def _is_clap_folder(model: Any, trust_remote_code: bool) -> bool:
     return getattr(config, "model_type", None) == "htsat_clap"
 
 
+# ------------------------------------------------------------------------------------------------- live windows
+def window_logits(member: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, tokens, hidden) final tokens of n windows -> their step logits (n, steps, labels) through the member's
+    `classifier`; for phrases with each window's own clip logits (`clip_logits` of its pooled tokens) appended as a
+    last row (n, steps + 1, labels), since a CLAP window's clip logits are not the mean of its step logits."""
+    steps = member.classifier(tokens)
+    if not is_text_query(member):
+        return steps
+    return torch.cat([steps, member.clip_logits(tokens.mean(dim=1))[:, None]], dim=1)
+
+
+def split_window_logits(model: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`window_logits`' rows (..., steps [+ 1], labels) -> step logits and, for phrases, the window's clip logits
+    (None for a label model: its clip logits are the mean of its steps)."""
+    if not is_text_query(model):
+        return logits, None
+    return logits[..., :-1, :], logits[..., -1, :]
+
+
 # ------------------------------------------------------------------------------------------------- command line
 def add_text_query_arguments(parser: argparse.ArgumentParser | Any, dashes: bool = False) -> None:
-    """--text_labels and the calibration options (`--text-labels` ... with `dashes`, as listen.py spells options)."""
-    def name(option: str) -> str:
-        return "--" + (option.replace("_", "-") if dashes else option)
+    """--text_labels and the calibration options, each also spelled with dashes (--text-labels ...; shown first with
+    `dashes`, as listen.py spells its options)."""
+    def name(option: str) -> tuple[str, str]:
+        spellings = ("--" + option, "--" + option.replace("_", "-"))
+        return spellings[::-1] if dashes else spellings
 
     group = parser.add_argument_group("phrases (a CLAP model: HTSATClapModel)")
-    group.add_argument(name("text_labels"), nargs="+", metavar="PHRASE",
+    group.add_argument(*name("text_labels"), dest="text_labels", nargs="+", metavar="PHRASE",
                        help="phrases to detect instead of labels, or one file of them, one per line")
-    group.add_argument(name("hypothesis_template"), help="how each phrase is put to the text tower "
+    group.add_argument(*name("hypothesis_template"), dest="hypothesis_template", help="how each phrase is put to the text tower "
                        f"(default {TEXT_QUERY_DEFAULTS['hypothesis_template']!r})")
-    group.add_argument(name("calibration"), choices=["softmax", "sigmoid"],
+    group.add_argument(*name("calibration"), dest="calibration", choices=["softmax", "sigmoid"],
                        help="softmax across the phrases (default) or sigmoid per phrase")
-    group.add_argument(name("background_label"), metavar="PHRASE",
+    group.add_argument(*name("background_label"), dest="background_label", metavar="PHRASE",
                        help='a phrase for what is none of them, e.g. "background noise"')
-    group.add_argument(name("calibration_bias"), type=float, help="added to sigmoid logits (default 0)")
+    group.add_argument(*name("calibration_bias"), dest="calibration_bias", type=float, help="added to sigmoid logits (default 0)")
 
 
 def text_query_from_arguments(args: argparse.Namespace) -> dict:
@@ -142,4 +163,4 @@ def text_query_from_arguments(args: argparse.Namespace) -> dict:
 
 
 __all__ = ["TEXT_QUERY_DEFAULTS", "add_text_query_arguments", "is_clap", "is_text_query", "read_phrases",
-           "text_query_for", "text_query_from_arguments", "text_query_settings"]
+           "split_window_logits", "text_query_for", "text_query_from_arguments", "text_query_settings", "window_logits"]

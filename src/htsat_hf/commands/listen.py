@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from ..annotation.text_queries import add_text_query_arguments, text_query_from_arguments
 from ..audio_decoding import AudioInputError, ffmpeg_blocks, ffmpeg_source, probe_streams
 from ..sed_postprocessing import (
     add_postprocessing_arguments,
@@ -29,6 +30,7 @@ EXAMPLES = """examples:
   listen.py --model DIR --input rec.wav                           # a file, played in real time (ffmpeg -re)
   listen.py --model DIR --input rec.wav --as-fast-as-possible     # a file, as fast as the model runs
   arecord -f S16_LE -r 16000 | listen.py --model DIR --stdin --stdin-format s16le --stdin-rate 16000
+  listen.py --model CLAP_DIR --input rec.wav --text-labels "a dog barking" "a siren"   # a CLAP model: phrases
 
 Output, one JSON object per line:
   {"type": "tags", "time": 12.0, "tags": [{"label": ..., "score": ...}, ...]}     one per hop
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     add_postprocessing_arguments(parser)
+    add_text_query_arguments(parser, dashes=True)
     return parser
 
 
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
             pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
             trust_remote_code=args.trust_remote_code, channels=channels, **postprocessing_from_arguments(args),
+            **text_query_from_arguments(args),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         print(f"listen.py: {error}", file=sys.stderr)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
+from ..annotation.text_queries import split_window_logits, text_query_for, window_logits
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
@@ -79,6 +80,8 @@ class LiveDetector:
         threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample,
             label_mapping: the SED pipeline's post-processing.
         device, trust_remote_code, bf16: as for `Annotator`.
+        text_labels, hypothesis_template, calibration, background_label, calibration_bias, tokenizer: for a CLAP
+            model (`HTSATClapModel`), the phrases to detect and their calibration, as for `Annotator`.
     """
 
     def __init__(
@@ -103,7 +106,17 @@ class LiveDetector:
         device: str | torch.device | None = None,
         bf16: bool = False,
         trust_remote_code: bool = False,
+        text_labels: Any = None,
+        hypothesis_template: str | None = None,
+        calibration: str | None = None,
+        background_label: str | None = None,
+        calibration_bias: float | None = None,
+        tokenizer: Any = None,
     ):
+        model, feature_extractor = text_query_for(  # a CLAP model asked about phrases (else unchanged)
+            model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
+            trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
+            background_label=background_label, calibration_bias=calibration_bias)
         self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
                                                    allow_ensemble=True)
         config = self.config = self.model.config
@@ -225,20 +238,22 @@ class LiveDetector:
     def step_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(windows, clip_frames, mel) log-mel windows -> (windows, members, token steps, labels) float32 step logits
         on the CPU: the token-semantic head of each member (one for a single model) on each window, as the model
-        runs a 10-s input."""
+        runs a 10-s input (for phrases, each window's clip logits after its steps: `text_queries.window_logits`)."""
         member_steps = []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for member in self.members:
                 images = member.htsat.window_images(features.to(self.device, member.dtype))
-                member_steps.append(member.classifier(member.htsat.encode_images(images)[0]).float().cpu())
+                member_steps.append(window_logits(member, member.htsat.encode_images(images)[0]).float().cpu())
         return torch.stack(member_steps, dim=1)
 
     def _after_window(self, start: int, member_logits: torch.Tensor) -> LiveUpdate:
         """Adds one window's (members, steps, labels) logits; emits the steps `lookahead_seconds` behind its end."""
         self.windows_run += 1
         exclusive = is_exclusive(self.config.problem_type)
+        member_logits, phrase_clip_logits = split_window_logits(self.model, member_logits)
         logits = combine_members(self.model, list(member_logits), exclusive)  # per window, as offline
-        clip_logits = combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
+        clip_logits = (combine_members(self.model, [member.mean(dim=0) for member in member_logits], exclusive)
+                       if phrase_clip_logits is None else phrase_clip_logits[0])
         values = with_window_clip_logits(logits, self.config.problem_type, clip_logits)
         self.stitcher.add(values[None], [start * self.frame_seconds])
         end_seconds = (start + self.window_frames - 1) * self.frame_seconds
