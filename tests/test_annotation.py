@@ -1039,3 +1039,20 @@ def test_a_holder_whose_lock_was_taken_over_stops_before_committing(tmp_path):
         lock.check()
     lock.release()
     assert (tmp_path / "lock.json").read_text() == taken
+
+
+def test_window_embeddings_average_to_the_input_embedding(model_folder, corpus):
+    """window_embeddings: each window's pooled latent with its span; their mean is the input's embedding."""
+    _, files = corpus
+    annotator = Annotator(str(model_folder), tasks=("embeddings", "window_embeddings"), batch_size=4, device="cpu")
+    rows = [row for row in annotator.annotate([(f, f) for f in files[: len(CORPUS)]]) if isinstance(row, dict)]
+    assert any(len(row["window_embeddings"]) > 1 for row in rows)
+    for row in rows:
+        windows = row["window_embeddings"]
+        np.testing.assert_allclose(np.mean([w["embedding"] for w in windows], axis=0), row["embedding"], atol=1e-5)
+        assert windows[0]["onset"] == 0.0 and windows[-1]["offset"] == pytest.approx(row["duration_s"])
+        assert len(windows) == 1 or all(w["offset"] - w["onset"] <= annotator.config.clip_seconds + 1e-9 for w in windows)
+    from htsat_hf.annotation.annotator import rows_to_arrow
+
+    table = rows_to_arrow(rows, annotator.tasks)
+    assert table.column_names[:3] == ["duration_s", "embedding", "window_embeddings"]

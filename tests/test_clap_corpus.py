@@ -170,16 +170,38 @@ def test_search_over_an_annotated_folder(clap_setup, clap_corpus, tmp_path, caps
     from htsat_hf.annotation.search import SearchError, search, text_embeddings
     from htsat_hf.commands.search import main
 
-    folder, out = str(clap_setup["folder"]), tmp_path / "out"
+    folder, out, model = str(clap_setup["folder"]), tmp_path / "out", clap_setup["model"]
+    text = text_embeddings(model, [LABELS[1]], clap_setup["tokenizer"])[0]
+    # one row per input (embeddings), then one per window (window_embeddings, searched where a folder has them)
     annotator = Annotator(folder, tasks=("tags", "embeddings"), device="cpu", text_labels=LABELS)
     annotate_corpus(annotator, file_source(clap_corpus), out, model_name=folder, num_workers=0, progress=False)
     hits = search(out, LABELS[1], top_k=5)[LABELS[1]]  # the model the manifest names
     table = pd.read_parquet(out).set_index("id")
-    text = text_embeddings(clap_setup["model"], [LABELS[1]], clap_setup["tokenizer"])[0]
     expected = sorted(((float(np.dot(np.asarray(e, np.float32), text)), i) for i, e in table["embedding"].items()),
                       reverse=True)
-    assert [(hit.id, hit.offset) for hit in hits] == [(i, table.loc[i, "duration_s"]) for _, i in expected]
+    assert [(hit.id, hit.onset, hit.offset) for hit in hits] == [(i, 0.0, table.loc[i, "duration_s"])
+                                                                 for _, i in expected]
     np.testing.assert_allclose([hit.score for hit in hits], [score for score, _ in expected], atol=1e-5)
+    out = tmp_path / "windows"
+    annotator = Annotator(folder, tasks=("window_embeddings",), device="cpu", text_labels=LABELS)
+    annotate_corpus(annotator, file_source(clap_corpus), out, model_name=folder, num_workers=0, progress=False)
+    table = pd.read_parquet(out).set_index("id")
+    long_file = clap_corpus[-1]  # 23 s: windows at 0, 5, 10 s and the one ending with the input
+    windows = table.loc[long_file, "window_embeddings"]
+    assert [(w["onset"], w["offset"]) for w in windows] == [(0.0, 10.0), (5.0, 15.0), (10.0, 20.0),
+                                                            (pytest.approx(13.0, abs=0.02), 23.0)]
+    features = clap_setup["extractor"](sf.read(long_file, dtype="float32")[0], sampling_rate=RATE, padding=False,
+                                       return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        tokens, _, _ = model.encode_audio(features)
+        joint = model.project_audio(tokens.mean(dim=2))[0].numpy()  # each window's get_audio_features
+    np.testing.assert_allclose(np.stack([w["embedding"] for w in windows]), joint, atol=1e-5)
+    assert [(w["onset"], w["offset"]) for w in table.loc[clap_corpus[0], "window_embeddings"]] == [(0.0, 3.0)]
+    hits = search(out, LABELS[1], top_k=4)[LABELS[1]]
+    every = sorted(((float(np.dot(np.asarray(w["embedding"], np.float32), text)), i, w["onset"])
+                    for i, row in table["window_embeddings"].items() for w in row), reverse=True)
+    assert [(hit.id, hit.onset) for hit in hits] == [(i, onset) for _, i, onset in every[:4]]
+    np.testing.assert_allclose([hit.score for hit in hits], [score for score, _, _ in every[:4]], atol=1e-5)
     capsys.readouterr()
     assert main([str(out), LABELS[1], "--json", "--top_k", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

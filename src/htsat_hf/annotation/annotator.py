@@ -24,6 +24,7 @@ from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
 from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
+from .embeddings import stored_embeddings, window_embedding_rows
 from .schema import task_columns, typed_column
 from .text_queries import is_text_query, text_query_for, text_query_settings
 from .windows import (
@@ -138,7 +139,7 @@ class Annotator:
             if not self.config.use_token_semantic_head:
                 raise ValueError("The annotator takes ensembles whose members all have the token-semantic head on one "
                                  "time grid; this one mixes heads or grids (use pipeline('audio-classification')).")
-            if "embeddings" in self.tasks:
+            if {"embeddings", "window_embeddings"} & set(self.tasks):
                 raise ValueError("An ensemble has no single pooled embedding: drop 'embeddings' from the tasks, or "
                                  "annotate with one member.")
         if TIMELINE_TASKS & set(self.tasks) and not self.config.use_token_semantic_head:
@@ -357,10 +358,12 @@ class Annotator:
                           else self._pooled_logits(embedding))
                 row["tags"] = self._tags(logits)
                 row["clip_logits"] = logits  # not a column: for `pipeline("audio-classification")`
-            if "embeddings" in self.tasks:
-                if is_text_query(self.model):  # CLAP's joint space: projected and normalised
-                    embedding = self._pooled_logits(embedding, joint=True)
-                row["embedding"] = embedding.numpy().astype(np.float32)
+            if "embeddings" in self.tasks:  # a CLAP model's in the joint space (`embeddings.py`)
+                row["embedding"] = stored_embeddings(self.model, embedding)
+            if "window_embeddings" in self.tasks:
+                timeline = clip_view(end, self.feature_extractor.max_length_samples) == TIMELINE
+                row["window_embeddings"] = window_embedding_rows(
+                    self.model, clip_tokens, starts if timeline else [0], row["duration_s"], end.windowed)
         if TIMELINE_TASKS & set(self.tasks):
             scores, _ = labelled_frame_scores(stitched, self.config.problem_type, self.model_labels,
                                               self.label_mapping or None)
@@ -382,15 +385,12 @@ class Annotator:
     def _combine(self, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
         return combine_members(self.model, member_logits, exclusive)
 
-    def _pooled_logits(self, embedding: torch.Tensor, joint: bool = False) -> torch.Tensor:
+    def _pooled_logits(self, embedding: torch.Tensor) -> torch.Tensor:
         """Clip logits of the pooled-head ablation from the mean token; for phrases (a CLAP model) the calibrated
-        clip logits (or with `joint` the joint-space embedding) of the input's pooled embedding."""
+        clip logits of the input's pooled embedding."""
+        head = self.model.clip_logits if is_text_query(self.model) else self.model.classifier
         with torch.inference_mode():
-            embedding = embedding.to(self.device, self.model.dtype)[None]
-            if is_text_query(self.model):
-                head = self.model.joint_embedding if joint else self.model.clip_logits
-                return head(embedding)[0].float().cpu()
-            return self.model.classifier(embedding)[0].float().cpu()
+            return head(embedding.to(self.device, self.model.dtype)[None])[0].float().cpu()
 
     def _tags(self, logits: torch.Tensor) -> list[dict]:
         return top_tags(logits, self.model_labels, self.config.problem_type, self.top_k)

@@ -10,19 +10,24 @@ from .windows import TASKS
 
 TAG = pa.struct([("label", pa.string()), ("score", pa.float64())])
 EVENT = pa.struct([("label", pa.string()), ("onset", pa.float64()), ("offset", pa.float64()), ("score", pa.float64())])
+# one window of an input: its span in seconds and its embedding (as `embedding`: the pooled latent of a label model,
+# CLAP's joint-space audio embedding for a CLAP model)
+WINDOW = pa.struct([("onset", pa.float64()), ("offset", pa.float64()), ("embedding", pa.list_(pa.float32()))])
 COLUMN_TYPES = {
     "id": pa.string(),
     "duration_s": pa.float64(),
     "tags": pa.list_(TAG),
     "events": pa.list_(EVENT),
-    "embedding": pa.list_(pa.float32()),
+    "embedding": pa.list_(pa.float32()),  # of the whole input; a CLAP model's is in the joint space (projected, normalised)
+    "window_embeddings": pa.list_(WINDOW),
     "frame_scores": pa.list_(pa.list_(pa.float32())),
     "frame_step_s": pa.float64(),
     "warning": pa.string(),
     "error": pa.string(),  # "stage: message" in the columns of `Annotator.__call__`; shards keep errors apart
 }
 TASK_COLUMNS = {
-    "tags": ["tags"], "events": ["events"], "embeddings": ["embedding"], "frame_scores": ["frame_scores", "frame_step_s"]
+    "tags": ["tags"], "events": ["events"], "embeddings": ["embedding"], "frame_scores": ["frame_scores", "frame_step_s"],
+    "window_embeddings": ["window_embeddings"],
 }
 
 

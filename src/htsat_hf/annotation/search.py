@@ -4,9 +4,10 @@
     for hit in hits["a dog barking"]:
         print(hit.rank, hit.score, hit.id, hit.onset, hit.offset)
 
-A folder annotated by a CLAP model (`Annotator(..., text_labels=...)`, `--text_labels`) with the "embeddings" task
-holds, per input, CLAP's normalised audio embedding of the whole input (`HTSATClapModel.get_audio_features`: the
-mean of its windows' pooled tokens, projected and normalised). A query embeds each phrase with the CLAP text tower
+A folder annotated by a CLAP model (`Annotator(..., text_labels=...)`, `--text_labels`) with the
+"window_embeddings" (or "embeddings") task holds CLAP's normalised audio embedding of each window of each input (of
+the whole input): `HTSATClapModel.get_audio_features`, the window's pooled tokens (the mean of the windows' pooled
+tokens) projected and normalised (`annotation/embeddings.py`). A query embeds each phrase with the CLAP text tower
 only (`get_text_features`, formatted with the folder's hypothesis template), and ranks the stored rows by cosine
 similarity, the `score` (CLAP's zero-shot logit is `exp(logit_scale_a)` times it): no audio model runs.
 
@@ -18,8 +19,10 @@ memory-maps that file: each record batch's embedding column is a zero-copy (rows
 against all phrases at once with one matrix product per batch, and the best `top_k` of each batch are kept with
 `np.argpartition` (O(rows), not a sort), then merged and sorted. `benchmarks/search.py` times it on 1,000,000 rows.
 
-A hit's time span is the stored row's: one row per input, so [0, duration_s] of the file. (The annotator stores one
-embedding per input, as for label models; finer spans need per-window rows, which it does not store yet.)
+A hit's time span is the stored row's. With the `window_embeddings` task (`--tasks ... window_embeddings`) a row is
+one of the model's 10-s windows of an input (hopping `long_input_hop_seconds`, the last one ending with the input;
+an input of one window is one row), so hits are files and the 10-s spans where the phrase fits best; with only
+`embeddings`, one row per input spanning [0, duration_s]. Windows are searched when the folder has both.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .store import RUN_DIR, committed_shards, read_manifest, shard_paths
@@ -91,17 +95,19 @@ class EmbeddingIndex:
         if manifest is None:
             raise SearchError(f"{out} holds no annotation run (no {RUN_DIR}/manifest.json): annotate it first.")
         settings = (manifest.get("fingerprint") or {}).get("settings") or {}
-        if "embeddings" not in settings.get("tasks", []):
-            raise SearchError(f"{out} was annotated without embeddings: annotate it with --tasks ... embeddings "
-                              "(a CLAP model and --text_labels) to search it.")
+        tasks = settings.get("tasks", [])
+        if "embeddings" not in tasks and "window_embeddings" not in tasks:
+            raise SearchError(f"{out} was annotated without embeddings: annotate it with --tasks ... "
+                              "window_embeddings (or embeddings; a CLAP model and --text_labels) to search it.")
+        column = "window_embeddings" if "window_embeddings" in tasks else "embedding"  # finer spans first
         if require_joint_space and not settings.get("text_query"):
             raise SearchError(f"{out} was annotated by a label model: its embeddings are the audio tower's, not CLAP's "
                               "joint space; annotate it with a CLAP model (--text_labels) to search it with phrases.")
         parts = _committed_parts(out)
-        digest = hashlib.sha256(json.dumps([INDEX_FORMAT, parts], sort_keys=True).encode()).hexdigest()[:20]
+        digest = hashlib.sha256(json.dumps([INDEX_FORMAT, column, parts], sort_keys=True).encode()).hexdigest()[:20]
         path = out / RUN_DIR / INDEX_DIR / f"index-{digest}.arrow"
         if not path.exists():
-            build_index_file(out, [name for name, _ in parts], path)
+            build_index_file(out, [name for name, _ in parts], path, column)
         source = pa.memory_map(str(path), "r")
         reader = pa.ipc.open_file(source)
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
@@ -176,17 +182,30 @@ def _committed_parts(out: Path) -> list[tuple[str, str]]:
     return parts
 
 
-def build_index_file(out: Path, part_names: Sequence[str], path: Path) -> None:
-    """Gathers the shards' `id`, `duration_s` and `embedding` columns into the index file (record batches of
-    `BATCH_ROWS` rows), written under a temporary name and renamed into place; older indexes of the folder go."""
+def stored_rows(table: pa.Table, column: str) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """A shard's searchable rows as (id, onset, offset, embedding) arrays: one per input from `embedding` (spanning
+    the input), or one per window from `window_embeddings` (each with its span)."""
+    if column == "embedding":
+        ids, durations = table.column("id").combine_chunks(), table.column("duration_s").combine_chunks()
+        return ids, pa.array(np.zeros(len(ids)), pa.float64()), durations, table.column("embedding").combine_chunks()
+    windows = table.column(column).combine_chunks()
+    flat = windows.flatten()
+    ids = table.column("id").combine_chunks().take(pc.list_parent_indices(windows))
+    return ids, flat.field("onset"), flat.field("offset"), flat.field("embedding")
+
+
+def build_index_file(out: Path, part_names: Sequence[str], path: Path, column: str = "embedding") -> None:
+    """Gathers the shards' rows (`stored_rows`) into the index file (record batches of `BATCH_ROWS` rows), written
+    under a temporary name and renamed into place; older indexes of the folder go."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer, dim = None, None
     try:
         for name in part_names:
-            table = pq.read_table(out / name, columns=["id", "duration_s", "embedding"], memory_map=True)
-            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-                embedding = batch.column("embedding")
+            table = pq.read_table(out / name, columns=["id", "duration_s", column], memory_map=True)
+            ids, onsets, offsets, embeddings = stored_rows(table, column)
+            for start in range(0, len(ids), BATCH_ROWS):
+                embedding = embeddings.slice(start, BATCH_ROWS)
                 if embedding.null_count:
                     raise SearchError(f"{name} has rows without an embedding.")
                 lengths = np.diff(embedding.offsets.to_numpy())
@@ -194,9 +213,8 @@ def build_index_file(out: Path, part_names: Sequence[str], path: Path) -> None:
                 if len(lengths) and (lengths != dim).any():
                     raise SearchError(f"{name} has embeddings of sizes {sorted(set(lengths.tolist()))}; expected {dim}.")
                 values = embedding.flatten().cast(pa.float32())
-                onset = pa.array(np.zeros(batch.num_rows), pa.float64())
                 indexed = pa.record_batch(
-                    [batch.column("id"), onset, batch.column("duration_s"),
+                    [ids.slice(start, BATCH_ROWS), onsets.slice(start, BATCH_ROWS), offsets.slice(start, BATCH_ROWS),
                      pa.FixedSizeListArray.from_arrays(values, dim)],
                     names=["id", "onset", "offset", "embedding"])
                 if writer is None:

@@ -25,9 +25,11 @@ from ..pipeline_htsat import AudioInputError, AudioSource, SampleSpan, WindowStr
 
 TIMELINE = "timeline"
 CLIP = "clip"
-CLIP_TASKS = frozenset({"tags", "embeddings"})
+# window_embeddings: each window's embedding with its span, from the windows the clip results come from (the timeline
+# windows of a long input, the one window of a short one)
+CLIP_TASKS = frozenset({"tags", "embeddings", "window_embeddings"})
 TIMELINE_TASKS = frozenset({"events", "frame_scores"})
-TASKS = ("tags", "events", "embeddings", "frame_scores")
+TASKS = ("tags", "events", "embeddings", "frame_scores", "window_embeddings")
 
 
 @dataclass
