@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from ..sed_postprocessing import positive_int
 
 EXAMPLES = """examples:
-  python -m htsat_hf.commands.search out "a dog barking"                  # out: annotated by a CLAP model with
-  python -m htsat_hf.commands.search out "a siren" "glass breaking" --top_k 20     # --tasks ... embeddings
-  python -m htsat_hf.commands.search out "a siren" --json                 # one JSON object per hit
+  python -m htsat_hf.commands.search out "a dog barking"    # out: annotated by a CLAP model, --text_labels,
+  python -m htsat_hf.commands.search out "a siren" "glass breaking" --top_k 20   # --tasks ... window_embeddings
+  python -m htsat_hf.commands.search out "a siren" --json   # one JSON object per hit
 
 Each hit: the rank, the score (cosine similarity of the phrase's CLAP text embedding with the input's stored
-joint-space audio embedding), the input's id and the span it covers in seconds (the whole input: one embedding is
-stored per input). The phrases run through the CLAP text tower only; the audio is not read again."""
+joint-space audio embedding), the input's id and the span the stored embedding covers in seconds (a 10-s window for
+a folder annotated with --tasks window_embeddings, else the whole input). The phrases run through the CLAP text
+tower only; the audio is not read again."""
 
 
 def build_parser() -> argparse.ArgumentParser:
