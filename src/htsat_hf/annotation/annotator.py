@@ -75,7 +75,8 @@ class Annotator:
         model: an HTS-AT folder or Hub id, or a loaded `HTSATForAudioClassification` / `HTSATForSoundEventDetection`
             / `HTSATEnsembleModel` (members on one time grid; combined as the ensemble's forward combines them).
         feature_extractor: defaults to the folder's (or one matching the model's config).
-        tasks: any of "tags", "events", "embeddings", "frame_scores".
+        tasks: any of "tags", "events", "embeddings", "frame_scores", "window_embeddings" (each window's embedding
+            with its span, `embeddings.py`).
         top_k: tags per input. Tags and frame scores alike are sigmoid or softmax scores as the config's
             `problem_type` says (`scores.logits_to_scores`), like the pipelines; a single-label model's frame scores
             are capped by their window's clip score (`scores.frame_scores`).
