@@ -18,7 +18,7 @@ COLUMN_TYPES = {
     "duration_s": pa.float64(),
     "tags": pa.list_(TAG),
     "events": pa.list_(EVENT),
-    "embedding": pa.list_(pa.float32()),  # of the whole input; a CLAP model's is in the joint space (projected, normalised)
+    "embedding": pa.list_(pa.float32()),  # of the whole input; a CLAP model's in the joint space (`embeddings.py`)
     "window_embeddings": pa.list_(WINDOW),
     "frame_scores": pa.list_(pa.list_(pa.float32())),
     "frame_step_s": pa.float64(),
@@ -26,8 +26,8 @@ COLUMN_TYPES = {
     "error": pa.string(),  # "stage: message" in the columns of `Annotator.__call__`; shards keep errors apart
 }
 TASK_COLUMNS = {
-    "tags": ["tags"], "events": ["events"], "embeddings": ["embedding"], "frame_scores": ["frame_scores", "frame_step_s"],
-    "window_embeddings": ["window_embeddings"],
+    "tags": ["tags"], "events": ["events"], "embeddings": ["embedding"],
+    "frame_scores": ["frame_scores", "frame_step_s"], "window_embeddings": ["window_embeddings"],
 }
 
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .store import RUN_DIR, committed_shards, read_manifest, shard_paths
+from .store import RUN_DIR, committed_shards, read_manifest
 
 INDEX_FORMAT = "htsat-hf-search-index-1"
 INDEX_DIR = "search"
@@ -211,7 +211,8 @@ def build_index_file(out: Path, part_names: Sequence[str], path: Path, column: s
                 lengths = np.diff(embedding.offsets.to_numpy())
                 dim = int(lengths[0]) if dim is None and len(lengths) else dim
                 if len(lengths) and (lengths != dim).any():
-                    raise SearchError(f"{name} has embeddings of sizes {sorted(set(lengths.tolist()))}; expected {dim}.")
+                    sizes = sorted(set(lengths.tolist()))
+                    raise SearchError(f"{name} has embeddings of sizes {sizes}; expected {dim}.")
                 values = embedding.flatten().cast(pa.float32())
                 indexed = pa.record_batch(
                     [ids.slice(start, BATCH_ROWS), onsets.slice(start, BATCH_ROWS), offsets.slice(start, BATCH_ROWS),

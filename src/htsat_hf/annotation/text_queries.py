@@ -145,13 +145,15 @@ def add_text_query_arguments(parser: argparse.ArgumentParser | Any, dashes: bool
     group = parser.add_argument_group("phrases (a CLAP model: HTSATClapModel)")
     group.add_argument(*name("text_labels"), dest="text_labels", nargs="+", metavar="PHRASE",
                        help="phrases to detect instead of labels, or one file of them, one per line")
-    group.add_argument(*name("hypothesis_template"), dest="hypothesis_template", help="how each phrase is put to the text tower "
+    group.add_argument(*name("hypothesis_template"), dest="hypothesis_template",
+                       help="how each phrase is put to the text tower "
                        f"(default {TEXT_QUERY_DEFAULTS['hypothesis_template']!r})")
     group.add_argument(*name("calibration"), dest="calibration", choices=["softmax", "sigmoid"],
                        help="softmax across the phrases (default) or sigmoid per phrase")
     group.add_argument(*name("background_label"), dest="background_label", metavar="PHRASE",
                        help='a phrase for what is none of them, e.g. "background noise"')
-    group.add_argument(*name("calibration_bias"), dest="calibration_bias", type=float, help="added to sigmoid logits (default 0)")
+    group.add_argument(*name("calibration_bias"), dest="calibration_bias", type=float,
+                       help="added to sigmoid logits (default 0)")
 
 
 def text_query_from_arguments(args: argparse.Namespace) -> dict:

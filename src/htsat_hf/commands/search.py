@@ -1,4 +1,4 @@
-"""`python -m htsat_hf.commands.search`: where in an annotated corpus does <phrase> happen? (see annotation/search.py)"""
+"""`python -m htsat_hf.commands.search`: where in an annotated corpus does <phrase> happen? (annotation/search.py)"""
 
 from __future__ import annotations
 
