@@ -263,3 +263,11 @@ def test_listen_command_takes_phrases(clap_setup, tmp_path):
     assert text_query_from_arguments(args) == dict(
         text_labels=["a siren", "a dog barking"], hypothesis_template=None, calibration="sigmoid",
         background_label="silence", calibration_bias=None)
+
+
+def test_search_benchmark_runs_on_a_small_corpus(capsys):
+    from htsat_hf.benchmarks.search import main
+
+    assert main(["--rows", "3000", "--dim", "32", "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert '"rows": 3000' in printed and "ms per query" in printed
