@@ -1,4 +1,4 @@
-"""`scripts/annotate.py`: a corpus run from the command line, one process or many under `accelerate launch`."""
+"""`htsat-hf annotate`: a corpus run from the command line, one process or many under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ if TYPE_CHECKING:
     from ..annotation.sources import InputSource
 
 EXAMPLES = """examples:
-  python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
-  python scripts/annotate.py --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
+  htsat-hf annotate --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
+  htsat-hf annotate --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
       --tasks tags events embeddings --num_workers 2
-  python scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
+  htsat-hf annotate --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
       --device cpu --num_processes auto                # one model process per CPU core (as memory allows)
-  accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
+  accelerate launch --num_processes 4 -m htsat_hf.commands.annotate --model_name_or_path htsat-audioset --file_list all.txt \\
       --output_dir out --bf16
 Running the same command again continues an interrupted run; the output loads with
 datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
@@ -36,7 +36,7 @@ datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Tags, events and embeddings for every file of a corpus, as Parquet shards.",
+        prog="htsat-hf annotate", description="Tags, events and embeddings for every file of a corpus, as Parquet shards.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = parser.add_argument_group("inputs (files, or a datasets source)")
     inputs.add_argument("--files", nargs="+", metavar="PATH", help="audio files (anything ffmpeg reads)")
     inputs.add_argument("--file_list", metavar="TXT", help="a text file with one audio path per line")
-    inputs.add_argument("--dataset_name", help="Hub dataset id or local folder (as scripts/train.py loads data)")
+    inputs.add_argument("--dataset_name", help="Hub dataset id or local folder (as htsat-hf train loads data)")
     inputs.add_argument("--dataset_config_name")
     inputs.add_argument("--split", help="the split to annotate (needed when the source has several)")
     inputs.add_argument("--audio_column_name", default="audio")
@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`htsat-hf annotate`: `run` (which prints the run's summary); the exit status 0 (errors end it through
+    SystemExit with a message)."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The corpus run of the command line `argv`; returns its counts (as `annotate_corpus` does)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -249,7 +257,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["build_parser", "input_source", "main", "original_message"]
+__all__ = ["build_parser", "input_source", "main", "original_message", "run"]
 
-if __name__ == "__main__":  # the processes `--num_processes` starts
+if __name__ == "__main__":  # the processes `--num_processes` (or `accelerate launch -m`) starts
     main()

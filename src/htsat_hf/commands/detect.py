@@ -1,4 +1,4 @@
-"""`scripts/detect_events.py`: sound event detection on audio files, written as DCASE task 4 TSV rows.
+"""`htsat-hf detect`: sound event detection on audio files, written as DCASE task 4 TSV rows.
 
 A file that cannot be read is reported and skipped, the others are still processed, and the run exits non-zero with
 a summary. `--output` is written to a temporary file beside it and renamed into place at the end, so a failed or
@@ -27,8 +27,9 @@ HEADER = ["filename", "onset", "offset", "event_label", "score"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="htsat-hf detect",
         description="Sound event detection on audio files of any length with an HTS-AT folder.",
-        epilog="example: python scripts/detect_events.py recording.wav --model htsat-audioset --threshold 0.3 "
+        epilog="example: htsat-hf detect recording.wav --model htsat-audioset --threshold 0.3 "
         "--median-filter 0.5 --output events.tsv --plot events.png",
     )
     parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return_frame_scores=bool(args.plot),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree: nothing can run
-        print(f"[detect_events] cannot run with the model {args.model}: {error}", file=sys.stderr)
+        print(f"[detect] cannot run with the model {args.model}: {error}", file=sys.stderr)
         return 2
     failures: list[tuple[str, str]] = []
     events_written = 0
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = detector(audio)
             except ValueError as error:  # unreadable, empty, too short...: report, go on with the other files
                 failures.append((audio, str(error)))
-                print(f"[detect_events] skipped {audio}: {error}", file=sys.stderr)
+                print(f"[detect] skipped {audio}: {error}", file=sys.stderr)
                 continue
             for event in result["events"]:
                 writer.writerow([Path(audio).name, f"{event['onset']:.3f}", f"{event['offset']:.3f}", event["label"],
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handle.close()
             os.unlink(temporary)
     done = len(args.audio) - len(failures)
-    print(f"[detect_events] {len(args.audio)} files: {done} done ({events_written} events), {len(failures)} failed"
+    print(f"[detect] {len(args.audio)} files: {done} done ({events_written} events), {len(failures)} failed"
           + "".join(f"\n  {path}: {message}" for path, message in failures), file=sys.stderr)
     return 1 if failures else 0
 
@@ -134,3 +135,7 @@ def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
 
 
 __all__ = ["build_parser", "check_output_paths", "main"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,8 @@ from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, wit
 from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, resolve_label_mapping
 
 
+READ_SECONDS = 0.1  # audio per read from a live source (`htsat-hf listen` reads ffmpeg so): the delay the reading adds
+
 @dataclass
 class LiveUpdate:
     """What one hop produced.
