@@ -140,7 +140,7 @@ def test_construction_settings_stay_when_a_call_adds_others(detector):
     assert low(audio(12.0), min_gap_seconds=0.1)["events"] == expected
 
 
-# ------------------------------------------------------------------ scripts/detect_events.py
+# ------------------------------------------------------------------ htsat-hf detect
 def run_detect_events(argv: list[str], capsys) -> tuple[int, str]:
     from htsat_hf.commands import detect as detection_cli
 
@@ -193,7 +193,7 @@ def re_search(pattern: str, text: str) -> bool:
     return re.search(pattern, text) is not None
 
 
-# ------------------------------------------------------------------ scripts/listen.py
+# ------------------------------------------------------------------ htsat-hf listen
 def run_listen(argv: list[str], stdin_bytes: bytes | None, tmp_path, capsys, monkeypatch) -> tuple[int, str, str]:
     import sys
     import types

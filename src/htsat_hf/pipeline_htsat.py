@@ -678,7 +678,7 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     installed: copies this module (and its relative imports) beside the weights and declares it in `config.json`.
 
     Plain `save_pretrained` does not do this, because Transformers then asks for `trust_remote_code=True` even where
-    the package is installed; published repositories (scripts/publish.py) do it.
+    the package is installed; published repositories (htsat-hf publish) do it.
     """
     from transformers.dynamic_module_utils import custom_object_save
 

@@ -733,7 +733,7 @@ POSTPROCESSING_FLAGS = {
 
 
 def add_postprocessing_arguments(parser) -> None:
-    """The post-processing flags shared by scripts/detect_events.py and scripts/annotate.py."""
+    """The post-processing flags shared by htsat-hf detect and htsat-hf annotate."""
     parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
     parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
     parser.add_argument("--median-filter", type=seconds, help="median filter length in seconds")

@@ -770,7 +770,7 @@ def evaluate_files(
     operating_points_dir: str | Path | None = None,
     scores_dir: str | Path | None = None,
 ) -> dict:
-    """Everything `scripts/evaluate_sed.py` prints, as a JSON-ready dict (F-scores and PSDS as fractions).
+    """Everything `htsat-hf evaluate` prints, as a JSON-ready dict (F-scores and PSDS as fractions).
 
     With both operating points and scores, `psds1`/`psds2` come from the operating points and
     `psds1_scores`/`psds2_scores` from the scores.

@@ -4,7 +4,7 @@
 token-semantic map with frame-level BCE plus the clip-level loss, so strongly labelled data (AudioSet strong,
 DESED synthetic) can be used, the direction the HTS-AT paper names as future work.
 
-`scripts/train.py --strong_labels_train TSV [--strong_labels_eval TSV] [--audio_dir DIR]` goes through
+`htsat-hf train --strong_labels_train TSV [--strong_labels_eval TSV] [--audio_dir DIR]` goes through
 `load_strong_labels` (one row per audio file the TSV names, files without events included with all-zero targets)
 and `prepare_strong_data` (`StrongLabelTransform`: each example is exactly one model window, and its step targets
 follow the crop). The TSV format is DCASE task 4's: tab-separated, header `filename onset offset event_label`,
