@@ -23,7 +23,7 @@ from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
-from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
+from ..sed_postprocessing import EventSettings, frames_to_events, label_mapping_from, resolve_label_mapping
 from .schema import task_columns, typed_column
 from .windows import (
     CLIP_TASKS,
@@ -78,8 +78,10 @@ class Annotator:
             `problem_type` says (`scores.logits_to_scores`), like the pipelines; a single-label model's frame scores
             are capped by their window's clip score (`scores.frame_scores`).
         batch_size: windows per forward pass, packed across inputs.
-        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: the SED
-            pipeline's post-processing (`sed_postprocessing.frames_to_events`).
+        event_settings: the SED pipeline's post-processing (`sed_postprocessing.frames_to_events`), as one
+            `sed_postprocessing.EventSettings`; threshold, median_filter_seconds, min_duration_seconds,
+            min_gap_seconds, hysteresis, upsample: its fields one by one (given, they replace those of
+            `event_settings`).
         label_mapping: a dict or JSON/YAML path mapping new labels to groups of the model's labels (events and frame
             scores; tags keep the model's labels).
         device: where the model runs (default: the model's device, or CUDA when a path is given and one exists).
@@ -99,12 +101,13 @@ class Annotator:
         tasks: Iterable[str] = DEFAULT_TASKS,
         top_k: int = 5,
         batch_size: int = 16,
-        threshold: Any = 0.5,
+        event_settings: EventSettings | None = None,
+        threshold: Any = None,
         median_filter_seconds: Any = None,
-        min_duration_seconds: float = 0.0,
-        min_gap_seconds: float = 0.0,
+        min_duration_seconds: float | None = None,
+        min_gap_seconds: float | None = None,
         hysteresis: tuple[float, float] | None = None,
-        upsample: str = "repeat",
+        upsample: str | None = None,
         label_mapping: Mapping | str | None = None,
         device: str | torch.device | None = None,
         bf16: bool = False,
@@ -140,13 +143,14 @@ class Annotator:
         self.event_labels = (
             list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping else self.model_labels
         )
-        self.postprocessing = dict(
-            threshold=threshold, median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
-            min_gap_seconds=min_gap_seconds, hysteresis=tuple(hysteresis) if hysteresis is not None else None,
-            upsample=upsample,
+        self.event_settings = EventSettings.merged(
+            event_settings, threshold=threshold, median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds,
+            hysteresis=tuple(hysteresis) if hysteresis is not None else None, upsample=upsample,
         )
-        if "events" in self.tasks:  # bad settings fail now, not at the first input
-            frames_to_events(np.zeros((2, len(self.event_labels))), 0.1, self.event_labels, **self.postprocessing)
+        self.postprocessing = self.event_settings.keywords()
+        if "events" in self.tasks:  # settings that do not fit the labels fail now, not at the first input
+            self.event_settings.resolve(0.1, self.event_labels)
         if features_on not in ("auto", "workers", "device"):
             raise ValueError(f'features_on must be "auto", "workers" or "device", got {features_on!r}.')
         if features_on == "auto":
@@ -164,6 +168,9 @@ class Annotator:
             "tasks": list(self.tasks),
             "top_k": self.top_k,
             **{key: _plain(self.postprocessing[key]) for key in POSTPROCESSING_KEYS},
+            # only when set: manifests written before it was a setting here stay resumable
+            **({"upsample_factor": self.event_settings.upsample_factor}
+               if self.event_settings.upsample_factor is not None else {}),
             "label_mapping": self.label_mapping,
             "bf16": self.bf16,
             "features_on": self.features_on,

@@ -204,7 +204,8 @@ def run_live_benchmark(settings: LiveBenchmarkSettings, out=None) -> dict[str, A
         torch.manual_seed(0)
         model = HTSATForSoundEventDetection(HTSATConfig()).eval()  # the paper's size; weights do not change timing
         extractor = HTSATFeatureExtractor()
-        audio = (np.random.default_rng(0).standard_normal(int(settings.stream_seconds * 32000)) * 0.1).astype(np.float32)
+        samples = int(settings.stream_seconds * 32000)
+        audio = (np.random.default_rng(0).standard_normal(samples) * 0.1).astype(np.float32)
         say(f"{'threads':>7} {'lookahead':>9} {'p50 s':>6} {'p95 s':>6} {'max s':>6} {'bound s':>7} "
             f"{'cores':>6} {'model s/window':>14}")
         for pair in settings.runs.split(","):

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     non_negative_int,
     positive_int,
-    postprocessing_from_arguments,
 )
 from ..annotation.windows import TASKS
 
@@ -61,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = parser.add_argument_group("tasks and post-processing")
     tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
     tasks.add_argument("--top_k", type=positive_int, default=5, help="tags per input")
-    add_postprocessing_arguments(tasks)
+    add_event_arguments(tasks)
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=positive_int, default=16, help="windows per forward pass, packed across files")
     run.add_argument("--num_workers", type=non_negative_int, default=2,
@@ -93,7 +92,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)  # bad settings are usage errors, before any process starts
+    event_settings = check_event_arguments(parser, args)  # bad settings are usage errors, before any process starts
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
     source = input_source(args)  # bad inputs end here, once, before any process starts
@@ -114,7 +113,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         annotator = Annotator(
             args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
             bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
-            **postprocessing_from_arguments(args),
+            event_settings=event_settings, label_mapping=args.label_mapping,
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         raise SystemExit(f"error: {error}") from None

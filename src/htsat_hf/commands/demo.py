@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--words", nargs="+", default=list(DEFAULTS.words), help="keywords to learn")
     parser.add_argument("--snr_db", type=float, nargs=2, default=list(DEFAULTS.snr_db),
                         help="speech-to-noise range (dB)")
-    parser.add_argument("--train_per_word", type=int, default=DEFAULTS.train_per_word, help="training clips per keyword")
+    parser.add_argument("--train_per_word", type=int, default=DEFAULTS.train_per_word,
+                        help="training clips per keyword")
     parser.add_argument("--test_per_word", type=int, default=DEFAULTS.test_per_word, help="held-out clips per keyword")
     parser.add_argument("--clip_seconds", type=float, default=DEFAULTS.clip_seconds,
                         help="clip length and model window (1 s as Speech Commands; longer needs a larger --spec_size)")

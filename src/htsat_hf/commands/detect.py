@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     positive_int,
-    postprocessing_from_arguments,
 )
 
 HEADER = ["filename", "onset", "offset", "event_label", "score"]
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
     parser.add_argument("--model", required=True, help="HTS-AT folder or Hub id")
-    add_postprocessing_arguments(parser)
+    add_event_arguments(parser)
     parser.add_argument("--window-batch-size", type=positive_int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="e.g. cuda:0")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -47,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the detection; returns the exit status (1 when any file failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)
+    event_settings = check_event_arguments(parser, args)
     check_output_paths(parser, args)
     import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
     from transformers import pipeline
@@ -55,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # settings are checked against the model's labels, and the model folder is checked, before any file is read
         detector = pipeline(
             "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-            **postprocessing_from_arguments(args), window_batch_size=args.window_batch_size,
+            event_settings=event_settings, label_mapping=args.label_mapping, window_batch_size=args.window_batch_size,
             return_frame_scores=bool(args.plot),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree: nothing can run

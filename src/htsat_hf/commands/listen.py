@@ -13,10 +13,9 @@ from typing import IO
 
 from ..audio_decoding import AudioInputError, ffmpeg_blocks, ffmpeg_source, probe_streams
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     positive_int,
-    postprocessing_from_arguments,
     seconds,
 )
 
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    add_postprocessing_arguments(parser)
+    add_event_arguments(parser)
     return parser
 
 
@@ -99,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     """Listens until the source ends (or Ctrl-C); bad flags are usage errors (exit status 2) naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)
+    event_settings = check_event_arguments(parser, args)
     missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
     if missing:
-        print(f"htsat-hf listen reads audio through ffmpeg and ffprobe ({' and '.join(missing)} not found): install ffmpeg "
+        print(f"htsat-hf listen reads audio through ffmpeg and ffprobe ({' and '.join(missing)} not found): "
+              "install ffmpeg "
               "(e.g. apt-get install ffmpeg).", file=sys.stderr)
         return 1
     import torch
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         detector = LiveDetector(
             args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
             pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code, channels=channels, **postprocessing_from_arguments(args),
+            trust_remote_code=args.trust_remote_code, channels=channels, event_settings=event_settings,
+            label_mapping=args.label_mapping,
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         print(f"htsat-hf listen: {error}", file=sys.stderr)

@@ -38,7 +38,13 @@ from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
 from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
-from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, resolve_label_mapping
+from ..sed_postprocessing import (
+    EventSettings,
+    EventStream,
+    label_mapping_from,
+    resolve_label_mapping,
+    sorted_events,
+)
 
 
 READ_SECONDS = 0.1  # audio per read from a live source (`htsat-hf listen` reads ffmpeg so): the delay the reading adds
@@ -78,8 +84,9 @@ class LiveDetector:
         channels: samples per frame of pushed blocks; blocks of several channels are (samples, channels) and are
             averaged to mono.
         window_batch_size: windows per forward pass when a block completes several windows.
-        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample,
-            label_mapping: the SED pipeline's post-processing.
+        event_settings: the SED pipeline's post-processing, as one `sed_postprocessing.EventSettings`; threshold,
+            median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: its fields one by
+            one (given, they replace those of `event_settings`). label_mapping: as for the pipeline.
         device, trust_remote_code, bf16: as for `Annotator`.
     """
 
@@ -95,12 +102,13 @@ class LiveDetector:
         sampling_rate: int | None = None,
         channels: int = 1,
         window_batch_size: int = 8,
-        threshold: Any = 0.5,
+        event_settings: EventSettings | None = None,
+        threshold: Any = None,
         median_filter_seconds: Any = None,
-        min_duration_seconds: float = 0.0,
-        min_gap_seconds: float = 0.0,
+        min_duration_seconds: float | None = None,
+        min_gap_seconds: float | None = None,
         hysteresis: tuple[float, float] | None = None,
-        upsample: str = "repeat",
+        upsample: str | None = None,
         label_mapping: Mapping | str | None = None,
         device: str | torch.device | None = None,
         bf16: bool = False,
@@ -139,11 +147,12 @@ class LiveDetector:
         self.label_mapping = label_mapping_from(label_mapping)
         self.labels = (list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping
                        else self.model_labels)
-        self.events = EventStream(
-            self.step_seconds, self.labels, threshold=threshold, median_filter_seconds=median_filter_seconds,
+        self.event_settings = EventSettings.merged(
+            event_settings, threshold=threshold, median_filter_seconds=median_filter_seconds,
             min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds, hysteresis=hysteresis,
             upsample=upsample,
         )
+        self.events = EventStream(self.step_seconds, self.labels, **self.event_settings.keywords())
         self.frames = StreamFrames(self.feature_extractor, config.num_mel_bins)
         # for a single-label model, each window's clip logits are stitched beside its step logits (2 x labels)
         channels = stitched_channels(config.num_labels, config.problem_type)
@@ -199,7 +208,7 @@ class LiveDetector:
         if updates:
             last = updates[-1]
             last.step_scores = np.concatenate([last.step_scores, scores])
-            last.events = _sorted_events(last.events + events, self.labels)
+            last.events = sorted_events(last.events + events, self.labels)
         else:
             updates.append(LiveUpdate(self.seconds_seen, [], events, first_step, scores))
         return updates
