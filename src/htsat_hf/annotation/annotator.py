@@ -116,11 +116,12 @@ class Annotator:
         id_column: str | None = None,
         trust_remote_code: bool = False,
     ):
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
-                                                   allow_ensemble=True)
+        self.model, self.feature_extractor = load_for_inference(
+            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
+        )
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
-        self.ensemble = _is_ensemble(self.model)
+        self.ensemble = is_ensemble(self.model)
         self.members = model_members(self.model)
         if self.ensemble:
             if not self.config.use_token_semantic_head:
@@ -411,9 +412,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool, allow_ensemble: bool = False
-          ) -> tuple[Any, Any]:
-    """The model in eval mode on its device, and its feature extractor. Ensembles (`HTSATEnsembleModel`) only
+def load_for_inference(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool,
+                       allow_ensemble: bool = False) -> tuple[Any, Any]:
+    """The model (a path, Hub id or model) in eval mode on its device, and its feature extractor: what the
+    `Annotator` and the `LiveDetector` run. Ensembles (`HTSATEnsembleModel`) only
     where `allow_ensemble`. A model whose weights were not loaded, or whose feature extractor disagrees with its
     config, is refused (`check_inference_ready`)."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
@@ -428,10 +430,10 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
     single = hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")
-    if not single and not (allow_ensemble and _is_ensemble(model)):
+    if not single and not (allow_ensemble and is_ensemble(model)):
         raise ValueError(
             f"{type(model).__name__} is not a single HTS-AT model (HTSATForAudioClassification or "
-            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if _is_ensemble(model) else ".")
+            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if is_ensemble(model) else ".")
         )
     if feature_extractor is None:
         feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
@@ -443,20 +445,23 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
 
 def model_members(model: Any) -> list:
     """The single HTS-AT models whose outputs `combine_members` combines: an ensemble's members, else the model."""
-    return list(model.members) if _is_ensemble(model) else [model]
+    return list(model.members) if is_ensemble(model) else [model]
 
 
 def combine_members(model: Any, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
     """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
-    if not _is_ensemble(model):
+    if not is_ensemble(model):
         return member_logits[0]
     return combine_logits(member_logits, model.config.average, exclusive)
 
 
-def _is_ensemble(model: Any) -> bool:
+def is_ensemble(model: Any) -> bool:
     """An `HTSATEnsembleModel` (also loaded as remote code): members that are single HTS-AT models."""
     members = getattr(model, "members", None)
     return members is not None and all(hasattr(m, "htsat") and hasattr(m, "classifier") for m in members)
 
 
-__all__ = ["AnnotationError", "Annotator", "rows_to_arrow", "top_tags"]
+__all__ = [
+    "AnnotationError", "Annotator", "combine_members", "is_ensemble", "load_for_inference", "model_members",
+    "rows_to_arrow", "top_tags",
+]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
+from ..annotation.annotator import combine_members, is_ensemble, load_for_inference, model_members, top_tags
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
@@ -114,13 +114,14 @@ class LiveDetector:
         bf16: bool = False,
         trust_remote_code: bool = False,
     ):
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
-                                                   allow_ensemble=True)
+        self.model, self.feature_extractor = load_for_inference(
+            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
+        )
         config = self.config = self.model.config
         self.members = model_members(self.model)
         if not config.use_token_semantic_head:
             raise ValueError("Live detection needs the token-semantic head; " + (
-                "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
+                "this ensemble's members do not all have it on one time grid." if is_ensemble(self.model)
                 else "this model uses the pooled head (use_token_semantic_head=False)."))
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from datasets import Audio, Dataset
 
-from ..metrics.sed_metrics import LINE_COLUMN, _read_table, events_table
+from ..metrics.sed_metrics import LINE_COLUMN, events_table, read_table
 from .data import AudioTransform, BadExampleError, PreparedData, SplitReport, prepare_splits, validate_split
 from .labels import LabelSpace, read_label_csv
 
@@ -145,7 +145,7 @@ def read_strong_labels(tsv: str | Path, labels: Sequence[str] | None = None) -> 
 
 def first_lines(tsv: str | Path) -> dict[str, int]:
     """{filename: the TSV line (header = 1) where it first appears}."""
-    table = _read_table(tsv)
+    table = read_table(tsv)
     lines: dict[str, int] = {}
     for filename, line in zip(table["filename"].astype(str).str.strip(), table[LINE_COLUMN]):
         lines.setdefault(filename, int(line))
