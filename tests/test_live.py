@@ -236,7 +236,8 @@ def test_listen_script_on_a_file_and_on_stdin(folder, tmp_path):
 
 
 def test_listen_script_averages_a_stereo_file_as_the_pipelines_do(folder, tmp_path):
-    """listen.py used ffmpeg's -ac 1 (+3 dB for stereo); now the channels are averaged, as every other input's are."""
+    """`htsat-hf listen` used ffmpeg's -ac 1 (+3 dB for stereo); now the channels are averaged, as every other input's
+    are."""
     from htsat_hf.audio_decoding import downmix
 
     stereo = np.stack([noisy(12.0, seed=9), 0.3 * noisy(12.0, seed=10)], axis=1).astype(np.float32)

@@ -126,7 +126,7 @@ class LiveDetector:
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
-                             f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; listen.py does).")
+                             f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; htsat-hf listen does).")
         hop_length = config.hop_length
         self.frame_seconds = hop_length / self.sampling_rate
         self.hop_frames = _whole_frames(hop_seconds, self.sampling_rate, hop_length, "hop_seconds")
