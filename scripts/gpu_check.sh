@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements issues #11 and #13 wait for, as one short run on a machine with an NVIDIA GPU (a few minutes):
 #   1. tests/test_gpu.py: fp32, bf16 autocast and the log-mel on the GPU against the CPU;
-#   2. scripts/benchmark.py --device cuda --bf16: clips/s at batch 1/16/128 against ClapAudioModel and AST, and a
+#   2. htsat-hf benchmark model --device cuda --bf16: clips/s at batch 1/16/128 against ClapAudioModel and AST, and a
 #      training step at batch 32 (samples/s, peak memory) against AST;
-#   3. scripts/benchmark_annotation.py --device cuda --bf16: hours of audio per GPU-hour end to end against the
+#   3. htsat-hf benchmark annotation --device cuda --bf16: hours of audio per GPU-hour end to end against the
 #      model alone, with the features on the GPU and 8 decoding workers, and how busy the GPU was.
 # Each step has its own time limit (120 + 210 + 210 s, inside a 10-minute call), so one that hangs cannot take the
 # others' time. Results go to $OUT (default
@@ -56,9 +56,9 @@ step() {  # step NAME SECONDS COMMAND...: runs it under its limit, its output in
 }
 failed=()
 step test_gpu "${TEST_LIMIT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step benchmark_gpu_bf16 "${BENCHMARK_LIMIT:-210}" "$PY" scripts/benchmark.py --device "$DEVICE" --bf16 \
+step benchmark_gpu_bf16 "${BENCHMARK_LIMIT:-210}" "$PY" -m htsat_hf benchmark model --device "$DEVICE" --bf16 \
   --sections inference training --output "$OUT/benchmark_gpu_bf16.json" "${BENCHMARK_EXTRA[@]}"
-step benchmark_annotation_gpu "${ANNOTATION_LIMIT:-210}" "$PY" scripts/benchmark_annotation.py --device "$DEVICE" --bf16 \
+step benchmark_annotation_gpu "${ANNOTATION_LIMIT:-210}" "$PY" -m htsat_hf benchmark annotation --device "$DEVICE" --bf16 \
   --hours "${ANNOTATION_HOURS:-0.5}" --num_workers 8 --batch_size 128 --corpus_dir "$CORPUS_DIR" \
   --output "$OUT/benchmark_annotation_gpu.json" "${ANNOTATION_EXTRA[@]}"
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -30,6 +30,7 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchaudio==2.11.0" 2>&1 | grep -v "is ignored" || true
   .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch, torchaudio, transformers, datasets, htsat_hf" 
+  test -x .venv/bin/htsat-hf  # the installed command (setup.cfg's console_scripts) README's first command runs
   touch "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"

@@ -22,7 +22,7 @@ from transformers import pipeline
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
 from htsat_hf.annotation import Annotator
-from htsat_hf.commands.annotate import main as annotate_main
+from htsat_hf.commands.annotate import run as annotate_main
 from htsat_hf.annotation.corpus import annotate_corpus
 from htsat_hf.annotation.sources import file_source
 from htsat_hf.annotation.store import committed_shards, read_errors, read_manifest
@@ -387,7 +387,7 @@ def test_two_accelerate_processes_give_the_rows_of_one(one_process_run, model_fo
     out = tmp_path / "two"
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-        "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO / "scripts" / "annotate.py"),
+        "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "htsat_hf.commands.annotate",
         "--model_name_or_path", str(model_folder), "--files", *files, "--output_dir", str(out), "--tasks", *TASKS,
         "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "256", "--num_workers", "1",
     ]
@@ -978,7 +978,7 @@ def test_sigkill_mid_run_then_the_same_command_gives_every_input_once(model_fold
     arguments = ["--model_name_or_path", str(model_folder), "--files", *short_files, "--output_dir", str(out),
                  "--tasks", *TASKS, "--top_k", "4", "--batch_size", "4", "--rows_per_shard", "1", "--num_workers",
                  "0", "--no_progress", "--device", "cpu"]
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "annotate.py"), *arguments],
+    process = subprocess.Popen([sys.executable, "-m", "htsat_hf", "annotate", *arguments],
                                env=dict(training_env(), PYTHONPATH=str(REPO / "src")))
     first = out / "__annotation__" / "shard-0-00000.done"
     deadline = time.monotonic() + 120

@@ -140,7 +140,7 @@ def test_construction_settings_stay_when_a_call_adds_others(detector):
     assert low(audio(12.0), min_gap_seconds=0.1)["events"] == expected
 
 
-# ------------------------------------------------------------------ scripts/detect_events.py
+# ------------------------------------------------------------------ htsat-hf detect
 def run_detect_events(argv: list[str], capsys) -> tuple[int, str]:
     from htsat_hf.commands import detect as detection_cli
 
@@ -193,7 +193,7 @@ def re_search(pattern: str, text: str) -> bool:
     return re.search(pattern, text) is not None
 
 
-# ------------------------------------------------------------------ scripts/listen.py
+# ------------------------------------------------------------------ htsat-hf listen
 def run_listen(argv: list[str], stdin_bytes: bytes | None, tmp_path, capsys, monkeypatch) -> tuple[int, str, str]:
     import sys
     import types
@@ -345,3 +345,77 @@ def test_annotator_and_live_detector_take_a_path_label_mapping_and_refuse_fracti
         Annotator(model, top_k=2.5)
     with pytest.raises(ValueError, match="window_batch_size must be a whole number >= 1, got '3'"):
         LiveDetector(model, window_batch_size="3")
+
+
+# ------------------------------------------------------------------ one EventSettings for every entry point
+EVENT_FLAGS = ["--threshold", "0.3", "--median-filter", "0.7", "--min-gap", "0.2", "--hysteresis", "0.6", "0.4",
+               "--upsample", "linear"]
+
+
+def expected_event_settings():
+    from htsat_hf.sed_postprocessing import EventSettings
+
+    return EventSettings(threshold=0.3, median_filter_seconds=0.7, min_gap_seconds=0.2, hysteresis=(0.6, 0.4),
+                         upsample="linear")
+
+
+class Captured(Exception):
+    """Raised by a stand-in for the model object a command builds, carrying the keywords it was given."""
+
+
+def capture(*args, **kwargs):
+    raise Captured(kwargs)
+
+
+def test_the_event_flags_reach_detect_annotate_and_listen_as_one_event_settings(files, tmp_path, monkeypatch):
+    """Each command reads the same flags (`add_event_arguments`) into one `EventSettings` and hands it whole to the
+    object that does the work: the SED pipeline, the `Annotator`, the `LiveDetector`."""
+    import shutil
+
+    import transformers
+
+    import htsat_hf.annotation.annotator as annotator_module
+    import htsat_hf.live.detector as live_module
+    from htsat_hf.commands import annotate, detect, listen
+
+    monkeypatch.setattr(transformers, "pipeline", capture)
+    monkeypatch.setattr(annotator_module, "Annotator", capture)
+    monkeypatch.setattr(live_module, "LiveDetector", capture)
+    runs = {
+        "detect": lambda: detect.main([files[0], "--model", "unused", *EVENT_FLAGS]),
+        "annotate": lambda: annotate.main(["--model_name_or_path", "unused", "--files", files[0], "--output_dir",
+                                           str(tmp_path / "out"), "--device", "cpu", *EVENT_FLAGS]),
+    }
+    if shutil.which("ffprobe") and shutil.which("ffmpeg"):
+        runs["listen"] = lambda: listen.main(["--model", "unused", "--input", files[0], *EVENT_FLAGS])
+    for name, run in runs.items():
+        with pytest.raises(Captured) as captured:
+            run()
+        keywords = captured.value.args[0]
+        assert keywords["event_settings"] == expected_event_settings(), name
+        assert not {"threshold", "median_filter_seconds", "hysteresis"} & set(keywords), name  # not spelt out again
+
+
+def test_pipeline_annotator_and_live_detector_take_one_event_settings(detector, files, tmp_path):
+    from htsat_hf.annotation import Annotator
+    from htsat_hf.live.detector import LiveDetector
+    from htsat_hf.sed_postprocessing import EventSettings
+
+    settings = expected_event_settings()
+    folder = tmp_path / "model"
+    detector.model.save_pretrained(folder)
+    detector.feature_extractor.save_pretrained(folder)
+    annotator = Annotator(str(folder), event_settings=settings, device="cpu")
+    live = LiveDetector(str(folder), event_settings=settings)
+    assert annotator.event_settings == live.event_settings == settings
+    # keywords given beside it replace its fields, as the pipeline's do
+    assert LiveDetector(str(folder), event_settings=settings, threshold=0.5).event_settings == EventSettings(
+        threshold=0.5, median_filter_seconds=0.7, min_gap_seconds=0.2, hysteresis=(0.6, 0.4), upsample="linear")
+    low = pipeline("sound-event-detection", model=str(folder), threshold=0.0)
+    clip = audio(12.0)
+    spelt_out = low(clip, **{k: v for k, v in settings.keywords().items() if v is not None})["events"]
+    assert low(clip, event_settings=settings)["events"] == spelt_out
+    with pytest.raises(TypeError, match="event_settings must be an EventSettings"):
+        low(clip, event_settings={"threshold": 0.3})
+    with pytest.raises(ValueError, match="threshold must be in"):
+        EventSettings(threshold=1.5)

@@ -266,8 +266,8 @@ def test_listen_command_takes_phrases(clap_setup, tmp_path):
 
 
 def test_search_benchmark_runs_on_a_small_corpus(capsys):
-    from htsat_hf.benchmarks.search import main
+    from htsat_hf.commands.cli import main
 
-    assert main(["--rows", "3000", "--dim", "32", "--repeats", "2"]) == 0
+    assert main(["benchmark", "search", "--rows", "3000", "--dim", "32", "--repeats", "2"]) == 0
     printed = capsys.readouterr().out
     assert '"rows": 3000' in printed and "ms per query" in printed

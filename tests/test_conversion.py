@@ -229,7 +229,7 @@ def test_script_writes_a_loadable_folder_with_labels(tmp_path):
     labels.write_text("index,mid,display_name\n" + "".join(f'{i},/m/{i},"Class, {i}"\n' for i in range(10)))
     out = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_original_checkpoint.py"),
+        [sys.executable, "-m", "htsat_hf", "convert",
          str(shared_path(*FIXTURE, "htsat_tiny.ckpt")), str(out), "--labels", str(labels)],
         capture_output=True, text=True, check=True,
     )

@@ -1,4 +1,4 @@
-"""The live detector (`htsat_hf.live`) and scripts/listen.py."""
+"""The live detector (`htsat_hf.live`) and `htsat-hf listen`."""
 
 from __future__ import annotations
 
@@ -218,12 +218,13 @@ def test_listen_script_on_a_file_and_on_stdin(folder, tmp_path):
     audio = noisy(14.0, seed=6)
     sf.write(tmp_path / "clip.wav", audio, RATE, subtype="FLOAT")
     expected = run_in_blocks(LiveDetector(str(folder), threshold=0.5, lookahead_seconds=1.0), audio)
-    script = str(REPO_ROOT / "scripts" / "listen.py")
     common = ["--model", str(folder), "--threshold", "0.5", "--lookahead", "1", "--top-k", "3"]
     for source, stdin in ((["--input", str(tmp_path / "clip.wav"), "--as-fast-as-possible"], None),
                           (["--stdin", "--stdin-format", "f32le", "--stdin-rate", str(RATE)], audio.tobytes())):
-        result = subprocess.run([sys.executable, script, *common, *source], input=stdin, capture_output=True,
-                                timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        result = subprocess.run([sys.executable, "-m", "htsat_hf", "listen", *common, *source], input=stdin,
+                                capture_output=True, timeout=120,
+                                env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                     "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
         assert result.returncode == 0, result.stderr.decode()
         lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
         hops = [line for line in lines if line["type"] == "tags"]
@@ -235,14 +236,15 @@ def test_listen_script_on_a_file_and_on_stdin(folder, tmp_path):
 
 
 def test_listen_script_averages_a_stereo_file_as_the_pipelines_do(folder, tmp_path):
-    """listen.py used ffmpeg's -ac 1 (+3 dB for stereo); now the channels are averaged, as every other input's are."""
+    """`htsat-hf listen` used ffmpeg's -ac 1 (+3 dB for stereo); now the channels are averaged, as every other input's
+    are."""
     from htsat_hf.audio_decoding import downmix
 
     stereo = np.stack([noisy(12.0, seed=9), 0.3 * noisy(12.0, seed=10)], axis=1).astype(np.float32)
     sf.write(tmp_path / "stereo.wav", stereo, RATE, subtype="FLOAT")
     expected = run_in_blocks(LiveDetector(str(folder), threshold=0.5), downmix(stereo.T))
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "listen.py"), "--model", str(folder), "--threshold", "0.5",
+        [sys.executable, "-m", "htsat_hf", "listen", "--model", str(folder), "--threshold", "0.5",
          "--top-k", "5", "--input", str(tmp_path / "stereo.wav"), "--as-fast-as-possible"],
         capture_output=True, timeout=120,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},

@@ -60,7 +60,7 @@ def test_logits_to_scores_follows_problem_type():
 
 
 def test_no_event_for_a_class_the_clip_scores_rule_out_in_any_entry_point(folder, audio, tmp_path):
-    """pipeline, annotator, live detector and detect_events.py: events only for "go", whose clip score is 0.78; a
+    """pipeline, annotator, live detector and htsat-hf detect: events only for "go", whose clip score is 0.78; a
     sigmoid on the softmax-trained logits gave "yes" (clip score 0.21) an event over the whole file."""
     from htsat_hf.commands import detect as detection_cli
     from htsat_hf.annotation import Annotator

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 import textwrap
@@ -209,9 +208,10 @@ def test_single_label_cross_validation_results_and_ensembles(tmp_path):
 
 def test_publish_script_dry_run(trained_folder, tmp_path, monkeypatch, capsys, repo_root):
     source, _ = trained_folder
-    monkeypatch.setattr(sys, "argv", ["publish.py", str(source), "--repo_id", "someone/htsat-test", "--output_dir",
-                                      str(tmp_path / "hub"), "--dataset_id", "agkphysics/AudioSet", "--dry_run"])
-    runpy.run_path(str(repo_root / "scripts" / "publish.py"), run_name="__main__")
+    from htsat_hf.commands.cli import main
+
+    assert main(["publish", str(source), "--repo_id", "someone/htsat-test", "--output_dir", str(tmp_path / "hub"),
+                 "--dataset_id", "agkphysics/AudioSet", "--dry_run"]) == 0
     output = capsys.readouterr().out
     assert "would send" in output and "model.safetensors" in output and "training_args.bin" not in output
 

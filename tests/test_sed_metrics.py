@@ -3,7 +3,6 @@ synthetic cases, input errors, the `evaluate` module and the command-line script
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -252,7 +251,7 @@ def test_evaluate_module_loads_offline(repo_root):
 
 def test_cli_prints_one_json_object(repo_root):
     folder = shared_path("fixtures", "desed_htsat")
-    command = [sys.executable, str(repo_root / "scripts" / "evaluate_sed.py"), "--ground-truth",
+    command = [sys.executable, "-m", "htsat_hf", "evaluate", "--ground-truth",
                str(folder / "answer.tsv"), "--durations", str(folder / "answer_meta.tsv"), "--predictions",
                str(folder / "htsat-test_outputmap.tsv")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -267,9 +266,8 @@ def test_cli_prints_one_json_object(repo_root):
 
 
 def test_cli_reports_bad_input_and_psds(repo_root, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate_sed", repo_root / "scripts" / "evaluate_sed.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from htsat_hf.commands import evaluate as script
+
     arguments = ["--ground-truth", str(baseline("validation.tsv")), "--durations",
                  str(baseline("validation_durations.tsv")), "--predictions"]
     assert script.main(arguments + [str(baseline() / "missing.tsv")]) == 2
@@ -286,7 +284,7 @@ def test_cli_prints_each_warning_once(repo_root, tmp_path):
     (tmp_path / "durations.tsv").write_text("filename\tduration\na.wav\t10.0\n")
     (tmp_path / "det.tsv").write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t2.0\tDog\n"
                                       "other.wav\t1.0\t2.0\tDog\n")
-    command = [sys.executable, str(repo_root / "scripts" / "evaluate_sed.py"), "--ground-truth",
+    command = [sys.executable, "-m", "htsat_hf", "evaluate", "--ground-truth",
                str(tmp_path / "gt.tsv"), "--durations", str(tmp_path / "durations.tsv"), "--predictions",
                str(tmp_path / "det.tsv")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)

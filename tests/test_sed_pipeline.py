@@ -110,7 +110,7 @@ def test_cli_writes_tsv_and_plot(folder, tmp_path):
     out = tmp_path / "events.tsv"
     png = tmp_path / "events.png"
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "detect_events.py"), str(tmp_path / "a.wav"), "--model",
+        [sys.executable, "-m", "htsat_hf", "detect", str(tmp_path / "a.wav"), "--model",
          str(folder), "--threshold", "0.0", "--output", str(out), "--plot", str(png)],
         check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

@@ -1,5 +1,5 @@
 """Training sound event detection from DESED-style strong-label TSVs: targets that follow the crop and the repeat
-padding, frame targets through the collator's mixup, the `scripts/train.py` driver end to end (one process and
+padding, frame targets through the collator's mixup, the `htsat-hf train` driver end to end (one process and
 two-process DDP), and clear errors."""
 
 from __future__ import annotations

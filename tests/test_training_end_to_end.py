@@ -53,14 +53,14 @@ def training_env() -> dict[str, str]:
 
 
 def two_process_train_command() -> list[str]:
-    """`accelerate launch` of scripts/train.py as 2 CPU processes (real DDP, see training_env); skips without the CLI."""
+    """`accelerate launch -m htsat_hf.commands.train` as 2 CPU processes (real DDP, see training_env); skips without the CLI."""
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate CLI not installed next to the interpreter")
     return [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(REPO / "scripts" / "train.py"),
+        "-m", "htsat_hf.commands.train",
     ]
 
 

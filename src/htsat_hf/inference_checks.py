@@ -82,7 +82,7 @@ def weights_advice(missing: list[str], unexpected: list[str]) -> str:
         return (f"The checkpoint's keys carry the prefix {prefix!r} (a training wrapper such as DistributedDataParallel "
                 "or torch.compile): strip it from the state dict and save the model again (save_pretrained).")
     return ("Was the folder saved from another architecture or model size? Use a folder saved from this model class "
-            "(save_pretrained), or convert the checkpoint first (scripts/convert_original_checkpoint.py for the "
+            "(save_pretrained), or convert the checkpoint first (htsat-hf convert for the "
             "original HTS-AT checkpoints).")
 
 

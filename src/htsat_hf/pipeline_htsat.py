@@ -242,7 +242,8 @@ class SoundEventDetectionPipeline(Pipeline):
 
     Post-processing (see `sed_postprocessing.frames_to_events`): `threshold` (float, per-class list or dict),
     `median_filter_seconds`, `min_duration_seconds`, `min_gap_seconds`, `hysteresis=(onset, offset)`,
-    `upsample="repeat"` (the original's step holding) or `"linear"`. `label_mapping`: a JSON/YAML path or dict mapping
+    `upsample="repeat"` (the original's step holding) or `"linear"`, `upsample_factor`; or all of them as one
+    `event_settings=sed_postprocessing.EventSettings(...)` (keywords given beside it replace its fields). `label_mapping`: a JSON/YAML path or dict mapping
     new labels to groups of the model's labels (e.g. DESED classes from AudioSet classes). `window_batch_size`: windows
     per forward pass. `progress`: show a progress bar (default: for audio over two minutes). A list of inputs takes
     Transformers' `batch_size=` and `num_workers=`. Any other keyword is a TypeError naming it; a bad value a
@@ -277,6 +278,8 @@ class SoundEventDetectionPipeline(Pipeline):
         min_gap_seconds=None,
         hysteresis=None,
         upsample=None,
+        upsample_factor=None,
+        event_settings=None,
         label_mapping=None,
         return_frame_scores=None,
         window_batch_size=None,
@@ -289,17 +292,20 @@ class SoundEventDetectionPipeline(Pipeline):
             forward["window_batch_size"] = check_positive_int(window_batch_size, "window_batch_size")
         if progress is not None:
             forward["progress"] = check_flag(progress, "progress")
+        given = dict(
+            threshold=threshold,
+            median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds,
+            min_gap_seconds=min_gap_seconds,
+            hysteresis=hysteresis,
+            upsample=upsample,
+            upsample_factor=upsample_factor,
+        )
+        if event_settings is not None:  # one EventSettings; keywords given beside it replace its fields
+            given = EventSettings.merged(event_settings, **given).keywords()
         post = {
             key: value
-            for key, value in dict(
-                threshold=threshold,
-                median_filter_seconds=median_filter_seconds,
-                min_duration_seconds=min_duration_seconds,
-                min_gap_seconds=min_gap_seconds,
-                hysteresis=hysteresis,
-                upsample=upsample,
-                return_frame_scores=return_frame_scores,
-            ).items()
+            for key, value in dict(**given, return_frame_scores=return_frame_scores).items()
             if value is not None
         }
         if label_mapping is not None:
@@ -313,15 +319,15 @@ class SoundEventDetectionPipeline(Pipeline):
         return {}, forward, post
 
     def check_postprocessing(self, postprocessing: Mapping[str, Any]) -> None:
-        """A ValueError naming the setting when post-processing settings do not fit the model: `EventSettings`'
-        checks against the model's labels (or the mapped ones), so that a bad setting fails before any audio is
-        read."""
+        """A ValueError naming the setting when post-processing settings do not fit the model:
+        `EventSettings.resolve`'s checks against the model's labels (or the mapped ones), so that a bad setting fails
+        before any audio is read."""
         settings = dict(postprocessing)
         if "return_frame_scores" in settings:
             check_flag(settings.pop("return_frame_scores"), "return_frame_scores")
         mapping = settings.pop("label_mapping", None)
         labels = self._labels() if mapping is None else list(resolve_label_mapping(mapping, self._labels()))
-        EventSettings.create(1.0, labels, **settings)  # any step: what is checked is the settings against the labels
+        EventSettings(**settings).resolve(1.0, labels)  # any step: what is checked is the settings against the labels
 
     # ------------------------------------------------------------------------------------------------- input
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -440,24 +446,20 @@ class SoundEventDetectionPipeline(Pipeline):
         min_gap_seconds: float = 0.0,
         hysteresis: tuple[float, float] | None = None,
         upsample: str = "repeat",
+        upsample_factor: int | None = None,
         label_mapping: dict | None = None,
         return_frame_scores: bool = False,
     ) -> dict:
         if "events" in model_outputs:  # found while streaming (see `_forward`)
             return {"events": model_outputs["events"]}
         scores, labels = self._scores(model_outputs["stitched"][0], label_mapping)
-        events = frames_to_events(
-            scores,
-            model_outputs["step_seconds"],
-            labels,
-            threshold=threshold,
-            median_filter_seconds=median_filter_seconds,
-            min_duration_seconds=min_duration_seconds,
-            min_gap_seconds=min_gap_seconds,
-            hysteresis=hysteresis,
-            upsample=upsample,
-            duration_seconds=model_outputs["duration"],
+        settings = EventSettings(
+            threshold=threshold, median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds, hysteresis=hysteresis,
+            upsample=upsample, upsample_factor=upsample_factor,
         )
+        events = frames_to_events(scores, model_outputs["step_seconds"], labels,
+                                  duration_seconds=model_outputs["duration"], **settings.keywords())
         result = {"events": events}
         if return_frame_scores:
             result["frame_scores"] = scores
@@ -704,7 +706,7 @@ def add_remote_sed_pipeline(folder: str | Path) -> None:
     installed: copies this module (and its relative imports) beside the weights and declares it in `config.json`.
 
     Plain `save_pretrained` does not do this, because Transformers then asks for `trust_remote_code=True` even where
-    the package is installed; published repositories (scripts/publish.py) do it.
+    the package is installed; published repositories (htsat-hf publish) do it.
     """
     from transformers.dynamic_module_utils import custom_object_save
 

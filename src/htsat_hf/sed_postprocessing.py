@@ -26,7 +26,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -107,8 +107,8 @@ def check_event_settings(
     upsample_factor: int | None = None,
 ) -> None:
     """Checks the post-processing settings of `frames_to_events` that do not depend on the labels: a ValueError
-    naming the setting when one is of the wrong type or out of range. `EventSettings.create` runs it; command-line
-    tools run it after parsing their flags, before any work."""
+    naming the setting when one is of the wrong type or out of range. `EventSettings` runs it when made, and
+    `EventFrames.create` when resolved."""
     if threshold is not None:  # None: the default, 0.5
         for value in per_class_settings(threshold, "threshold"):
             _check_probability(value, "threshold")
@@ -282,7 +282,7 @@ def frames_to_events(
     The event score is the highest (post-filter) score inside the event.
     """
     scores = _check_scores(scores, labels)
-    settings = EventSettings.create(
+    settings = EventFrames.create(
         step_seconds, labels, threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis,
         upsample, upsample_factor,
     )
@@ -301,7 +301,7 @@ def frames_to_events(
     onsets = [round(onset, TIME_DECIMALS) for onset in onsets.tolist()]
     offsets = [round(offset, TIME_DECIMALS) for offset in offsets.tolist()]
     label_rank = _label_rank(labels)[classes]
-    order = np.lexsort((label_rank, onsets))  # stable: as `_sorted_events` orders them
+    order = np.lexsort((label_rank, onsets))  # stable: as `sorted_events` orders them
     classes, peaks = classes.tolist(), peaks.tolist()
     return [
         {"label": labels[classes[i]], "onset": onsets[i], "offset": offsets[i], "score": peaks[i]}
@@ -309,7 +309,7 @@ def frames_to_events(
     ]
 
 
-def _class_events(scores: np.ndarray, first_class: int, settings: EventSettings
+def _class_events(scores: np.ndarray, first_class: int, settings: EventFrames
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-6 for the classes `first_class ...` of `scores`' columns: (class, start, end, peak) per event, start and
     end in working frames, in class then time order."""
@@ -332,7 +332,7 @@ def _label_rank(labels: Sequence[str]) -> np.ndarray:
     return np.array([place[label] for label in labels], dtype=np.int64)
 
 
-def _sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dict]:
+def sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dict]:
     """Drops the None entries (events past the audio's end); sorts by onset, then by label order."""
     order = dict(zip(labels, _label_rank(labels).tolist()))
     events = [event for event in events if event is not None]
@@ -340,9 +340,16 @@ def _sorted_events(events: list[dict | None], labels: Sequence[str]) -> list[dic
     return events
 
 
+EVENT_SETTING_NAMES = (
+    "threshold", "median_filter_seconds", "min_duration_seconds", "min_gap_seconds", "hysteresis", "upsample",
+    "upsample_factor",
+)
+
+
 @dataclass(frozen=True)
-class EventSettings:
-    """Validated post-processing settings of `frames_to_events`, with durations in working frames."""
+class EventFrames:
+    """`EventSettings` resolved for one score grid and label list: validated, per class, durations in working frames
+    (what `frames_to_events` and `EventStream` run on)."""
 
     upsample: str  # "repeat" or "linear"
     factor: int  # working frames per score step
@@ -365,7 +372,7 @@ class EventSettings:
         hysteresis: tuple[float, float] | None = None,
         upsample: str = "repeat",
         upsample_factor: int | None = None,
-    ) -> EventSettings:
+    ) -> EventFrames:
         step = check_number(step_seconds, "step_seconds")
         if not (math.isfinite(step) and step > 0):
             raise ValueError(f"step_seconds must be a finite number > 0, got {step_seconds}.")
@@ -389,6 +396,74 @@ class EventSettings:
         )
 
 
+@dataclass(frozen=True)
+class EventSettings:
+    """
+    How frame scores become events: the one settings object of every entry point (the SED pipeline, `Annotator`,
+    `LiveDetector`, `EventStream`, and the `--threshold ...` flags of `htsat-hf detect|annotate|listen`, read by
+    `add_event_arguments` + `EventSettings.from_arguments`). Checked when made (a ValueError naming the setting);
+    checked against the labels, and turned into working frames, by `resolve`.
+
+        settings = EventSettings(threshold=0.3, median_filter_seconds=0.5)
+        pipeline("sound-event-detection", model=folder, event_settings=settings)
+        Annotator(folder, event_settings=settings); LiveDetector(folder, event_settings=settings)
+        frames_to_events(scores, step_seconds, labels, **settings.keywords())
+
+    Fields: the post-processing keywords of `frames_to_events` (threshold: number, per-class list or {label: value};
+    median_filter_seconds: the same or None; min_duration_seconds; min_gap_seconds; hysteresis (onset, offset);
+    upsample "repeat" or "linear"; upsample_factor).
+    """
+
+    threshold: PerClass = 0.5
+    median_filter_seconds: float | Sequence[float] | Mapping[str, float] | None = None
+    min_duration_seconds: float = 0.0
+    min_gap_seconds: float = 0.0
+    hysteresis: tuple[float, float] | None = None
+    upsample: str = "repeat"
+    upsample_factor: int | None = None
+
+    def __post_init__(self):
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", 0.5)
+        if isinstance(self.hysteresis, list):  # e.g. read from JSON
+            object.__setattr__(self, "hysteresis", tuple(self.hysteresis))
+        check_event_settings(**self.keywords())
+
+    @classmethod
+    def merged(cls, base: EventSettings | None = None, **keywords: Any) -> EventSettings:
+        """`base` (default: the defaults) with the keywords given (not None) in place of its fields: how the
+        pipelines, `Annotator` and `LiveDetector` combine `event_settings=` with their individual keywords."""
+        if base is not None and not isinstance(base, EventSettings):
+            raise TypeError(f"event_settings must be an EventSettings, got {type(base).__name__}.")
+        unknown = set(keywords) - set(EVENT_SETTING_NAMES)
+        if unknown:
+            raise TypeError(f"unknown event settings {sorted(unknown)}; known: {list(EVENT_SETTING_NAMES)}.")
+        given = {key: value for key, value in keywords.items() if value is not None}
+        return replace(base, **given) if base is not None else cls(**given)
+
+    def keywords(self) -> dict[str, Any]:
+        """The settings as the keyword arguments of `frames_to_events`, `EventStream` and the pipeline."""
+        return {name: getattr(self, name) for name in EVENT_SETTING_NAMES}
+
+    def resolve(self, step_seconds: float, labels: Sequence[str]) -> EventFrames:
+        """The settings for a grid of `step_seconds` and these labels (a ValueError when a setting names a label
+        that is not among them, or has one value per label and the wrong count)."""
+        return EventFrames.create(step_seconds, labels, **self.keywords())
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> EventSettings:
+        """The settings the flags of `add_event_arguments` give (a ValueError naming the setting when one is bad;
+        `check_event_arguments` reports it as the flag's usage error instead)."""
+        return cls(
+            threshold=args.threshold,
+            median_filter_seconds=args.median_filter,
+            min_duration_seconds=args.min_duration,
+            min_gap_seconds=args.min_gap,
+            hysteresis=tuple(args.hysteresis) if args.hysteresis else None,
+            upsample=args.upsample,
+        )
+
+
 class EventStream:
     """
     `frames_to_events` over scores that arrive block by block, in time order: the same events, with memory that does
@@ -407,7 +482,7 @@ class EventStream:
     def __init__(self, step_seconds: float, labels: Sequence[str], offset_seconds: float = 0.0, **settings):
         """`settings`: the post-processing keywords of `frames_to_events` (threshold ... upsample_factor)."""
         self.labels = list(labels)
-        self.settings = EventSettings.create(step_seconds, self.labels, **settings)
+        self.settings = EventFrames.create(step_seconds, self.labels, **settings)
         self.offset_seconds = offset_seconds
         self.halo = max(self.settings.median_windows) // 2  # filter context on each side, in working frames
         classes = len(self.labels)
@@ -438,7 +513,7 @@ class EventStream:
             for start, end, score in self.regions[k].finish(self.next_frame):
                 events.append(_make_event(label, start, end, score, self.settings.frame_seconds, self.offset_seconds,
                                           duration_seconds))
-        return _sorted_events(events, self.labels)
+        return sorted_events(events, self.labels)
 
     def pop_final_events(self) -> list[dict]:
         """The events found so far that nothing later can change (ended, and too far back for a later event to merge
@@ -449,7 +524,7 @@ class EventStream:
             for start, end, score in self.regions[k].pop_final():
                 events.append(_make_event(label, start, end, score, self.settings.frame_seconds, self.offset_seconds,
                                           None))
-        return _sorted_events(events, self.labels)
+        return sorted_events(events, self.labels)
 
     # ------------------------------------------------------------------------------------------------ stages
     def _advance(self, final: bool) -> None:
@@ -495,7 +570,7 @@ class _RegionTracker:
     column: runs above the threshold (or above the hysteresis offset, kept if they pass the onset), short ones
     dropped, then merged across gaps of at most `gap_frames`. An event's score is the max over its whole span."""
 
-    def __init__(self, settings: EventSettings, k: int):
+    def __init__(self, settings: EventFrames, k: int):
         hysteresis = settings.hysteresis
         self.level = hysteresis[1] if hysteresis else settings.thresholds[k]  # active while above this
         self.keep_level = hysteresis[0] if hysteresis else settings.thresholds[k]  # kept if it ever exceeds this
@@ -726,47 +801,47 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}") from None
 
 
-POSTPROCESSING_FLAGS = {
+EVENT_FLAGS = {
     "threshold": "--threshold", "hysteresis": "--hysteresis", "median_filter_seconds": "--median-filter",
     "min_duration_seconds": "--min-duration", "min_gap_seconds": "--min-gap", "upsample": "--upsample",
 }
 
 
-def add_postprocessing_arguments(parser) -> None:
-    """The post-processing flags shared by scripts/detect_events.py and scripts/annotate.py."""
-    parser.add_argument("--threshold", type=parse_threshold, default=0.5, help="number or JSON {label: threshold}")
+def add_event_arguments(parser) -> None:
+    """The event flags of `htsat-hf detect`, `annotate` and `listen` (read them with `check_event_arguments` or
+    `EventSettings.from_arguments`), and `--label-mapping`."""
+    defaults = EventSettings()
+    parser.add_argument("--threshold", type=parse_threshold, default=defaults.threshold,
+                        help="number or JSON {label: threshold}")
     parser.add_argument("--hysteresis", type=float, nargs=2, metavar=("ONSET", "OFFSET"))
     parser.add_argument("--median-filter", type=seconds, help="median filter length in seconds")
-    parser.add_argument("--min-duration", type=seconds, default=0.0, help="drop events shorter than this (s)")
-    parser.add_argument("--min-gap", type=seconds, default=0.0, help="merge same-class events closer than this (s)")
-    parser.add_argument("--upsample", choices=["repeat", "linear"], default="repeat")
+    parser.add_argument("--min-duration", type=seconds, default=defaults.min_duration_seconds,
+                        help="drop events shorter than this (s)")
+    parser.add_argument("--min-gap", type=seconds, default=defaults.min_gap_seconds,
+                        help="merge same-class events closer than this (s)")
+    parser.add_argument("--upsample", choices=["repeat", "linear"], default=defaults.upsample)
     parser.add_argument("--label-mapping", help="JSON/YAML mapping of new labels to groups of the model's labels")
 
 
-def check_postprocessing_arguments(parser, args) -> None:
-    """Checks the flags of `add_postprocessing_arguments` with `check_event_settings`, and reads the label mapping,
-    before any work: `parser.error` (exit status 2) names the flag that is wrong."""
-    settings = postprocessing_from_arguments(args)
-    for key, flag in POSTPROCESSING_FLAGS.items():
+def check_event_arguments(parser, args) -> EventSettings:
+    """The `EventSettings` of the flags of `add_event_arguments`, and the label mapping read, before any work: a bad
+    one is `parser.error` (exit status 2) naming its flag."""
+    values = {
+        "threshold": args.threshold, "hysteresis": tuple(args.hysteresis) if args.hysteresis else None,
+        "median_filter_seconds": args.median_filter, "min_duration_seconds": args.min_duration,
+        "min_gap_seconds": args.min_gap, "upsample": args.upsample,
+    }
+    for key, flag in EVENT_FLAGS.items():
         try:
-            check_event_settings(**{key: settings[key]})
+            check_event_settings(**{key: values[key]})
         except ValueError as error:
             parser.error(f"argument {flag}: {error}")
-    if settings["label_mapping"] is not None:
+    if args.label_mapping is not None:
         try:
-            load_label_mapping(settings["label_mapping"])
+            load_label_mapping(args.label_mapping)
         except (OSError, ValueError) as error:
             parser.error(f"argument --label-mapping: {error}")
-
-
-def postprocessing_from_arguments(args) -> dict:
-    """Keyword arguments of the SED pipeline / `frames_to_events` from the flags of `add_postprocessing_arguments`."""
-    return dict(
-        threshold=args.threshold,
-        hysteresis=tuple(args.hysteresis) if args.hysteresis else None,
-        median_filter_seconds=args.median_filter,
-        min_duration_seconds=args.min_duration,
-        min_gap_seconds=args.min_gap,
-        upsample=args.upsample,
-        label_mapping=args.label_mapping,
-    )
+    try:
+        return EventSettings.from_arguments(args)
+    except ValueError as error:  # a combination no single flag makes wrong
+        parser.error(str(error))

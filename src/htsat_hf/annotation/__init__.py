@@ -3,7 +3,7 @@
 - `Annotator`: the engine-agnostic core (a batch of audio in, one row per input out); a callable for batched
   `datasets.map(..., with_rank=True)` and a callable class for Ray Data `map_batches`.
 - `corpus.annotate_corpus`: the resumable, exactly-once run over files or a `datasets` source, sharded over the
-  processes of `accelerate launch`, written as Parquet shards (`scripts/annotate.py`).
+  processes of `accelerate launch`, written as Parquet shards (`htsat-hf annotate`).
 """
 
 from .annotator import AnnotationError, Annotator, rows_to_arrow

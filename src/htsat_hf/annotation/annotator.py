@@ -23,7 +23,7 @@ from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
 from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
-from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
+from ..sed_postprocessing import EventSettings, frames_to_events, label_mapping_from, resolve_label_mapping
 from .embeddings import stored_embeddings, window_embedding_rows
 from .schema import task_columns, typed_column
 from .text_queries import is_text_query, text_query_for, text_query_settings
@@ -81,8 +81,10 @@ class Annotator:
             `problem_type` says (`scores.logits_to_scores`), like the pipelines; a single-label model's frame scores
             are capped by their window's clip score (`scores.frame_scores`).
         batch_size: windows per forward pass, packed across inputs.
-        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: the SED
-            pipeline's post-processing (`sed_postprocessing.frames_to_events`).
+        event_settings: the SED pipeline's post-processing (`sed_postprocessing.frames_to_events`), as one
+            `sed_postprocessing.EventSettings`; threshold, median_filter_seconds, min_duration_seconds,
+            min_gap_seconds, hysteresis, upsample: its fields one by one (given, they replace those of
+            `event_settings`).
         label_mapping: a dict or JSON/YAML path mapping new labels to groups of the model's labels (events and frame
             scores; tags keep the model's labels).
         device: where the model runs (default: the model's device, or CUDA when a path is given and one exists).
@@ -106,12 +108,13 @@ class Annotator:
         tasks: Iterable[str] = DEFAULT_TASKS,
         top_k: int = 5,
         batch_size: int = 16,
-        threshold: Any = 0.5,
+        event_settings: EventSettings | None = None,
+        threshold: Any = None,
         median_filter_seconds: Any = None,
-        min_duration_seconds: float = 0.0,
-        min_gap_seconds: float = 0.0,
+        min_duration_seconds: float | None = None,
+        min_gap_seconds: float | None = None,
         hysteresis: tuple[float, float] | None = None,
-        upsample: str = "repeat",
+        upsample: str | None = None,
         label_mapping: Mapping | str | None = None,
         device: str | torch.device | None = None,
         bf16: bool = False,
@@ -130,11 +133,12 @@ class Annotator:
             model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
             trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
             background_label=background_label, calibration_bias=calibration_bias)
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
-                                                   allow_ensemble=True)
+        self.model, self.feature_extractor = load_for_inference(
+            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
+        )
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
-        self.ensemble = _is_ensemble(self.model)
+        self.ensemble = is_ensemble(self.model)
         self.members = model_members(self.model)
         if self.ensemble:
             if not self.config.use_token_semantic_head:
@@ -157,13 +161,14 @@ class Annotator:
         self.event_labels = (
             list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping else self.model_labels
         )
-        self.postprocessing = dict(
-            threshold=threshold, median_filter_seconds=median_filter_seconds, min_duration_seconds=min_duration_seconds,
-            min_gap_seconds=min_gap_seconds, hysteresis=tuple(hysteresis) if hysteresis is not None else None,
-            upsample=upsample,
+        self.event_settings = EventSettings.merged(
+            event_settings, threshold=threshold, median_filter_seconds=median_filter_seconds,
+            min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds,
+            hysteresis=tuple(hysteresis) if hysteresis is not None else None, upsample=upsample,
         )
-        if "events" in self.tasks:  # bad settings fail now, not at the first input
-            frames_to_events(np.zeros((2, len(self.event_labels))), 0.1, self.event_labels, **self.postprocessing)
+        self.postprocessing = self.event_settings.keywords()
+        if "events" in self.tasks:  # settings that do not fit the labels fail now, not at the first input
+            self.event_settings.resolve(0.1, self.event_labels)
         if features_on not in ("auto", "workers", "device"):
             raise ValueError(f'features_on must be "auto", "workers" or "device", got {features_on!r}.')
         if features_on == "auto":
@@ -181,6 +186,9 @@ class Annotator:
             "tasks": list(self.tasks),
             "top_k": self.top_k,
             **{key: _plain(self.postprocessing[key]) for key in POSTPROCESSING_KEYS},
+            # only when set: manifests written before it was a setting here stay resumable
+            **({"upsample_factor": self.event_settings.upsample_factor}
+               if self.event_settings.upsample_factor is not None else {}),
             "label_mapping": self.label_mapping,
             "bf16": self.bf16,
             "features_on": self.features_on,
@@ -431,9 +439,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool, allow_ensemble: bool = False
-          ) -> tuple[Any, Any]:
-    """The model in eval mode on its device, and its feature extractor. Ensembles (`HTSATEnsembleModel`) only
+def load_for_inference(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool,
+                       allow_ensemble: bool = False) -> tuple[Any, Any]:
+    """The model (a path, Hub id or model) in eval mode on its device, and its feature extractor: what the
+    `Annotator` and the `LiveDetector` run. Ensembles (`HTSATEnsembleModel`) only
     where `allow_ensemble`. A model whose weights were not loaded, or whose feature extractor disagrees with its
     config, is refused (`check_inference_ready`)."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
@@ -448,10 +457,10 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
     single = hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")
-    if not single and not (allow_ensemble and _is_ensemble(model)):
+    if not single and not (allow_ensemble and is_ensemble(model)):
         raise ValueError(
             f"{type(model).__name__} is not a single HTS-AT model (HTSATForAudioClassification or "
-            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if _is_ensemble(model) else ".")
+            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if is_ensemble(model) else ".")
         )
     if feature_extractor is None:
         feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
@@ -463,20 +472,23 @@ def _load(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bo
 
 def model_members(model: Any) -> list:
     """The single HTS-AT models whose outputs `combine_members` combines: an ensemble's members, else the model."""
-    return list(model.members) if _is_ensemble(model) else [model]
+    return list(model.members) if is_ensemble(model) else [model]
 
 
 def combine_members(model: Any, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
     """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
-    if not _is_ensemble(model):
+    if not is_ensemble(model):
         return member_logits[0]
     return combine_logits(member_logits, model.config.average, exclusive)
 
 
-def _is_ensemble(model: Any) -> bool:
+def is_ensemble(model: Any) -> bool:
     """An `HTSATEnsembleModel` (also loaded as remote code): members that are single HTS-AT models."""
     members = getattr(model, "members", None)
     return members is not None and all(hasattr(m, "htsat") and hasattr(m, "classifier") for m in members)
 
 
-__all__ = ["AnnotationError", "Annotator", "rows_to_arrow", "top_tags"]
+__all__ = [
+    "AnnotationError", "Annotator", "combine_members", "is_ensemble", "load_for_inference", "model_members",
+    "rows_to_arrow", "top_tags",
+]

@@ -16,7 +16,7 @@ Record = tuple[int, str, Any]  # (input index, id, audio: a path, bytes or anyth
 
 class InputError(ValueError):
     """Inputs that cannot be annotated as given (a missing file list, repeated ids, a missing column): the message says
-    what was wrong and what to do. `scripts/annotate.py` prints it and exits."""
+    what was wrong and what to do. `htsat-hf annotate` prints it and exits."""
 
 
 class InputSource:
@@ -104,7 +104,7 @@ def dataset_source(
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> InputSource:
-    """A split of a Hub dataset or local folder, loaded as `scripts/train.py` loads data; the audio is decoded by
+    """A split of a Hub dataset or local folder, loaded as `htsat-hf train` loads data; the audio is decoded by
     FFmpeg from each row's bytes or path (`audio_decoding`). Ids: `id_column`'s values, else the row index."""
     from ..training.data import load_source
 

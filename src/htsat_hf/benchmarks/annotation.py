@@ -1,11 +1,11 @@
-"""Benchmark of corpus annotation on a generated corpus (`scripts/benchmark_annotation.py`).
+"""Benchmark of corpus annotation on a generated corpus (`htsat-hf benchmark annotation`).
 
 Measured in one run, interleaved (model-only, end to end 1 x 2, model-only, end to end 2 x 1, model-only), with the
 paper-size model (random weights: speed does not depend on them; `model_size="tiny"` takes a tiny one instead, to
 check the plumbing in seconds):
 - model-only throughput: forward passes over ready window features at the run's batch size, expressed as hours of
   audio per hour through the corpus's own windows per second of audio;
-- end to end: `scripts/annotate.py` as a subprocess (decoding in DataLoader workers, features, model, Parquet), hours
+- end to end: `htsat-hf annotate` (`python -m htsat_hf.commands.annotate`) as a subprocess (decoding in DataLoader workers, features, model, Parquet), hours
   of audio per hour from its manifest, and peak RSS of its whole process tree once 10 % and 100 % of the inputs are
   committed;
 - 2 processes x 1 thread (`accelerate launch`, CPU ranks) against 1 process x 2 threads.
@@ -288,7 +288,6 @@ def _free_port() -> int:
 
 
 def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str, Any]:
-    scripts = Path(__file__).resolve().parents[3] / "scripts"
     work = Path(tempfile.mkdtemp(prefix="htsat-annotation-bench-"))
     corpus_dir = Path(settings.corpus_dir) if settings.corpus_dir else work / "corpus"
     print(f"[bench] generating {settings.hours} h of audio in {corpus_dir}", flush=True)
@@ -311,7 +310,7 @@ def run_annotation_benchmark(settings: AnnotationBenchmarkSettings) -> dict[str,
         return hours_per_hour
 
     base = [
-        str(scripts / "annotate.py"), "--model_name_or_path", str(work / "model"), "--file_list",
+        "-m", "htsat_hf.commands.annotate", "--model_name_or_path", str(work / "model"), "--file_list",
         str(work / "files.txt"), "--tasks", *settings.tasks, "--batch_size", str(settings.batch_size),
         "--num_workers", str(settings.num_workers), "--no_progress", "--rows_per_shard", "2", "--overwrite",
     ]

@@ -1,7 +1,7 @@
 """The live detector's numbers: latency and CPU load on a real-time stream, and agreement with the offline pipeline.
 
 Latency of a step: wall time from the arrival of the block holding the step's last sample to the emission of the
-step's score. The stream is fed in real time in blocks of `READ_SECONDS` (as `scripts/listen.py` reads ffmpeg), so
+step's score. The stream is fed in real time in blocks of `READ_SECONDS` (as `htsat-hf listen` reads ffmpeg), so
 a detector that falls behind accumulates a backlog and the latency shows it. CPU load: this process's CPU time over
 the stream's wall time, in cores.
 
@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..commands.listen import READ_SECONDS
-from ..live.detector import LiveDetector
+from ..live.detector import READ_SECONDS, LiveDetector
 
 
 @dataclass
@@ -94,7 +93,7 @@ TRAINING_ARGS = [
 def train_sound_event_model(directory: str) -> str:
     """Trains a small HTS-AT with a 10-s window (16 kHz, hop 320, 32 mel bins: 10 s fold into a 128-px image, 16
     steps of 0.625 s) from strong labels on synthetic scenes of the benchmark's four sound classes
-    (`demo_data.build_strong_label_scene_dataset`), with `scripts/train.py`'s code. Returns the model folder (its
+    (`demo_data.build_strong_label_scene_dataset`), with `htsat-hf train`'s code. Returns the model folder (its
     held-out frame and clip metrics are in all_results.json)."""
     from pathlib import Path
 
@@ -163,3 +162,85 @@ def lookahead_agreement(model: str, audio: np.ndarray, lookaheads: list[float], 
                          "f1_vs_offline_same_hop": agreement(same_hop, events, duration, labels)})
     return {"offline_events": len(reference), "rows": rows, "reference": reference, "default_hop_seconds": default_hop,
             "offline_hops_agreement": offline_hops}
+
+
+@dataclass
+class LiveBenchmarkSettings:
+    """What `run_live_benchmark` measures (`htsat-hf benchmark live`)."""
+
+    stream_seconds: float = 45.0  # real-time stream per latency run
+    runs: str = "1:0,1:2,2:0"  # threads:lookahead pairs of the latency runs
+    quality_model: str | None = None  # trained HTS-AT folder with a 10-s window (default: train one)
+    quality_dir: str = "results/live_sed"  # where the trained model and data go
+    quality_seconds: float = 240.0  # length of the synthetic event stream
+    lookaheads: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0)
+    live_hops: tuple[float, ...] = (1.0, 5.0)
+    threshold: float = 0.5
+    median_filter: float = 0.5
+    skip_latency: bool = False
+
+
+def run_live_benchmark(settings: LiveBenchmarkSettings, out=None) -> dict[str, Any]:
+    """Latency runs of the paper-size model, then the agreement table on a trained model; prints both as tables to
+    `out` (default stdout) and returns the report."""
+    import os
+    import sys
+    from dataclasses import asdict
+
+    from transformers import AutoConfig, AutoFeatureExtractor
+
+    from .. import HTSATConfig, HTSATFeatureExtractor, HTSATForSoundEventDetection
+    from ..demo.data import sound_event_scene
+    from ..sed_postprocessing import EventSettings
+    from .model import cpu_model
+
+    out = out or sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    report: dict[str, Any] = {"cpu": cpu_model(), "latency": [], "agreement": None}
+    if not settings.skip_latency:
+        torch.manual_seed(0)
+        model = HTSATForSoundEventDetection(HTSATConfig()).eval()  # the paper's size; weights do not change timing
+        extractor = HTSATFeatureExtractor()
+        samples = int(settings.stream_seconds * 32000)
+        audio = (np.random.default_rng(0).standard_normal(samples) * 0.1).astype(np.float32)
+        say(f"{'threads':>7} {'lookahead':>9} {'p50 s':>6} {'p95 s':>6} {'max s':>6} {'bound s':>7} "
+            f"{'cores':>6} {'model s/window':>14}")
+        for pair in settings.runs.split(","):
+            threads, lookahead = int(pair.split(":")[0]), float(pair.split(":")[1])
+            torch.set_num_threads(threads)
+            detector = LiveDetector(model, extractor, hop_seconds=1.0, lookahead_seconds=lookahead,
+                                    event_settings=EventSettings(threshold=0.5))
+            result = real_time_latency(detector, audio)
+            bound = result.hop_seconds + lookahead + 0.5
+            say(f"{threads:>7} {lookahead:>9.1f} {result.latency_p50:>6.3f} {result.latency_p95:>6.3f} "
+                f"{result.latency_max:>6.3f} {bound:>7.2f} {result.cpu_cores:>6.2f} "
+                f"{result.model_seconds_per_window:>14.3f}")
+            report["latency"].append({**asdict(result), "bound_seconds": bound})
+    torch.set_num_threads(os.cpu_count() or 2)
+    model_dir = settings.quality_model or train_sound_event_model(settings.quality_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    rate = AutoFeatureExtractor.from_pretrained(model_dir).sampling_rate
+    words = [config.id2label[i] for i in range(config.num_labels)]
+    audio, truth = sound_event_scene(settings.quality_seconds, rate, np.random.default_rng(7), classes=words)
+    post = {"threshold": settings.threshold, "median_filter_seconds": settings.median_filter}
+    result = lookahead_agreement(model_dir, audio, list(settings.lookaheads), post, hops=tuple(settings.live_hops))
+    offline_vs_truth = agreement(truth, result["reference"], len(audio) / rate, words)
+    default_hop = result["default_hop_seconds"]
+    say(f"\nAgreement with the offline pipeline ({settings.quality_seconds:.0f} s synthetic stream, {len(truth)} "
+        f"events; offline at its default hop {default_hop} s: {result['offline_events']} events, F1 "
+        f"{offline_vs_truth:.3f} against the true event times)")
+    say(f"{'live hop s':>10} {'lookahead s':>11} {'events':>6} {'F1 vs offline (hop ' + str(default_hop) + ' s)':>26} "
+        f"{'F1 vs offline at the live hop':>30}")
+    for row in result["rows"]:
+        say(f"{row['hop_seconds']:>10.1f} {row['lookahead_seconds']:>11.1f} {row['events']:>6} "
+            f"{row['f1_vs_offline']:>26.3f} {row['f1_vs_offline_same_hop']:>30.3f}")
+    for hop, value in result["offline_hops_agreement"].items():
+        say(f"offline at hop {hop} s against offline at hop {default_hop} s: F1 {value:.3f}")
+    report["agreement"] = {"model": model_dir, "stream_seconds": settings.quality_seconds, "true_events": len(truth),
+                           "settings": post, "offline_events": result["offline_events"],
+                           "offline_f1_vs_truth": offline_vs_truth, "rows": result["rows"],
+                           "offline_hops_agreement": result["offline_hops_agreement"]}
+    return report

@@ -21,8 +21,8 @@ Peak memory on CPU is the rise of the process's peak RSS (`VmHWM`, reset through
 
 GPU usage::
 
-    python scripts/benchmark.py --device cuda --output results/benchmark_gpu.json          # fp32
-    python scripts/benchmark.py --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # bf16 autocast
+    htsat-hf benchmark model --device cuda --output results/benchmark_gpu.json          # fp32
+    htsat-hf benchmark model --device cuda --bf16 --output results/benchmark_gpu_bf16.json  # bf16 autocast
 
 On GPU the models run under `torch.autocast("cuda", dtype=torch.bfloat16)` with `--bf16` (fp32 weights; matmuls and
 attention in bf16), timings synchronise the device, and the matmul reference is timed in the same dtype. Feature

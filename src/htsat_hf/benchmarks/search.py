@@ -1,4 +1,4 @@
-"""Time of a text search over 1,000,000 stored rows (`python -m htsat_hf.benchmarks.search`).
+"""Time of a text search over 1,000,000 stored rows (`htsat-hf benchmark search`).
 
 Generates an annotated output folder in the annotator's on-disk format (Parquet shards of `result_schema`'s
 `id`, `duration_s`, `embedding`, `warning` columns, commit markers with the files' SHA-256, a manifest saying the
@@ -13,13 +13,11 @@ The text tower's forward for the phrase itself (a few ms for one sentence) is no
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,28 +119,15 @@ def run(rows: int = 1_000_000, dim: int = 512, top_k: int = 10, repeats: int = 2
             shutil.rmtree(out, ignore_errors=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=512, help="embedding size (CLAP's projection_dim is 512)")
-    parser.add_argument("--top_k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--folder", help="generate the corpus here and keep it (default: a temporary folder)")
-    return parser
+def report(result: dict) -> str:
+    """The benchmark's result as JSON, then one summary line."""
+    return json.dumps(result, indent=2) + (
+        f"\nsearch: {result['rows']:,} rows x {result['dim']}: {result['query_1_phrase_s'] * 1000:.1f} ms per query "
+        f"(1 phrase, top {result['top_k']}), {result['query_8_phrases_s'] * 1000:.1f} ms for 8 phrases; "
+        f"index built once in {result['build_index_s']:.1f} s, opened (memory-mapped) in "
+        f"{result['open_index_s'] * 1000:.1f} ms"
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = run(args.rows, args.dim, args.top_k, args.repeats, args.folder)
-    print(json.dumps(result, indent=2))
-    print(f"search: {result['rows']:,} rows x {result['dim']}: {result['query_1_phrase_s'] * 1000:.1f} ms per query "
-          f"(1 phrase, top {result['top_k']}), {result['query_8_phrases_s'] * 1000:.1f} ms for 8 phrases; "
-          f"index built once in {result['build_index_s']:.1f} s, opened (memory-mapped) in "
-          f"{result['open_index_s'] * 1000:.1f} ms")
-    return 0
+__all__ = ["random_embeddings", "report", "run", "write_embedding_corpus"]
 
-
-__all__ = ["main", "random_embeddings", "run", "write_embedding_corpus"]
-
-if __name__ == "__main__":
-    raise SystemExit(main())

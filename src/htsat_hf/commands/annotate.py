@@ -1,4 +1,4 @@
-"""`scripts/annotate.py`: a corpus run from the command line, one process or many under `accelerate launch`."""
+"""`htsat-hf annotate`: a corpus run from the command line, one process or many under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     non_negative_int,
     positive_int,
-    postprocessing_from_arguments,
 )
 from ..annotation.text_queries import add_text_query_arguments, text_query_from_arguments
 from ..annotation.windows import TASKS
@@ -24,14 +23,14 @@ if TYPE_CHECKING:
     from ..annotation.sources import InputSource
 
 EXAMPLES = """examples:
-  python scripts/annotate.py --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
-  python scripts/annotate.py --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
+  htsat-hf annotate --model_name_or_path htsat-audioset --files a.wav b.flac --output_dir out
+  htsat-hf annotate --model_name_or_path htsat-audioset --dataset_name ./recordings --output_dir out \\
       --tasks tags events embeddings --num_workers 2
-  python scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
+  htsat-hf annotate --model_name_or_path htsat-audioset --file_list all.txt --output_dir out \\
       --device cpu --num_processes auto                # one model process per CPU core (as memory allows)
-  accelerate launch --num_processes 4 scripts/annotate.py --model_name_or_path htsat-audioset --file_list all.txt \\
+  accelerate launch --num_processes 4 -m htsat_hf.commands.annotate --model_name_or_path htsat-audioset --file_list all.txt \\
       --output_dir out --bf16
-  python scripts/annotate.py --model_name_or_path clap-folder --files a.wav --output_dir out \
+  htsat-hf annotate --model_name_or_path clap-folder --files a.wav --output_dir out \\
       --text_labels "a dog barking" "a siren" --tasks tags events embeddings   # a CLAP model: phrases
 Running the same command again continues an interrupted run; the output loads with
 datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
@@ -39,7 +38,7 @@ datasets.load_dataset("parquet", data_dir=OUT) or pandas.read_parquet(OUT)."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Tags, events and embeddings for every file of a corpus, as Parquet shards.",
+        prog="htsat-hf annotate", description="Tags, events and embeddings for every file of a corpus, as Parquet shards.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
@@ -48,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = parser.add_argument_group("inputs (files, or a datasets source)")
     inputs.add_argument("--files", nargs="+", metavar="PATH", help="audio files (anything ffmpeg reads)")
     inputs.add_argument("--file_list", metavar="TXT", help="a text file with one audio path per line")
-    inputs.add_argument("--dataset_name", help="Hub dataset id or local folder (as scripts/train.py loads data)")
+    inputs.add_argument("--dataset_name", help="Hub dataset id or local folder (as htsat-hf train loads data)")
     inputs.add_argument("--dataset_config_name")
     inputs.add_argument("--split", help="the split to annotate (needed when the source has several)")
     inputs.add_argument("--audio_column_name", default="audio")
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = parser.add_argument_group("tasks and post-processing")
     tasks.add_argument("--tasks", nargs="+", choices=TASKS, default=["tags", "events"])
     tasks.add_argument("--top_k", type=positive_int, default=5, help="tags per input")
-    add_postprocessing_arguments(tasks)
+    add_event_arguments(tasks)
     add_text_query_arguments(parser)
     run = parser.add_argument_group("execution")
     run.add_argument("--batch_size", type=positive_int, default=16, help="windows per forward pass, packed across files")
@@ -85,11 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`htsat-hf annotate`: `run` (which prints the run's summary); the exit status 0 (errors end it through
+    SystemExit with a message)."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The corpus run of the command line `argv`; returns its counts (as `annotate_corpus` does)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)  # bad settings are usage errors, before any process starts
+    event_settings = check_event_arguments(parser, args)  # bad settings are usage errors, before any process starts
     if bool(args.files or args.file_list) == bool(args.dataset_name):
         raise SystemExit("error: give either --files / --file_list or --dataset_name.")
     source = input_source(args)  # bad inputs end here, once, before any process starts
@@ -110,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         annotator = Annotator(
             args.model_name_or_path, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size, device=device,
             bf16=args.bf16, features_on=args.features_on, trust_remote_code=args.trust_remote_code,
-            **postprocessing_from_arguments(args), **text_query_from_arguments(args),
+            event_settings=event_settings, label_mapping=args.label_mapping, **text_query_from_arguments(args),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
         raise SystemExit(f"error: {error}") from None
@@ -253,7 +260,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["build_parser", "input_source", "main", "original_message"]
+__all__ = ["build_parser", "input_source", "main", "original_message", "run"]
 
-if __name__ == "__main__":  # the processes `--num_processes` starts
+if __name__ == "__main__":  # the processes `--num_processes` (or `accelerate launch -m`) starts
     main()

@@ -1,4 +1,4 @@
-"""`scripts/detect_events.py`: sound event detection on audio files, written as DCASE task 4 TSV rows.
+"""`htsat-hf detect`: sound event detection on audio files, written as DCASE task 4 TSV rows.
 
 A file that cannot be read is reported and skipped, the others are still processed, and the run exits non-zero with
 a summary. `--output` is written to a temporary file beside it and renamed into place at the end, so a failed or
@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     positive_int,
-    postprocessing_from_arguments,
 )
 
 HEADER = ["filename", "onset", "offset", "event_label", "score"]
@@ -27,13 +26,14 @@ HEADER = ["filename", "onset", "offset", "event_label", "score"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="htsat-hf detect",
         description="Sound event detection on audio files of any length with an HTS-AT folder.",
-        epilog="example: python scripts/detect_events.py recording.wav --model htsat-audioset --threshold 0.3 "
+        epilog="example: htsat-hf detect recording.wav --model htsat-audioset --threshold 0.3 "
         "--median-filter 0.5 --output events.tsv --plot events.png",
     )
     parser.add_argument("audio", nargs="+", help="audio files (anything ffmpeg reads)")
     parser.add_argument("--model", required=True, help="HTS-AT folder or Hub id")
-    add_postprocessing_arguments(parser)
+    add_event_arguments(parser)
     parser.add_argument("--window-batch-size", type=positive_int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="e.g. cuda:0")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the detection; returns the exit status (1 when any file failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)
+    event_settings = check_event_arguments(parser, args)
     check_output_paths(parser, args)
     import htsat_hf  # noqa: F401  (registers the "sound-event-detection" pipeline)
     from transformers import pipeline
@@ -54,11 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # settings are checked against the model's labels, and the model folder is checked, before any file is read
         detector = pipeline(
             "sound-event-detection", model=args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-            **postprocessing_from_arguments(args), window_batch_size=args.window_batch_size,
+            event_settings=event_settings, label_mapping=args.label_mapping, window_batch_size=args.window_batch_size,
             return_frame_scores=bool(args.plot),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree: nothing can run
-        print(f"[detect_events] cannot run with the model {args.model}: {error}", file=sys.stderr)
+        print(f"[detect] cannot run with the model {args.model}: {error}", file=sys.stderr)
         return 2
     failures: list[tuple[str, str]] = []
     events_written = 0
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = detector(audio)
             except ValueError as error:  # unreadable, empty, too short...: report, go on with the other files
                 failures.append((audio, str(error)))
-                print(f"[detect_events] skipped {audio}: {error}", file=sys.stderr)
+                print(f"[detect] skipped {audio}: {error}", file=sys.stderr)
                 continue
             for event in result["events"]:
                 writer.writerow([Path(audio).name, f"{event['onset']:.3f}", f"{event['offset']:.3f}", event["label"],
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handle.close()
             os.unlink(temporary)
     done = len(args.audio) - len(failures)
-    print(f"[detect_events] {len(args.audio)} files: {done} done ({events_written} events), {len(failures)} failed"
+    print(f"[detect] {len(args.audio)} files: {done} done ({events_written} events), {len(failures)} failed"
           + "".join(f"\n  {path}: {message}" for path, message in failures), file=sys.stderr)
     return 1 if failures else 0
 
@@ -134,3 +134,7 @@ def _plot(result: dict, plot: str, audio: str, several: bool) -> None:
 
 
 __all__ = ["build_parser", "check_output_paths", "main"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`scripts/listen.py`: live tags and events from a microphone, a URL, a file or raw PCM, as JSON lines."""
+"""`htsat-hf listen`: live tags and events from a microphone, a URL, a file or raw PCM, as JSON lines."""
 
 from __future__ import annotations
 
@@ -14,23 +14,20 @@ from typing import IO
 from ..annotation.text_queries import add_text_query_arguments, text_query_from_arguments
 from ..audio_decoding import AudioInputError, ffmpeg_blocks, ffmpeg_source, probe_streams
 from ..sed_postprocessing import (
-    add_postprocessing_arguments,
-    check_postprocessing_arguments,
+    add_event_arguments,
+    check_event_arguments,
     positive_int,
-    postprocessing_from_arguments,
     seconds,
 )
 
-READ_SECONDS = 0.1  # audio per read from ffmpeg: the delay the reading itself adds
-
 EXAMPLES = """examples:
-  listen.py --model DIR --ffmpeg-input "-f pulse -i default"      # the default PulseAudio microphone
-  listen.py --model DIR --ffmpeg-input "-f alsa -i hw:0"          # an ALSA device
-  listen.py --model DIR --input http://host/stream.mp3            # a network stream
-  listen.py --model DIR --input rec.wav                           # a file, played in real time (ffmpeg -re)
-  listen.py --model DIR --input rec.wav --as-fast-as-possible     # a file, as fast as the model runs
-  arecord -f S16_LE -r 16000 | listen.py --model DIR --stdin --stdin-format s16le --stdin-rate 16000
-  listen.py --model CLAP_DIR --input rec.wav --text-labels "a dog barking" "a siren"   # a CLAP model: phrases
+  htsat-hf listen --model DIR --ffmpeg-input "-f pulse -i default"      # the default PulseAudio microphone
+  htsat-hf listen --model DIR --ffmpeg-input "-f alsa -i hw:0"          # an ALSA device
+  htsat-hf listen --model DIR --input http://host/stream.mp3            # a network stream
+  htsat-hf listen --model DIR --input rec.wav                           # a file, played in real time (ffmpeg -re)
+  htsat-hf listen --model DIR --input rec.wav --as-fast-as-possible     # a file, as fast as the model runs
+  arecord -f S16_LE -r 16000 | htsat-hf listen --model DIR --stdin --stdin-format s16le --stdin-rate 16000
+  htsat-hf listen --model CLAP_DIR --input rec.wav --text-labels "a dog barking" "a siren"   # a CLAP model: phrases
 
 Output, one JSON object per line:
   {"type": "tags", "time": 12.0, "tags": [{"label": ..., "score": ...}, ...]}     one per hop
@@ -39,7 +36,7 @@ Output, one JSON object per line:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+    parser = argparse.ArgumentParser(prog="htsat-hf listen", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HTS-AT folder (or Hub id in the local cache)")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -60,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    add_postprocessing_arguments(parser)
+    add_event_arguments(parser)
     add_text_query_arguments(parser, dashes=True)
     return parser
 
@@ -104,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     """Listens until the source ends (or Ctrl-C); bad flags are usage errors (exit status 2) naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_postprocessing_arguments(parser, args)
+    event_settings = check_event_arguments(parser, args)
     missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
     if missing:
-        print(f"listen.py reads audio through ffmpeg and ffprobe ({' and '.join(missing)} not found): install ffmpeg "
+        print(f"htsat-hf listen reads audio through ffmpeg and ffprobe ({' and '.join(missing)} not found): "
+              "install ffmpeg "
               "(e.g. apt-get install ffmpeg).", file=sys.stderr)
         return 1
     import torch
 
-    from ..live.detector import LiveDetector
+    from ..live.detector import READ_SECONDS, LiveDetector
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         detector = LiveDetector(
             args.model, hop_seconds=args.hop, lookahead_seconds=args.lookahead, top_k=args.top_k,
             pad_start=not args.no_pad_start, device=args.device, bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code, channels=channels, **postprocessing_from_arguments(args),
-            **text_query_from_arguments(args),
+            trust_remote_code=args.trust_remote_code, channels=channels, event_settings=event_settings,
+            label_mapping=args.label_mapping, **text_query_from_arguments(args),
         )
     except ValueError as error:  # bad settings, weights that do not fit, config files that disagree
-        print(f"listen.py: {error}", file=sys.stderr)
+        print(f"htsat-hf listen: {error}", file=sys.stderr)
         return 2
     rate = detector.sampling_rate
     command = ffmpeg_command(args, rate, channels)
@@ -152,15 +150,19 @@ def finish_stream(detector, failure: str | None = None) -> int:
     """Flushes the last windows and events; the exit status: 1 with a message on stderr when the source failed
     (`failure`), gave no audio, or too little for one STFT frame, else 0."""
     if detector.seconds_seen == 0:
-        print(failure or "listen.py: no audio was received: the input is empty.", file=sys.stderr)
+        print(failure or "htsat-hf listen: no audio was received: the input is empty.", file=sys.stderr)
         return 1
     try:
         json_lines(detector.flush(), sys.stdout)
     except AudioInputError as error:
-        print(f"listen.py: {error}", file=sys.stderr)
+        print(f"htsat-hf listen: {error}", file=sys.stderr)
         return 1
     if failure:
         print(failure, file=sys.stderr)
         return 1
     print(f"listened to {detector.seconds_seen:.1f} s of audio", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

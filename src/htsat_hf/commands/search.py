@@ -1,4 +1,4 @@
-"""`python -m htsat_hf.commands.search`: where in an annotated corpus does <phrase> happen? (annotation/search.py)"""
+"""`htsat-hf search`: where in an annotated corpus does <phrase> happen? (annotation/search.py)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from ..sed_postprocessing import positive_int
 
 EXAMPLES = """examples:
-  python -m htsat_hf.commands.search out "a dog barking"    # out: annotated by a CLAP model, --text_labels,
-  python -m htsat_hf.commands.search out "a siren" "glass breaking" --top_k 20   # --tasks ... window_embeddings
-  python -m htsat_hf.commands.search out "a siren" --json   # one JSON object per hit
+  htsat-hf search out "a dog barking"    # out: annotated by a CLAP model, --text_labels,
+  htsat-hf search out "a siren" "glass breaking" --top_k 20   # --tasks ... window_embeddings
+  htsat-hf search out "a siren" --json   # one JSON object per hit
 
 Each hit: the rank, the score (cosine similarity of the phrase's CLAP text embedding with the input's stored
 joint-space audio embedding), the input's id and the span the stored embedding covers in seconds (a 10-s window for

@@ -198,7 +198,7 @@ def build_strong_label_scene_dataset(root: str | Path, clips: tuple[int, int] = 
     non-overlapping times in noise (`sound_event_scene`, the live benchmark's test streams cut short):
     `<root>/audio/{train,eval}/<n>.wav` and `<root>/metadata/{train,eval}.tsv` (filename, onset, offset,
     event_label; a scene without events has one row with empty times and label, as DESED writes it). For
-    `scripts/train.py --strong_labels_train`."""
+    `htsat-hf train --strong_labels_train`."""
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)

@@ -32,15 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
+from ..annotation.annotator import combine_members, is_ensemble, load_for_inference, model_members, top_tags
 from ..annotation.text_queries import split_window_logits, text_query_for, window_logits
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
 from ..modeling_htsat import StepStitcher, grid_steps
 from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
 from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
-from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, resolve_label_mapping
+from ..sed_postprocessing import (
+    EventSettings,
+    EventStream,
+    label_mapping_from,
+    resolve_label_mapping,
+    sorted_events,
+)
 
+
+READ_SECONDS = 0.1  # audio per read from a live source (`htsat-hf listen` reads ffmpeg so): the delay the reading adds
 
 @dataclass
 class LiveUpdate:
@@ -77,8 +85,9 @@ class LiveDetector:
         channels: samples per frame of pushed blocks; blocks of several channels are (samples, channels) and are
             averaged to mono.
         window_batch_size: windows per forward pass when a block completes several windows.
-        threshold, median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample,
-            label_mapping: the SED pipeline's post-processing.
+        event_settings: the SED pipeline's post-processing, as one `sed_postprocessing.EventSettings`; threshold,
+            median_filter_seconds, min_duration_seconds, min_gap_seconds, hysteresis, upsample: its fields one by
+            one (given, they replace those of `event_settings`). label_mapping: as for the pipeline.
         device, trust_remote_code, bf16: as for `Annotator`.
         text_labels, hypothesis_template, calibration, background_label, calibration_bias, tokenizer: for a CLAP
             model (`HTSATClapModel`), the phrases to detect and their calibration, as for `Annotator`.
@@ -96,12 +105,13 @@ class LiveDetector:
         sampling_rate: int | None = None,
         channels: int = 1,
         window_batch_size: int = 8,
-        threshold: Any = 0.5,
+        event_settings: EventSettings | None = None,
+        threshold: Any = None,
         median_filter_seconds: Any = None,
-        min_duration_seconds: float = 0.0,
-        min_gap_seconds: float = 0.0,
+        min_duration_seconds: float | None = None,
+        min_gap_seconds: float | None = None,
         hysteresis: tuple[float, float] | None = None,
-        upsample: str = "repeat",
+        upsample: str | None = None,
         label_mapping: Mapping | str | None = None,
         device: str | torch.device | None = None,
         bf16: bool = False,
@@ -117,18 +127,19 @@ class LiveDetector:
             model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
             trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
             background_label=background_label, calibration_bias=calibration_bias)
-        self.model, self.feature_extractor = _load(model, feature_extractor, device, trust_remote_code,
-                                                   allow_ensemble=True)
+        self.model, self.feature_extractor = load_for_inference(
+            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
+        )
         config = self.config = self.model.config
         self.members = model_members(self.model)
         if not config.use_token_semantic_head:
             raise ValueError("Live detection needs the token-semantic head; " + (
-                "this ensemble's members do not all have it on one time grid." if _is_ensemble(self.model)
+                "this ensemble's members do not all have it on one time grid." if is_ensemble(self.model)
                 else "this model uses the pooled head (use_token_semantic_head=False)."))
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         if sampling_rate is not None and float(sampling_rate) != self.sampling_rate:  # 32000.5 is not 32000
             raise ValueError(f"The stream is at {sampling_rate} Hz but the model takes {self.sampling_rate} Hz: "
-                             f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; listen.py does).")
+                             f"resample it upstream (e.g. ffmpeg ... -ar {self.sampling_rate}; htsat-hf listen does).")
         hop_length = config.hop_length
         self.frame_seconds = hop_length / self.sampling_rate
         self.hop_frames = _whole_frames(hop_seconds, self.sampling_rate, hop_length, "hop_seconds")
@@ -150,11 +161,12 @@ class LiveDetector:
         self.label_mapping = label_mapping_from(label_mapping)
         self.labels = (list(resolve_label_mapping(self.label_mapping, self.model_labels)) if self.label_mapping
                        else self.model_labels)
-        self.events = EventStream(
-            self.step_seconds, self.labels, threshold=threshold, median_filter_seconds=median_filter_seconds,
+        self.event_settings = EventSettings.merged(
+            event_settings, threshold=threshold, median_filter_seconds=median_filter_seconds,
             min_duration_seconds=min_duration_seconds, min_gap_seconds=min_gap_seconds, hysteresis=hysteresis,
             upsample=upsample,
         )
+        self.events = EventStream(self.step_seconds, self.labels, **self.event_settings.keywords())
         self.frames = StreamFrames(self.feature_extractor, config.num_mel_bins)
         # for a single-label model, each window's clip logits are stitched beside its step logits (2 x labels)
         channels = stitched_channels(config.num_labels, config.problem_type)
@@ -210,7 +222,7 @@ class LiveDetector:
         if updates:
             last = updates[-1]
             last.step_scores = np.concatenate([last.step_scores, scores])
-            last.events = _sorted_events(last.events + events, self.labels)
+            last.events = sorted_events(last.events + events, self.labels)
         else:
             updates.append(LiveUpdate(self.seconds_seen, [], events, first_step, scores))
         return updates

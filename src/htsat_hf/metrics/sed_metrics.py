@@ -51,7 +51,7 @@ PSDS2 = dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=
 
 
 # ================================================================================================= reading
-def _read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path) -> pd.DataFrame:
     """Reads a TSV (or CSV, when the header has commas and no tabs) as strings; short rows are padded with ''."""
     path = Path(path)
     if not path.is_file():
@@ -93,7 +93,7 @@ def _where(source: str, from_file: bool, row: int) -> str:
 def _as_frame(data: Any, name: str) -> tuple[pd.DataFrame, str, bool]:
     """Table, the name to use in error messages, and whether rows are file lines."""
     if isinstance(data, (str, Path)):
-        return _read_table(data), str(data), True
+        return read_table(data), str(data), True
     if isinstance(data, pd.DataFrame):
         frame = data.reset_index(drop=True)
         if "event_label" not in frame.columns and "label" in frame.columns:
@@ -770,7 +770,7 @@ def evaluate_files(
     operating_points_dir: str | Path | None = None,
     scores_dir: str | Path | None = None,
 ) -> dict:
-    """Everything `scripts/evaluate_sed.py` prints, as a JSON-ready dict (F-scores and PSDS as fractions).
+    """Everything `htsat-hf evaluate` prints, as a JSON-ready dict (F-scores and PSDS as fractions).
 
     With both operating points and scores, `psds1`/`psds2` come from the operating points and
     `psds1_scores`/`psds2_scores` from the scores.

@@ -1,7 +1,7 @@
 """Fine-tuning HTS-AT with the Transformers `Trainer`: the paper's recipe (mixup, class-balanced sampling, warm-up
 schedule, weight averaging), data loading through `datasets`, and metrics that work offline.
 
-Modules: `mixup`, `sampling`, `schedule`, `averaging`, `metrics`, `data`, `trainer`, `run` (the `scripts/train.py`
+Modules: `mixup`, `sampling`, `schedule`, `averaging`, `metrics`, `data`, `trainer`, `run` (the `htsat-hf train`
 driver). Import them directly, e.g. `from htsat_hf.training.mixup import HTSATDataCollator`.
 """
 

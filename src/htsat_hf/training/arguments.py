@@ -1,4 +1,4 @@
-"""Command-line arguments of `scripts/train.py`: the names of Transformers' `run_audio_classification.py`
+"""Command-line arguments of `htsat-hf train`: the names of Transformers' `run_audio_classification.py`
 (`ModelArguments`, `DataTrainingArguments`) plus the HTS-AT recipe (`HTSATRecipeArguments`) and `TrainingArguments`."""
 
 from __future__ import annotations

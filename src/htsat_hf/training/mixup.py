@@ -7,7 +7,7 @@ Default: `mix_targets=True` (standard mixup, Zhang et al. 2018). The mixed input
 which is the consistent objective for single-label data (ESC-50, Speech Commands), where an unmixed one-hot target
 for a 50/50 mixture teaches the model to ignore half of what it hears. The original HTS-AT AudioSet code leaves the
 targets unmixed on purpose ("AudioSet is not a perfect data, so adding noise might be better"); pass
-`mix_targets=False` (`--mix_targets False` in `scripts/train.py`) to reproduce it.
+`mix_targets=False` (`--mix_targets False` in `htsat-hf train`) to reproduce it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training driver behind `scripts/train.py`: data -> model -> `HTSATTrainer` -> saved model + metrics, and the
+"""The training driver behind `htsat-hf train`: data -> model -> `HTSATTrainer` -> saved model + metrics, and the
 k-fold cross-validation loop (ESC-50). With `--strong_labels_train` (DESED-style TSVs) it trains sound event
 detection: an `HTSATForSoundEventDetection` on frame-level plus clip-level targets."""
 
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """`scripts/train.py`: `main`, with a data problem (an empty split or manifest, an unreadable file, an unknown
+    """`htsat-hf train`: `main`, with a data problem (an empty split or manifest, an unreadable file, an unknown
     label) said in one line that names the split and file, instead of a traceback."""
     from .data import BadExampleError
 

@@ -4,7 +4,7 @@
 token-semantic map with frame-level BCE plus the clip-level loss, so strongly labelled data (AudioSet strong,
 DESED synthetic) can be used, the direction the HTS-AT paper names as future work.
 
-`scripts/train.py --strong_labels_train TSV [--strong_labels_eval TSV] [--audio_dir DIR]` goes through
+`htsat-hf train --strong_labels_train TSV [--strong_labels_eval TSV] [--audio_dir DIR]` goes through
 `load_strong_labels` (one row per audio file the TSV names, files without events included with all-zero targets)
 and `prepare_strong_data` (`StrongLabelTransform`: each example is exactly one model window, and its step targets
 follow the crop). The TSV format is DCASE task 4's: tab-separated, header `filename onset offset event_label`,
@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from datasets import Audio, Dataset
 
-from ..metrics.sed_metrics import LINE_COLUMN, _read_table, events_table
+from ..metrics.sed_metrics import LINE_COLUMN, events_table, read_table
 from .data import AudioTransform, BadExampleError, PreparedData, SplitReport, prepare_splits, validate_split
 from .labels import LabelSpace, read_label_csv
 
@@ -145,7 +145,7 @@ def read_strong_labels(tsv: str | Path, labels: Sequence[str] | None = None) -> 
 
 def first_lines(tsv: str | Path) -> dict[str, int]:
     """{filename: the TSV line (header = 1) where it first appears}."""
-    table = _read_table(tsv)
+    table = read_table(tsv)
     lines: dict[str, int] = {}
     for filename, line in zip(table["filename"].astype(str).str.strip(), table[LINE_COLUMN]):
         lines.setdefault(filename, int(line))

@@ -257,9 +257,24 @@ def convert_original_checkpoint(
     return model, feature_extractor, ConversionReport(config=config, ignored_keys=sorted(ignored), notes=notes, warnings=warnings)
 
 
+def describe_conversion(report: ConversionReport) -> str:
+    """The converted model's layout, the conversion's notes and the tensors it left out, as `htsat-hf convert` prints
+    them (`report.warnings` were logged as warnings while converting)."""
+    config = report.config
+    lines = [
+        f"HTS-AT: embed_dim {config.embed_dim}, depths {config.depths}, heads {config.num_heads}, window "
+        f"{config.window_size}, spec_size {config.spec_size}, {config.num_labels} labels ({config.problem_type}), "
+        f"{'token-semantic' if config.use_token_semantic_head else 'pooled'} head",
+        *(f"note: {note}" for note in report.notes),
+        f"ignored {len(report.ignored_keys)} tensors: {', '.join(report.ignored_keys)}",
+    ]
+    return "\n".join(lines)
+
+
 __all__ = [
     "ConversionReport",
     "convert_original_checkpoint",
+    "describe_conversion",
     "infer_architecture",
     "load_original_state_dict",
     "read_audioset_labels",

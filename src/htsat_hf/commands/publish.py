@@ -1,25 +1,25 @@
-#!/usr/bin/env python
-"""Turn an HTS-AT model folder (trained, converted or an ensemble) into a Hub repository and upload it.
+"""`htsat-hf publish`: an HTS-AT model folder (trained, converted or an ensemble) as a Hub repository (model card,
+remote code, safetensors), uploaded (`htsat_hf.weights.publishing`).
 
 Examples:
     # see what would be sent (no network)
-    python scripts/publish.py htsat-esc50 --repo_id you/htsat-esc50 --output_dir hub/htsat-esc50 \
+    htsat-hf publish htsat-esc50 --repo_id you/htsat-esc50 --output_dir hub/htsat-esc50 \
         --dataset_id ashraq/esc50 --dataset_name ESC-50 --dry_run
     # upload (log in first: `hf auth login`, or set HF_TOKEN)
-    python scripts/publish.py runs/audioset --repo_id you/htsat-audioset --dataset_id agkphysics/AudioSet \
+    htsat-hf publish runs/audioset --repo_id you/htsat-audioset --dataset_id agkphysics/AudioSet \
         --dataset_name AudioSet --dataset_split test
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-from htsat_hf.weights.publishing import CardSettings, publish
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="htsat-hf publish", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source_dir", help="model folder: config.json + model.safetensors (+ preprocessor config)")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. you/htsat-audioset")
     parser.add_argument("--output_dir", help="folder to write the repository to (default: SOURCE_DIR-hub)")
@@ -38,7 +38,12 @@ def main() -> None:
     parser.add_argument("--commit_message", default="Upload HTS-AT model")
     parser.add_argument("--convert_trusted_pickle", action="store_true",
                         help="the source has only pytorch_model.bin and you trust it: convert it to safetensors")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..weights.publishing import CardSettings, publish
 
     settings = CardSettings(
         repo_id=args.repo_id, license=args.license, dataset_id=args.dataset_id, dataset_name=args.dataset_name,
@@ -55,7 +60,8 @@ def main() -> None:
         print(f"note: {note}")
     print(f"repository folder: {prepared.folder}")
     print(uploaded.describe())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
