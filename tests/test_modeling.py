@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATModel
-from htsat_hf.modeling_htsat import StepStitcher, gather_tokens, window_starts
+from htsat_hf.modeling_htsat import gather_tokens
+from htsat_hf.time_axis import StepStitcher, window_starts
 from htsat_hf.native_kernels import merge_norm
 
 TINY = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)

@@ -26,6 +26,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_htsat import HTSATConfig
+from .time_axis import (  # noqa: F401  (StepStitcher, long_input_hop_frames, window_starts: offered here as before)
+    StepStitcher,
+    grid_steps,
+    long_input_hop_frames,
+    stitch_on_grid,
+    window_layout,
+    window_start_frames,
+    window_starts,
+)
 from .cpu_kernels import bias_separable, linear, linear_add_, linear_weights
 from .native_kernels import (
     copy_rows,
@@ -96,161 +105,6 @@ class HTSATSoundEventDetectionOutput(ModelOutput):
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-# ----------------------------------------------------------------------------------------------- time handling
-def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[int]:
-    """Start frames of overlapping windows covering every frame; the last window ends at the last frame."""
-    if num_frames <= window_frames:
-        return [0]
-    last = num_frames - window_frames
-    starts = list(range(0, last, hop_frames))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
-
-
-def long_input_hop_frames(config: HTSATConfig) -> int:
-    """Frames between the starts of the overlapping windows of a long input (`long_input_hop_seconds`)."""
-    return max(1, int(round(config.long_input_hop_seconds * config.sampling_rate / config.hop_length)))
-
-
-def window_layout(config: HTSATConfig, num_frames: int) -> tuple[list[int], int]:
-    """Start frames of the windows an input of `num_frames` frames is cut into, and the frames per window: one
-    window of all frames (stretched to the image) up to `image_frames`, else `clip_frames` windows."""
-    if num_frames <= config.image_frames:
-        return [0], num_frames
-    return window_starts(num_frames, config.clip_frames, long_input_hop_frames(config)), config.clip_frames
-
-
-def window_start_frames(config: HTSATConfig, num_frames: int) -> tuple[torch.Tensor, int]:
-    """`window_layout` as a tensor computed from the length alone (no Python loop over values), so that an exported
-    graph takes inputs of any length: (windows,) start frames and the frames per window."""
-    if num_frames <= config.image_frames:
-        return torch.zeros(1, dtype=torch.long), num_frames
-    window, hop = config.clip_frames, long_input_hop_frames(config)
-    count = (num_frames - window + hop - 1) // hop + 1  # ceil((num_frames - window) / hop) hops, plus the last window
-    return (torch.arange(count) * hop).clamp(max=num_frames - window), window
-
-
-def grid_steps(config: HTSATConfig, num_frames: int) -> int:
-    """Steps of the windows' time grid (steps of `clip_frames` windows) that cover `num_frames` frames:
-    ceil((num_frames - 1) frames / frames per step), in integers, so exact, and a shape expression when exported."""
-    per_window = config.clip_frames - 1
-    return ((num_frames - 1) * config.token_steps + per_window - 1) // per_window
-
-
-GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
-
-
-def step_overlaps(position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window steps at `position` (float64, in grid steps) -> the first grid step each overlaps (the second is the
-    next one) and the share of the step that falls on the second."""
-    first = torch.floor(position + GRID_TOLERANCE)
-    return first.long(), (position - first).clamp(min=0.0, max=1.0)
-
-
-def stitch_on_grid(values: torch.Tensor, start_steps: torch.Tensor, total_steps: int) -> torch.Tensor:
-    """([batch,] windows, steps, labels) window step values, window starts in grid steps (float64) ->
-    ([batch,] total_steps, labels) overlap-weighted means on the grid; computed from shapes only (no loop over the
-    batch or the windows), so an exported graph takes any batch and length."""
-    *_, steps, labels = values.shape
-    position = start_steps.reshape(-1, 1) + torch.arange(steps, dtype=torch.float64, device=start_steps.device)
-    first, fraction = step_overlaps(position)
-    flat = values.flatten(-3, -2)  # ([batch,] windows * steps, labels)
-    sums = flat.new_zeros(*flat.shape[:-2], total_steps + 1, labels)
-    weights = flat.new_zeros(total_steps + 1, 1)
-    for index, weight in ((first, 1.0 - fraction), (first + 1, fraction)):
-        weight = weight.reshape(-1, 1).to(values.device, values.dtype)
-        index = index.clamp(max=total_steps).reshape(-1).to(values.device)
-        sums = sums.index_add(-2, index, flat * weight)
-        weights = weights.index_add(0, index, weight)
-    return sums[..., :total_steps, :] / weights[:total_steps].clamp(min=1e-12)
-
-
-class StepStitcher:
-    """
-    Averages the step outputs of overlapping windows onto one uniform time grid.
-
-    Each window step covers `[start + j * step, start + (j + 1) * step)` seconds; it contributes to the (at most two)
-    grid steps it overlaps, weighted by the overlap. Windows that start on the grid reduce to a plain average.
-    Accumulates window by window; with `pop_final`, steps no later window can reach are handed out and dropped, so
-    memory stays bounded for audio of any length.
-    """
-
-    GRID_TOLERANCE = GRID_TOLERANCE
-
-    def __init__(
-        self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32,
-        drop_handed_out: bool = False,
-    ):
-        """total_steps None: the grid grows with the windows added (a stream of unknown length); `result` then takes
-        the final number of steps, and steps at or past it are dropped, as a known length would clamp them.
-        drop_handed_out: a window reaching steps already handed out by `pop_final` adds nothing to them (a live
-        stream hands steps out before every window covering them has run); by default that is an error. Parts of
-        windows before time 0 (a stream's padded start) are always dropped."""
-        self.drop_handed_out = drop_handed_out
-        self.total_steps = total_steps
-        self.step_seconds = step_seconds
-        rows = (total_steps if total_steps is not None else 1024) + 1
-        self.sums = torch.zeros(rows, num_labels, device=device, dtype=dtype)
-        self.weights = torch.zeros(rows, 1, device=device, dtype=dtype)
-        self.offset = 0  # grid step of row 0: the steps before it were handed out by `pop_final`
-
-    def first_step(self, start_seconds: float) -> int:
-        """The earliest grid step a window starting at `start_seconds` adds to."""
-        return max(0, math.floor(start_seconds / self.step_seconds + self.GRID_TOLERANCE))
-
-    def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
-        """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
-        windows, steps, _ = values.shape
-        starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
-        position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
-        first, fraction = step_overlaps(position)
-        second = first + 1
-        if self.total_steps is None:
-            self._reserve(int(second.max()) + 1)
-        else:
-            first, second = first.clamp(max=self.total_steps), second.clamp(max=self.total_steps)
-        reached = int(first[first >= 0].min()) if bool((first >= 0).any()) else self.offset
-        if reached < self.offset and not self.drop_handed_out:
-            raise ValueError(f"A window reaches step {reached}, before step {self.offset} already handed out.")
-        flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
-        for index, weight in ((first, 1.0 - fraction), (second, fraction)):
-            weight = torch.where(index >= self.offset, weight, 0.0)  # before time 0, or already handed out
-            index = index.clamp(min=self.offset)
-            weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
-            index = (index.reshape(-1) - self.offset).to(self.sums.device)
-            self.sums.index_add_(0, index, flat_values * weight)
-            self.weights.index_add_(0, index, weight)
-
-    def _reserve(self, steps: int) -> None:
-        """Grows the grid to hold steps up to `steps` (by half its size at least, so growing stays linear overall)."""
-        rows = steps - self.offset
-        if rows > self.sums.shape[0]:
-            extra = max(rows, self.sums.shape[0] * 3 // 2) - self.sums.shape[0]
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
-            self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, 1)])
-
-    def pop_final(self, before_step: int) -> torch.Tensor:
-        """(steps, labels) weighted means of the steps from the last one handed out up to `before_step` (exclusive),
-        which the caller guarantees no later window reaches; they are dropped from the grid."""
-        count = min(before_step - self.offset, self.sums.shape[0])
-        if count <= 0:
-            return self.sums[:0].clone()
-        final = self.sums[:count] / self.weights[:count].clamp(min=1e-12)
-        self.sums, self.weights = self.sums[count:].clone(), self.weights[count:].clone()
-        self.offset += count
-        return final
-
-    def result(self, total_steps: int | None = None) -> torch.Tensor:
-        """(total_steps - steps handed out, labels) weighted mean of every window step over each remaining grid step."""
-        total = self.total_steps if self.total_steps is not None else total_steps
-        if total is None:
-            raise ValueError("This stitcher grows with its input: pass the final number of steps to result().")
-        self._reserve(total)
-        rows = max(0, total - self.offset)
-        return self.sums[:rows] / self.weights[:rows].clamp(min=1e-12)
 
 
 def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:

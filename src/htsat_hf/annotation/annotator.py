@@ -21,7 +21,7 @@ import torch
 
 from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
-from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
+from ..time_axis import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
 from ..sed_postprocessing import frames_to_events, label_mapping_from, resolve_label_mapping
 from .schema import task_columns, typed_column

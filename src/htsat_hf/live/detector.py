@@ -35,10 +35,10 @@ import torch
 from ..annotation.annotator import _is_ensemble, _load, combine_members, model_members, top_tags
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
-from ..modeling_htsat import StepStitcher, grid_steps
-from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
+from ..pipeline_htsat import AudioInputError
 from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
 from ..sed_postprocessing import EventStream, _sorted_events, label_mapping_from, resolve_label_mapping
+from ..time_axis import StepStitcher, StreamFrames, check_positive_int, grid_steps
 
 
 @dataclass
