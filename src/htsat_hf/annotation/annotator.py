@@ -273,7 +273,7 @@ class Annotator:
                     features = torch.stack([window_features[i] for i in indices]).to(device, member.dtype)
                     for i, image in zip(indices, htsat.window_images(features)):
                         images[i] = image
-                tokens, _, _ = htsat.encode_images(torch.stack(images))
+                tokens = htsat.encode_images(torch.stack(images))
                 if self.config.use_token_semantic_head:
                     member_steps.append(member.classifier(tokens).float().cpu())
                 if token_means is None:

@@ -230,7 +230,7 @@ class LiveDetector:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for member in self.members:
                 images = member.htsat.window_images(features.to(self.device, member.dtype))
-                member_steps.append(member.classifier(member.htsat.encode_images(images)[0]).float().cpu())
+                member_steps.append(member.classifier(member.htsat.encode_images(images)).float().cpu())
         return torch.stack(member_steps, dim=1)
 
     def _after_window(self, start: int, member_logits: torch.Tensor) -> LiveUpdate:
