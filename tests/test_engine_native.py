@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import htsat_hf.modeling_htsat as modeling
 from htsat_hf import HTSATConfig, HTSATForAudioClassification
-from htsat_hf.engine import native
+from htsat_hf.engine import attach, layers, native
 from htsat_hf.engine.native import (
     bias_gelu_,
     build_kernels,
@@ -147,28 +147,28 @@ def test_kernel_adds_window_masks_by_kind(kernel_build, tokens, heads, head_dim,
 def test_shift_kinds_rebuild_the_shift_mask():
     model = HTSATForAudioClassification(HTSATConfig(num_labels=3))
     shifted = [block for stage in model.htsat.stages for block in stage.blocks if block.shift_mask is not None]
-    assert shifted and all(block.shift_kinds() is None for stage in model.htsat.stages for block in stage.blocks
+    assert shifted and all(layers.shift_kinds(block) is None for stage in model.htsat.stages for block in stage.blocks
                            if block.shift_mask is None)
     for block in shifted:
-        kinds, kind_of_window = block.shift_kinds()
+        kinds, kind_of_window = layers.shift_kinds(block)
         assert kinds.shape[0] == 4 and kinds.transpose(-1, -2).is_contiguous()  # interior, two edges, corner
         assert torch.equal(kinds[kind_of_window], block.shift_mask)
-        assert block.shift_kinds()[0] is kinds  # cached
+        assert layers.shift_kinds(block)[0] is kinds  # cached
 
 
 def test_attention_mask_is_cached_in_each_layout():
     block = HTSATForAudioClassification(HTSATConfig(num_labels=3)).htsat.stages[0].blocks[1]
     with torch.no_grad():
         torch.nn.init.normal_(block.attn.relative_position_bias_table)
-        plain = block.attn.attention_mask(block.shift_mask)
-        key_major = block.attn.attention_mask(block.shift_mask, key_major=True)
+        plain = layers.attention_mask(block.attn, block.shift_mask)
+        key_major = layers.attention_mask(block.attn, block.shift_mask, key_major=True)
         assert plain.is_contiguous() and key_major.transpose(-1, -2).is_contiguous()
         torch.testing.assert_close(key_major, plain, atol=0, rtol=0)
-        assert block.attn.attention_mask(block.shift_mask, key_major=True) is key_major
-        assert block.attn.attention_mask(block.shift_mask) is plain
+        assert layers.attention_mask(block.attn, block.shift_mask, key_major=True) is key_major
+        assert layers.attention_mask(block.attn, block.shift_mask) is plain
         block.attn.relative_position_bias_table.add_(1.0)  # new weights: both layouts are computed again
-        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask, key_major=True), key_major + 1.0)
-        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask), plain + 1.0)
+        torch.testing.assert_close(layers.attention_mask(block.attn, block.shift_mask, key_major=True), key_major + 1.0)
+        torch.testing.assert_close(layers.attention_mask(block.attn, block.shift_mask), plain + 1.0)
 
 
 @needs_kernel
@@ -203,7 +203,7 @@ def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
             torch.nn.init.normal_(module.bias, std=0.5)
     calls = []
     monkeypatch.setattr(
-        modeling, "window_attention", lambda *args, **kwargs: calls.append(1) or window_attention(*args, **kwargs)
+        layers, "window_attention", lambda *args, **kwargs: calls.append(1) or window_attention(*args, **kwargs)
     )
     with torch.no_grad():
         fused = model(features).logits
@@ -229,7 +229,7 @@ def test_a_quantised_model_keeps_its_layers_biases(monkeypatch):
     features = torch.randn(2, 1001, 64)
     calls = []
     monkeypatch.setattr(
-        modeling, "window_attention", lambda *args, **kwargs: calls.append(kwargs) or window_attention(*args, **kwargs)
+        layers, "window_attention", lambda *args, **kwargs: calls.append(kwargs) or window_attention(*args, **kwargs)
     )
     with torch.no_grad():
         fused = quantised(features).logits
@@ -515,9 +515,10 @@ def test_fold_image_is_fold_spectrogram(kernel_build, frames, mel):
         torch.testing.assert_close(native.fold_image(strided, target, ratio), expected_strided, rtol=0, atol=4e-6)
         calls = []
         original = native.fold_image
-        with pytest.MonkeyPatch.context() as patch:  # the model takes the kernel in inference
-            patch.setattr(modeling, "fold_image", lambda *args: calls.append(1) or original(*args))
-            torch.testing.assert_close(modeling.fold_spectrogram(features, config), expected, rtol=0, atol=4e-6)
+        fold = attach(modeling.HTSATSpectrogramFold(config).eval())  # the engine's fold layer takes the kernel
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(layers, "fold_image", lambda *args: calls.append(1) or original(*args))
+            torch.testing.assert_close(fold(features), expected, rtol=0, atol=4e-6)
         assert calls == [1]
 
 

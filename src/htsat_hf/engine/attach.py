@@ -17,8 +17,8 @@ CPU inference without gradients, see `layers.engine_applies`) and otherwise runs
 training, GPU, `torch.compile` and ONNX export run the definition. (Transformers' `kernelize` on a model moved to a
 GPU with a device map, or switched to training mode, puts the definition's forwards back itself.)
 
-The switch: `HTSAT_HF_ENGINE=0` in the environment (read when a model is built, and when `htsat_hf` is imported)
-leaves the engine out: models run the definition's forwards. On a live model, `model.reset_kernels()` does the same.
+The switch: `HTSAT_HF_ENGINE=0` in the environment when `htsat_hf` is imported leaves the engine out (nothing is
+registered): every model runs the definition's forwards. On a live model, `model.reset_kernels()` takes it out.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def kernels_available() -> bool:
 
 
 def attach(model: nn.Module) -> nn.Module:
-    """Swaps the engine's forwards into the marked layers of `model` (unless switched off); returns the model."""
-    if not (engine_enabled() and kernels_available()):
+    """Swaps the engine's forwards into the marked layers of `model` (any module); returns the model."""
+    if not kernels_available():
         return model
     from kernels import Mode, kernelize, use_kernel_mapping
 
