@@ -90,7 +90,7 @@ class BenchmarkSettings:
     include_compile: bool = False
     include_cpu_bf16: bool = True  # an "htsat_hf bf16" row: bf16 autocast on the CPU
     include_onnx: bool = True  # an "htsat_hf onnxruntime" row: the exported graph in onnxruntime
-    include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of native_kernels
+    include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of the native kernels (engine/native.py)
     fidelity_model: str | None = None  # a trained folder: int8 / bf16 / ONNX outputs against fp32 on its held-out data
     fidelity_data: str | None = None  # the audiofolder it was trained on (its "test" split is used)
     model_size: str = "paper"  # one of MODEL_SIZES: "tiny" for a plumbing check (`htsat_config`, `peer_configs`)
@@ -359,7 +359,7 @@ def cpu_bf16(model: torch.nn.Module) -> RunUnder:
 
 
 def torch_ops(model: torch.nn.Module) -> RunUnder:
-    """The model with PyTorch's ops (SDPA, LayerNorm) in place of `native_kernels` (`torch_ops_instead`)."""
+    """The model with PyTorch's ops (SDPA, LayerNorm) in place of the native kernels (`engine.native`) (`torch_ops_instead`)."""
     return RunUnder(model, native.torch_ops_instead)
 
 
