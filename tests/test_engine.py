@@ -254,3 +254,16 @@ def test_stages_update_handed_over_tokens_in_place_only(monkeypatch):
         in_place.clear()
         model(features(), output_hidden_states=True)
         assert in_place == [False] * 4
+
+
+def test_ensemble_members_get_the_engine(monkeypatch):
+    from htsat_hf import HTSATEnsembleModel
+
+    torch.manual_seed(5)
+    members = [HTSATForSoundEventDetection(tiny_config()).eval() for _ in range(2)]
+    ensemble = HTSATEnsembleModel.from_members(members)
+    assert all(attached(member.htsat.stages[0]) and attached(member.classifier) for member in ensemble.members)
+    calls = count_engine_stages(monkeypatch)
+    with torch.no_grad():
+        ensemble(features())
+    assert len(calls) == 8
