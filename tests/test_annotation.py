@@ -265,7 +265,8 @@ def test_features_on_the_device_give_the_same_rows(one_process_run, model_folder
 def test_sample_spans_are_the_stream_features_with_bounded_memory():
     """A window sent as samples gives exactly the features the stream computes (short, windowed and end-aligned
     windows alike), and a long input holds about a window, a hop and a read block of samples, not the recording."""
-    from htsat_hf.pipeline_htsat import READ_BLOCK_SECONDS, AudioSource, WindowStream, span_features
+    from htsat_hf.pipeline_htsat import AudioSource
+    from htsat_hf.time_axis import READ_BLOCK_SECONDS, WindowStream, span_features
 
     config, extractor = HTSATConfig(), HTSATFeatureExtractor()
     rng = np.random.default_rng(0)

@@ -298,7 +298,8 @@ def test_config_type_checks_also_guard_later_changes_and_saved_files(tmp_path):
 def test_the_window_stream_itself_refuses_a_batch_size_below_one(detector):
     """The shared mechanism (the SED pipeline's and the annotator's windows): pending windows were emitted when
     their count reached the batch size, so a size below 1 held every window of the recording (3.45 GB on 3 h)."""
-    from htsat_hf.pipeline_htsat import WindowStream, audio_source
+    from htsat_hf.pipeline_htsat import audio_source
+    from htsat_hf.time_axis import WindowStream
 
     source = audio_source(audio(27.0), RATE)  # windows at 0, 5, 10, 15 and 17 s
     stream = WindowStream(detector.model.config, detector.feature_extractor, source)

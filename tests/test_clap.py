@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from htsat_hf import HTSATClapConfig, HTSATClapFeatureExtractor, HTSATClapModel, text_query_model
-from htsat_hf.modeling_htsat import stitch_on_grid
+from htsat_hf.time_axis import stitch_on_grid
 from htsat_hf.scores import frame_scores, with_window_clip_logits
 from htsat_hf.sed_postprocessing import frames_to_events
 

@@ -114,7 +114,8 @@ def test_training_recomputes_the_bias_so_it_gets_gradients():
 
 
 def test_shifted_window_gather_equals_roll_and_partition():
-    from htsat_hf.modeling_htsat import shifted_window_order, window_partition
+    from htsat_hf.engine.layers import window_order as shifted_window_order
+    from htsat_hf.modeling_htsat import window_partition
 
     grid, window, shift = 16, 8, 4
     tokens = torch.randn(2, grid, grid, 3)

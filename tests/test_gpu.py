@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
-from htsat_hf.pipeline_htsat import SampleSpan, span_features
+from htsat_hf.time_axis import SampleSpan, span_features
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

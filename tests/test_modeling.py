@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from htsat_hf import HTSATConfig, HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATModel
-from htsat_hf.modeling_htsat import StepStitcher, gather_tokens, window_starts
-from htsat_hf.native_kernels import merge_norm
+from htsat_hf.time_axis import StepStitcher, window_starts
 
 TINY = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_labels=6)
 
@@ -286,69 +285,7 @@ def test_auto_classes_resolve_after_import(sed_model, tmp_path):
     assert isinstance(AutoModelForAudioClassification.from_pretrained(tmp_path), HTSATForAudioClassification)
 
 
-# ------------------------------------------------------------------------------------ CPU inference in chunks
-@pytest.mark.parametrize("chunk_elements, chunks", [(32 * 64 * 8, (8, 4, 2)), (256 * 64 * 8, (64, 32, 16))])
-def test_chunked_cpu_inference_equals_the_whole_tensor_path(monkeypatch, chunk_elements, chunks):
-    """No-grad CPU inference runs blocks on chunks of windows in place: slices of the shift mask for chunks inside an
-    image, repeats for chunks of several images, a short last chunk. It must equal the grad-mode path, and the
-    hidden states it returns must not be overwritten by later in-place updates."""
-    from htsat_hf import modeling_htsat
-
-    monkeypatch.setattr(modeling_htsat, "CHUNK_HIDDEN_ELEMENTS", chunk_elements)
-    torch.manual_seed(3)
-    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
-    assert tuple(model.htsat.stages[stage].blocks[1].windows_per_chunk for stage in range(3)) == chunks
-    inputs = features(batch=3)
-    with torch.no_grad():
-        chunked = model(inputs, output_hidden_states=True)
-    with torch.enable_grad():
-        whole = model(inputs, output_hidden_states=True)
-    torch.testing.assert_close(chunked.frame_logits, whole.frame_logits, atol=1e-5, rtol=1e-5)
-    for ours, reference in zip(chunked.hidden_states, whole.hidden_states, strict=True):
-        torch.testing.assert_close(ours, reference.detach(), atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_inference_moves_no_tokens_between_the_blocks_window_orders(monkeypatch):
-    """In CPU inference a stage's blocks read their windows from the grid-ordered tokens and write them back
-    (`HTSATStage.forward_in_chunks`): no gather between blocks, and the same outputs as the path that gathers."""
-    from htsat_hf import modeling_htsat
-
-    torch.manual_seed(4)
-    model = HTSATForSoundEventDetection(tiny_config(depths=[2, 2, 2, 1])).eval()
-    inputs = features(batch=2)
-    with torch.enable_grad():
-        reference = model(inputs, output_hidden_states=True)
-
-    def refuse(hidden, order):
-        raise AssertionError("tokens were gathered between blocks in CPU inference")
-
-    monkeypatch.setattr(modeling_htsat, "gather_tokens", refuse)
-    with torch.no_grad():
-        chunked = model(inputs, output_hidden_states=True)
-    torch.testing.assert_close(chunked.frame_logits, reference.frame_logits, atol=1e-5, rtol=1e-5)
-    for ours, theirs in zip(chunked.hidden_states, reference.hidden_states, strict=True):
-        torch.testing.assert_close(ours, theirs.detach(), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("chunk_elements, chunks", [(10 * 64, 5), (2048 * 384, 1)])  # 10 merged tokens a chunk: 48 in 5
-def test_patch_merging_in_chunks_equals_concatenating_the_whole_grid(monkeypatch, chunk_elements, chunks):
-    from htsat_hf import modeling_htsat
-
-    monkeypatch.setattr(modeling_htsat, "CHUNK_HIDDEN_ELEMENTS", chunk_elements)
-    torch.manual_seed(6)
-    merging = modeling_htsat.HTSATPatchMerging(tiny_config(), 16, 8).eval()
-    torch.nn.init.normal_(merging.norm.bias)
-    hidden = torch.randn(3, 64, 16)
-    with torch.enable_grad():
-        whole = merging(hidden)
-    calls = []
-    monkeypatch.setattr(modeling_htsat, "merge_norm", lambda *a, **k: calls.append(1) or merge_norm(*a, **k))
-    with torch.no_grad():
-        chunked = merging(hidden)
-    assert len(calls) == chunks
-    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-5)
-
-
+# ------------------------------------------------------------------------------------ hooks and the engine
 def test_a_forward_hook_on_a_block_sees_that_blocks_tokens():
     """A hook on a block (e.g. for activations) makes its stage call each block as a module again, in its window order,
     so the hook sees the block's own output; the logits do not change."""
@@ -392,22 +329,6 @@ def test_tokens_a_hook_received_are_not_changed_by_later_in_place_updates():
         torch.testing.assert_close(hooked, plain, atol=1e-6, rtol=1e-6)
 
 
-def test_training_mode_without_gradients_keeps_stochastic_depth(monkeypatch):
-    """The chunked path is for inference only: a model in train() mode under no_grad (e.g. Monte-Carlo dropout)
-    must still take the path that applies stochastic depth and dropout."""
-    from htsat_hf import modeling_htsat
-
-    def refuse(self, hidden):
-        raise AssertionError("the chunked inference path ran in training mode")
-
-    monkeypatch.setattr(modeling_htsat.HTSATSwinBlock, "forward_in_chunks", refuse)
-    monkeypatch.setattr(modeling_htsat.HTSATSwinBlock, "update_in_chunks", refuse)
-    model = HTSATForSoundEventDetection(tiny_config(drop_path_rate=0.5, spec_augment=False)).train()
-    with torch.no_grad():
-        first, second = model(features(1)).frame_logits, model(features(1)).frame_logits
-    assert not torch.allclose(first, second)  # blocks were dropped at random
-
-
 def test_token_semantic_head_equals_its_convolution(sed_model):
     """The head computes its Conv2d as one GEMM over time patches; it must equal the convolution it stores."""
     head = sed_model.classifier
@@ -442,17 +363,6 @@ def test_stitcher_hands_out_final_steps_and_stays_small():
         streaming.add(windows[0][1], [0.0])
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gather_tokens_equals_indexing_along_tokens_with_gradients(batch):
-    hidden = torch.randn(batch, 20, 5, requires_grad=True)
-    order = torch.randperm(20)
-    gathered = gather_tokens(hidden, order)
-    assert torch.equal(gathered, hidden[:, order])
-    weights = torch.randn(batch, 20, 5)
-    (gradient,) = torch.autograd.grad((gathered * weights).sum(), hidden)
-    assert torch.equal(gradient[:, order], weights)
-
-
 def test_attention_weights_are_the_tensors_used_so_gradients_reach_them():
     torch.manual_seed(0)
     model = HTSATForAudioClassification(
@@ -464,45 +374,6 @@ def test_attention_weights_are_the_tensors_used_so_gradients_reach_them():
     assert all(g.shape == a.shape and g.abs().sum() > 0 for g, a in zip(grads, output.attentions))
     assert output.attentions[0].shape == (2, 64, 1, 64, 64)  # (batch, windows, heads, tokens, tokens)
     output.attentions[1].retain_grad()
-
-
-def test_set_attn_implementation_switches_the_attention_path(monkeypatch):
-    import htsat_hf.modeling_htsat as modeling
-    from htsat_hf import native_kernels
-
-    torch.manual_seed(0)
-    model = HTSATForAudioClassification(
-        HTSATConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=3)
-    ).eval()
-    calls = {"sdpa": 0, "eager": 0, "fused": 0}
-    sdpa, eager = torch.nn.functional.scaled_dot_product_attention, modeling.eager_attention_forward
-    fused = modeling.window_attention
-
-    def counting(name, function):
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-
-        return counted
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting("sdpa", sdpa))
-    monkeypatch.setattr(modeling, "eager_attention_forward", counting("eager", eager))
-    monkeypatch.setattr(modeling, "window_attention", counting("fused", fused))
-    # the default "sdpa" takes the fused CPU kernel in fp32 CPU inference where it is available, SDPA elsewhere
-    default_path = "fused" if native_kernels._kernels() is not None else "sdpa"
-    features = torch.randn(1, 1001, 64)
-    with torch.no_grad():
-        default = model(features).logits
-        assert calls[default_path] > 0 and sum(calls.values()) == calls[default_path]
-        model.set_attn_implementation("eager")
-        calls.update(sdpa=0, eager=0, fused=0)
-        eager_logits = model(features).logits
-        assert calls["eager"] > 0 and sum(calls.values()) == calls["eager"]
-        model.set_attn_implementation("sdpa")
-        calls.update(sdpa=0, eager=0, fused=0)
-        model(features)
-        assert calls[default_path] > 0 and sum(calls.values()) == calls[default_path]
-    torch.testing.assert_close(eager_logits, default, atol=1e-5, rtol=1e-5)
 
 
 def test_saving_and_loading_a_folder_shows_no_progress_bars(tmp_path, capfd):

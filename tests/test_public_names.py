@@ -10,17 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "htsat_hf"
 
-# The CPU engine's files are being split into htsat_hf/engine/ by another change (issue #30, point 2); their private
-# helpers are reached from benchmarks/model.py and deployment/export.py until that lands. Remove these entries then.
-ALLOWED = {
-    ("benchmarks/model.py", "htsat_hf.cpu_kernels._ONEDNN_LINEAR"),
-    ("benchmarks/model.py", "htsat_hf.native_kernels._kernels"),
-    ("cpu_kernels.py", "htsat_hf.native_kernels._cpu_flags"),
-    ("deployment/export.py", "htsat_hf.cpu_kernels._choose"),
-    ("deployment/export.py", "htsat_hf.cpu_kernels._fastest_times"),
-    ("deployment/export.py", "htsat_hf.cpu_kernels._kept_per_machine"),
-    ("deployment/export.py", "htsat_hf.cpu_kernels._machine_key"),
-}
+ALLOWED: set[tuple[str, str]] = set()  # (file, name) pairs excused from the rule: none
 
 
 def private(name: str) -> bool:

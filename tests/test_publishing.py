@@ -68,9 +68,9 @@ def test_prepared_repository_card_and_files(trained_folder, tmp_path):
                             base_model="microsoft/swin-tiny-patch4-window7-224", tags=["audioset"])
     prepared = prepare_repository(source, tmp_path / "hub", settings)
     required = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_htsat.py",
-                "modeling_htsat.py", "cpu_kernels.py", "native_kernels.py", "feature_extraction_htsat.py"}
+                "modeling_htsat.py", "time_axis.py", "audio_decoding.py", "feature_extraction_htsat.py"}
     assert required <= set(prepared.files)
-    assert set(prepared.files) - required <= {"pipeline_htsat.py", "audio_decoding.py", "sed_postprocessing.py",
+    assert set(prepared.files) - required <= {"pipeline_htsat.py", "sed_postprocessing.py",
                                               "scores.py", "inference_checks.py"}  # SED
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in prepared.files)
     assert "all_results.json" not in prepared.files and "training_args.bin" not in prepared.files

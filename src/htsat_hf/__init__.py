@@ -1,7 +1,8 @@
 """HTS-AT (Hierarchical Token-Semantic Audio Transformer) for Hugging Face Transformers.
 
 Importing the package registers HTS-AT with the Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForAudioClassification`, `AutoModelForAudioFrameClassification`, `AutoFeatureExtractor`).
+`AutoModelForAudioClassification`, `AutoModelForAudioFrameClassification`, `AutoFeatureExtractor`), and its CPU
+inference engine (`htsat_hf.engine`; `HTSAT_HF_ENGINE=0` leaves it out).
 """
 
 from transformers import (
@@ -26,6 +27,7 @@ from .modeling_htsat import (
 )
 from .modeling_htsat_clap import HTSATClapModel, text_query_model
 from .modeling_htsat_ensemble import HTSATEnsembleModel
+from .engine import register as register_cpu_engine
 from .classification_pipeline import HTSATAudioClassificationPipeline
 from .classification_pipeline import install as install_audio_classification_pipeline
 from .pipeline_htsat import SoundEventDetectionPipeline
@@ -33,6 +35,8 @@ from .pipeline_htsat_clap import HTSATZeroShotAudioClassificationPipeline
 from .pipeline_htsat_clap import install as install_zero_shot_audio_classification_pipeline
 
 __version__ = "0.1.0"
+
+register_cpu_engine()  # HTS-AT models built or loaded from here on get the CPU engine (`htsat_hf.engine`)
 
 AutoConfig.register(HTSATConfig.model_type, HTSATConfig, exist_ok=True)
 AutoModel.register(HTSATConfig, HTSATModel, exist_ok=True)

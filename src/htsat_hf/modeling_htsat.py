@@ -4,6 +4,12 @@ Path of a clip: log-mel (batch, frames, mel) -> BatchNorm over mel bins -> (trai
 the frames stretched or windowed to the model's 10-s windows -> each window folded into a 256 x 256 image
 (time -> frequency -> window order) -> Swin stages with shifted-window attention and patch merging -> final
 LayerNorm -> token-semantic Conv2d head: per-class logits over 32 time steps per window, averaged into clip logits.
+
+This file is the model's definition only, written as Transformers' Swin and CLAP audio models are: one `forward` per
+module, attention through Transformers' attention interface, hidden states and attentions recorded by output hooks
+(`_can_record_outputs`). The layers marked with `use_kernel_forward_from_hub` may get a faster forward for CPU
+inference swapped in by Transformers' `kernels` mechanism (the `htsat_hf` package ships one, `htsat_hf.engine`);
+where none is attached (a remote-code folder without the package, or the engine switched off) these forwards run.
 """
 
 from __future__ import annotations
@@ -11,40 +17,54 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
-from torch.nn.modules import module as torch_module
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.integrations import use_kernel_forward_from_hub
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_htsat import HTSATConfig
-from .cpu_kernels import bias_separable, linear, linear_add_, linear_weights
-from .native_kernels import (
-    copy_rows,
-    fold_image,
-    fold_image_applies,
-    fused_attention_applies,
-    layer_norm,
-    layer_norm_,
-    merge_norm,
-    merge_norm_applies,
-    window_attention,
+from .time_axis import (  # noqa: F401  (StepStitcher, long_input_hop_frames, window_starts: offered here as before)
+    StepStitcher,
+    grid_steps,
+    long_input_hop_frames,
+    stitch_on_grid,
+    window_layout,
+    window_start_frames,
+    window_starts,
 )
 
 logger = logging.get_logger(__name__)
 
-# CPU inference runs each Swin block on chunks of whole windows, sized so that the MLP's hidden layer holds about this
-# many floats (3 MiB: the chunk's intermediate tensors stay in cache instead of streaming through memory).
-CHUNK_HIDDEN_ELEMENTS = 2048 * 384
 SHIFT_MASK_VALUE = -100.0  # the original's additive mask between tokens of different shifted regions
+
+# Faster forwards for the layers marked below with `faster_forward`, swapped in by Transformers' `kernels` mechanism
+# (`use_kernel_forward_from_hub`, `kernelize`): a package that ships some (htsat_hf does: `htsat_hf.engine`) registers a
+# kernel mapping for their names, adds the names to KERNELIZED_LAYERS and may add a callable to POST_INIT_HOOKS that
+# attaches them to every model built. A remote-code folder used without the package has neither: `kernelize` then
+# leaves these layers alone and this file's forwards run.
+KERNELIZED_LAYERS: set[str] = set()
+POST_INIT_HOOKS: list[Callable[[PreTrainedModel], None]] = []
+
+
+def kernelized(module: nn.Module) -> bool:
+    """Whether a faster forward is registered for this marked layer (kernels' `condition` for `kernelize`)."""
+    return type(module).kernel_layer_name in KERNELIZED_LAYERS
+
+
+def faster_forward(name: str):
+    """`use_kernel_forward_from_hub(name)`, for the layers whose forward a registered package may replace."""
+    return use_kernel_forward_from_hub(name, condition=kernelized)
 
 
 @contextlib.contextmanager
@@ -61,6 +81,7 @@ def quiet_progress_bars():
             logging.enable_progress_bar()
         if hub_was_off:
             disable_progress_bars()
+
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -98,161 +119,7 @@ class HTSATSoundEventDetectionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-# ----------------------------------------------------------------------------------------------- time handling
-def window_starts(num_frames: int, window_frames: int, hop_frames: int) -> list[int]:
-    """Start frames of overlapping windows covering every frame; the last window ends at the last frame."""
-    if num_frames <= window_frames:
-        return [0]
-    last = num_frames - window_frames
-    starts = list(range(0, last, hop_frames))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
-
-
-def long_input_hop_frames(config: HTSATConfig) -> int:
-    """Frames between the starts of the overlapping windows of a long input (`long_input_hop_seconds`)."""
-    return max(1, int(round(config.long_input_hop_seconds * config.sampling_rate / config.hop_length)))
-
-
-def window_layout(config: HTSATConfig, num_frames: int) -> tuple[list[int], int]:
-    """Start frames of the windows an input of `num_frames` frames is cut into, and the frames per window: one
-    window of all frames (stretched to the image) up to `image_frames`, else `clip_frames` windows."""
-    if num_frames <= config.image_frames:
-        return [0], num_frames
-    return window_starts(num_frames, config.clip_frames, long_input_hop_frames(config)), config.clip_frames
-
-
-def window_start_frames(config: HTSATConfig, num_frames: int) -> tuple[torch.Tensor, int]:
-    """`window_layout` as a tensor computed from the length alone (no Python loop over values), so that an exported
-    graph takes inputs of any length: (windows,) start frames and the frames per window."""
-    if num_frames <= config.image_frames:
-        return torch.zeros(1, dtype=torch.long), num_frames
-    window, hop = config.clip_frames, long_input_hop_frames(config)
-    count = (num_frames - window + hop - 1) // hop + 1  # ceil((num_frames - window) / hop) hops, plus the last window
-    return (torch.arange(count) * hop).clamp(max=num_frames - window), window
-
-
-def grid_steps(config: HTSATConfig, num_frames: int) -> int:
-    """Steps of the windows' time grid (steps of `clip_frames` windows) that cover `num_frames` frames:
-    ceil((num_frames - 1) frames / frames per step), in integers, so exact, and a shape expression when exported."""
-    per_window = config.clip_frames - 1
-    return ((num_frames - 1) * config.token_steps + per_window - 1) // per_window
-
-
-GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
-
-
-def step_overlaps(position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window steps at `position` (float64, in grid steps) -> the first grid step each overlaps (the second is the
-    next one) and the share of the step that falls on the second."""
-    first = torch.floor(position + GRID_TOLERANCE)
-    return first.long(), (position - first).clamp(min=0.0, max=1.0)
-
-
-def stitch_on_grid(values: torch.Tensor, start_steps: torch.Tensor, total_steps: int) -> torch.Tensor:
-    """([batch,] windows, steps, labels) window step values, window starts in grid steps (float64) ->
-    ([batch,] total_steps, labels) overlap-weighted means on the grid; computed from shapes only (no loop over the
-    batch or the windows), so an exported graph takes any batch and length."""
-    *_, steps, labels = values.shape
-    position = start_steps.reshape(-1, 1) + torch.arange(steps, dtype=torch.float64, device=start_steps.device)
-    first, fraction = step_overlaps(position)
-    flat = values.flatten(-3, -2)  # ([batch,] windows * steps, labels)
-    sums = flat.new_zeros(*flat.shape[:-2], total_steps + 1, labels)
-    weights = flat.new_zeros(total_steps + 1, 1)
-    for index, weight in ((first, 1.0 - fraction), (first + 1, fraction)):
-        weight = weight.reshape(-1, 1).to(values.device, values.dtype)
-        index = index.clamp(max=total_steps).reshape(-1).to(values.device)
-        sums = sums.index_add(-2, index, flat * weight)
-        weights = weights.index_add(0, index, weight)
-    return sums[..., :total_steps, :] / weights[:total_steps].clamp(min=1e-12)
-
-
-class StepStitcher:
-    """
-    Averages the step outputs of overlapping windows onto one uniform time grid.
-
-    Each window step covers `[start + j * step, start + (j + 1) * step)` seconds; it contributes to the (at most two)
-    grid steps it overlaps, weighted by the overlap. Windows that start on the grid reduce to a plain average.
-    Accumulates window by window; with `pop_final`, steps no later window can reach are handed out and dropped, so
-    memory stays bounded for audio of any length.
-    """
-
-    GRID_TOLERANCE = GRID_TOLERANCE
-
-    def __init__(
-        self, total_steps: int | None, step_seconds: float, num_labels: int, device=None, dtype=torch.float32,
-        drop_handed_out: bool = False,
-    ):
-        """total_steps None: the grid grows with the windows added (a stream of unknown length); `result` then takes
-        the final number of steps, and steps at or past it are dropped, as a known length would clamp them.
-        drop_handed_out: a window reaching steps already handed out by `pop_final` adds nothing to them (a live
-        stream hands steps out before every window covering them has run); by default that is an error. Parts of
-        windows before time 0 (a stream's padded start) are always dropped."""
-        self.drop_handed_out = drop_handed_out
-        self.total_steps = total_steps
-        self.step_seconds = step_seconds
-        rows = (total_steps if total_steps is not None else 1024) + 1
-        self.sums = torch.zeros(rows, num_labels, device=device, dtype=dtype)
-        self.weights = torch.zeros(rows, 1, device=device, dtype=dtype)
-        self.offset = 0  # grid step of row 0: the steps before it were handed out by `pop_final`
-
-    def first_step(self, start_seconds: float) -> int:
-        """The earliest grid step a window starting at `start_seconds` adds to."""
-        return max(0, math.floor(start_seconds / self.step_seconds + self.GRID_TOLERANCE))
-
-    def add(self, values: torch.Tensor, start_seconds: torch.Tensor | list[float]) -> None:
-        """values: (windows, steps, labels); start_seconds: (windows,) window start times."""
-        windows, steps, _ = values.shape
-        starts = torch.as_tensor(start_seconds, dtype=torch.float64).reshape(windows, 1)
-        position = starts / self.step_seconds + torch.arange(steps, dtype=torch.float64)
-        first, fraction = step_overlaps(position)
-        second = first + 1
-        if self.total_steps is None:
-            self._reserve(int(second.max()) + 1)
-        else:
-            first, second = first.clamp(max=self.total_steps), second.clamp(max=self.total_steps)
-        reached = int(first[first >= 0].min()) if bool((first >= 0).any()) else self.offset
-        if reached < self.offset and not self.drop_handed_out:
-            raise ValueError(f"A window reaches step {reached}, before step {self.offset} already handed out.")
-        flat_values = values.reshape(windows * steps, -1).to(self.sums.dtype)
-        for index, weight in ((first, 1.0 - fraction), (second, fraction)):
-            weight = torch.where(index >= self.offset, weight, 0.0)  # before time 0, or already handed out
-            index = index.clamp(min=self.offset)
-            weight = weight.reshape(-1, 1).to(self.sums.device, self.sums.dtype)
-            index = (index.reshape(-1) - self.offset).to(self.sums.device)
-            self.sums.index_add_(0, index, flat_values * weight)
-            self.weights.index_add_(0, index, weight)
-
-    def _reserve(self, steps: int) -> None:
-        """Grows the grid to hold steps up to `steps` (by half its size at least, so growing stays linear overall)."""
-        rows = steps - self.offset
-        if rows > self.sums.shape[0]:
-            extra = max(rows, self.sums.shape[0] * 3 // 2) - self.sums.shape[0]
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
-            self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, 1)])
-
-    def pop_final(self, before_step: int) -> torch.Tensor:
-        """(steps, labels) weighted means of the steps from the last one handed out up to `before_step` (exclusive),
-        which the caller guarantees no later window reaches; they are dropped from the grid."""
-        count = min(before_step - self.offset, self.sums.shape[0])
-        if count <= 0:
-            return self.sums[:0].clone()
-        final = self.sums[:count] / self.weights[:count].clamp(min=1e-12)
-        self.sums, self.weights = self.sums[count:].clone(), self.weights[count:].clone()
-        self.offset += count
-        return final
-
-    def result(self, total_steps: int | None = None) -> torch.Tensor:
-        """(total_steps - steps handed out, labels) weighted mean of every window step over each remaining grid step."""
-        total = self.total_steps if self.total_steps is not None else total_steps
-        if total is None:
-            raise ValueError("This stitcher grows with its input: pass the final number of steps to result().")
-        self._reserve(total)
-        rows = max(0, total - self.offset)
-        return self.sums[:rows] / self.weights[:rows].clamp(min=1e-12)
-
-
+# ------------------------------------------------------------------------------------------ spectrogram image
 def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
     """
     (batch, 1, frames, mel) -> (batch, 1, spec_size, spec_size). Fewer frames than the image holds are stretched
@@ -261,8 +128,6 @@ def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tenso
     """
     batch, channels, frames, mel_bins = features.shape
     target = config.image_frames
-    if not torch.compiler.is_exporting() and fold_image_applies(features, target, config.freq_ratio):
-        return fold_image(features, target, config.freq_ratio)  # CPU inference: one pass of a native kernel
     if (torch.compiler.is_exporting() and not frames > target) or frames < target:
         # exported for lengths up to one image, the stretch is always in the graph: at exactly `target` frames it is
         # the identity (align_corners samples the input's own points)
@@ -274,6 +139,18 @@ def fold_spectrogram(features: torch.Tensor, config: HTSATConfig) -> torch.Tenso
     return image.permute(0, 1, 3, 2, 4).reshape(batch, channels, ratio * mel_bins, target // ratio)
 
 
+@faster_forward("HTSATSpectrogramFold")
+class HTSATSpectrogramFold(nn.Module):
+    """`fold_spectrogram` as a layer (no weights): mel-normalised window features -> the model's square images."""
+
+    def __init__(self, config: HTSATConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return fold_spectrogram(features, self.config)
+
+
 def spec_augment(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
     """Zero random time and frequency stripes of (batch, 1, frames, mel), independently per example (torchaudio)."""
     for _ in range(config.num_time_masks):
@@ -283,6 +160,8 @@ def spec_augment(features: torch.Tensor, config: HTSATConfig) -> torch.Tensor:
     return features
 
 
+
+@faster_forward("HTSATPatchEmbeddings")
 class HTSATPatchEmbeddings(nn.Module):
     """Conv2d patches of the spectrogram image, flattened to tokens and LayerNorm'ed."""
 
@@ -298,14 +177,8 @@ class HTSATPatchEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # With a channels-last weight the convolution writes (batch, height, width, channels), so the tokens come out
-        # contiguous instead of through a transpose copy (on CPU the pair ran 10x faster at batch 4).
-        weight = self.proj.weight.to(memory_format=torch.channels_last)  # not .contiguous(): a no-op for 1 channel
-        patches = F.conv2d(image, weight, self.proj.bias, self.proj.stride, self.proj.padding)
-        tokens = patches.flatten(2).transpose(1, 2)
-        if cpu_inference_applies(self, tokens) and tokens.is_contiguous() and not has_forward_hooks(self.norm):
-            return layer_norm_(tokens, self.norm)  # the convolution's output is ours: normalised in place
-        return self.norm(tokens)
+        """(n, 1, spec, spec) -> (n, grid * grid, embed_dim) tokens, row-major (rows = frequency)."""
+        return self.norm(self.proj(image).flatten(2).transpose(1, 2))
 
 
 # --------------------------------------------------------------------------------------------------- Swin parts
@@ -314,6 +187,13 @@ def window_partition(tokens: torch.Tensor, window: int) -> torch.Tensor:
     batch, height, width, channels = tokens.shape
     tokens = tokens.view(batch, height // window, window, width // window, window, channels)
     return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, window * window, channels)
+
+
+def window_reverse(windows: torch.Tensor, window: int, grid: int) -> torch.Tensor:
+    """(batch, windows, window * window, channels) -> (batch, grid, grid, channels): `window_partition` undone."""
+    batch, _, _, channels = windows.shape
+    windows = windows.view(batch, grid // window, grid // window, window, window, channels)
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch, grid, grid, channels)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -335,60 +215,6 @@ def shifted_window_mask(grid: int, window: int, shift: int) -> torch.Tensor:
     region_windows = window_partition(regions, window).reshape(-1, window * window)
     different = region_windows[:, None, :] != region_windows[:, :, None]
     return torch.zeros(different.shape).masked_fill(different, SHIFT_MASK_VALUE)
-
-
-def shifted_window_order(grid: int, window: int, shift: int) -> torch.Tensor:
-    """(grid^2,) flat grid positions of the tokens of each window after a cyclic shift by `shift`, in window order:
-    `tokens[:, order]` does `torch.roll` and `window_partition` in one gather."""
-    positions = torch.arange(grid * grid).view(1, grid, grid, 1)
-    positions = torch.roll(positions, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(positions, window).flatten()
-
-
-def gather_tokens(hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """`hidden[:, order]` for (batch, tokens, dim): one gather of rows over the flattened batch, which PyTorch's CPU
-    kernel runs 3x faster than `index_select` along dim 1 for a batch of more than one (4 x 4096 x 96: 0.44 vs 1.5 ms)."""
-    batch, tokens, dim = hidden.shape
-    if batch == 1:
-        return hidden.index_select(1, order)
-    rows = order + tokens * torch.arange(batch, device=order.device).unsqueeze(1)
-    return hidden.reshape(batch * tokens, dim).index_select(0, rows.flatten()).view(batch, tokens, dim)
-
-
-def cpu_inference_applies(module: nn.Module, hidden: torch.Tensor, output_attentions: bool = False) -> bool:
-    """Whether a module takes its CPU inference path (on chunks of windows, or in place): eager CPU inference without
-    gradients, attention weights or training-time randomness."""
-    return not (
-        module.training
-        or output_attentions
-        or torch.is_grad_enabled()
-        or hidden.device.type != "cpu"
-        or torch.compiler.is_compiling()
-    )
-
-
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` would run forward (pre-)hooks: its own or global ones."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    )
-
-
-def chunk_mask(mask: torch.Tensor, first: int, count: int, repeated: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The mask of `count` windows from window `first` on, from the per-image mask (windows per image or 1, heads,
-    tokens, tokens): itself, a slice (a chunk inside one image) or a repeat over whole images (kept in `repeated`)."""
-    per_image = mask.shape[0]
-    if per_image == 1:
-        return mask
-    if count <= per_image:  # chunk sizes divide the windows per image, or are multiples of them
-        start = first % per_image
-        return mask[start : start + count]
-    if count not in repeated:
-        repeated[count] = mask.repeat(count // per_image, 1, 1, 1)
-    return repeated[count]
 
 
 def eager_attention_forward(
@@ -415,12 +241,9 @@ def eager_attention_forward(
 
 class HTSATWindowAttention(nn.Module):
     """
-    Multi-head self-attention inside windows, with a learned relative position bias; SDPA by default.
-
-    The relative position bias and the shift mask are summed into one additive mask (windows or 1, heads, tokens,
-    tokens). In inference it is cached (rebuilt when the bias table changes or moves); in training it is recomputed
-    every call so the bias table gets its gradient. SDPA runs on 4-D (batch * windows, heads, tokens, head_dim) views
-    of the qkv projection, which PyTorch's fused CPU kernel accepts (a 5-D layout falls back to the slow math path).
+    Multi-head self-attention inside windows with a learned relative position bias, through Transformers' attention
+    interface: `config._attn_implementation` ("sdpa" by default, "eager", or a registered function) decides, so
+    `set_attn_implementation` takes effect; attention weights are returned by the eager path.
     """
 
     def __init__(self, config: HTSATConfig, dim: int, num_heads: int, window: int):
@@ -436,110 +259,38 @@ class HTSATWindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self._mask_cache: tuple[tuple, dict[tuple, torch.Tensor]] | None = None  # (weights, masks by layout); unsaved
 
     def relative_position_bias(self) -> torch.Tensor:
+        """(heads, tokens, tokens) bias from the learned table."""
         tokens = self.window * self.window
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
-
-    def attention_mask(self, shift_mask: torch.Tensor | None, key_major: bool = False) -> torch.Tensor:
-        """Relative position bias plus shift mask: (windows or 1, heads, tokens, tokens), cached in inference. The
-        values are always indexed (query, key); `key_major` lays them out in memory with the query varying fastest (a
-        transposed view of a contiguous tensor), as the fused kernel reads them, instead of contiguous for SDPA."""
-        table = self.relative_position_bias_table
-        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not torch.compiler.is_compiling()
-        if not cacheable:
-            return self._attention_mask(shift_mask, key_major)
-        weights_key = (table.data_ptr(), table._version, table.device, table.dtype)
-        if self._mask_cache is None or self._mask_cache[0] != weights_key or len(self._mask_cache[1]) > 4:
-            self._mask_cache = (weights_key, {})
-        masks = self._mask_cache[1]
-        layout = (None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version), key_major)
-        if layout not in masks:
-            masks[layout] = self._attention_mask(shift_mask, key_major)
-        return masks[layout]
-
-    def _attention_mask(self, shift_mask: torch.Tensor | None, key_major: bool) -> torch.Tensor:
-        mask = self.relative_position_bias().unsqueeze(0)
-        if shift_mask is not None:
-            mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
-        if key_major:
-            return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
-        return mask.contiguous()  # SDPA's CPU kernel would copy a strided mask on every call
 
     def forward(
         self, windows: torch.Tensor, shift_mask: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """windows: (batch, num_windows, tokens, dim); shift_mask: (num_windows, tokens, tokens) or None.
-        Returns the projected context and, with `output_attentions`, (batch, num_windows, heads, tokens, tokens)."""
+        Returns the projected context (batch, num_windows, tokens, dim) and, with `output_attentions`, the weights
+        (batch, num_windows, heads, tokens, tokens)."""
         batch, num_windows, tokens, dim = windows.shape
-        mask = self.attention_mask(shift_mask)  # (num_windows or 1, heads, tokens, tokens)
-        if mask.shape[0] > 1:  # a per-window mask cannot broadcast over batch * windows (a view for batch 1)
-            mask = mask.expand(batch, *mask.shape).reshape(batch * num_windows, *mask.shape[1:])
-        weights_shape = (batch, num_windows, self.num_heads, tokens, tokens)
-        attended, weights = self.attend(
-            windows.reshape(batch * num_windows, tokens, dim), mask, output_attentions, weights_shape
-        )
-        return attended.view(batch, num_windows, tokens, dim), weights
-
-    def fuses(self, windows: torch.Tensor) -> bool:
-        """Whether inference on these (windows, tokens, dim) takes the fused CPU kernel (`native_kernels`) in place of
-        SDPA: under the default "sdpa" implementation, in fp32 CPU inference, for the window and head sizes it takes."""
-        return (
-            not self.training
-            and self.config._attn_implementation == "sdpa"
-            and fused_attention_applies(windows, self.num_heads, self.head_dim, *self.qkv.parameters())
-        )
-
-    def attend_fused(
-        self,
-        windows: torch.Tensor,
-        mask: torch.Tensor,
-        first_window: int,
-        output_bias: bool = True,
-        window_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """`attend` through the fused CPU kernel, for windows (windows, tokens, dim) that start at window `first_window`
-        of the batch; mask (windows per image or 1, heads, tokens, tokens) is indexed per window by the kernel, and
-        `window_masks` (kinds, kind of each window of an image) are added per window (`HTSATSwinBlock.shift_kinds`).
-        The qkv bias of a plain linear layer is applied by the kernel rather than written into the GEMM's output; with
-        `output_bias=False` the output projection's bias is left to the caller, which adds it with the residual."""
-        split = bias_separable(self.qkv)
-        qkv = linear(windows, self.qkv, with_bias=not split)
-        qkv_bias = self.qkv.bias if split else None
-        kinds, kind_of_window = window_masks if window_masks is not None else (None, None)
-        context = window_attention(
-            qkv, mask, self.num_heads, self.scale, first_window,
-            qkv_bias=qkv_bias, window_masks=kinds, window_kinds=kind_of_window,
-        )
-        return linear(context, self.proj, with_bias=output_bias)
-
-    def attend(
-        self,
-        windows: torch.Tensor,
-        mask: torch.Tensor,
-        output_attentions: bool = False,
-        weights_shape: tuple[int, ...] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over (windows, tokens, dim) with an additive mask (windows or 1, heads, tokens, tokens), then the
-        output projection, through Transformers' attention interface: `config._attn_implementation` ("sdpa" by
-        default, "eager", or a registered function) decides, so `set_attn_implementation` takes effect. SDPA's 4-D
-        (windows, heads, tokens, head_dim) views of the qkv projection reach PyTorch's fused CPU kernel. With
-        `output_attentions` the eager path runs and returns the weights it used, laid out as `weights_shape`."""
-        count, tokens, dim = windows.shape
-        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        qkv = linear(windows, self.qkv).view(count, tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views (windows, heads, tokens, head_dim)
-        if output_attentions:
-            attention = eager_attention_forward
-        else:
+        count = batch * num_windows
+        mask = self.relative_position_bias().unsqueeze(0)  # (1, heads, tokens, tokens)
+        if shift_mask is not None:  # (num_windows, heads, tokens, tokens), repeated over the batch
+            mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
+            mask = mask.expand(batch, *mask.shape).reshape(count, *mask.shape[1:])
+        qkv = self.qkv(windows.reshape(count, tokens, dim)).view(count, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (windows, heads, tokens, head_dim) each
+        attention = eager_attention_forward
+        if not output_attentions:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         context, weights = attention(
-            self, query, key, value, mask, dropout=dropout, scaling=self.scale, weights_shape=weights_shape
+            self, query, key, value, mask.contiguous(),
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scaling=self.scale,
+            weights_shape=(batch, num_windows, self.num_heads, tokens, tokens),
         )
-        context = context.reshape(count, tokens, dim)  # (windows, tokens, heads, head_dim) from every implementation
-        return self.proj_drop(linear(context, self.proj)), (weights if output_attentions else None)
+        context = self.proj_drop(self.proj(context.reshape(count, tokens, dim)))
+        return context.view(batch, num_windows, tokens, dim), (weights if output_attentions else None)
 
 
 class HTSATDropPath(nn.Module):
@@ -561,7 +312,7 @@ class HTSATDropPath(nn.Module):
 
 
 class HTSATMlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2, with dropout; in CPU inference fc1 and GELU run as one fused oneDNN op."""
+    """fc1 -> exact (erf) GELU -> fc2, with dropout."""
 
     def __init__(self, config: HTSATConfig, dim: int):
         super().__init__()
@@ -571,23 +322,12 @@ class HTSATMlp(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.drop(linear(self.drop(linear(hidden, self.fc1, "gelu")), self.fc2))
-
-    def add_to(self, residual: torch.Tensor, hidden: torch.Tensor, with_output_bias: bool = True) -> None:
-        """Inference: `residual += mlp(hidden)`, accumulated by fc2's GEMM; fc2's bias is left out where the caller
-        has added it already (`with_output_bias=False`)."""
-        linear_add_(residual, linear(hidden, self.fc1, "gelu"), self.fc2, with_bias=with_output_bias)
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(hidden)))))
 
 
 class HTSATSwinBlock(GradientCheckpointingLayer):
-    """
-    Pre-norm Swin block: (shifted) window attention and MLP, each with a residual and stochastic depth.
-
-    It takes and returns its tokens in its own window order, `tokens[:, window_order]` of the (batch, grid * grid)
-    row-major grid (the cyclic shift, if any, included), so a window is a run of consecutive tokens and no partition
-    or reverse copies are needed; `HTSATStage` moves the tokens between the blocks' orders. In CPU inference the block
-    runs on chunks of whole windows and updates `hidden` in place (the stage hands it a tensor of its own).
-    """
+    """Pre-norm Swin block: norm1 -> cyclic shift -> window attention (relative position bias, shift mask) -> shift
+    back -> residual with stochastic depth; norm2 -> MLP -> residual with stochastic depth."""
 
     def __init__(self, config: HTSATConfig, stage: int, block: int, drop_path: float):
         super().__init__()
@@ -601,97 +341,27 @@ class HTSATSwinBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = HTSATMlp(config, dim)
         self.register_buffer("shift_mask", self.create_shift_mask(), persistent=False)
-        self.windows_per_chunk = self.chunk_size(int(dim * config.mlp_ratio))
-        self._kinds_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # never saved
 
     def create_shift_mask(self) -> torch.Tensor | None:
         return shifted_window_mask(self.grid, self.window, self.shift) if self.shift else None
 
-    def shift_kinds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The distinct windows of the shift mask (kinds, tokens, tokens), laid out key-major for the fused kernel,
-        and each window's kind (windows per image,): four kinds (interior, two edges, corner) in place of a mask per
-        window. None for a block without shift. Cached while the mask buffer is unchanged."""
-        if self.shift_mask is None:
-            return None
-        key = (self.shift_mask.data_ptr(), self.shift_mask._version, self.shift_mask.device)
-        if self._kinds_cache is None or self._kinds_cache[0] != key:
-            kinds, kind_of_window = torch.unique(self.shift_mask.float(), dim=0, return_inverse=True)  # 0 / -100
-            self._kinds_cache = (key, (kinds.transpose(-1, -2).contiguous().transpose(-1, -2), kind_of_window))
-        return self._kinds_cache[1]
-
-    def window_order(self) -> torch.Tensor:
-        """(grid * grid,) grid positions of this block's tokens, window after window."""
-        return shifted_window_order(self.grid, self.window, self.shift)
-
-    def chunk_size(self, mlp_hidden: int) -> int:
-        """Windows per chunk in CPU inference: about CHUNK_HIDDEN_ELEMENTS hidden-layer floats, and either a divisor
-        or a multiple of the windows per image, so that a chunk's shift mask is a slice or a repeat."""
-        tokens = self.window * self.window
-        windows_per_image = (self.grid // self.window) ** 2
-        wanted = max(1, CHUNK_HIDDEN_ELEMENTS // (mlp_hidden * tokens))
-        if wanted >= windows_per_image:
-            return windows_per_image * (wanted // windows_per_image)
-        return max(d for d in range(1, wanted + 1) if windows_per_image % d == 0)
-
     def forward(
         self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden: (batch, grid * grid, dim) in this block's window order."""
-        if cpu_inference_applies(self, hidden, output_attentions):
-            return self.forward_in_chunks(hidden), None
+        """hidden: (batch, grid * grid, dim) tokens in row-major grid order."""
         batch, tokens, dim = hidden.shape
-        windows = self.norm1(hidden).view(batch, -1, self.window * self.window, dim)
-        attended, weights = self.attn(windows, self.shift_mask, output_attentions)
-        hidden = hidden + self.drop_path(attended.view(batch, tokens, dim))
+        grid = self.norm1(hidden).view(batch, self.grid, self.grid, dim)
+        if self.shift:
+            grid = torch.roll(grid, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        attended, weights = self.attn(window_partition(grid, self.window), self.shift_mask, output_attentions)
+        grid = window_reverse(attended, self.window, self.grid)
+        if self.shift:
+            grid = torch.roll(grid, shifts=(self.shift, self.shift), dims=(1, 2))
+        hidden = hidden + self.drop_path(grid.reshape(batch, tokens, dim))
         return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
-    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """CPU inference on (batch, grid * grid, dim) tokens in this block's window order, in place."""
-        rows = hidden.view(-1, hidden.shape[-1])
-        self.update_in_chunks(rows, rows)
-        return hidden
 
-    def update_in_chunks(self, source: torch.Tensor, target: torch.Tensor, order: torch.Tensor | None = None) -> None:
-        """
-        CPU inference: `target[order] = block(source[order])` on (tokens, dim) rows, where `order` lists the rows in
-        this block's window order (None: they are in it already); `source` may be `target`. Attention and MLP run on
-        chunks of whole windows so that each chunk's qkv, attention and 4x-wide MLP tensors stay in cache (unchunked,
-        these passes are bound by memory bandwidth), and a chunk is gathered from `source` and written back to
-        `target` as it is processed, so tokens change order without a pass or a tensor of their own. With the fused
-        kernels the attention's residual add, the output projection's bias, norm2 and fc2's bias are one pass
-        (`native_kernels.layer_norm`), and fc2's GEMM accumulates into the tokens.
-        """
-        dim = source.shape[-1]
-        tokens = self.window * self.window
-        total = source.shape[0] // tokens
-        fused = self.attn.fuses(source.view(total, tokens, dim))
-        if fused:  # the position bias (1, heads, q, k) and the shift mask's few kinds, added apart by the kernel
-            mask, window_masks = self.attn.attention_mask(None, key_major=True), self.shift_kinds()
-        else:
-            mask = self.attn.attention_mask(self.shift_mask)  # (windows per image or 1, heads, q, k)
-        # the projection's and fc2's biases go into norm2's pass (quantised or replaced layers apply their own)
-        split_biases = fused and bias_separable(self.attn.proj) and bias_separable(self.mlp.fc2)
-        later_biases = (self.attn.proj.bias, self.mlp.fc2.bias) if split_biases else (None, None)
-        in_place = source.data_ptr() == target.data_ptr()
-        gathered = None if order is None else source.new_empty(min(self.windows_per_chunk, total) * tokens, dim)
-        repeated: dict[int, torch.Tensor] = {}
-        for first in range(0, total, self.windows_per_chunk):
-            start, stop = first * tokens, min(first + self.windows_per_chunk, total) * tokens
-            if order is None:
-                part = target[start:stop] if in_place else target[start:stop].copy_(source[start:stop])
-            else:
-                part = copy_rows(source, gathered[: stop - start], order[start:stop])
-            windows = layer_norm(part, self.norm1).view(-1, tokens, dim)
-            if fused:
-                attended = self.attn.attend_fused(windows, mask, first, not split_biases, window_masks)
-            else:
-                attended, _ = self.attn.attend(windows, chunk_mask(mask, first, windows.shape[0], repeated))
-            normed = layer_norm(part, self.norm2, attended.view(-1, dim), *later_biases)
-            self.mlp.add_to(part, normed, with_output_bias=not split_biases)
-            if order is not None:
-                copy_rows(part, target, None, order[start:stop])
-
-
+@faster_forward("HTSATPatchMerging")
 class HTSATPatchMerging(nn.Module):
     """Concatenates each 2 x 2 neighbourhood of tokens (4C), LayerNorm, linear to 2C: halves the grid."""
 
@@ -702,36 +372,18 @@ class HTSATPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if cpu_inference_applies(self, hidden) and merge_norm_applies(hidden, self.norm):
-            return self.forward_in_chunks(hidden)
         batch, _, dim = hidden.shape
         grid = hidden.view(batch, self.grid, self.grid, dim)
         merged = torch.cat(
             [grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], dim=-1
         ).view(batch, -1, 4 * dim)
-        return linear(layer_norm(merged, self.norm), self.reduction)
-
-    def forward_in_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """CPU inference: concatenation and LayerNorm in one pass into a cache-sized chunk (`native_kernels.merge_norm`),
-        then the linear layer on it, chunk after chunk, so neither the concatenation nor its norm is written out whole
-        (at the first stage each was a 25 MB tensor per batch of 16, which the system mapped anew on every call)."""
-        batch, tokens, dim = hidden.shape
-        total = batch * tokens // 4
-        output = hidden.new_empty(batch, tokens // 4, self.reduction.out_features)
-        rows = output.view(total, -1)
-        per_chunk = max(1, CHUNK_HIDDEN_ELEMENTS // (4 * dim))
-        normed = hidden.new_empty(min(per_chunk, total), 4 * dim)
-        for first in range(0, total, per_chunk):
-            count = min(per_chunk, total - first)
-            merged = merge_norm(hidden, self.grid, self.norm, first, count, out=normed[:count])
-            rows[first : first + count] = linear(merged, self.reduction)
-        return output
+        return self.reduction(self.norm(merged))
 
 
+@faster_forward("HTSATStage")
 class HTSATStage(nn.Module):
-    """Swin blocks at one resolution, then patch merging (all but the last stage). Takes and returns tokens in
-    row-major grid order; inside, each block gets them in its window order through one gather per block, or, in CPU
-    inference, reads its chunks of windows from the grid-ordered tokens and writes them back (`forward_in_chunks`)."""
+    """Swin blocks at one resolution (alternating plain and shifted windows), then patch merging (all but the last
+    stage). Returns the tokens and, with `output_attentions`, the attention weights of its last block."""
 
     def __init__(self, config: HTSATConfig, stage: int, drop_paths: list[float]):
         super().__init__()
@@ -740,69 +392,18 @@ class HTSATStage(nn.Module):
         )
         last = stage == config.num_stages - 1
         self.downsample = (
-            None
-            if last
-            else HTSATPatchMerging(config, config.hidden_sizes[stage], config.stage_grid_size(stage))
+            None if last else HTSATPatchMerging(config, config.hidden_sizes[stage], config.stage_grid_size(stage))
         )
-        self.register_buffer("layout_orders", self.create_layout_orders(), persistent=False)
-        self.register_buffer("window_orders", self.create_window_orders(), persistent=False)
-        with torch.device("cpu"):  # models may be built on the meta device; these flags need real values
-            orders = self.create_layout_orders()
-            grid_positions = torch.arange(orders.shape[1])
-            self.in_grid_order = [torch.equal(order, grid_positions) for order in self.create_window_orders()]
-        # Moves that change nothing are skipped, except the first: a block updates its input in place in CPU
-        # inference, so it must not get the caller's tensor.
-        self.layout_moves = [j == 0 or not torch.equal(order, grid_positions) for j, order in enumerate(orders)]
-
-    def create_window_orders(self) -> torch.Tensor:
-        """(blocks, grid * grid): the grid position of each token of block j's window order."""
-        return torch.stack([block.window_order() for block in self.blocks])
-
-    def create_layout_orders(self) -> torch.Tensor:
-        """(blocks + 1, grid * grid): row j gathers block j's window order from block j - 1's (from the grid for
-        j = 0); the last row gathers the grid order back from the last block's."""
-        orders = [block.window_order() for block in self.blocks]
-        moves, previous = [], torch.arange(orders[0].numel())
-        for order in orders:
-            moves.append(previous.argsort()[order])
-            previous = order
-        moves.append(previous.argsort())
-        return torch.stack(moves)
 
     def forward(
-        self, hidden: torch.Tensor, output_attentions: bool = False, in_place: bool = False
+        self, hidden: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """in_place: the caller hands `hidden` over (nothing reads it afterwards), so CPU inference may update it in
-        place instead of writing a new tensor."""
         weights = None
-        if all(cpu_inference_applies(module, hidden, output_attentions) for module in (self, *self.blocks)) and not any(
-            map(has_forward_hooks, self.blocks)
-        ):
-            hidden = self.forward_in_chunks(hidden, in_place)
-        else:
-            for block, order, move in zip(self.blocks, self.layout_orders, self.layout_moves):
-                if move:
-                    hidden = gather_tokens(hidden, order)
-                hidden, weights = block(hidden, output_attentions)
-            if self.layout_moves[-1]:
-                hidden = gather_tokens(hidden, self.layout_orders[-1])
+        for block in self.blocks:
+            hidden, weights = block(hidden, output_attentions)
         if self.downsample is not None:
             hidden = self.downsample(hidden)
         return hidden, weights
-
-    def forward_in_chunks(self, hidden: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """CPU inference on (batch, grid * grid, dim) tokens in grid order: each block reads its chunks of windows
-        from the grid-ordered tokens and writes them back (`HTSATSwinBlock.update_in_chunks`), so the stage writes at
-        most one new tensor (none `in_place`) where moving the tokens between the blocks' orders would write one per
-        move (each a large tensor that the system may map anew, at about 5 us per 4 KiB page on some VMs)."""
-        batch, tokens, dim = hidden.shape
-        source = hidden.reshape(-1, dim)
-        target = source if in_place else torch.empty_like(source)
-        offsets = tokens * torch.arange(batch, device=hidden.device).unsqueeze(1)
-        for block, order, in_grid_order in zip(self.blocks, self.window_orders, self.in_grid_order):
-            block.update_in_chunks(source, target, None if in_grid_order else (order + offsets).flatten())
-            source = target
-        return target.view(batch, tokens, dim)
 
 
 # --------------------------------------------------------------------------------------------- pretrained base
@@ -818,6 +419,18 @@ class HTSATPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"attn_mask", r"shift_mask"]
+    # hidden states: the patch embedding's tokens (a stage's input), then each stage's output; attentions: each
+    # stage's last block's weights (batch, windows, heads, tokens, tokens)
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(HTSATStage, index=0, capture_initial_hidden_state=True),
+        "attentions": OutputRecorder(HTSATStage, index=1, capture_initial_hidden_state=False),
+    }
+
+    def post_init(self):
+        """As `PreTrainedModel.post_init`, then the registered POST_INIT_HOOKS (see KERNELIZED_LAYERS)."""
+        super().post_init()
+        for hook in POST_INIT_HOOKS:
+            hook(self)
 
     def _init_weights(self, module: nn.Module) -> None:
         """As the original: truncated normal (std 0.02) for linear layers and the bias tables, PyTorch's default for
@@ -844,9 +457,6 @@ class HTSATPreTrainedModel(PreTrainedModel):
             init.copy_(module.relative_position_index, relative_position_index(module.window))
         elif isinstance(module, HTSATSwinBlock) and module.shift_mask is not None:
             init.copy_(module.shift_mask, module.create_shift_mask())
-        elif isinstance(module, HTSATStage):
-            init.copy_(module.layout_orders, module.create_layout_orders())
-            init.copy_(module.window_orders, module.create_window_orders())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights and config with an `auto_map` for every HTS-AT class, so the folder also loads with
@@ -895,6 +505,7 @@ class HTSATModel(HTSATPreTrainedModel):
     def __init__(self, config: HTSATConfig):
         super().__init__(config)
         self.mel_batch_norm = nn.BatchNorm2d(config.num_mel_bins)
+        self.fold = HTSATSpectrogramFold(config)
         self.patch_embed = HTSATPatchEmbeddings(config)
         blocks = sum(config.depths)  # stochastic depth rising linearly from 0 to drop_path_rate over all blocks
         drop_paths = [config.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
@@ -936,16 +547,12 @@ class HTSATModel(HTSATPreTrainedModel):
         return features
 
     def encode_windows(
-        self,
-        input_features: torch.Tensor,
-        mixup_lambda: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[int], int, tuple | None, tuple | None]:
+        self, input_features: torch.Tensor, mixup_lambda: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """
-        Returns tokens (batch, windows, tokens, hidden) after the final LayerNorm, the windows' start frames, the
-        frames per window, and the hidden states / attentions (batch * windows first) when requested.
-        In training, inputs longer than one image are randomly cropped to one image, as the original does.
+        Returns tokens (batch, windows, tokens, hidden) after the final LayerNorm, the windows' start frames and the
+        frames per window. In training, inputs longer than one image are randomly cropped to one image, as the
+        original does. Hidden states and attentions are recorded by the calling `forward` (`_can_record_outputs`).
         """
         features = self.normalize_features(input_features, mixup_lambda)
         batch, _, frames, mel_bins = features.shape
@@ -957,63 +564,42 @@ class HTSATModel(HTSATPreTrainedModel):
         if frames > self.config.image_frames:  # windows gathered by index: the graph depends on the length only
             index = starts.to(features.device)[:, None] + torch.arange(window_frames, device=features.device)
             features = features[:, :, index].transpose(1, 2).reshape(-1, 1, window_frames, mel_bins)
-        hidden, all_hidden, all_attentions = self.encode_images(
-            fold_spectrogram(features, self.config), output_hidden_states, output_attentions
-        )
-        tokens = hidden.view(batch, -1, hidden.shape[1], hidden.shape[2])
-        return tokens, starts, window_frames, all_hidden, all_attentions
+        hidden = self.encode_images(self.fold(features), output_attentions)
+        return hidden.view(batch, -1, hidden.shape[1], hidden.shape[2]), starts, window_frames
 
     def window_images(self, window_features: torch.Tensor) -> torch.Tensor:
         """(n, frames, mel) features of n windows (at most one image of frames each) -> (n, 1, spec, spec) images,
         mel-normalised and folded exactly as `encode_windows` does (for callers that pack windows themselves)."""
-        return fold_spectrogram(self.normalize_features(window_features), self.config)
+        return self.fold(self.normalize_features(window_features))
 
-    def encode_images(
-        self, images: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        """(n, 1, spec, spec) folded spectrogram images -> final LayerNorm'ed tokens (n, tokens, hidden), and the
-        hidden states / attentions when requested."""
+    def encode_images(self, images: torch.Tensor, output_attentions: bool = False) -> torch.Tensor:
+        """(n, 1, spec, spec) folded spectrogram images -> final LayerNorm'ed tokens (n, tokens, hidden)."""
         hidden = self.patch_embed(images)
-        all_hidden = (hidden,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        producer: nn.Module = self.patch_embed
         for stage in self.stages:
-            # a stage may update the tokens in place where no one else can see them: not returned, and no hook got them
-            handed_over = not output_hidden_states and not any(map(has_forward_hooks, producer.modules()))
-            hidden, weights = stage(hidden, output_attentions, in_place=handed_over)
-            producer = stage
-            if output_hidden_states:
-                all_hidden += (hidden,)
-            if output_attentions:
-                all_attentions += (weights,)
-        return self.norm(hidden), all_hidden, all_attentions
+            hidden, _ = stage(hidden, output_attentions)
+        return self.norm(hidden)
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_features: torch.Tensor,
         mixup_lambda: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> HTSATModelOutput | tuple:
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, _, _, hidden_states, attentions = self.encode_windows(
-            input_features, mixup_lambda, output_hidden_states, output_attentions
-        )
+    ) -> HTSATModelOutput:
+        tokens, _, _ = self.encode_windows(input_features, mixup_lambda, wants_attentions(self, output_attentions))
         last_hidden_state = tokens.flatten(1, 2)
-        output = HTSATModelOutput(
-            last_hidden_state=last_hidden_state,
-            pooler_output=last_hidden_state.mean(dim=1),
-            hidden_states=hidden_states,
-            attentions=attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        return HTSATModelOutput(last_hidden_state=last_hidden_state, pooler_output=last_hidden_state.mean(dim=1))
+
+
+def wants_attentions(model: PreTrainedModel, output_attentions: bool | None) -> bool:
+    """The call's `output_attentions`, else the config's."""
+    return bool(model.config.output_attentions if output_attentions is None else output_attentions)
 
 
 # ------------------------------------------------------------------------------------------------------ heads
+@faster_forward("HTSATTokenSemanticHead")
 class HTSATTokenSemanticHead(nn.Module):
     """Conv2d over the final token map rearranged to (frequency groups, time): per-class logits per time step."""
 
@@ -1032,12 +618,7 @@ class HTSATTokenSemanticHead(nn.Module):
         grid, groups, ratio = self.grid, self.freq_groups, self.config.freq_ratio
         feature_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid)
         feature_map = feature_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, ratio * grid)
-        # The kernel spans every frequency group, so the convolution is one GEMM over (hidden, group, 3-step)
-        # patches of the time axis: same result, 1.35x faster than oneDNN's convolution for this shape on CPU.
-        patches = F.pad(feature_map, (1, 1)).unfold(3, 3, 1)  # (n, hidden, groups, steps, 3)
-        patches = patches.permute(0, 3, 1, 2, 4).reshape(n * ratio * grid, -1)
-        logits = linear_weights(patches, self.conv.weight.view(self.conv.out_channels, -1), self.conv.bias)
-        return logits.view(n, ratio * grid, -1)
+        return self.conv(feature_map).flatten(2).transpose(1, 2)  # (n, 1 group, steps) -> (n, steps, labels)
 
 
 class HTSATPooledHead(nn.Module):
@@ -1066,24 +647,20 @@ class HTSATTimeAxisMixin:
     def encode_and_score(
         self,
         input_features: torch.Tensor,
-        mixup_lambda: torch.Tensor | None,
-        output_hidden_states: bool | None,
-        output_attentions: bool | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None, tuple | None]:
-        """Runs the backbone; returns its tokens (batch, windows, tokens, hidden), the stitched token-semantic
-        `frame_logits` (None for the pooled head), and the hidden states / attentions when requested."""
-        tokens, starts, window_frames, hidden_states, attentions = self.htsat.encode_windows(
-            input_features,
-            mixup_lambda,
-            bool(output_hidden_states or self.config.output_hidden_states),
-            bool(output_attentions or self.config.output_attentions),
+        mixup_lambda: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs the backbone; returns its tokens (batch, windows, tokens, hidden) and the stitched token-semantic
+        `frame_logits` (None for the pooled head)."""
+        tokens, starts, window_frames = self.htsat.encode_windows(
+            input_features, mixup_lambda, wants_attentions(self, output_attentions)
         )
         frame_logits = None
         if self.config.use_token_semantic_head:
             windowed = not self.training and input_features.shape[1] > self.config.image_frames
             num_frames = input_features.shape[1] if windowed else window_frames
             frame_logits = self.frame_logits_from_tokens(tokens, starts, num_frames)
-        return tokens, frame_logits, hidden_states, attentions
+        return tokens, frame_logits
 
     def frame_logits_from_tokens(self, tokens: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
                                  ) -> torch.Tensor:
@@ -1130,6 +707,7 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         self.classifier = HTSATTokenSemanticHead(config)
         self.post_init()
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_features: torch.Tensor,
@@ -1138,14 +716,12 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         mixup_lambda: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> HTSATSoundEventDetectionOutput | tuple:
+    ) -> HTSATSoundEventDetectionOutput:
         """
         labels: clip labels (see `HTSATForAudioClassification`). frame_labels: (batch, steps, num_labels) strong
         labels on the `frame_logits` grid (0/1 or soft), trained with frame-level BCE added to the clip loss.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if frame_labels is not None and self.training and input_features.shape[1] > self.config.image_frames:
             raise ValueError(
                 f"frame_labels need inputs of at most {self.config.image_frames} frames in training: longer inputs "
@@ -1153,9 +729,7 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
                 "not line up. Crop the audio in the data pipeline and shift the targets with it "
                 "(htsat_hf.training.strong_labels.events_to_step_targets(offset_seconds=...))."
             )
-        tokens, frame_logits, hidden_states, attentions = self.encode_and_score(
-            input_features, mixup_lambda, output_hidden_states, output_attentions
-        )
+        tokens, frame_logits = self.encode_and_score(input_features, mixup_lambda, output_attentions)
         logits = frame_logits.mean(dim=1)
         loss = None
         if labels is not None:
@@ -1168,15 +742,9 @@ class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
                 )
             frame_loss = F.binary_cross_entropy_with_logits(frame_logits, frame_labels.to(frame_logits.dtype))
             loss = frame_loss if loss is None else loss + frame_loss
-        output = HTSATSoundEventDetectionOutput(
-            loss=loss,
-            logits=logits,
-            frame_logits=frame_logits,
-            pooler_output=tokens.mean(dim=(1, 2)),
-            hidden_states=hidden_states,
-            attentions=attentions,
+        return HTSATSoundEventDetectionOutput(
+            loss=loss, logits=logits, frame_logits=frame_logits, pooler_output=tokens.mean(dim=(1, 2))
         )
-        return output if return_dict else output.to_tuple()
 
 
 class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
@@ -1197,6 +765,7 @@ class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
             self.classifier = HTSATPooledHead(config)
         self.post_init()
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_features: torch.Tensor,
@@ -1204,26 +773,20 @@ class HTSATForAudioClassification(HTSATTimeAxisMixin, HTSATPreTrainedModel):
         mixup_lambda: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
+    ) -> SequenceClassifierOutput:
         """
         labels: multi-label (`problem_type="multi_label_classification"`): (batch, num_labels) multi-hot floats, BCE
         with logits. Single-label: (batch,) class indices or (batch, num_labels) soft targets (e.g. mixed by mixup),
         cross-entropy. Regression (num_labels == 1): MSE.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, frame_logits, hidden_states, attentions = self.encode_and_score(
-            input_features, mixup_lambda, output_hidden_states, output_attentions
-        )
+        tokens, frame_logits = self.encode_and_score(input_features, mixup_lambda, output_attentions)
         if frame_logits is not None:
             logits = frame_logits.mean(dim=1)
         else:
             logits = self.classifier(tokens.mean(dim=(1, 2)))
         loss = clip_loss(logits, labels, self.config) if labels is not None else None
-        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
-        return output if return_dict else output.to_tuple()
-
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def clip_loss(logits: torch.Tensor, labels: torch.Tensor, config: HTSATConfig) -> torch.Tensor:

@@ -40,7 +40,8 @@ from transformers.models.clap.modeling_clap import ClapOutput, contrastive_loss
 
 from .configuration_htsat import HTSATConfig
 from .configuration_htsat_clap import HTSATClapConfig, check_unfused
-from .modeling_htsat import HTSATModel, grid_steps, stitch_on_grid
+from .modeling_htsat import HTSATModel
+from .time_axis import grid_steps, stitch_on_grid
 
 CALIBRATIONS = ("softmax", "sigmoid")
 DEFAULT_TEMPLATE = "This is a sound of {}."  # Transformers' zero-shot-audio-classification default
@@ -188,8 +189,7 @@ class HTSATClapModel(HTSATClapPreTrainedModel):
 
     def encode_audio(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Runs the audio tower: tokens (batch, windows, tokens, hidden), window start frames, frames per window."""
-        tokens, starts, window_frames, _, _ = self.audio_model.encode_windows(input_features)
-        return tokens, starts, window_frames
+        return self.audio_model.encode_windows(input_features)
 
     def get_audio_features(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None,
                            attention_mask: torch.Tensor | None = None, **kwargs) -> BaseModelOutputWithPooling:

@@ -137,7 +137,7 @@ class HTSATEnsembleModel(HTSATTimeAxisMixin, PreTrainedModel):
             if not self.config.use_token_semantic_head:
                 clip_logits.append(member(input_features=input_features).logits)
                 continue
-            tokens, starts, window_frames, _, _ = member.htsat.encode_windows(input_features)
+            tokens, starts, window_frames = member.htsat.encode_windows(input_features)
             num_frames = num_frames if len(starts) > 1 else window_frames
             steps = member.classifier(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
             window_steps.append(steps)  # (batch, windows, steps, labels)

@@ -34,9 +34,8 @@ from .audio_decoding import (
     resample,
     whole_rate,
 )
-from .feature_extraction_htsat import AMIN, pcm_to_float
+from .feature_extraction_htsat import pcm_to_float
 from .inference_checks import check_inference_ready
-from .modeling_htsat import StepStitcher, long_input_hop_frames, window_layout
 from .scores import labelled_frame_scores, with_window_clip_logits
 from .sed_postprocessing import (
     EventSettings,
@@ -45,10 +44,17 @@ from .sed_postprocessing import (
     label_mapping_from,
     resolve_label_mapping,
 )
+from .time_axis import (  # noqa: F401  (SampleSpan, span_features: names this module has always offered)
+    READ_BLOCK_SECONDS,
+    SampleSpan,
+    StepStitcher,
+    WindowStream,
+    check_positive_int,
+    span_features,
+)
 
 logger = logging.get_logger(__name__)
 
-READ_BLOCK_SECONDS = 30.0
 PROGRESS_MIN_SECONDS = 120.0
 # Taken by Transformers' `Pipeline.__call__` itself (and `Pipeline.__init__`), before `_sanitize_parameters`.
 PIPELINE_CALL_ARGUMENTS = ("batch_size", "num_workers")
@@ -76,11 +82,6 @@ def reject_unknown_arguments(task: str, unknown: Mapping[str, Any], accepted: It
                     f"{', '.join(named)}; it takes: {', '.join(accepted)}.")
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """`value` as an int >= 1, or a ValueError naming the setting (a bool, a fraction or a number < 1)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
-    return int(value)
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -466,230 +467,6 @@ class SoundEventDetectionPipeline(Pipeline):
             result["frame_times"] = np.arange(scores.shape[0]) * model_outputs["step_seconds"]
             result["labels"] = labels
         return result
-
-
-@dataclass
-class SampleSpan:
-    """One window's features as samples to compute them from: `log_mel(samples)[offset : offset + frames]`."""
-
-    samples: torch.Tensor  # (samples,) float32
-    offset: int
-    frames: int
-
-
-def span_features(spans: list[SampleSpan], feature_extractor, device: torch.device | str) -> list[torch.Tensor]:
-    """(frames, mel) log-mel features of each span, computed on `device` in one batch per span shape."""
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for index, span in enumerate(spans):
-        groups.setdefault((len(span.samples), span.offset, span.frames), []).append(index)
-    features: list[torch.Tensor | None] = [None] * len(spans)
-    with torch.inference_mode():
-        for (_, offset, frames), indices in groups.items():
-            waveforms = torch.stack([spans[i].samples for i in indices]).to(device, torch.float32)
-            for i, window in zip(indices, feature_extractor.log_mel(waveforms)[:, offset : offset + frames]):
-                features[i] = window
-    return features
-
-
-class StreamFrames:
-    """
-    The log-mel frames of audio that arrives block by block, equal to the whole recording's frames: a frame is
-    computed once the samples hold its right-hand context (two hops, `HTSATFeatureExtractor.context_samples`), and at
-    `finish` the last frames get the STFT's reflect padding of the recording's end. Only the samples later frames
-    still need, and the frames not yet dropped, are kept. Frames before 0 (a live stream's padded start) read as
-    digital silence, the log-mel floor.
-    """
-
-    def __init__(self, feature_extractor, num_mel_bins: int):
-        self.feature_extractor = feature_extractor
-        self.hop = feature_extractor.hop_length
-        self.margin = feature_extractor.context_samples
-        self.silence = float(10.0 * np.log10(AMIN))
-        self.num_samples = 0
-        self.samples = np.zeros(0, dtype=np.float32)  # the recording from sample `samples_start` on
-        self.samples_start = 0
-        self._frames = torch.zeros(0, num_mel_bins)  # frames from `_frames_start` on (>= 0)
-        self._frames_start = 0
-
-    @property
-    def frames_end(self) -> int:
-        """Frames [0, frames_end) are known (computed, or dropped after use)."""
-        return self._frames_start + len(self._frames)
-
-    def total_frames(self) -> int:
-        """Frames of the whole recording (once finished): the centred STFT's `samples // hop + 1`."""
-        return self.num_samples // self.hop + 1
-
-    def append(self, samples: np.ndarray) -> None:
-        """Appends float32 mono samples (frames are computed by `compute_ready`)."""
-        self.samples = np.concatenate([self.samples, samples])
-        self.num_samples += len(samples)
-
-    def compute_ready(self) -> None:
-        """Computes every frame whose right-hand context has arrived."""
-        if self.num_samples >= self.margin:
-            self._compute((self.num_samples - self.margin) // self.hop + 1, final=False)
-
-    def finish(self) -> None:
-        """The recording has ended: computes its last frames with the end's reflect padding."""
-        if self.num_samples > 0:
-            self._compute(self.total_frames(), final=True)
-
-    def window(self, start: int, length: int) -> torch.Tensor:
-        """Frames [start, start + length); those before 0 are silence. Needs `start + length <= frames_end`."""
-        if start + length > self.frames_end or max(start, 0) < self._frames_start:
-            raise IndexError(f"frames [{start}, {start + length}) are not held (held: "
-                             f"[{self._frames_start}, {self.frames_end})).")
-        real = self._frames[max(start, 0) - self._frames_start : start + length - self._frames_start]
-        if start >= 0:
-            return real
-        return torch.cat([real.new_full((-start, real.shape[1]), self.silence), real])
-
-    def drop_before(self, frame: int) -> None:
-        """Forgets the frames before `frame` (no later window needs them)."""
-        if frame > self._frames_start:
-            self._frames = self._frames[frame - self._frames_start :].clone()
-            self._frames_start = frame
-
-    def sample_span(self, first: int, last: int, final: bool) -> SampleSpan:
-        """The samples frames [first, last) are computed from (`frame_span`), for a reader that computes them itself
-        (e.g. on a GPU); `final`: the recording has ended (its end is reflected, as the whole spectrogram does)."""
-        start, end, offset = self.feature_extractor.frame_span(first, last, self.num_samples if final else None)
-        if start < self.samples_start or end > self.samples_start + len(self.samples):
-            raise IndexError(f"samples [{start}, {end}) are not held (held: [{self.samples_start}, "
-                             f"{self.samples_start + len(self.samples)})).")
-        samples = self.samples[start - self.samples_start : end - self.samples_start]
-        return SampleSpan(torch.from_numpy(samples.copy()), offset, last - first)
-
-    def drop_samples_before(self, sample: int) -> None:
-        """Forgets the samples before `sample` (a span reader, which computes no frames here)."""
-        if sample > self.samples_start:
-            self.samples = self.samples[sample - self.samples_start :]
-            self.samples_start = sample
-
-    def _compute(self, end_frame: int, final: bool) -> None:
-        """Appends frames up to `end_frame` (exclusive), then drops the samples no later frame needs."""
-        first = self.frames_end
-        if end_frame <= first:
-            return
-        with torch.no_grad():
-            frames = self.feature_extractor.frame_range(
-                torch.from_numpy(self.samples), self.samples_start, first, end_frame,
-                self.num_samples if final else None,
-            )
-        self._frames = torch.cat([self._frames, frames])
-        keep_from = max(0, self.frames_end * self.hop - self.margin)  # the context of the next frames
-        self.samples = self.samples[keep_from - self.samples_start :]
-        self.samples_start = keep_from
-
-
-class WindowStream:
-    """
-    Cuts streamed audio into the model's windows. The log-mel frames are computed block by block, each block with two
-    hops of real audio context on each side, so they equal the frames of the whole recording's spectrogram; windows
-    are slices of those frames (each frame computed once, though windows overlap). The result is the same as running
-    the model on the whole input at once, with bounded memory. `spans=True`: windows come as the `SampleSpan`s their
-    frames are computed from, so that the consumer computes them (in batches, on its device), and no frame is
-    computed here.
-    """
-
-    def __init__(self, config, feature_extractor, source: AudioSource, spans: bool = False):
-        self.config = config
-        self.feature_extractor = feature_extractor
-        self.source = source
-        self.hop = config.hop_length
-        self.window_frames = config.clip_frames
-        self.hop_frames = long_input_hop_frames(config)
-        self.long_after = config.image_frames * self.hop  # from this many samples on, the model windows the input
-        self.num_frames = 0
-        self.windowed = False  # True once the input is known to be longer than one image (cut into windows)
-        self.whole_audio: np.ndarray | None = None  # an input of one window keeps its samples here, once read
-        self.frames = StreamFrames(feature_extractor, config.num_mel_bins)
-        self.spans = spans
-
-    @property
-    def num_samples(self) -> int:
-        return self.frames.num_samples
-
-    @property
-    def seconds_read(self) -> float:
-        return self.num_samples / self.source.sampling_rate
-
-    def window_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor | list[SampleSpan], list[int]]]:
-        """The windows in batches of `batch_size` (the last one smaller), with their start frames, as the audio
-        streams in. A batch size below 1 would never fill a batch and hold every window of the recording."""
-        batch_size = check_positive_int(batch_size, "window_batch_size")
-        next_frame = 0
-        done: set[int] = set()
-        pending, pending_starts = [], []
-        block = int(READ_BLOCK_SECONDS * self.source.sampling_rate)
-        for samples in self.source.blocks(block):
-            if not np.isfinite(samples).all():
-                raise AudioInputError("invalid_audio", "The audio contains NaN or Inf samples.")
-            self.frames.append(samples)
-            self.windowed = self.num_samples >= self.long_after
-            if not self.windowed:  # a short input keeps all its samples: it may be one stretched window
-                continue
-            while self._ready_frames() >= next_frame + self.window_frames:
-                pending.append(self._window(next_frame, final=False))
-                pending_starts.append(next_frame)
-                done.add(next_frame)
-                next_frame += self.hop_frames
-                if len(pending) == batch_size:
-                    yield self._batch(pending), pending_starts
-                    pending, pending_starts = [], []
-            # the end-aligned last window starts after the last window done, but maybe before next_frame
-            if self.spans:
-                self.frames.drop_samples_before(
-                    max(0, (next_frame - self.hop_frames) * self.hop - self.feature_extractor.context_samples))
-            else:
-                self.frames.drop_before(next_frame - self.hop_frames)
-        if self.num_samples == 0:
-            raise AudioInputError("empty", "The audio is empty: no samples were decoded.")
-        try:
-            self.feature_extractor.check_length(self.num_samples)
-        except ValueError as error:
-            raise AudioInputError("too_short", str(error)) from error
-        self.num_frames = self.num_samples // self.hop + 1
-        starts, window_frames = window_layout(self.config, self.num_frames)
-        self.windowed = len(starts) > 1
-        if len(starts) == 1:  # short input: the model stretches all of its frames into one window
-            self.whole_audio = self.frames.samples
-            if self.spans:
-                yield [SampleSpan(torch.from_numpy(self.whole_audio), 0, self.num_frames)], [0]
-                return
-            features = self.feature_extractor(self.whole_audio, sampling_rate=self.source.sampling_rate, padding=False,
-                                              return_tensors="pt")["input_features"]
-            yield features, [0]
-            return
-        if not self.spans:
-            self.frames.finish()
-        for start_frame in starts:
-            if start_frame in done:
-                continue
-            pending.append(self._window(start_frame, final=True))
-            pending_starts.append(start_frame)
-            if len(pending) == batch_size:
-                yield self._batch(pending), pending_starts
-                pending, pending_starts = [], []
-        if pending:
-            yield self._batch(pending), pending_starts
-
-    def _ready_frames(self) -> int:
-        """Frames [0, n) can be had now: their right-hand context has arrived."""
-        if not self.spans:
-            self.frames.compute_ready()
-            return self.frames.frames_end
-        margin = self.feature_extractor.context_samples
-        return (self.num_samples - margin) // self.hop + 1 if self.num_samples >= margin else 0
-
-    def _window(self, start_frame: int, final: bool) -> torch.Tensor | SampleSpan:
-        if self.spans:
-            return self.frames.sample_span(start_frame, start_frame + self.window_frames, final)
-        return self.frames.window(start_frame, self.window_frames)
-
-    def _batch(self, windows: list) -> torch.Tensor | list[SampleSpan]:
-        return windows if self.spans else torch.stack(windows)
 
 
 REMOTE_PIPELINE = {

@@ -21,7 +21,7 @@ import torch
 
 from ..inference_checks import check_inference_ready
 from ..modeling_htsat_ensemble import combine_logits
-from ..pipeline_htsat import SampleSpan, check_positive_int, span_features
+from ..time_axis import SampleSpan, check_positive_int, span_features
 from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
 from ..sed_postprocessing import EventSettings, frames_to_events, label_mapping_from, resolve_label_mapping
 from .embeddings import stored_embeddings, window_embedding_rows
@@ -299,7 +299,7 @@ class Annotator:
                     features = torch.stack([window_features[i] for i in indices]).to(device, member.dtype)
                     for i, image in zip(indices, htsat.window_images(features)):
                         images[i] = image
-                tokens, _, _ = htsat.encode_images(torch.stack(images))
+                tokens = htsat.encode_images(torch.stack(images))
                 if self.config.use_token_semantic_head:
                     member_steps.append(member.classifier(tokens).float().cpu())
                 if token_means is None:

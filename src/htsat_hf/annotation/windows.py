@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..modeling_htsat import window_layout
-from ..pipeline_htsat import AudioInputError, AudioSource, SampleSpan, WindowStream, audio_source
+from ..pipeline_htsat import AudioInputError, AudioSource, audio_source
+from ..time_axis import SampleSpan, WindowStream, window_layout
 
 TIMELINE = "timeline"
 CLIP = "clip"

@@ -141,11 +141,11 @@ def model_only_windows_per_second(model: HTSATForAudioClassification, batch_size
     features = torch.randn(batch_size, model.config.clip_frames, model.config.num_mel_bins, device=device) * 10 - 40
     htsat = model.htsat
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        model.classifier(htsat.encode_images(htsat.window_images(features))[0])  # warm-up
+        model.classifier(htsat.encode_images(htsat.window_images(features)))  # warm-up
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(batches):
-            tokens, _, _ = htsat.encode_images(htsat.window_images(features))
+            tokens = htsat.encode_images(htsat.window_images(features))
             model.classifier(tokens)
             tokens.mean(dim=1)
         _synchronize(device)

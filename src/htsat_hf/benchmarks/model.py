@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import native_kernels
+from ..engine import native
 from ..configuration_htsat import HTSATConfig
-from ..cpu_kernels import _ONEDNN_LINEAR, linear_plan, packed_weight
+from ..engine.linear import ONEDNN_LINEAR, linear_plan, packed_weight
 from ..feature_extraction_htsat import HTSATFeatureExtractor
 from ..modeling_htsat import (
     HTSATForAudioClassification,
@@ -90,7 +90,7 @@ class BenchmarkSettings:
     include_compile: bool = False
     include_cpu_bf16: bool = True  # an "htsat_hf bf16" row: bf16 autocast on the CPU
     include_onnx: bool = True  # an "htsat_hf onnxruntime" row: the exported graph in onnxruntime
-    include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of native_kernels
+    include_torch_ops: bool = True  # an "htsat_hf torch ops" row: fp32 with PyTorch's ops in place of the native kernels (engine/native.py)
     fidelity_model: str | None = None  # a trained folder: int8 / bf16 / ONNX outputs against fp32 on its held-out data
     fidelity_data: str | None = None  # the audiofolder it was trained on (its "test" split is used)
     model_size: str = "paper"  # one of MODEL_SIZES: "tiny" for a plumbing check (`htsat_config`, `peer_configs`)
@@ -234,18 +234,18 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, device:
 def reference_matmuls(size: int, device: str, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
     """(size x size) @ (size x size) matmuls through each GEMM library PyTorch has for this device and dtype:
     `torch.mm` (MKL on x86 CPUs) and, for fp32 on CPU, oneDNN, with a plain weight and with one packed in its blocked
-    layout beforehand (as HTS-AT's layers run: `cpu_kernels.packed_weight`). The fastest one's rate is the machine's
+    layout beforehand (as HTS-AT's layers run: `engine.linear.packed_weight`). The fastest one's rate is the machine's
     attainable dense matmul rate (on AMD CPUs MKL's 4096^3 fp32 GEMM measured 25-35 % slower than oneDNN's, and the
     packed weight 2-3 % faster than the plain one on an AMD EPYC Zen 5)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     matmuls = {f"{REFERENCE_MATMUL} (torch.mm)": lambda: a @ b}
-    if _ONEDNN_LINEAR is not None and device == "cpu" and dtype == torch.float32:
+    if ONEDNN_LINEAR is not None and device == "cpu" and dtype == torch.float32:
         b_rows = b.t().contiguous()  # a linear layer's (out, in) weight: a @ b_rows.T == a @ b
-        matmuls[f"{REFERENCE_MATMUL} (oneDNN)"] = lambda: _ONEDNN_LINEAR(a, b_rows, None, "none", [], "")
+        matmuls[f"{REFERENCE_MATMUL} (oneDNN)"] = lambda: ONEDNN_LINEAR(a, b_rows, None, "none", [], "")
         b_packed = packed_weight(b_rows, size)
         if b_packed is not b_rows:
-            matmuls[f"{REFERENCE_MATMUL} (oneDNN packed)"] = lambda: _ONEDNN_LINEAR(a, b_packed, None, "none", [], "")
+            matmuls[f"{REFERENCE_MATMUL} (oneDNN packed)"] = lambda: ONEDNN_LINEAR(a, b_packed, None, "none", [], "")
     return matmuls
 
 
@@ -332,7 +332,7 @@ def build_candidates(settings: BenchmarkSettings) -> list[Candidate]:
         candidates.insert(1, Candidate("htsat_hf bf16", cpu_bf16(htsat), candidates[0].make_inputs))
     if settings.include_onnx and device == "cpu" and not settings.bf16 and _onnx_available():
         candidates.insert(1, Candidate("htsat_hf onnxruntime", OnnxRuntimeModel(htsat), candidates[0].make_inputs))
-    if settings.include_torch_ops and device == "cpu" and not settings.bf16 and native_kernels._kernels() is not None:
+    if settings.include_torch_ops and device == "cpu" and not settings.bf16 and native.native_library() is not None:
         candidates.insert(1, Candidate("htsat_hf torch ops", torch_ops(htsat), candidates[0].make_inputs))
     if settings.include_compile:
         compiled = torch.compile(htsat)
@@ -359,8 +359,8 @@ def cpu_bf16(model: torch.nn.Module) -> RunUnder:
 
 
 def torch_ops(model: torch.nn.Module) -> RunUnder:
-    """The model with PyTorch's ops (SDPA, LayerNorm) in place of `native_kernels` (`torch_ops_instead`)."""
-    return RunUnder(model, native_kernels.torch_ops_instead)
+    """The model with PyTorch's ops (SDPA, LayerNorm) in place of the native kernels (`engine.native`) (`torch_ops_instead`)."""
+    return RunUnder(model, native.torch_ops_instead)
 
 
 class OnnxRuntimeModel:
@@ -770,7 +770,7 @@ def environment(settings: BenchmarkSettings, matmul_dtype: torch.dtype) -> dict[
     else:
         plan = linear_plan()
         info["cpu_linear_layers"] = f"{plan.gemm} GEMM, {plan.gelu} GELU (calibrated, ms per call: {dict(plan.timings_ms)})"
-        kernels = native_kernels._kernels()
+        kernels = native.native_library()
         info["native_kernels"] = f"{kernels.htsat_vector_width()}-float vectors" if kernels is not None else "off"
         if settings.include_int8:
             from ..deployment.export import int8_engine

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..cpu_kernels import CALIBRATION_ROUNDS, _choose, _fastest_times, _kept_per_machine, _machine_key
+from ..engine.linear import CALIBRATION_ROUNDS, choose, fastest_times, kept_per_machine, machine_key
 from ..modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection, HTSATPreTrainedModel
 
 logger = logging.get_logger(__name__)
@@ -231,8 +231,8 @@ def calibrate_int8_engine(rounds: int = CALIBRATION_ROUNDS) -> dict:
         layers = [(quantize_dynamic_int8(nn.Sequential(layer), engine)[0], x) for layer, x in shapes]
         calls[engine] = lambda layers=layers: [layer(x) for layer, x in layers]
     with torch.inference_mode():
-        measured = _fastest_times(calls, rounds)
-    engine = _choose(measured, default="x86")
+        measured = fastest_times(calls, rounds)
+    engine = choose(measured, default="x86")
     timings = [[name, round(seconds * 1e3, 3)] for name, seconds in measured.items()]
     logger.info(f"int8 engine: {engine} (ms per call: {dict(map(tuple, timings))})")
     return {"engine": engine, "timings_ms": timings}
@@ -250,8 +250,8 @@ def int8_engine() -> str:
                 "this PyTorch has); unset it to let the faster be measured"
             )
         return requested
-    key = _machine_key("1", INT8_CALIBRATION_SHAPES, *int8_engines())
-    saved = _kept_per_machine("int8-engine", key, calibrate_int8_engine,
+    key = machine_key("1", INT8_CALIBRATION_SHAPES, *int8_engines())
+    saved = kept_per_machine("int8-engine", key, calibrate_int8_engine,
                               lambda saved: saved["engine"] in torch.backends.quantized.supported_engines)
     return saved["engine"]
 

@@ -36,8 +36,7 @@ from ..annotation.annotator import combine_members, is_ensemble, load_for_infere
 from ..annotation.text_queries import split_window_logits, text_query_for, window_logits
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
-from ..modeling_htsat import StepStitcher, grid_steps
-from ..pipeline_htsat import AudioInputError, StreamFrames, check_positive_int
+from ..pipeline_htsat import AudioInputError
 from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
 from ..sed_postprocessing import (
     EventSettings,
@@ -46,6 +45,7 @@ from ..sed_postprocessing import (
     resolve_label_mapping,
     sorted_events,
 )
+from ..time_axis import StepStitcher, StreamFrames, check_positive_int, grid_steps
 
 
 READ_SECONDS = 0.1  # audio per read from a live source (`htsat-hf listen` reads ffmpeg so): the delay the reading adds
@@ -255,7 +255,7 @@ class LiveDetector:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for member in self.members:
                 images = member.htsat.window_images(features.to(self.device, member.dtype))
-                member_steps.append(window_logits(member, member.htsat.encode_images(images)[0]).float().cpu())
+                member_steps.append(window_logits(member, member.htsat.encode_images(images)).float().cpu())
         return torch.stack(member_steps, dim=1)
 
     def _after_window(self, start: int, member_logits: torch.Tensor) -> LiveUpdate:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import htsat_hf.modeling_htsat as modeling
-from htsat_hf import HTSATConfig, HTSATForAudioClassification, native_kernels
-from htsat_hf.native_kernels import (
+from htsat_hf import HTSATConfig, HTSATForAudioClassification
+from htsat_hf.engine import attach, layers, native
+from htsat_hf.engine.native import (
     bias_gelu_,
     build_kernels,
     copy_rows,
@@ -46,7 +47,7 @@ def kernel_build(request, monkeypatch):
     """Each test that takes it runs on this CPU's own build and on the AVX2 one."""
     if request.param == "avx2":
         kernels = request.getfixturevalue("avx2_kernels")
-        monkeypatch.setattr(native_kernels, "_kernels", lambda: kernels)
+        monkeypatch.setattr(native, "native_library", lambda: kernels)
     return request.param
 
 
@@ -54,7 +55,7 @@ def kernel_build(request, monkeypatch):
 def test_the_vector_width_follows_the_cpu(avx2_kernels):
     with open("/proc/cpuinfo") as cpuinfo:
         avx512 = " avx512f " in next(line for line in cpuinfo if line.startswith("flags")) + " "
-    assert native_kernels._kernels().htsat_vector_width() == (16 if avx512 else 8)
+    assert native.native_library().htsat_vector_width() == (16 if avx512 else 8)
     assert avx2_kernels.htsat_vector_width() == 8
 
 
@@ -102,7 +103,7 @@ def test_kernel_reads_a_key_major_mask_as_it_is(kernel_build, monkeypatch):
     qkv, mask = torch.randn(6, 64, 3 * 4 * 24), torch.randn(3, 4, 64, 64)
     key_major = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
     given = []
-    kernels = native_kernels._kernels()
+    kernels = native.native_library()
 
     class Recording:  # records the mask pointer the kernel is given
         def __getattr__(self, name):
@@ -112,7 +113,7 @@ def test_kernel_reads_a_key_major_mask_as_it_is(kernel_build, monkeypatch):
             given.append(mask_pointer)
             return kernels.htsat_window_attention(qkv_pointer, bias, mask_pointer, *rest)
 
-    monkeypatch.setattr(native_kernels, "_kernels", Recording)
+    monkeypatch.setattr(native, "native_library", Recording)
     with torch.no_grad():
         from_contiguous = window_attention(qkv, mask, 4, 24**-0.5, 1)
         from_key_major = window_attention(qkv, key_major, 4, 24**-0.5, 1)
@@ -146,28 +147,28 @@ def test_kernel_adds_window_masks_by_kind(kernel_build, tokens, heads, head_dim,
 def test_shift_kinds_rebuild_the_shift_mask():
     model = HTSATForAudioClassification(HTSATConfig(num_labels=3))
     shifted = [block for stage in model.htsat.stages for block in stage.blocks if block.shift_mask is not None]
-    assert shifted and all(block.shift_kinds() is None for stage in model.htsat.stages for block in stage.blocks
+    assert shifted and all(layers.shift_kinds(block) is None for stage in model.htsat.stages for block in stage.blocks
                            if block.shift_mask is None)
     for block in shifted:
-        kinds, kind_of_window = block.shift_kinds()
+        kinds, kind_of_window = layers.shift_kinds(block)
         assert kinds.shape[0] == 4 and kinds.transpose(-1, -2).is_contiguous()  # interior, two edges, corner
         assert torch.equal(kinds[kind_of_window], block.shift_mask)
-        assert block.shift_kinds()[0] is kinds  # cached
+        assert layers.shift_kinds(block)[0] is kinds  # cached
 
 
 def test_attention_mask_is_cached_in_each_layout():
     block = HTSATForAudioClassification(HTSATConfig(num_labels=3)).htsat.stages[0].blocks[1]
     with torch.no_grad():
         torch.nn.init.normal_(block.attn.relative_position_bias_table)
-        plain = block.attn.attention_mask(block.shift_mask)
-        key_major = block.attn.attention_mask(block.shift_mask, key_major=True)
+        plain = layers.attention_mask(block.attn, block.shift_mask)
+        key_major = layers.attention_mask(block.attn, block.shift_mask, key_major=True)
         assert plain.is_contiguous() and key_major.transpose(-1, -2).is_contiguous()
         torch.testing.assert_close(key_major, plain, atol=0, rtol=0)
-        assert block.attn.attention_mask(block.shift_mask, key_major=True) is key_major
-        assert block.attn.attention_mask(block.shift_mask) is plain
+        assert layers.attention_mask(block.attn, block.shift_mask, key_major=True) is key_major
+        assert layers.attention_mask(block.attn, block.shift_mask) is plain
         block.attn.relative_position_bias_table.add_(1.0)  # new weights: both layouts are computed again
-        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask, key_major=True), key_major + 1.0)
-        torch.testing.assert_close(block.attn.attention_mask(block.shift_mask), plain + 1.0)
+        torch.testing.assert_close(layers.attention_mask(block.attn, block.shift_mask, key_major=True), key_major + 1.0)
+        torch.testing.assert_close(layers.attention_mask(block.attn, block.shift_mask), plain + 1.0)
 
 
 @needs_kernel
@@ -202,12 +203,12 @@ def test_model_outputs_equal_the_sdpa_path(kernel_build, monkeypatch, batch):
             torch.nn.init.normal_(module.bias, std=0.5)
     calls = []
     monkeypatch.setattr(
-        modeling, "window_attention", lambda *args, **kwargs: calls.append(1) or window_attention(*args, **kwargs)
+        layers, "window_attention", lambda *args, **kwargs: calls.append(1) or window_attention(*args, **kwargs)
     )
     with torch.no_grad():
         fused = model(features).logits
         assert len(calls) > 0
-        with native_kernels.torch_ops_instead():
+        with native.torch_ops_instead():
             calls.clear()
             plain = model(features).logits
             assert not calls
@@ -228,12 +229,12 @@ def test_a_quantised_model_keeps_its_layers_biases(monkeypatch):
     features = torch.randn(2, 1001, 64)
     calls = []
     monkeypatch.setattr(
-        modeling, "window_attention", lambda *args, **kwargs: calls.append(kwargs) or window_attention(*args, **kwargs)
+        layers, "window_attention", lambda *args, **kwargs: calls.append(kwargs) or window_attention(*args, **kwargs)
     )
     with torch.no_grad():
         fused = quantised(features).logits
         assert calls and all(call["qkv_bias"] is None for call in calls)
-        with native_kernels.torch_ops_instead():
+        with native.torch_ops_instead():
             plain = quantised(features).logits
         reference = model(features).logits
     # the attention kernel's last-bit differences move some activations into the next int8 step (0.5 % of the largest
@@ -285,13 +286,13 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler-here'"):
         build_kernels(tmp_path / "other")
     monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "other"))
-    native_kernels._kernels.cache_clear()
+    native.native_library.cache_clear()
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.enable_propagation()
         with caplog.at_level("WARNING"):
-            assert native_kernels._kernels() is None
+            assert native.native_library() is None
             assert not fused_attention_applies(torch.randn(2, 64, 96), 4, 24)
         assert "native CPU kernels are off, PyTorch's ops run instead: no C++ compiler" in caplog.text
         model = HTSATForAudioClassification(
@@ -301,16 +302,16 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch
             assert torch.isfinite(model(torch.randn(1, 1001, 64)).logits).all()  # SDPA runs instead
     finally:
         hf_logging.disable_propagation()
-        native_kernels._kernels.cache_clear()
+        native.native_library.cache_clear()
 
 
 SKLEARN_FIRST = """
 import sklearn.ensemble  # brings scikit-learn's own OpenMP runtime, libgomp-<hash>.so, into the process first
-from htsat_hf import native_kernels
-kernels = native_kernels._kernels()
+from htsat_hf.engine import native
+kernels = native.native_library()
 assert kernels is not None, "the kernels were switched off"
-assert native_kernels.openmp_runtime(kernels) == native_kernels.torch_openmp_runtime() is not None
-print(native_kernels.openmp_runtime(kernels))
+assert native.openmp_runtime(kernels) == native.torch_openmp_runtime() is not None
+print(native.openmp_runtime(kernels))
 """
 
 
@@ -331,14 +332,14 @@ def test_the_kernels_run_on_pytorchs_openmp_even_after_scikit_learn(tmp_path):
 
 @needs_kernel
 def test_kernels_on_another_openmp_runtime_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(native_kernels, "torch_openmp_runtime", lambda: "/elsewhere/libiomp5.so")
+    monkeypatch.setattr(native, "torch_openmp_runtime", lambda: "/elsewhere/libiomp5.so")
     with pytest.raises(RuntimeError, match=r"OpenMP runtime .*libgomp.* not on PyTorch's \(/elsewhere/libiomp5.so\)"):
         build_kernels(tmp_path)
 
 
 @needs_kernel
 def test_a_compile_error_says_what_the_compiler_said(tmp_path, monkeypatch):
-    monkeypatch.setattr(native_kernels, "KERNEL_SOURCE", "this is not C++")
+    monkeypatch.setattr(native, "KERNEL_SOURCE", "this is not C++")
     with pytest.raises(RuntimeError, match="failed to compile the kernels"):
         build_kernels(tmp_path)
     assert not list(tmp_path.glob("*.so"))
@@ -346,14 +347,14 @@ def test_a_compile_error_says_what_the_compiler_said(tmp_path, monkeypatch):
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("HTSAT_HF_NATIVE_KERNELS", "0")
-    native_kernels._kernels.cache_clear()
+    native.native_library.cache_clear()
     try:
-        assert native_kernels._kernels() is None
+        assert native.native_library() is None
         with torch.no_grad():
             assert not fused_attention_applies(torch.randn(2, 64, 96), 4, 24)
     finally:
         monkeypatch.delenv("HTSAT_HF_NATIVE_KERNELS")
-        native_kernels._kernels.cache_clear()
+        native.native_library.cache_clear()
 
 
 @needs_kernel
@@ -388,7 +389,7 @@ def test_layer_norm_adds_the_residual_bias_and_carries_a_later_bias(kernel_build
     added = hidden.double() + residual.double() + residual_bias.double()
     expected = torch.nn.functional.layer_norm(added, (dim,), norm.weight.double(), norm.bias.double(), 1e-5)
     for use_kernels in (True, False):
-        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native.torch_ops_instead()):
             assert kernels_apply(hidden) == use_kernels
             x = hidden.clone()
             output = layer_norm(x, norm, residual, residual_bias, carry_bias=carry_bias)
@@ -415,7 +416,7 @@ def test_bias_gelu_is_the_exact_gelu_in_place(kernel_build):
     hidden, bias = torch.randn(9, 20) * 3, torch.randn(20)  # 20: a row no vector width divides
     expected = torch.nn.functional.gelu(hidden.double() + bias.double())
     for use_kernels in (True, False):
-        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native.torch_ops_instead()):
             torch.testing.assert_close(bias_gelu_(hidden.clone(), bias).double(), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="does not match the last axis"):
         bias_gelu_(hidden, bias[:-1])
@@ -429,7 +430,7 @@ def test_copy_rows_moves_rows_by_index(kernel_build, dim):
     source = torch.randn(40, dim)
     source_rows, target_rows = torch.randperm(40)[:25], torch.randperm(30)[:25]
     for use_kernels in (True, False):
-        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native.torch_ops_instead()):
             assert kernels_apply(source) == use_kernels
             gathered = copy_rows(source, torch.empty(25, dim), source_rows)
             assert torch.equal(gathered, source[source_rows])
@@ -464,7 +465,7 @@ def test_merge_norm_is_patch_merging_up_to_its_linear_layer(kernel_build, dim):
         merged.reshape(-1, 4 * dim), (4 * dim,), norm.weight.double(), norm.bias.double(), norm.eps
     )
     for use_kernels in (True, False):
-        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native_kernels.torch_ops_instead()):
+        with torch.no_grad(), (contextlib.nullcontext() if use_kernels else native.torch_ops_instead()):
             torch.testing.assert_close(merge_norm(hidden, grid, norm).double(), expected, rtol=1e-5, atol=1e-5)
             out = torch.empty(19, 4 * dim)
             assert merge_norm(hidden, grid, norm, 10, 19, out=out) is out  # from inside image 0 into image 1
@@ -480,15 +481,15 @@ def test_stretch_taps_are_pytorchs_bicubic_stretch(frames):
     """Applied by gathering, the taps give what `F.interpolate` gives, edges (where clamping repeats frames) included."""
     torch.manual_seed(0)
     features = torch.randn(3, 1, frames, 8)
-    index, weight = native_kernels.stretch_taps(frames, 1024)
+    index, weight = native.stretch_taps(frames, 1024)
     assert index.shape == weight.shape == (1024, 4) and int(index.min()) == 0 and int(index.max()) == frames - 1
     stretched = (features[:, :, index] * weight[:, :, None]).sum(3)
     expected = F.interpolate(features, (1024, 8), mode="bicubic", align_corners=True)
     torch.testing.assert_close(stretched, expected, rtol=0, atol=2e-6)
-    index, weight = native_kernels.stretch_taps(1024, 1024)  # nothing to stretch: each frame itself
+    index, weight = native.stretch_taps(1024, 1024)  # nothing to stretch: each frame itself
     assert torch.equal(index.flatten(), torch.arange(1024)) and torch.equal(weight, torch.ones(1024, 1))
     with pytest.raises(ValueError, match="2 to 1023 frames"):
-        native_kernels.stretch_taps(1, 1024)
+        native.stretch_taps(1, 1024)
 
 
 @needs_kernel
@@ -502,21 +503,22 @@ def test_fold_image_is_fold_spectrogram(kernel_build, frames, mel):
     strided = torch.randn(3, 1, frames + 5, mel)[:, :, 5:]  # not contiguous: batch and time strides of its own
     target, ratio = config.image_frames, config.freq_ratio
     with torch.no_grad():
-        assert native_kernels.fold_image_applies(features, target, ratio)
-        with native_kernels.torch_ops_instead():
+        assert native.fold_image_applies(features, target, ratio)
+        with native.torch_ops_instead():
             expected = modeling.fold_spectrogram(features, config)
             expected_strided = modeling.fold_spectrogram(strided, config)
-        image = native_kernels.fold_image(features, target, ratio)
+        image = native.fold_image(features, target, ratio)
         assert image.shape == (3, 1, 256, 256) and image.is_contiguous()
         if frames == 1024:
             assert torch.equal(image, expected)
         torch.testing.assert_close(image, expected, rtol=0, atol=4e-6)
-        torch.testing.assert_close(native_kernels.fold_image(strided, target, ratio), expected_strided, rtol=0, atol=4e-6)
+        torch.testing.assert_close(native.fold_image(strided, target, ratio), expected_strided, rtol=0, atol=4e-6)
         calls = []
-        original = native_kernels.fold_image
-        with pytest.MonkeyPatch.context() as patch:  # the model takes the kernel in inference
-            patch.setattr(modeling, "fold_image", lambda *args: calls.append(1) or original(*args))
-            torch.testing.assert_close(modeling.fold_spectrogram(features, config), expected, rtol=0, atol=4e-6)
+        original = native.fold_image
+        fold = attach(modeling.HTSATSpectrogramFold(config).eval())  # the engine's fold layer takes the kernel
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(layers, "fold_image", lambda *args: calls.append(1) or original(*args))
+            torch.testing.assert_close(fold(features), expected, rtol=0, atol=4e-6)
         assert calls == [1]
 
 
@@ -524,14 +526,14 @@ def test_fold_image_is_fold_spectrogram(kernel_build, frames, mel):
 def test_fold_image_applies_only_where_it_can():
     features = torch.randn(2, 1, 1001, 64)
     with torch.no_grad():
-        assert not native_kernels.fold_image_applies(features.double(), 1024, 4)
-        assert not native_kernels.fold_image_applies(torch.randn(2, 1, 1001, 60), 1024, 4)  # mel not a multiple of 8
-        assert not native_kernels.fold_image_applies(torch.randn(2, 1, 1025, 64), 1024, 4)  # more than one image
-        assert not native_kernels.fold_image_applies(features, 1000, 4)  # pieces of 250 frames
+        assert not native.fold_image_applies(features.double(), 1024, 4)
+        assert not native.fold_image_applies(torch.randn(2, 1, 1001, 60), 1024, 4)  # mel not a multiple of 8
+        assert not native.fold_image_applies(torch.randn(2, 1, 1025, 64), 1024, 4)  # more than one image
+        assert not native.fold_image_applies(features, 1000, 4)  # pieces of 250 frames
         with pytest.raises(ValueError, match=r"does not take features \(2, 1, 1001, 60\)"):
-            native_kernels.fold_image(torch.randn(2, 1, 1001, 60), 1024, 4)
+            native.fold_image(torch.randn(2, 1, 1001, 60), 1024, 4)
     wanting_gradients = features.clone().requires_grad_()
-    assert not native_kernels.fold_image_applies(wanting_gradients, 1024, 4)
+    assert not native.fold_image_applies(wanting_gradients, 1024, 4)
     image = modeling.fold_spectrogram(wanting_gradients, HTSATConfig())  # PyTorch's ops, so gradients flow
     image.sum().backward()
     assert wanting_gradients.grad is not None
@@ -539,7 +541,7 @@ def test_fold_image_applies_only_where_it_can():
 
 def test_onnx_export_check_reads_what_pytorch_reads(monkeypatch):
     """The fast check agrees with `torch.onnx.is_in_onnx_export` whichever exporter's flag is set."""
-    assert native_kernels.in_onnx_export() is torch.onnx.is_in_onnx_export() is False
+    assert native.in_onnx_export() is torch.onnx.is_in_onnx_export() is False
     try:
         from torch.onnx._internal.exporter import _flags
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
@@ -548,7 +550,7 @@ def test_onnx_export_check_reads_what_pytorch_reads(monkeypatch):
     for holder, name in ((_flags, "_is_onnx_exporting"), (GLOBALS, "in_onnx_export")):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(holder, name, True)
-            assert torch.onnx.is_in_onnx_export() and native_kernels.in_onnx_export()
+            assert torch.onnx.is_in_onnx_export() and native.in_onnx_export()
             with torch.no_grad():
                 assert not kernels_apply(torch.randn(2, 8))
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from htsat_hf import cpu_kernels
-from htsat_hf.cpu_kernels import LinearPlan, calibrate, inference_path_applies, linear
+from htsat_hf.engine import linear as engine_linear
+from htsat_hf.engine.linear import LinearPlan, calibrate, inference_path_applies, linear
 
-needs_onednn = pytest.mark.skipif(cpu_kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(engine_linear.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
 
 
 def _layer(inputs: int = 96, outputs: int = 384, bias: bool = True) -> nn.Linear:
@@ -27,9 +27,9 @@ PLANS = [LinearPlan("blas", "after"), LinearPlan("onednn", "after"), LinearPlan(
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_plan_matches_nn_linear(monkeypatch, plan, activation, bias):
-    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+    if plan.gemm == "onednn" and engine_linear.ONEDNN_LINEAR is None:
         pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
+    monkeypatch.setattr(engine_linear, "linear_plan", lambda: plan)
     layer = _layer(bias=bias)
     inputs = torch.randn(70, 3, 192)[..., ::2].transpose(0, 1) * 2  # strided 3-D input, a row count no block divides
     with torch.no_grad():
@@ -48,9 +48,9 @@ def test_every_plan_matches_nn_linear(monkeypatch, plan, activation, bias):
 def test_linear_add_accumulates_the_layer(monkeypatch, plan, with_bias):
     """`linear_add_` adds the layer's output (with or without its bias) to the accumulator in place, as does `linear`
     without the bias, whichever plan runs, and on the plain path."""
-    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+    if plan.gemm == "onednn" and engine_linear.ONEDNN_LINEAR is None:
         pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
+    monkeypatch.setattr(engine_linear, "linear_plan", lambda: plan)
     layer = _layer(384, 96)
     nn.init.normal_(layer.bias)
     inputs, accumulator = torch.randn(3, 70, 384), torch.randn(3, 70, 96)
@@ -60,7 +60,7 @@ def test_linear_add_accumulates_the_layer(monkeypatch, plan, with_bias):
         with torch.set_grad_enabled(grad):
             assert inference_path_applies(inputs, layer) != grad
             result = accumulator.clone()
-            cpu_kernels.linear_add_(result, inputs, layer, with_bias=with_bias)
+            engine_linear.linear_add_(result, inputs, layer, with_bias=with_bias)
             torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(linear(inputs, layer, with_bias=with_bias), expected - accumulator)
     with pytest.raises(ValueError, match="cannot come with an activation"):
@@ -71,22 +71,22 @@ def test_linear_add_accumulates_the_layer(monkeypatch, plan, with_bias):
 def test_linear_weights_takes_the_planned_gemm_in_inference_only(monkeypatch, plan):
     """Weights that are no nn.Linear's (the head's convolution as a GEMM) take the plan's GEMM in CPU inference, with
     F.linear's result; with gradients wanted, F.linear itself."""
-    if plan.gemm == "onednn" and cpu_kernels._ONEDNN_LINEAR is None:
+    if plan.gemm == "onednn" and engine_linear.ONEDNN_LINEAR is None:
         pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: plan)
+    monkeypatch.setattr(engine_linear, "linear_plan", lambda: plan)
     libraries = []
-    gemm = cpu_kernels._gemm
-    monkeypatch.setattr(cpu_kernels, "_gemm", lambda library, *args: libraries.append(library) or gemm(library, *args))
+    gemm = engine_linear._gemm
+    monkeypatch.setattr(engine_linear, "_gemm", lambda library, *args: libraries.append(library) or gemm(library, *args))
     torch.manual_seed(0)
     conv = nn.Conv2d(24, 10, kernel_size=(2, 3))
     weight = conv.weight.view(10, -1)
     inputs = torch.randn(2, 7, 24 * 2 * 3)
     with torch.no_grad():
-        planned = cpu_kernels.linear_weights(inputs, weight, conv.bias)
+        planned = engine_linear.linear_weights(inputs, weight, conv.bias)
         expected = F.linear(inputs, weight, conv.bias)
     assert libraries == [plan.gemm] and planned.shape == (2, 7, 10)
     torch.testing.assert_close(planned, expected, rtol=1e-5, atol=1e-5)
-    tracked = cpu_kernels.linear_weights(inputs, weight, conv.bias)
+    tracked = engine_linear.linear_weights(inputs, weight, conv.bias)
     assert libraries == [plan.gemm] and tracked.grad_fn is not None
 
 
@@ -120,8 +120,8 @@ class _Returns(nn.Module):
 
 def test_a_replaced_layer_takes_its_gelu_in_place_only_on_a_fresh_untracked_output(monkeypatch):
     in_place = []
-    real = cpu_kernels.bias_gelu_
-    monkeypatch.setattr(cpu_kernels, "bias_gelu_", lambda hidden, *args: in_place.append(hidden) or real(hidden, *args))
+    real = engine_linear.bias_gelu_
+    monkeypatch.setattr(engine_linear, "bias_gelu_", lambda hidden, *args: in_place.append(hidden) or real(hidden, *args))
     inputs = torch.randn(8, 96)
     quantised = torch.ao.quantization.quantize_dynamic(nn.Sequential(_layer()), {nn.Linear}, dtype=torch.qint8)[0]
     expected = F.gelu(quantised(inputs))
@@ -147,9 +147,9 @@ def test_a_replaced_layer_takes_its_gelu_in_place_only_on_a_fresh_untracked_outp
 @needs_onednn
 def test_an_onednn_plan_takes_blas_once_onednn_is_switched_off(monkeypatch):
     calls = []
-    real = cpu_kernels._ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
-    monkeypatch.setattr(cpu_kernels, "linear_plan", lambda: LinearPlan("onednn", "onednn"))
+    real = engine_linear.ONEDNN_LINEAR
+    monkeypatch.setattr(engine_linear, "ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(engine_linear, "linear_plan", lambda: LinearPlan("onednn", "onednn"))
     layer, inputs = _layer(), torch.randn(5, 96)
     with torch.no_grad():
         linear(inputs, layer, "gelu")
@@ -161,61 +161,61 @@ def test_an_onednn_plan_takes_blas_once_onednn_is_switched_off(monkeypatch):
 
 
 def test_calibration_picks_among_what_is_there(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(engine_linear.GEMM_ENVIRONMENT_VARIABLE, raising=False)
     plan = calibrate(rounds=2)
     assert plan.gemm in ("blas", "onednn") and plan.gelu in ("after", "onednn")
     timed = dict(plan.timings_ms)
     assert "gemm blas" in timed and all(ms > 0 for ms in timed.values())
-    assert ("gemm onednn" in timed) == (cpu_kernels._ONEDNN_LINEAR is not None)
+    assert ("gemm onednn" in timed) == (engine_linear.ONEDNN_LINEAR is not None)
     assert plan.gelu == "after" or plan.gemm == "onednn"  # the GELU epilogue comes with oneDNN's GEMM
     assert ("gelu onednn" in timed) == (plan.gemm == "onednn")
-    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)  # a build without oneDNN: nothing to choose
+    monkeypatch.setattr(engine_linear, "ONEDNN_LINEAR", None)  # a build without oneDNN: nothing to choose
     plan = calibrate(rounds=2)
     assert (plan.gemm, plan.gelu, [name for name, _ in plan.timings_ms]) == ("blas", "after", ["gemm blas"])
 
 
 def test_near_ties_keep_onednn():
-    assert cpu_kernels._choose({"blas": 0.97, "onednn": 1.0}, default="onednn") == "onednn"  # within the margin
-    assert cpu_kernels._choose({"blas": 0.90, "onednn": 1.0}, default="onednn") == "blas"
-    assert cpu_kernels._choose({"blas": 1.0}, default="onednn") == "blas"
+    assert engine_linear.choose({"blas": 0.97, "onednn": 1.0}, default="onednn") == "onednn"  # within the margin
+    assert engine_linear.choose({"blas": 0.90, "onednn": 1.0}, default="onednn") == "blas"
+    assert engine_linear.choose({"blas": 1.0}, default="onednn") == "blas"
 
 
 def test_the_plan_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
     """Every process on a machine (the ranks of one run, later runs) takes the plan the first one measured."""
     monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path))
-    monkeypatch.delenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(engine_linear.GEMM_ENVIRONMENT_VARIABLE, raising=False)
     measured = []
     plans = iter([LinearPlan("onednn", "after", (("gemm onednn", 1.5),)), LinearPlan("blas", "after")])
-    monkeypatch.setattr(cpu_kernels, "calibrate", lambda: measured.append(1) or next(plans))
+    monkeypatch.setattr(engine_linear, "calibrate", lambda: measured.append(1) or next(plans))
     try:
-        cpu_kernels.linear_plan.cache_clear()
-        first = cpu_kernels.linear_plan()
-        cpu_kernels.linear_plan.cache_clear()  # as a new process would start
-        assert cpu_kernels.linear_plan() == first == LinearPlan("onednn", "after", (("gemm onednn", 1.5),))
+        engine_linear.linear_plan.cache_clear()
+        first = engine_linear.linear_plan()
+        engine_linear.linear_plan.cache_clear()  # as a new process would start
+        assert engine_linear.linear_plan() == first == LinearPlan("onednn", "after", (("gemm onednn", 1.5),))
         assert len(measured) == 1 and len(list(tmp_path.glob("linear-plan-*.json"))) == 1
         (tmp_path / "unwritable").write_text("")
         monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "unwritable"))  # a file, not a folder
-        cpu_kernels.linear_plan.cache_clear()
-        assert cpu_kernels.linear_plan() == LinearPlan("blas", "after") and len(measured) == 2  # measured in-process
+        engine_linear.linear_plan.cache_clear()
+        assert engine_linear.linear_plan() == LinearPlan("blas", "after") and len(measured) == 2  # measured in-process
         monkeypatch.setenv("HTSAT_HF_CACHE", str(tmp_path / "full_disk"))
-        monkeypatch.setattr(cpu_kernels.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr(engine_linear.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
         plans = iter([LinearPlan("onednn", "onednn")])
-        cpu_kernels.linear_plan.cache_clear()
-        assert cpu_kernels.linear_plan() == LinearPlan("onednn", "onednn") and len(measured) == 3  # not measured twice
+        engine_linear.linear_plan.cache_clear()
+        assert engine_linear.linear_plan() == LinearPlan("onednn", "onednn") and len(measured) == 3  # not measured twice
         assert not list((tmp_path / "full_disk").glob("*.tmp"))  # no scratch file left behind
     finally:
-        cpu_kernels.linear_plan.cache_clear()
+        engine_linear.linear_plan.cache_clear()
 
 
 def test_the_environment_fixes_the_gemm_library(monkeypatch, caplog):
-    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "BLAS")
+    monkeypatch.setenv(engine_linear.GEMM_ENVIRONMENT_VARIABLE, "BLAS")
     plan = calibrate(rounds=2)
     assert plan == LinearPlan("blas", "after")  # nothing timed
-    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "mkl")
+    monkeypatch.setenv(engine_linear.GEMM_ENVIRONMENT_VARIABLE, "mkl")
     with pytest.raises(ValueError, match="HTSAT_HF_CPU_GEMM='mkl' is not one of auto, blas, onednn"):
         calibrate(rounds=2)
-    monkeypatch.setenv(cpu_kernels.GEMM_ENVIRONMENT_VARIABLE, "onednn")
-    monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)
+    monkeypatch.setenv(engine_linear.GEMM_ENVIRONMENT_VARIABLE, "onednn")
+    monkeypatch.setattr(engine_linear, "ONEDNN_LINEAR", None)
     with caplog.at_level("WARNING"):
         assert calibrate(rounds=2).gemm == "blas"
     assert "no oneDNN" in caplog.text
@@ -256,7 +256,7 @@ def test_flop_counter_counts_the_fused_path():
 
 
 
-needs_reorder = pytest.mark.skipif(cpu_kernels._ONEDNN_REORDER is None, reason="this PyTorch build cannot pack")
+needs_reorder = pytest.mark.skipif(engine_linear.ONEDNN_REORDER is None, reason="this PyTorch build cannot pack")
 
 
 @needs_reorder
@@ -266,14 +266,14 @@ def test_packed_weights_give_the_plain_weights_product(rows, inputs, outputs):
     packed for and for others (a last, smaller chunk)."""
     layer = _layer(inputs, outputs)
     with torch.no_grad():
-        packed = cpu_kernels.packed_weight(layer.weight, rows)
+        packed = engine_linear.packed_weight(layer.weight, rows)
         assert packed is not layer.weight and packed.is_mkldnn
         for count in (rows, rows // 2 + 1):
             x = torch.randn(count, inputs)
-            plain = cpu_kernels._ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
-            torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, layer.bias), plain, rtol=1e-6, atol=1e-6)
-            gelu = cpu_kernels._ONEDNN_LINEAR(x, layer.weight, layer.bias, "gelu", [], "none")
-            torch.testing.assert_close(cpu_kernels._fused_onednn_gelu(x, layer.weight, layer.bias), gelu, rtol=1e-6, atol=1e-6)
+            plain = engine_linear.ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
+            torch.testing.assert_close(engine_linear._gemm("onednn", x, layer.weight, layer.bias), plain, rtol=1e-6, atol=1e-6)
+            gelu = engine_linear.ONEDNN_LINEAR(x, layer.weight, layer.bias, "gelu", [], "none")
+            torch.testing.assert_close(engine_linear._fused_onednn_gelu(x, layer.weight, layer.bias), gelu, rtol=1e-6, atol=1e-6)
 
 
 @needs_reorder
@@ -285,20 +285,20 @@ def test_packed_weights_follow_the_weight_and_go_with_it():
     layer = _layer(96, 192)
     x = torch.randn(64, 96)
     with torch.no_grad():
-        first = cpu_kernels.packed_weight(layer.weight, 64)
-        assert cpu_kernels.packed_weight(layer.weight, 64) is first
+        first = engine_linear.packed_weight(layer.weight, 64)
+        assert engine_linear.packed_weight(layer.weight, 64) is first
         layer.load_state_dict(_layer(96, 192).state_dict() | {"weight": torch.randn(192, 96)})  # in-place copy
-        assert cpu_kernels.packed_weight(layer.weight, 64) is not first
-        torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
+        assert engine_linear.packed_weight(layer.weight, 64) is not first
+        torch.testing.assert_close(engine_linear._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
         layer.weight.mul_(2.0)
-        torch.testing.assert_close(cpu_kernels._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
+        torch.testing.assert_close(engine_linear._gemm("onednn", x, layer.weight, None), x @ layer.weight.t())
         conv = nn.Conv2d(96, 10, (2, 3))
-        as_matrix = cpu_kernels.packed_weight(conv.weight.view(10, -1), 64)
-        assert cpu_kernels.packed_weight(conv.weight.view(10, -1), 64) is as_matrix  # a new view, the same weight
+        as_matrix = engine_linear.packed_weight(conv.weight.view(10, -1), 64)
+        assert engine_linear.packed_weight(conv.weight.view(10, -1), 64) is as_matrix  # a new view, the same weight
         with pytest.MonkeyPatch.context() as patch:  # memory before speed: the plain weight
             patch.setenv("HTSAT_HF_PACK_WEIGHTS", "0")
-            assert cpu_kernels.packed_weight(layer.weight, 64) is layer.weight
-    entries = len(cpu_kernels._PACKED_WEIGHTS)
+            assert engine_linear.packed_weight(layer.weight, 64) is layer.weight
+    entries = len(engine_linear._PACKED_WEIGHTS)
     del layer, conv, first, as_matrix
     gc.collect()
-    assert len(cpu_kernels._PACKED_WEIGHTS) == entries - 2
+    assert len(engine_linear._PACKED_WEIGHTS) == entries - 2

@@ -491,7 +491,7 @@ def kernel_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "htsat_hf" / "kernels"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags (what `-march=native` compiles for), so a cache shared by machines stays right."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -548,7 +548,7 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX, or install g++)")
     cache_dir = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
-    key = "\n".join([KERNEL_SOURCE, " ".join(flags), _compiler_version(compiler), _cpu_flags()])
+    key = "\n".join([KERNEL_SOURCE, " ".join(flags), _compiler_version(compiler), cpu_flags()])
     library = cache_dir / f"htsat_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not library.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -584,7 +584,7 @@ def build_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = 
 
 
 @functools.cache
-def _kernels() -> ctypes.CDLL | None:
+def native_library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning saying why) where they cannot be used on this machine."""
     if os.environ.get("HTSAT_HF_NATIVE_KERNELS", "1") == "0":
         return None
@@ -652,7 +652,7 @@ def kernels_apply(inputs: torch.Tensor, *parameters: torch.Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not in_onnx_export()
         and not _dispatch_mode_active()
-        and _kernels() is not None
+        and native_library() is not None
     )
 
 
@@ -712,7 +712,7 @@ def window_attention(
         )
     if first_window < 0:
         raise ValueError(f"first_window must be >= 0, got {first_window}")
-    kernels = _kernels()
+    kernels = native_library()
     if kernels is None:
         raise RuntimeError("HTS-AT's native CPU kernels are not available here (see `kernels_apply`)")
     qkv, mask_by_key = qkv.contiguous(), mask.transpose(-1, -2).contiguous()  # (mask_windows, heads, key, query)
@@ -793,7 +793,7 @@ def _layer_norm_kernel(
     """The LayerNorm kernel on checked, contiguous inputs; `output` may be `hidden` where there is no carry_bias."""
     dim = hidden.shape[-1]
     with named_in_profiles("htsat_layer_norm"):
-        _kernels().htsat_layer_norm(
+        native_library().htsat_layer_norm(
             hidden.data_ptr(), *map(_pointer, (residual, residual_bias, carry_bias)), norm.weight.data_ptr(),
             norm.bias.data_ptr(), output.data_ptr(), hidden.numel() // dim, dim, norm.eps, torch.get_num_threads(),
         )
@@ -818,7 +818,7 @@ def bias_gelu_(hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     bias = None if bias is None else bias.contiguous()
     cols = hidden.shape[-1]
     with named_in_profiles("htsat_bias_gelu"):
-        _kernels().htsat_bias_gelu(
+        native_library().htsat_bias_gelu(
             hidden.data_ptr(), _pointer(bias), hidden.numel() // cols, cols, torch.get_num_threads(),
         )
     return hidden
@@ -863,7 +863,7 @@ def merge_norm(
         merged = torch.cat(parts, dim=-1).reshape(total, 4 * dim)[first : first + count]
         return out.copy_(norm(merged))
     with named_in_profiles("htsat_merge_norm"):
-        _kernels().htsat_merge_norm(
+        native_library().htsat_merge_norm(
             hidden.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(), out.data_ptr(), first, count, grid, dim,
             norm.eps, torch.get_num_threads(),
         )
@@ -899,7 +899,7 @@ def copy_rows(
             return target.copy_(picked)
         return target.index_copy_(0, target_rows, picked)
     with named_in_profiles("htsat_copy_rows"):
-        _kernels().htsat_copy_rows(
+        native_library().htsat_copy_rows(
             source.data_ptr(), _pointer(source_rows), target.data_ptr(), _pointer(target_rows), count,
             source.shape[1], torch.get_num_threads(),
         )
@@ -954,7 +954,7 @@ def fold_image(features: torch.Tensor, target: int, ratio: int) -> torch.Tensor:
     index, weight = stretch_taps(frames, target)
     image = features.new_empty(batch, 1, ratio * mel, target // ratio)
     with named_in_profiles("htsat_fold_image"):
-        status = _kernels().htsat_fold_image(
+        status = native_library().htsat_fold_image(
             features.data_ptr(), features.stride(0), features.stride(2), index.data_ptr(), weight.data_ptr(),
             index.shape[1], image.data_ptr(), batch, target, mel, ratio, torch.get_num_threads(),
         )

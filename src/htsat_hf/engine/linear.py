@@ -6,7 +6,7 @@ PyTorch has two CPU GEMMs for a linear layer: its BLAS (`torch.addmm`, MKL in th
 in its epilogue). Which is faster depends on the CPU. On 2 cores, for the Swin blocks' shapes: oneDNN measured 0-15 %
 faster than MKL on an AVX-512 machine; on an AMD EPYC Zen 3 (AVX2) MKL was 10-20 % faster, and oneDNN's GELU epilogue
 added 0.8-4 ms to a block chunk's fc1, against about 0.4 ms for a vectorised GELU pass after the GEMM (now
-`native_kernels.bias_gelu_`, which adds fc1's bias in the same pass, so the GEMM runs without it). So
+`engine.native.bias_gelu_`, which adds fc1's bias in the same pass, so the GEMM runs without it). So
 the first inference linear layer of a process times the candidates on one block-sized shape (interleaved rounds, the
 best of each, about 0.2 s in all) and keeps the fastest, unless oneDNN (the earlier fixed choice) is within 5 % of it:
 a `LinearPlan`, logged at info level. The plan is measured once per machine (CPU flags and PyTorch build) and kept
@@ -49,7 +49,7 @@ try:  # Unix: processes share the measured plan; elsewhere each process measures
 except ImportError:
     fcntl = None
 
-from .native_kernels import _cpu_flags, bias_gelu_, in_onnx_export, kernel_cache_dir
+from .native import cpu_flags, bias_gelu_, in_onnx_export, kernel_cache_dir
 
 logger = logging.get_logger(__name__)
 
@@ -72,9 +72,9 @@ def _onednn_op(name: str):
         return None
 
 
-_ONEDNN_LINEAR = _onednn_op("_linear_pointwise")
+ONEDNN_LINEAR = _onednn_op("_linear_pointwise")
 # the reorder of a weight into oneDNN's own blocked layout, as PyTorch's compiler does to frozen weights
-_ONEDNN_REORDER = _onednn_op("_reorder_linear_weight") if _ONEDNN_LINEAR is not None else None
+ONEDNN_REORDER = _onednn_op("_reorder_linear_weight") if ONEDNN_LINEAR is not None else None
 # (id of the weight or of the weight it views, shape) -> ((data pointer, version, strides), oneDNN's packed copy)
 _PACKED_WEIGHTS: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
@@ -84,7 +84,7 @@ def _linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
 
 
-if _ONEDNN_LINEAR is not None:  # PyTorch's FLOP counter knows no formula for this op; without one it counts nothing
+if ONEDNN_LINEAR is not None:  # PyTorch's FLOP counter knows no formula for this op; without one it counts nothing
     try:
         register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_flops)
     except (RuntimeError, ValueError):  # already registered (the module is imported again as remote code)
@@ -92,7 +92,7 @@ if _ONEDNN_LINEAR is not None:  # PyTorch's FLOP counter knows no formula for th
 
 
 def _onednn_available() -> bool:
-    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
+    return ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
 
 
 def inference_path_applies(inputs: torch.Tensor, layer: nn.Module) -> bool:
@@ -145,7 +145,7 @@ def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     weight loaded or edited in place is packed anew; a view of a weight (the head's convolution seen as a matrix) is
     kept with the weight it views. One more copy of the weights in memory. The plain weight where this PyTorch build
     cannot reorder, or with `HTSAT_HF_PACK_WEIGHTS=0` (memory before speed)."""
-    if _ONEDNN_REORDER is None or os.environ.get(PACK_ENVIRONMENT_VARIABLE) == "0":
+    if ONEDNN_REORDER is None or os.environ.get(PACK_ENVIRONMENT_VARIABLE) == "0":
         return weight
     owner = weight if weight._base is None else weight._base
     key = (id(owner), tuple(weight.shape))
@@ -153,7 +153,7 @@ def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     entry = _PACKED_WEIGHTS.get(key)
     if entry is not None and entry[0] == state:
         return entry[1]
-    packed = _ONEDNN_REORDER(weight.detach(), rows)
+    packed = ONEDNN_REORDER(weight.detach(), rows)
     if entry is None:  # forgotten with the weight
         weakref.finalize(owner, _PACKED_WEIGHTS.pop, key, None)
     _PACKED_WEIGHTS[key] = (state, packed)
@@ -163,27 +163,27 @@ def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def _gemm(library: str, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """rows @ weight.T + bias by "blas" or "onednn" (with the weight packed, `packed_weight`)."""
     if library == "onednn":
-        return _ONEDNN_LINEAR(rows, packed_weight(weight, rows.shape[0]), bias, "none", [], "")
+        return ONEDNN_LINEAR(rows, packed_weight(weight, rows.shape[0]), bias, "none", [], "")
     return F.linear(rows, weight, bias)
 
 
 def _fused_onednn_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # "none": the exact erf form
-    return _ONEDNN_LINEAR(rows, packed_weight(weight, rows.shape[0]), bias, "gelu", [], "none")
+    return ONEDNN_LINEAR(rows, packed_weight(weight, rows.shape[0]), bias, "gelu", [], "none")
 
 
 @dataclass(frozen=True)
 class LinearPlan:
     """How CPU inference runs linear layers here: `gemm` is "blas" or "onednn"; `gelu` is "onednn" (oneDNN's GELU
     epilogue, with the oneDNN GEMM) or "after" (the GEMM without its bias, then one pass adding the bias and applying
-    GELU in place: `native_kernels.bias_gelu_`, PyTorch's ops where the kernels do not apply)."""
+    GELU in place: `engine.native.bias_gelu_`, PyTorch's ops where the kernels do not apply)."""
 
     gemm: str
     gelu: str
     timings_ms: tuple[tuple[str, float], ...] = ()
 
 
-def _fastest_times(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def fastest_times(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Seconds per call of each candidate: the best of interleaved rounds of two calls each, after three warm-up
     calls (the first calls in a process pay for thread pools and page faults; other load only ever adds time)."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -199,7 +199,7 @@ def _fastest_times(candidates: dict[str, Callable[[], object]], rounds: int) -> 
     return {name: min(values) for name, values in times.items()}
 
 
-def _choose(seconds: dict[str, float], default: str) -> str:
+def choose(seconds: dict[str, float], default: str) -> str:
     """The fastest candidate, unless `default` is within MARGIN of it (near ties stay put, whatever the noise)."""
     fastest = min(seconds, key=seconds.get)
     if default in seconds and seconds[fastest] > (1 - MARGIN) * seconds[default]:
@@ -236,30 +236,30 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
         if gemm is None:
             libraries = [name for name in GEMM_LIBRARIES if name == "blas" or _onednn_available()]
             candidates = {name: functools.partial(_gemm, name, x, weight, bias) for name in libraries}
-            measured = _fastest_times(candidates, rounds)
+            measured = fastest_times(candidates, rounds)
             timings.update({f"gemm {name}": seconds for name, seconds in measured.items()})
-            gemm = _choose(measured, default="onednn")
+            gemm = choose(measured, default="onednn")
         gelu = "after"
         if gemm == "onednn":  # oneDNN's GELU epilogue against its GEMM followed by the bias-and-GELU pass
             ways = {
                 "after": lambda: bias_gelu_(_gemm(gemm, x, wide, None), wide_bias),
                 "onednn": lambda: _fused_onednn_gelu(x, wide, wide_bias),
             }
-            measured = _fastest_times(ways, rounds)
+            measured = fastest_times(ways, rounds)
             timings.update({f"gelu {name}": seconds for name, seconds in measured.items()})
-            gelu = _choose(measured, default="onednn")
+            gelu = choose(measured, default="onednn")
     plan = LinearPlan(gemm, gelu, tuple((name, round(seconds * 1e3, 3)) for name, seconds in timings.items()))
     logger.info(f"CPU linear layers: {plan.gemm} GEMM, {plan.gelu} GELU (ms per call: {dict(plan.timings_ms)})")
     return plan
 
 
-def _machine_key(*parts: object) -> str:
+def machine_key(*parts: object) -> str:
     """What a measured choice depends on: PyTorch's build and the CPU's flags, with `parts`."""
-    key = "\n".join([torch.__version__, *map(str, parts), _cpu_flags()])
+    key = "\n".join([torch.__version__, *map(str, parts), cpu_flags()])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _kept_per_machine(name: str, key: str, measure: Callable[[], dict], valid: Callable[[dict], bool]) -> dict:
+def kept_per_machine(name: str, key: str, measure: Callable[[], dict], valid: Callable[[dict], bool]) -> dict:
     """`measure()`'s result (a JSON-able dict), measured once per machine and kept beside the native kernels
     (`{name}-{key}.json`, under a file lock), so that every process on the machine (the ranks of one run, later runs)
     takes the same choice; measured in-process, once, where that folder cannot be written or holds something `valid`
@@ -301,12 +301,12 @@ def _valid_plan(saved: dict) -> bool:
 @functools.cache
 def linear_plan() -> LinearPlan:
     """This machine's plan: measured once per CPU and PyTorch build and kept beside the native kernels, so that every
-    process on the machine computes the same numbers (`_kept_per_machine`). `HTSAT_HF_CPU_GEMM` set: its library,
+    process on the machine computes the same numbers (`kept_per_machine`). `HTSAT_HF_CPU_GEMM` set: its library,
     with the GELU measured for it."""
     if _requested_gemm() is not None:
         return calibrate()
-    key = _machine_key("3", _ONEDNN_LINEAR is not None, CALIBRATION_SHAPE)  # 3: oneDNN with packed weights
-    saved = _kept_per_machine("linear-plan", key, lambda: _plan_fields(calibrate()), _valid_plan)
+    key = machine_key("3", ONEDNN_LINEAR is not None, CALIBRATION_SHAPE)  # 3: oneDNN with packed weights
+    saved = kept_per_machine("linear-plan", key, lambda: _plan_fields(calibrate()), _valid_plan)
     return LinearPlan(saved["gemm"], saved["gelu"], tuple(map(tuple, saved["timings_ms"])))
 
 
