@@ -34,15 +34,7 @@ from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_htsat import HTSATConfig
-from .time_axis import (  # noqa: F401  (StepStitcher, long_input_hop_frames, window_starts: offered here as before)
-    StepStitcher,
-    grid_steps,
-    long_input_hop_frames,
-    stitch_on_grid,
-    window_layout,
-    window_start_frames,
-    window_starts,
-)
+from .time_axis import step_seconds, stitch_window_steps, total_steps, window_layout, window_start_frames
 
 logger = logging.get_logger(__name__)
 
@@ -637,9 +629,7 @@ class HTSATTimeAxisMixin:
 
     def frame_step_seconds(self, num_frames: int) -> float:
         """Duration in seconds of one step of `frame_logits` for an input of `num_frames` feature frames."""
-        frame_seconds = self.config.hop_length / self.config.sampling_rate
-        window_frames = num_frames if num_frames <= self.config.image_frames else self.config.clip_frames
-        return (window_frames - 1) * frame_seconds / self.config.token_steps
+        return step_seconds(self.config, num_frames)
 
     def freeze_feature_encoder(self) -> None:
         self.htsat.freeze_feature_encoder()
@@ -673,18 +663,13 @@ class HTSATTimeAxisMixin:
 
     def total_steps(self, num_frames: int) -> int:
         """Number of `frame_logits` steps for an input of `num_frames` feature frames."""
-        if num_frames <= self.config.image_frames:  # one window
-            return self.config.token_steps
-        return grid_steps(self.config, num_frames)
+        return total_steps(self.config, num_frames)
 
     def stitch_window_steps(self, step_values: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
                             ) -> torch.Tensor:
         """Per-window step values ([batch,] windows, steps, labels), windows starting at frames `starts` of an input of
         `num_frames` frames -> ([batch,] total steps, labels) on one time grid of `frame_step_seconds` steps."""
-        frame_seconds = self.config.hop_length / self.config.sampling_rate
-        start_seconds = torch.as_tensor(starts, dtype=torch.float64) * frame_seconds
-        start_steps = start_seconds / self.frame_step_seconds(num_frames)
-        return stitch_on_grid(step_values, start_steps, self.total_steps(num_frames))
+        return stitch_window_steps(self.config, step_values, starts, num_frames)
 
 
 class HTSATForSoundEventDetection(HTSATTimeAxisMixin, HTSATPreTrainedModel):
@@ -844,12 +829,5 @@ __all__ = [
     "HTSATForSoundEventDetection",
     "HTSATModel",
     "HTSATPreTrainedModel",
-    "StepStitcher",
-    "long_input_hop_frames",
-    "grid_steps",
-    "stitch_on_grid",
-    "window_layout",
     "with_loading_info",
-    "window_start_frames",
-    "window_starts",
 ]

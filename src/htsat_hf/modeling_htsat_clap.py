@@ -41,7 +41,7 @@ from transformers.models.clap.modeling_clap import ClapOutput, contrastive_loss
 from .configuration_htsat import HTSATConfig
 from .configuration_htsat_clap import HTSATClapConfig, check_unfused
 from .modeling_htsat import HTSATModel
-from .time_axis import grid_steps, stitch_on_grid
+from .time_axis import step_seconds, stitch_window_steps, total_steps
 
 CALIBRATIONS = ("softmax", "sigmoid")
 DEFAULT_TEMPLATE = "This is a sound of {}."  # Transformers' zero-shot-audio-classification default
@@ -235,22 +235,16 @@ class HTSATClapModel(HTSATClapPreTrainedModel):
     # -------------------------------------------------------------------------------------------------- time
     def frame_step_seconds(self, num_frames: int) -> float:
         """Seconds of one step for an input of `num_frames` frames (as `HTSATForSoundEventDetection`'s)."""
-        config = self.config.audio_config
-        window_frames = num_frames if num_frames <= config.image_frames else config.clip_frames
-        return (window_frames - 1) * config.hop_length / config.sampling_rate / config.token_steps
+        return step_seconds(self.config.audio_config, num_frames)
 
     def total_steps(self, num_frames: int) -> int:
         """Steps of the stitched grid for an input of `num_frames` frames."""
-        config = self.config.audio_config
-        return config.token_steps if num_frames <= config.image_frames else grid_steps(config, num_frames)
+        return total_steps(self.config.audio_config, num_frames)
 
     def stitch_window_steps(self, step_values: torch.Tensor, starts, num_frames: int) -> torch.Tensor:
-        """([batch,] windows, steps, values) per window -> ([batch,] total steps, values): HTS-AT's `stitch_on_grid`,
-        as `HTSATForSoundEventDetection.stitch_window_steps` stitches frame logits."""
-        config = self.config.audio_config
-        start_seconds = torch.as_tensor(starts, dtype=torch.float64) * (config.hop_length / config.sampling_rate)
-        start_steps = start_seconds / self.frame_step_seconds(num_frames)
-        return stitch_on_grid(step_values, start_steps, self.total_steps(num_frames))
+        """([batch,] windows, steps, values) per window -> ([batch,] total steps, values), as
+        `HTSATForSoundEventDetection.stitch_window_steps` stitches frame logits."""
+        return stitch_window_steps(self.config.audio_config, step_values, starts, num_frames)
 
     def token_step_logits(self, tokens: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, tokens, hidden) final tokens of n windows -> their step logits (n, steps, phrases) against normalised

@@ -74,6 +74,32 @@ def grid_steps(config: HTSATConfig, num_frames: int) -> int:
     return ((num_frames - 1) * config.token_steps + per_window - 1) // per_window
 
 
+def step_seconds(config: HTSATConfig, num_frames: int) -> float:
+    """Seconds of one step of the token-semantic time axis for an input of `num_frames` feature frames: a window's
+    span (the input itself when it fits one image, else a `clip_frames` window) over `token_steps`."""
+    frame_seconds = config.hop_length / config.sampling_rate
+    window_frames = num_frames if num_frames <= config.image_frames else config.clip_frames
+    return (window_frames - 1) * frame_seconds / config.token_steps
+
+
+def total_steps(config: HTSATConfig, num_frames: int) -> int:
+    """Steps of the time axis for an input of `num_frames` frames: one window's own, or the stitched grid's."""
+    if num_frames <= config.image_frames:  # one window
+        return config.token_steps
+    return grid_steps(config, num_frames)
+
+
+def stitch_window_steps(
+    config: HTSATConfig, step_values: torch.Tensor, starts: torch.Tensor | list[int], num_frames: int
+) -> torch.Tensor:
+    """Per-window step values ([batch,] windows, steps, labels), windows starting at frames `starts` of an input of
+    `num_frames` frames -> ([batch,] total steps, labels) on one time grid of `step_seconds` steps."""
+    frame_seconds = config.hop_length / config.sampling_rate
+    start_seconds = torch.as_tensor(starts, dtype=torch.float64) * frame_seconds
+    start_steps = start_seconds / step_seconds(config, num_frames)
+    return stitch_on_grid(step_values, start_steps, total_steps(config, num_frames))
+
+
 GRID_TOLERANCE = 1e-6  # in steps: a time within this of a step boundary falls on the later step
 
 
@@ -414,6 +440,6 @@ class WindowStream:
 
 __all__ = [
     "GRID_TOLERANCE", "READ_BLOCK_SECONDS", "SampleSpan", "StepStitcher", "StreamFrames", "WindowStream",
-    "check_positive_int", "grid_steps", "long_input_hop_frames", "span_features", "step_overlaps", "stitch_on_grid",
-    "window_layout", "window_start_frames", "window_starts",
+    "check_positive_int", "grid_steps", "long_input_hop_frames", "span_features", "step_overlaps", "step_seconds",
+    "stitch_on_grid", "stitch_window_steps", "total_steps", "window_layout", "window_start_frames", "window_starts",
 ]
