@@ -52,13 +52,8 @@ from ..engine import native
 from ..configuration_htsat import HTSATConfig
 from ..engine.linear import ONEDNN_LINEAR, linear_plan, packed_weight
 from ..feature_extraction_htsat import HTSATFeatureExtractor
-from ..modeling_htsat import (
-    HTSATForAudioClassification,
-    HTSATForSoundEventDetection,
-    StepStitcher,
-    long_input_hop_frames,
-    window_starts,
-)
+from ..modeling_htsat import HTSATForAudioClassification, HTSATForSoundEventDetection
+from ..time_axis import StepStitcher, long_input_hop_frames, window_starts
 
 CLIP_SECONDS = 10.0
 REFERENCE_MATMUL = "reference matmul"
