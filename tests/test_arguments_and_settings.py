@@ -416,6 +416,12 @@ def test_pipeline_annotator_and_live_detector_take_one_event_settings(detector, 
     clip = audio(12.0)
     spelt_out = low(clip, **{k: v for k, v in settings.keywords().items() if v is not None})["events"]
     assert low(clip, event_settings=settings)["events"] == spelt_out
+    # a call's settings object replaces the constructor's whole: its median filter and hysteresis left out are off
+    built_with = pipeline("sound-event-detection", model=str(folder), event_settings=settings)
+    plain = EventSettings(threshold=0.05)
+    fresh = pipeline("sound-event-detection", model=str(folder), event_settings=plain)
+    assert built_with(clip, event_settings=plain)["events"] == fresh(clip)["events"]
+    assert built_with(clip, event_settings=plain)["events"] != built_with(clip)["events"]
     with pytest.raises(TypeError, match="event_settings must be an EventSettings"):
         low(clip, event_settings={"threshold": 0.3})
     with pytest.raises(ValueError, match="threshold must be in"):

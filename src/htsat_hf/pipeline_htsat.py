@@ -302,13 +302,12 @@ class SoundEventDetectionPipeline(Pipeline):
             upsample=upsample,
             upsample_factor=upsample_factor,
         )
-        if event_settings is not None:  # one EventSettings; keywords given beside it replace its fields
-            given = EventSettings.merged(event_settings, **given).keywords()
-        post = {
-            key: value
-            for key, value in dict(**given, return_frame_scores=return_frame_scores).items()
-            if value is not None
-        }
+        post = {key: value for key, value in given.items() if value is not None}  # None: not given
+        if event_settings is not None:  # one EventSettings, whole (its None fields are "off", and replace what was
+            # given at construction); keywords given beside it replace its fields
+            post = EventSettings.merged(event_settings, **given).keywords()
+        if return_frame_scores is not None:
+            post["return_frame_scores"] = return_frame_scores
         if label_mapping is not None:
             post["label_mapping"] = label_mapping_from(label_mapping)
         # a call's settings go with those given at construction (Transformers merges the dicts it is returned key by
