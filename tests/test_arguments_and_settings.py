@@ -142,10 +142,10 @@ def test_construction_settings_stay_when_a_call_adds_others(detector):
 
 # ------------------------------------------------------------------ htsat-hf detect
 def run_detect_events(argv: list[str], capsys) -> tuple[int, str]:
-    from htsat_hf.commands import detect as detection_cli
+    from htsat_hf.commands import detect
 
     try:
-        status = detection_cli.main(argv)
+        status = detect.main(argv)
     except SystemExit as exit:
         status = exit.code
     return status, capsys.readouterr().err

@@ -392,13 +392,13 @@ def test_text_query_arguments_are_checked(clap_setup):
 
 
 def test_clap_folder_converts(clap_setup, tmp_path):
-    from htsat_hf.weights.clap import main
+    from htsat_hf.commands.cli import main
 
     source = tmp_path / "clap"
     clap_setup["clap"].save_pretrained(source)
     clap_setup["clap_extractor"].save_pretrained(source)
     clap_setup["tokenizer"].save_pretrained(source)
-    main([str(source), str(tmp_path / "out")])
+    assert main(["convert-clap", str(source), str(tmp_path / "out")]) == 0
     zero_shot = pipeline("zero-shot-audio-classification", model=str(tmp_path / "out"))
     expected = pipeline("zero-shot-audio-classification", model=str(clap_setup["folder"]))
     audio = noise(5.0, 80)

@@ -60,7 +60,7 @@ def folder(tmp_path) -> Path:
 
 
 def test_keys_with_a_module_prefix_are_refused_everywhere(folder, capsys):
-    from htsat_hf.commands import detect as detection_cli
+    from htsat_hf.commands import detect
 
     rewrite_weights(folder, lambda weights: {"module." + key: value for key, value in weights.items()})
     for name, error in entry_points(folder).items():
@@ -72,7 +72,7 @@ def test_keys_with_a_module_prefix_are_refused_everywhere(folder, capsys):
     import soundfile as sf
 
     sf.write(audio, np.zeros(32000 * 2, dtype=np.float32), 32000)
-    assert detection_cli.main([str(audio), "--model", str(folder)]) == 2
+    assert detect.main([str(audio), "--model", str(folder)]) == 2
     assert "prefix 'module.'" in capsys.readouterr().err
 
 

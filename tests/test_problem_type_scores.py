@@ -62,7 +62,7 @@ def test_logits_to_scores_follows_problem_type():
 def test_no_event_for_a_class_the_clip_scores_rule_out_in_any_entry_point(folder, audio, tmp_path):
     """pipeline, annotator, live detector and htsat-hf detect: events only for "go", whose clip score is 0.78; a
     sigmoid on the softmax-trained logits gave "yes" (clip score 0.21) an event over the whole file."""
-    from htsat_hf.commands import detect as detection_cli
+    from htsat_hf.commands import detect
     from htsat_hf.annotation import Annotator
     from htsat_hf.live.detector import LiveDetector
 
@@ -89,7 +89,7 @@ def test_no_event_for_a_class_the_clip_scores_rule_out_in_any_entry_point(folder
 
     wav, out = tmp_path / "clip.wav", tmp_path / "events.tsv"
     sf.write(wav, audio, RATE, subtype="FLOAT")
-    assert detection_cli.main([str(wav), "--model", str(folder), "--threshold", "0.5", "--output", str(out)]) == 0
+    assert detect.main([str(wav), "--model", str(folder), "--threshold", "0.5", "--output", str(out)]) == 0
     with open(out, newline="") as handle:
         assert {row["event_label"] for row in csv.DictReader(handle, delimiter="\t")} == {"go"}
 
@@ -196,7 +196,7 @@ def test_frame_scores_are_capped_by_the_window_clip_score():
 def test_no_entry_point_reports_a_label_the_window_clip_score_rules_out(edge_folders, tmp_path):
     """A one-window clip: "yes" has a softmax of 0.88 at the first step but a clip score of 0.0005; no entry point
     reports it, and no frame score exceeds the clip score."""
-    from htsat_hf.commands import detect as detection_cli
+    from htsat_hf.commands import detect
     from htsat_hf.annotation import Annotator
     from htsat_hf.live.detector import LiveDetector
 
@@ -228,7 +228,7 @@ def test_no_entry_point_reports_a_label_the_window_clip_score_rules_out(edge_fol
 
     wav, out = tmp_path / "clip.wav", tmp_path / "events.tsv"
     sf.write(wav, audio, RATE, subtype="FLOAT")
-    assert detection_cli.main([str(wav), "--model", str(folder), "--threshold", "0.5", "--output", str(out)]) == 0
+    assert detect.main([str(wav), "--model", str(folder), "--threshold", "0.5", "--output", str(out)]) == 0
     with open(out, newline="") as handle:
         assert {row["event_label"] for row in csv.DictReader(handle, delimiter="\t")} == {"go"}
 

@@ -121,7 +121,7 @@ def test_cli_writes_tsv_and_plot(folder, tmp_path):
 
 
 def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp_path, monkeypatch, capsys):
-    from htsat_hf.commands import detect as detection_cli
+    from htsat_hf.commands import detect
 
     for name, seed in (("a.wav", 1), ("c.wav", 2)):
         sf.write(tmp_path / name, noise(6.0, seed=seed), RATE)
@@ -129,7 +129,7 @@ def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp
     out = tmp_path / "events.tsv"
     out.write_text("previous results\n")
     files = [str(tmp_path / n) for n in ("a.wav", "b.flac", "c.wav")]
-    status = detection_cli.main([*files, "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
+    status = detect.main([*files, "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
     assert status == 1
     rows = out.read_text().strip().splitlines()
     assert {row.split("\t")[0] for row in rows[1:]} == {"a.wav", "c.wav"}  # the file after the bad one too
@@ -137,7 +137,7 @@ def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp
     assert "3 files: 2 done" in report and "1 failed" in report and "b.flac" in report
     out.write_text("previous results\n")
     calls = []
-    original = detection_cli.csv.writer
+    original = detect.csv.writer
 
     def crash_on_second_file(*args, **kwargs):
         writer = original(*args, **kwargs)
@@ -151,9 +151,9 @@ def test_cli_goes_on_past_a_bad_file_and_never_leaves_half_an_output(folder, tmp
 
         return Crashing()
 
-    monkeypatch.setattr(detection_cli.csv, "writer", crash_on_second_file)
+    monkeypatch.setattr(detect.csv, "writer", crash_on_second_file)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        detection_cli.main([files[0], files[2], "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
+        detect.main([files[0], files[2], "--model", str(folder), "--threshold", "0.0", "--output", str(out)])
     assert out.read_text() == "previous results\n" and calls  # untouched, and no temporary file left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.flac", "c.wav", "events.tsv"]
 

@@ -72,7 +72,7 @@ def test_training_on_strong_labels_reduces_the_frame_loss():
 
 @needs_torchcodec
 def test_strong_label_scene_dataset_lists_every_event_it_placed(tmp_path):
-    """`demo_data.build_strong_label_scene_dataset` (the live benchmark's training data): every clip is a
+    """`demo.data.build_strong_label_scene_dataset` (the live benchmark's training data): every clip is a
     `clip_seconds` file, its TSV rows are the events `sound_event_scene` placed (same seed), and the TSVs load as
     training splits of the four classes."""
     import soundfile as sf

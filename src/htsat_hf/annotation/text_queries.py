@@ -137,7 +137,7 @@ def split_window_logits(model: Any, logits: torch.Tensor) -> tuple[torch.Tensor,
 # ------------------------------------------------------------------------------------------------- command line
 def add_text_query_arguments(parser: argparse.ArgumentParser | Any, dashes: bool = False) -> None:
     """--text_labels and the calibration options, each also spelled with dashes (--text-labels ...; shown first with
-    `dashes`, as listen.py spells its options)."""
+    `dashes`, as commands/listen.py spells its options)."""
     def name(option: str) -> tuple[str, str]:
         spellings = ("--" + option, "--" + option.replace("_", "-"))
         return spellings[::-1] if dashes else spellings

@@ -58,7 +58,7 @@ class AnnotationBenchmarkSettings:
     device: str = "cpu"
     bf16: bool = False
     single_process: bool | None = None  # only the one-process run on `device` (default: on any device but the CPU)
-    model_size: str = "paper"  # "tiny": a tiny HTS-AT, to check the plumbing in seconds (`benchmarking.htsat_config`)
+    model_size: str = "paper"  # "tiny": a tiny HTS-AT, to check the plumbing in seconds (`benchmarks.model.htsat_config`)
 
     def __post_init__(self) -> None:
         check_model_size(self.model_size)

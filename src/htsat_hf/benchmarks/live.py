@@ -93,7 +93,7 @@ TRAINING_ARGS = [
 def train_sound_event_model(directory: str) -> str:
     """Trains a small HTS-AT with a 10-s window (16 kHz, hop 320, 32 mel bins: 10 s fold into a 128-px image, 16
     steps of 0.625 s) from strong labels on synthetic scenes of the benchmark's four sound classes
-    (`demo_data.build_strong_label_scene_dataset`), with `htsat-hf train`'s code. Returns the model folder (its
+    (`demo.data.build_strong_label_scene_dataset`), with `htsat-hf train`'s code. Returns the model folder (its
     held-out frame and clip metrics are in all_results.json)."""
     from pathlib import Path
 

@@ -2,7 +2,7 @@
 
     htsat-hf demo                                   # offline: synthesise keywords, train a small HTS-AT, classify
     htsat-hf detect rec.wav --model DIR             # sound events as DCASE TSV rows
-    htsat-hf benchmark model --quick                # benchmark model|annotation|live
+    htsat-hf benchmark model --quick                # benchmark model|annotation|live|search
     htsat-hf <command> --help                       # a command's options
 
 Each command is `htsat_hf.commands.<module>` with `main(argv) -> int`; it is imported only when run, so
@@ -26,14 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "fine-tune or train HTS-AT with the Transformers Trainer (clip or strong labels)"),
     "evaluate": ("evaluate", "DCASE task 4 metrics (F-scores, PSDS) of sound event detections"),
     "convert": ("convert", "convert a checkpoint of the original HTS-AT code into a Transformers folder"),
+    "convert-clap": ("convert_clap", "convert a Transformers CLAP folder (unfused) into an HTSATClapModel folder"),
     "publish": ("publish", "turn a model folder into a Hub repository (model card, remote code) and upload it"),
     "export": ("export", "export a model to ONNX and check it with onnxruntime against PyTorch"),
-    "benchmark": ("benchmark", "benchmarks: model (against CLAP and AST), annotation (corpus runs), live (latency)"),
+    "benchmark": ("benchmark", "benchmarks: model (against CLAP and AST), annotation (corpus runs), live (latency), search"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    listing = "\n".join(f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items())
+    listing = "\n".join(f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="htsat-hf",
         description="HTS-AT audio transformer for Hugging Face Transformers: commands.",

@@ -22,7 +22,7 @@ tower only; the audio is not read again."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Ranked inputs of an annotated corpus for phrases (CLAP).",
+    parser = argparse.ArgumentParser(prog="htsat-hf search", description="Ranked inputs of an annotated corpus for phrases (CLAP).",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="a folder annotated by a CLAP model with the embeddings task")
     parser.add_argument("phrases", nargs="+", metavar="PHRASE")

@@ -27,9 +27,12 @@ import os
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.utils import logging
 
 from .. import modeling_htsat
 from .layers import LAYERS
+
+logger = logging.get_logger(__name__)
 
 ENGINE_ENVIRONMENT_VARIABLE = "HTSAT_HF_ENGINE"
 
@@ -84,7 +87,13 @@ def attached(module: nn.Module) -> bool:
 def register() -> None:
     """Registers the engine once per process (see the module docstring); nothing where it is switched off or where
     the `kernels` package is missing."""
-    if not (engine_enabled() and kernels_available()) or attach in modeling_htsat.POST_INIT_HOOKS:
+    if not engine_enabled() or attach in modeling_htsat.POST_INIT_HOOKS:
+        return
+    if not kernels_available():
+        logger.warning(
+            "HTS-AT's CPU engine is off: the `kernels` package, through which it attaches, is not installed "
+            "(pip install 'kernels>=0.19'); the model definition runs instead."
+        )
         return
     from kernels import register_kernel_mapping
 
