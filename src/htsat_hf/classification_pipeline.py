@@ -19,6 +19,7 @@ from transformers.pipelines.audio_classification import AudioClassificationPipel
 from transformers.utils import logging
 
 from .inference_checks import check_inference_ready
+from .scores import top_tags
 from .pipeline_htsat import (
     PROGRESS_MIN_SECONDS,
     AudioSource,
@@ -109,8 +110,6 @@ class HTSATAudioClassificationPipeline(AudioClassificationPipeline):
         detector and the SED pipeline make theirs), unless `function_to_apply` asks for another function."""
         if function_to_apply is not None or not self._is_htsat():
             return super().postprocess(model_outputs, top_k=top_k, function_to_apply=function_to_apply)
-        from .annotation.annotator import top_tags
-
         labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         return top_tags(model_outputs.logits[0], labels, self.model.config.problem_type, top_k)
 

@@ -591,6 +591,15 @@ def wants_attentions(model: PreTrainedModel, output_attentions: bool | None) -> 
 
 
 # ------------------------------------------------------------------------------------------------------ heads
+def token_map_by_time(tokens: torch.Tensor, grid: int, freq_ratio: int) -> torch.Tensor:
+    """Final tokens (n, grid * grid, hidden) -> token map (n, hidden, grid // freq_ratio, freq_ratio * grid): the
+    folded image's `freq_ratio` time chunks side by side again, so that the last axis is the time steps in order."""
+    n, _, hidden = tokens.shape
+    groups = grid // freq_ratio
+    token_map = tokens.transpose(1, 2).reshape(n, hidden, freq_ratio, groups, grid)
+    return token_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, freq_ratio * grid)
+
+
 @faster_forward("HTSATTokenSemanticHead")
 class HTSATTokenSemanticHead(nn.Module):
     """Conv2d over the final token map rearranged to (frequency groups, time): per-class logits per time step."""
@@ -606,10 +615,7 @@ class HTSATTokenSemanticHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (n, grid * grid, hidden) -> step logits (n, token_steps, num_labels), in time order."""
-        n, _, hidden = tokens.shape
-        grid, groups, ratio = self.grid, self.freq_groups, self.config.freq_ratio
-        feature_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid)
-        feature_map = feature_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, ratio * grid)
+        feature_map = token_map_by_time(tokens, self.grid, self.config.freq_ratio)
         return self.conv(feature_map).flatten(2).transpose(1, 2)  # (n, 1 group, steps) -> (n, steps, labels)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ from transformers.models.clap.modeling_clap import ClapOutput, contrastive_loss
 
 from .configuration_htsat import HTSATConfig
 from .configuration_htsat_clap import HTSATClapConfig, check_unfused
-from .modeling_htsat import HTSATModel
+from .modeling_htsat import HTSATModel, token_map_by_time
 from .time_axis import step_seconds, stitch_window_steps, total_steps
 
 CALIBRATIONS = ("softmax", "sigmoid")
@@ -179,13 +180,8 @@ class HTSATClapModel(HTSATClapPreTrainedModel):
         """(n, tokens, hidden) final tokens of n windows -> (n, steps, hidden): at each time step (the order of the
         token-semantic head's steps: time chunk, then token column) the mean of the frequency tokens."""
         config: HTSATConfig = self.config.audio_config
-        n, _, hidden = tokens.shape
         grid = config.stage_grid_size(config.num_stages - 1)
-        ratio = config.freq_ratio
-        groups = grid // ratio
-        token_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid)
-        token_map = token_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, ratio * grid)
-        return token_map.mean(dim=2).transpose(1, 2)
+        return token_map_by_time(tokens, grid, config.freq_ratio).mean(dim=2).transpose(1, 2)
 
     def encode_audio(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Runs the audio tower: tokens (batch, windows, tokens, hidden), window start frames, frames per window."""
@@ -374,6 +370,35 @@ class HTSATClapTextQuery(nn.Module):
         return self.clap.stitch_window_steps(step_values, starts, num_frames)
 
 
+def check_phrases(phrases: str | Sequence[str], what: str = "candidate_labels") -> list[str]:
+    """One phrase or several as a list; a ValueError naming `what` unless they are distinct non-empty strings."""
+    phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+    if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases) or len(set(phrases)) != len(phrases):
+        raise ValueError(f"{what} must be distinct non-empty phrases, got {phrases!r}.")
+    return phrases
+
+
+def phrase_embeddings(clap_model: HTSATClapModel, phrases: Sequence[str], tokenizer: Any = None,
+                      hypothesis_template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
+    """(phrases, projection_dim) normalised text embeddings (`get_text_features(...).pooler_output`, no gradients) of
+    the phrases, each formatted with `hypothesis_template`. `tokenizer`: CLAP's; default: the one saved with the
+    model (`name_or_path`)."""
+    if "{}" not in hypothesis_template:
+        raise ValueError(f"hypothesis_template must contain '{{}}' where the phrase goes, got {hypothesis_template!r}.")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = getattr(clap_model, "name_or_path", None)
+        if not source:
+            raise ValueError("Pass the CLAP tokenizer (tokenizer=...): the model was not loaded from a folder.")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    inputs = tokenizer([hypothesis_template.format(p) for p in phrases], padding=True, return_tensors="pt")
+    inputs = inputs.to(clap_model.device)
+    with torch.no_grad():
+        return clap_model.get_text_features(input_ids=inputs["input_ids"],
+                                            attention_mask=inputs.get("attention_mask")).pooler_output
+
+
 def text_query_model(clap_model: HTSATClapModel, phrases: list[str], tokenizer: Any = None,
                      hypothesis_template: str = DEFAULT_TEMPLATE, calibration: str = "softmax",
                      background: str | None = None, bias: float = 0.0) -> HTSATClapTextQuery:
@@ -395,29 +420,11 @@ def text_query_model(clap_model: HTSATClapModel, phrases: list[str], tokenizer: 
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}.")
-    if isinstance(phrases, str):
-        phrases = [phrases]
-    phrases = list(phrases)
-    if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases) or len(set(phrases)) != len(phrases):
-        raise ValueError(f"candidate_labels must be distinct non-empty phrases, got {phrases!r}.")
-    if "{}" not in hypothesis_template:
-        raise ValueError(f"hypothesis_template must contain '{{}}' where the phrase goes, got {hypothesis_template!r}.")
+    phrases = check_phrases(phrases)
     if background is not None and background in phrases:
         raise ValueError(f"The background phrase {background!r} is also a candidate label.")
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        source = getattr(clap_model, "name_or_path", None)
-        if not source:
-            raise ValueError("Pass the CLAP tokenizer (tokenizer=...): the model was not loaded from a folder.")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    texts = [hypothesis_template.format(p) for p in phrases]
-    if background is not None:
-        texts.append(hypothesis_template.format(background))
-    inputs = tokenizer(texts, padding=True, return_tensors="pt").to(clap_model.device)
-    with torch.no_grad():
-        embeds = clap_model.get_text_features(input_ids=inputs["input_ids"],
-                                              attention_mask=inputs.get("attention_mask")).pooler_output
+    embeds = phrase_embeddings(clap_model, phrases + ([background] if background is not None else []), tokenizer,
+                               hypothesis_template)
     text_embeds = embeds[: len(phrases)]
     background_embed = embeds[len(phrases):] if background is not None else None
     labels = phrases + ([background] if background is not None and calibration == "softmax" else [])
@@ -429,5 +436,5 @@ def text_query_model(clap_model: HTSATClapModel, phrases: list[str], tokenizer: 
 
 HTSATClapModel.register_for_auto_class("AutoModel")
 
-__all__ = ["CALIBRATIONS", "HTSATClapModel", "HTSATClapPreTrainedModel", "HTSATClapProjection",
-           "HTSATClapTextQuery", "text_query_model"]
+__all__ = ["CALIBRATIONS", "DEFAULT_TEMPLATE", "HTSATClapModel", "HTSATClapPreTrainedModel", "HTSATClapProjection",
+           "HTSATClapTextQuery", "check_phrases", "phrase_embeddings", "text_query_model"]

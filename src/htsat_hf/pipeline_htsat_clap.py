@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers.pipelines.zero_shot_audio_classification import ZeroShotAudioClassificationPipeline
 
+from .modeling_htsat_clap import DEFAULT_TEMPLATE
 from .pipeline_htsat import audio_source, one_waveform
 
 
@@ -28,7 +29,7 @@ class HTSATZeroShotAudioClassificationPipeline(ZeroShotAudioClassificationPipeli
     def __call__(self, audios: Any, **kwargs: Any) -> Any:
         return super().__call__(one_waveform(audios) if self._is_htsat_clap() else audios, **kwargs)
 
-    def preprocess(self, audio, candidate_labels=None, hypothesis_template="This is a sound of {}."):
+    def preprocess(self, audio, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE):
         if not self._is_htsat_clap():
             return super().preprocess(audio, candidate_labels, hypothesis_template)
         if isinstance(candidate_labels, str):

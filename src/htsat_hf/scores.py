@@ -128,7 +128,15 @@ def labelled_frame_scores(
     return map_scores(scores, mapping, model_labels, exclusive=is_exclusive(problem_type))
 
 
+def top_tags(logits: torch.Tensor, labels: list[str], problem_type: str | None, k: int) -> list[dict]:
+    """Top-k {label, score} of one clip's logits, the score as `pipeline("audio-classification")` applies it
+    (`logits_to_scores`: sigmoid for multi-label, identity for regression, else softmax)."""
+    scores, ids = logits_to_scores(logits, problem_type).topk(k)
+    return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
+
+
 __all__ = [
     "MULTI_LABEL", "REGRESSION", "SINGLE_LABEL", "capped_by_window_clip", "frame_scores", "is_exclusive",
-    "labelled_frame_scores", "logits_to_scores", "score_function", "stitched_channels", "with_window_clip_logits",
+    "labelled_frame_scores", "logits_to_scores", "score_function", "stitched_channels", "top_tags",
+    "with_window_clip_logits",
 ]

@@ -19,14 +19,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..inference_checks import check_inference_ready
-from ..modeling_htsat_ensemble import combine_logits
+from ..inference_models import combine_members, is_ensemble, load_job_model, model_members
 from ..time_axis import SampleSpan, check_positive_int, span_features
-from ..scores import is_exclusive, labelled_frame_scores, logits_to_scores, with_window_clip_logits
+from ..scores import is_exclusive, labelled_frame_scores, top_tags, with_window_clip_logits
 from ..sed_postprocessing import EventSettings, frames_to_events, label_mapping_from, resolve_label_mapping
 from .embeddings import stored_embeddings, window_embedding_rows
 from .schema import task_columns, typed_column
-from .text_queries import is_text_query, text_query_for, text_query_settings
+from .text_queries import is_text_query, text_query_settings
 from .windows import (
     CLIP_TASKS,
     TASKS,
@@ -129,13 +128,10 @@ class Annotator:
         calibration_bias: float | None = None,
         tokenizer: Any = None,
     ):
-        model, feature_extractor = text_query_for(  # a CLAP model asked about phrases (else unchanged)
-            model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
-            trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
-            background_label=background_label, calibration_bias=calibration_bias)
-        self.model, self.feature_extractor = load_for_inference(
-            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
-        )
+        self.model, self.feature_extractor = load_job_model(
+            model, feature_extractor, device, trust_remote_code, text_labels, tokenizer=tokenizer,
+            hypothesis_template=hypothesis_template, calibration=calibration, background_label=background_label,
+            calibration_bias=calibration_bias)
         self.config = self.model.config
         self.tasks = _check_tasks(tasks)
         self.ensemble = is_ensemble(self.model)
@@ -405,13 +401,6 @@ class Annotator:
         return top_tags(logits, self.model_labels, self.config.problem_type, self.top_k)
 
 
-def top_tags(logits: torch.Tensor, labels: list[str], problem_type: str | None, k: int) -> list[dict]:
-    """Top-k {label, score} of one clip's logits, the score as `pipeline("audio-classification")` applies it
-    (`logits_to_scores`: sigmoid for multi-label, identity for regression, else softmax)."""
-    scores, ids = logits_to_scores(logits, problem_type).topk(k)
-    return [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), ids.tolist())]
-
-
 def rows_to_arrow(rows: list[dict | AnnotationError], tasks: tuple[str, ...]) -> pa.Table:
     """Rows (results or errors) -> an Arrow table of typed columns (so a batch without errors still types `error`):
     `duration_s`, the task columns, `warning` and `error` ("stage: message", None where the input succeeded)."""
@@ -439,56 +428,4 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_for_inference(model: Any, feature_extractor: Any, device: Any, trust_remote_code: bool,
-                       allow_ensemble: bool = False) -> tuple[Any, Any]:
-    """The model (a path, Hub id or model) in eval mode on its device, and its feature extractor: what the
-    `Annotator` and the `LiveDetector` run. Ensembles (`HTSATEnsembleModel`) only
-    where `allow_ensemble`. A model whose weights were not loaded, or whose feature extractor disagrees with its
-    config, is refused (`check_inference_ready`)."""
-    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
-
-    from ..feature_extraction_htsat import HTSATFeatureExtractor
-
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        name = str(model)
-        model = AutoModelForAudioClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if feature_extractor is None:
-            feature_extractor = AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-    single = hasattr(model, "htsat") and hasattr(model.htsat, "encode_images") and hasattr(model, "classifier")
-    if not single and not (allow_ensemble and is_ensemble(model)):
-        raise ValueError(
-            f"{type(model).__name__} is not a single HTS-AT model (HTSATForAudioClassification or "
-            "HTSATForSoundEventDetection)" + ("; ensembles are not supported here." if is_ensemble(model) else ".")
-        )
-    if feature_extractor is None:
-        feature_extractor = HTSATFeatureExtractor.for_model_config(model.config)
-    check_inference_ready(model, feature_extractor)
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), feature_extractor
-
-
-def model_members(model: Any) -> list:
-    """The single HTS-AT models whose outputs `combine_members` combines: an ensemble's members, else the model."""
-    return list(model.members) if is_ensemble(model) else [model]
-
-
-def combine_members(model: Any, member_logits: list[torch.Tensor], exclusive: bool) -> torch.Tensor:
-    """One model's logits as they are; an ensemble's members' combined as its forward combines them."""
-    if not is_ensemble(model):
-        return member_logits[0]
-    return combine_logits(member_logits, model.config.average, exclusive)
-
-
-def is_ensemble(model: Any) -> bool:
-    """An `HTSATEnsembleModel` (also loaded as remote code): members that are single HTS-AT models."""
-    members = getattr(model, "members", None)
-    return members is not None and all(hasattr(m, "htsat") and hasattr(m, "classifier") for m in members)
-
-
-__all__ = [
-    "AnnotationError", "Annotator", "combine_members", "is_ensemble", "load_for_inference", "model_members",
-    "rows_to_arrow", "top_tags",
-]
+__all__ = ["AnnotationError", "Annotator", "rows_to_arrow"]

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..modeling_htsat_clap import DEFAULT_TEMPLATE, check_phrases, phrase_embeddings
 from .store import RUN_DIR, committed_shards, read_manifest
 
 INDEX_FORMAT = "htsat-hf-search-index-1"
@@ -237,11 +238,9 @@ def build_index_file(out: Path, part_names: Sequence[str], path: Path, column: s
 
 # ----------------------------------------------------------------------------------------------------- phrases
 def text_embeddings(model: Any, phrases: Sequence[str], tokenizer: Any = None,
-                    hypothesis_template: str = "This is a sound of {}.") -> np.ndarray:
+                    hypothesis_template: str = DEFAULT_TEMPLATE) -> np.ndarray:
     """(phrases, projection_dim) normalised CLAP text embeddings of the phrases, each formatted with
-    `hypothesis_template`: the text tower only (`get_text_features`). `model`: an `HTSATClapModel` or its folder."""
-    import torch
-
+    `hypothesis_template`: the text tower only (`phrase_embeddings`). `model`: an `HTSATClapModel` or its folder."""
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModel, AutoTokenizer
 
@@ -250,16 +249,7 @@ def text_embeddings(model: Any, phrases: Sequence[str], tokenizer: Any = None,
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
     if not hasattr(model, "get_text_features") or not hasattr(model, "text_query"):
         raise SearchError(f"Phrases are embedded by a CLAP model (HTSATClapModel), not {type(model).__name__}.")
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    texts = [hypothesis_template.format(phrase) for phrase in phrases]
-    inputs = tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        embeds = model.eval().get_text_features(input_ids=inputs["input_ids"],
-                                                attention_mask=inputs.get("attention_mask")).pooler_output
-    return embeds.float().cpu().numpy()
+    return phrase_embeddings(model.eval(), phrases, tokenizer, hypothesis_template).float().cpu().numpy()
 
 
 def search(output_dir: str | os.PathLike, phrases: str | Sequence[str], *, model: Any = None, tokenizer: Any = None,
@@ -271,9 +261,10 @@ def search(output_dir: str | os.PathLike, phrases: str | Sequence[str], *, model
     default: the one the folder was annotated with (its manifest's name). `hypothesis_template`: default the one the
     folder was annotated with. `index`: an `EmbeddingIndex.open(output_dir)` to reuse across searches.
     """
-    phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-    if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
-        raise SearchError(f"Search for one or more non-empty phrases, got {phrases!r}.")
+    try:
+        phrases = check_phrases(phrases, "The phrases searched for")
+    except ValueError as error:
+        raise SearchError(str(error)) from None
     index = index or EmbeddingIndex.open(output_dir)
     fingerprint = index.manifest.get("fingerprint") or {}
     query = (fingerprint.get("settings") or {}).get("text_query") or {}
@@ -282,7 +273,7 @@ def search(output_dir: str | os.PathLike, phrases: str | Sequence[str], *, model
         if not model or not Path(model).exists() and "/" not in str(model):
             raise SearchError("Name the CLAP model that annotated the folder (model=...): its manifest names none "
                               "that can be loaded here.")
-    template = hypothesis_template or query.get("hypothesis_template") or "This is a sound of {}."
+    template = hypothesis_template or query.get("hypothesis_template") or DEFAULT_TEMPLATE
     return index.search_embeddings(phrases, text_embeddings(model, phrases, tokenizer, template), top_k)
 
 

@@ -68,7 +68,7 @@ def file_source(files: list[str] | None = None, file_list: str | None = None) ->
 def read_file_list(file_list: str) -> list[str]:
     """The paths of a text file, one per line (blank lines and # comments skipped)."""
     try:
-        lines = Path(file_list).read_text(encoding="utf-8").splitlines()
+        text = Path(file_list).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(
             f"--file_list {file_list}: no such file; give a text file with one audio path per line."
@@ -76,7 +76,12 @@ def read_file_list(file_list: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"--file_list {file_list} cannot be read as UTF-8 text ({error}); give a text file with one "
                          "audio path per line.") from None
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return listed_lines(text)
+
+
+def listed_lines(text: str) -> list[str]:
+    """The entries of a list file: its lines stripped, blank lines and lines starting with '#' left out."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def check_unique_ids(ids: Iterable[str] | pa.ChunkedArray, what: str, advice: str) -> None:
@@ -185,5 +190,5 @@ def _rows(stream: Any, batch_size: int = 64) -> Iterator[dict]:
 
 __all__ = [
     "InputError", "InputSource", "Record", "check_dataset_ids", "check_unique_ids", "dataset_source",
-    "file_source", "read_file_list", "unique_stream_ids",
+    "file_source", "listed_lines", "read_file_list", "unique_stream_ids",
 ]

@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from ..modeling_htsat_clap import DEFAULT_TEMPLATE
+from .sources import listed_lines
+
 # The text-query options, with the SED pipeline's names (`pipeline_htsat.TEXT_QUERY_ARGUMENTS`) and defaults
 # (`HTSATClapModel.text_query`); `text_labels` are the pipeline's `candidate_labels`.
-TEXT_QUERY_DEFAULTS = dict(hypothesis_template="This is a sound of {}.", calibration="softmax", background_label=None,
+TEXT_QUERY_DEFAULTS = dict(hypothesis_template=DEFAULT_TEMPLATE, calibration="softmax", background_label=None,
                            calibration_bias=0.0)
 
 
@@ -29,8 +32,7 @@ def read_phrases(text_labels: str | os.PathLike | Iterable[str]) -> list[str]:
     """Phrases as given: a list of phrases; or a path (a `PathLike`, or a string naming an existing file) of a text
     file with one phrase per line (blank lines and lines starting with '#' are skipped); or one phrase."""
     if isinstance(text_labels, os.PathLike) or (isinstance(text_labels, str) and Path(text_labels).is_file()):
-        lines = Path(text_labels).read_text(encoding="utf-8").splitlines()
-        phrases = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        phrases = listed_lines(Path(text_labels).read_text(encoding="utf-8"))
         if not phrases:
             raise ValueError(f"The phrase file {text_labels} holds no phrases (one per line).")
         return phrases

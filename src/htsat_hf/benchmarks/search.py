@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..annotation.schema import result_schema
+from ..modeling_htsat_clap import DEFAULT_TEMPLATE
 from ..annotation.search import EmbeddingIndex
 from ..annotation.store import FORMAT, file_digest, run_dir, shard_paths, write_manifest
 
@@ -62,7 +63,7 @@ def write_embedding_corpus(out: str | Path, embeddings: np.ndarray, durations: n
         paths["marker"].write_text(json.dumps(marker))
         shards += 1
     settings = {"tasks": list(TASKS), "text_query": text_query or {
-        "candidate_labels": ["a dog barking"], "hypothesis_template": "This is a sound of {}.",
+        "candidate_labels": ["a dog barking"], "hypothesis_template": DEFAULT_TEMPLATE,
         "calibration": "softmax", "background_label": None, "calibration_bias": 0.0}}
     write_manifest(out, {"format": FORMAT, "fingerprint": {"model": {"name_or_path": model_name}, "settings": settings,
                                                            "rows_per_shard": rows_per_shard},

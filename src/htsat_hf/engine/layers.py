@@ -45,6 +45,7 @@ from ..modeling_htsat import (
     HTSATSpectrogramFold,
     HTSATStage,
     HTSATTokenSemanticHead,
+    token_map_by_time,
     window_partition,
 )
 from .linear import bias_separable, linear, linear_add_, linear_weights
@@ -396,14 +397,12 @@ class TokenSemanticHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if not engine_applies(self, tokens):
             return HTSATTokenSemanticHead.forward(self, tokens)
-        n, _, hidden = tokens.shape
-        grid, groups, ratio = self.grid, self.freq_groups, self.config.freq_ratio
-        feature_map = tokens.transpose(1, 2).reshape(n, hidden, ratio, groups, grid)
-        feature_map = feature_map.permute(0, 1, 3, 2, 4).reshape(n, hidden, groups, ratio * grid)
+        feature_map = token_map_by_time(tokens, self.grid, self.config.freq_ratio)
+        n, steps = feature_map.shape[0], feature_map.shape[-1]
         patches = F.pad(feature_map, (1, 1)).unfold(3, 3, 1)  # (n, hidden, groups, steps, 3)
-        patches = patches.permute(0, 3, 1, 2, 4).reshape(n * ratio * grid, -1)
+        patches = patches.permute(0, 3, 1, 2, 4).reshape(n * steps, -1)
         logits = linear_weights(patches, self.conv.weight.view(self.conv.out_channels, -1), self.conv.bias)
-        return logits.view(n, ratio * grid, -1)
+        return logits.view(n, steps, -1)
 
 
 LAYERS: dict[str, type[nn.Module]] = {

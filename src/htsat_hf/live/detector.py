@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotation.annotator import combine_members, is_ensemble, load_for_inference, model_members, top_tags
-from ..annotation.text_queries import split_window_logits, text_query_for, window_logits
+from ..annotation.text_queries import split_window_logits, window_logits
 from ..audio_decoding import downmix
 from ..feature_extraction_htsat import pcm_to_float
+from ..inference_models import combine_members, is_ensemble, load_job_model, model_members
 from ..pipeline_htsat import AudioInputError
-from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, with_window_clip_logits
+from ..scores import is_exclusive, labelled_frame_scores, stitched_channels, top_tags, with_window_clip_logits
 from ..sed_postprocessing import (
     EventSettings,
     EventStream,
@@ -123,13 +123,10 @@ class LiveDetector:
         calibration_bias: float | None = None,
         tokenizer: Any = None,
     ):
-        model, feature_extractor = text_query_for(  # a CLAP model asked about phrases (else unchanged)
-            model, text_labels, feature_extractor, tokenizer=tokenizer, device=device,
-            trust_remote_code=trust_remote_code, hypothesis_template=hypothesis_template, calibration=calibration,
-            background_label=background_label, calibration_bias=calibration_bias)
-        self.model, self.feature_extractor = load_for_inference(
-            model, feature_extractor, device, trust_remote_code, allow_ensemble=True
-        )
+        self.model, self.feature_extractor = load_job_model(
+            model, feature_extractor, device, trust_remote_code, text_labels, tokenizer=tokenizer,
+            hypothesis_template=hypothesis_template, calibration=calibration, background_label=background_label,
+            calibration_bias=calibration_bias)
         config = self.config = self.model.config
         self.members = model_members(self.model)
         if not config.use_token_semantic_head:
