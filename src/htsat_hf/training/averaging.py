@@ -5,12 +5,11 @@ bool tensors are never turned into floats (the original's `weight_average` did t
 `relative_position_index` buffers come back as float32): identical ones are copied, differing ones (counters such
 as BatchNorm's `num_batches_tracked`) get their mean rounded to the nearest integer.
 
-Command line: `python -m htsat_hf.training.averaging OUTPUT_DIR CHECKPOINT_DIR [CHECKPOINT_DIR ...]`.
+Command line: `htsat-hf average OUTPUT_DIR CHECKPOINT_DIR [CHECKPOINT_DIR ...]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -102,14 +101,3 @@ def average_checkpoints(checkpoints: Sequence[str | Path], output_dir: str | Pat
     return output_dir
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir")
-    parser.add_argument("checkpoints", nargs="+", help="model folders or Trainer checkpoint-N folders")
-    args = parser.parse_args(argv)
-    out = average_checkpoints(args.checkpoints, args.output_dir)
-    print(f"Averaged {len(args.checkpoints)} checkpoints into {out}")
-
-
-if __name__ == "__main__":
-    main()

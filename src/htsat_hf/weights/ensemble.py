@@ -6,12 +6,11 @@ pipelines. Weight averaging of the checkpoints of one run (the released models a
 `htsat_hf.training.averaging.average_checkpoints`; average first, then ensemble the averaged models.
 
 Command line:
-    python -m htsat_hf.weights.ensemble OUTPUT_DIR MODEL_A MODEL_B ... [--average logits]
+    htsat-hf ensemble OUTPUT_DIR MODEL_A MODEL_B ... [--average logits]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,21 +44,6 @@ def build_ensemble(
         if (first / "preprocessor_config.json").exists():
             HTSATFeatureExtractor.from_pretrained(first).save_pretrained(output_dir)
     return ensemble
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Combine HTS-AT models into one ensemble model folder.")
-    parser.add_argument("output_dir")
-    parser.add_argument("folders", nargs="+", help="HTS-AT model folders (model.safetensors + config.json)")
-    parser.add_argument("--average", choices=["probabilities", "logits"], default="probabilities",
-                        help="how members are combined (default: probabilities, as the paper's ensemble)")
-    args = parser.parse_args(argv)
-    build_ensemble(args.folders, args.output_dir, args.average)
-    print(f"wrote an ensemble of {len(args.folders)} models to {args.output_dir}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = ["build_ensemble", "load_member"]

@@ -22,13 +22,12 @@ What is done to the tensors:
   the mel BatchNorm (Swin) and the classification head are left at their fresh initialisation.
 
 Command line (writes an initialised model folder that training can start from with `--model_name_or_path`):
-    python -m htsat_hf.weights.pretrained_init swin SWIN_DIR_OR_FILE OUTPUT_DIR --num_labels 50 --single_label
-    python -m htsat_hf.weights.pretrained_init clap CLAP_DIR_OR_FILE OUTPUT_DIR --labels_csv class_labels_indices.csv
+    htsat-hf init swin SWIN_DIR_OR_FILE OUTPUT_DIR --num_labels 50 --single_label
+    htsat-hf init clap CLAP_DIR_OR_FILE OUTPUT_DIR --labels_csv class_labels_indices.csv
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -464,51 +463,6 @@ def initialise_model(
     if init_from_swin_path is not None:
         return init_from_swin(config, init_from_swin_path, rgb_reduction, model_class, allow_pickle)
     return init_from_clap(config, init_from_clap_path, model_class, allow_pickle)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def main(argv: Sequence[str] | None = None) -> None:
-    from .convert_original import read_audioset_labels
-    from ..feature_extraction_htsat import HTSATFeatureExtractor
-
-    parser = argparse.ArgumentParser(
-        description="Write an HTS-AT model folder started from a Swin (ImageNet) or CLAP checkpoint."
-    )
-    parser.add_argument("source_type", choices=["swin", "clap"])
-    parser.add_argument("source", help="Transformers folder or .safetensors file of the Swin / CLAP model")
-    parser.add_argument("output_dir")
-    parser.add_argument("--config", help="HTSATConfig JSON to start from (default: the paper's AudioSet settings)")
-    parser.add_argument("--num_labels", type=int, help="number of classes (default: the config's)")
-    parser.add_argument("--labels_csv", help="AudioSet-style index,mid,display_name CSV for id2label")
-    parser.add_argument("--single_label", action="store_true", help="softmax classes (ESC-50, Speech Commands)")
-    parser.add_argument("--rgb_reduction", choices=["sum", "mean"], default="mean")
-    parser.add_argument("--allow_pickle", action="store_true", help="read a trusted .bin/.pth with weights_only=True")
-    args = parser.parse_args(argv)
-
-    settings: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "custom_pipelines"):
-        settings.pop(key, None)
-    if args.labels_csv:
-        id2label = read_audioset_labels(args.labels_csv)
-        settings.update(id2label=id2label, label2id={name: i for i, name in id2label.items()})
-        settings.pop("num_labels", None)
-    elif args.num_labels:
-        settings.update(num_labels=args.num_labels)
-        settings.pop("id2label", None)
-        settings.pop("label2id", None)
-    if args.single_label:
-        settings["problem_type"] = "single_label_classification"
-    config = HTSATConfig(**settings)
-    paths = {f"init_from_{args.source_type}_path": args.source}
-    report = initialise_model(config, rgb_reduction=args.rgb_reduction, allow_pickle=args.allow_pickle, **paths)
-    report.model.save_pretrained(args.output_dir)
-    HTSATFeatureExtractor.for_model_config(report.model.config).save_pretrained(args.output_dir)
-    print(report.summary())
-    print(f"wrote {args.output_dir}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = [
