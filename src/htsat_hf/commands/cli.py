@@ -5,8 +5,10 @@
     htsat-hf benchmark model --quick                # benchmark model|annotation|live|search
     htsat-hf <command> --help                       # a command's options
 
-Each command is `htsat_hf.commands.<module>` with `main(argv) -> int`; it is imported only when run, so
-`htsat-hf --help` and a usage error answer at once.
+Each command is `htsat_hf.commands.<module>` with `main(argv) -> int`; it is imported only when run, and imports
+its job's modules only after its arguments parsed. `htsat-hf --help` and a usage error still cost the package's own
+import (torch and Transformers, for the Auto-class and pipeline registration `import htsat_hf` does): about 4 s on
+2 cores, where the removed scripts answered in milliseconds.
 """
 
 from __future__ import annotations
