@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,19 @@ def loudness_step_logits(features, token_steps: int):
     steps = F.adaptive_avg_pool1d(energy, token_steps).transpose(1, 2)  # (n, steps, 1)
     loud = (steps > -60).float() * 20 - 10
     return torch.cat([loud, -10 * torch.ones_like(loud), -10 * torch.ones_like(loud)], dim=-1)
+
+
+@contextlib.contextmanager
+def definition_only(model) -> Iterator:
+    """Inside, `model` runs its definition alone, as a remote-code folder loaded without htsat_hf runs it: the CPU
+    engine's forwards are taken out (`reset_kernels`) and attached again afterwards. Outputs of the two paths agree
+    within 1e-5 (tests/test_engine.py); a remote-code run is compared with the same path, op for op."""
+    from htsat_hf.engine import attach, attached
+
+    had_engine = any(attached(module) for module in model.modules())
+    model.reset_kernels()
+    try:
+        yield model
+    finally:
+        if had_engine:
+            attach(model)

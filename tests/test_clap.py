@@ -29,6 +29,7 @@ from transformers import (
     pipeline,
 )
 
+from conftest import definition_only
 from htsat_hf import HTSATClapConfig, HTSATClapFeatureExtractor, HTSATClapModel, text_query_model
 from htsat_hf.time_axis import stitch_on_grid
 from htsat_hf.scores import frame_scores, with_window_clip_logits
@@ -173,11 +174,13 @@ def test_saved_folder_loads_as_remote_code(clap_setup):
     assert report["classes"] == ["HTSATClapModel", "HTSATClapFeatureExtractor"]
     assert all(module.startswith("transformers_modules") for module in report["modules"])
     features = clap_setup["extractor"](audio, sampling_rate=RATE, return_tensors="pt")["input_features"]
-    with torch.no_grad():
+    with torch.no_grad(), definition_only(clap_setup["model"]):
         expected = clap_setup["model"].get_audio_features(features).pooler_output
     assert torch.allclose(torch.tensor(report["embeds"]), expected, atol=1e-6)
     # Transformers' own zero-shot pipeline runs the remote model (inputs up to one window give CLAP's scores)
-    ours = pipeline("zero-shot-audio-classification", model=str(folder))(audio, candidate_labels=LABELS)
+    zero_shot = pipeline("zero-shot-audio-classification", model=str(folder))
+    with definition_only(zero_shot.model):
+        ours = zero_shot(audio, candidate_labels=LABELS)
     assert [entry["label"] for entry in report["zero_shot"]] == [entry["label"] for entry in ours]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(report["zero_shot"], ours)) < 1e-6
 

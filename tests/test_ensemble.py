@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelForAudioFrameClassification, pipeline
 
+from conftest import definition_only
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
 from htsat_hf.configuration_htsat_ensemble import HTSATEnsembleConfig
 from htsat_hf.weights.ensemble import build_ensemble
@@ -183,6 +184,6 @@ def test_ensemble_with_remote_code_without_the_package(members, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules") and report["class"] == "HTSATEnsembleModel"
-    with torch.no_grad():
+    with torch.no_grad(), definition_only(ensemble):
         torch.testing.assert_close(torch.tensor(report["logits"]), ensemble(features).logits, rtol=0, atol=1e-6)
     assert {item["label"] for item in report["pipeline"]} == set(LABELS.values())

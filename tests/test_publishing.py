@@ -14,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from conftest import definition_only
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification, HTSATForSoundEventDetection
 from htsat_hf.modeling_htsat_ensemble import HTSATEnsembleModel
 from htsat_hf.weights.publishing import (
@@ -130,7 +131,7 @@ def test_prepared_repository_loads_as_remote_code(trained_folder, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules")
     waveform = np.random.default_rng(0).standard_normal(32000 * 2).astype(np.float32) * 0.1
-    with torch.no_grad():
+    with torch.no_grad(), definition_only(model):
         expected = model(**HTSATFeatureExtractor()(waveform, sampling_rate=32000, return_tensors="pt")).logits
     torch.testing.assert_close(torch.tensor(report["logits"]), expected, rtol=0, atol=1e-6)
     assert len(report["top"]) == 2

@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from conftest import definition_only
 from htsat_hf import HTSATConfig, HTSATFeatureExtractor, HTSATForAudioClassification
 
 SCRIPT = textwrap.dedent(
@@ -77,7 +78,7 @@ def test_remote_code_without_the_package(tmp_path):
         "HTSATForAudioClassification", "HTSATModel", "HTSATForSoundEventDetection", "HTSATFeatureExtractor"
     ]
     features = HTSATFeatureExtractor()(waveform.numpy(), sampling_rate=32000, return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), definition_only(model):
         expected = model(**features).logits
     torch.testing.assert_close(torch.tensor(report["logits"]), expected, rtol=0, atol=1e-6)
     assert len(report["pipeline"]) == 3
