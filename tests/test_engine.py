@@ -136,6 +136,61 @@ def test_engine_outputs_equal_the_definitions(frames):
     torch.testing.assert_close(fast.pooler_output, plain.pooler_output.detach(), **TOLERANCE)
 
 
+FIRST_CALL_IN_INFERENCE_MODE = """
+import torch
+from htsat_hf import HTSATConfig, HTSATForSoundEventDetection
+torch.manual_seed(0)
+model = HTSATForSoundEventDetection(HTSATConfig(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])).eval()
+inputs = torch.randn(2, 1001, 64) * 10 - 40
+with torch.inference_mode():  # as the annotator and the pipelines run it: the machine's GEMM plan is measured here
+    fast = model(inputs).frame_logits
+with torch.enable_grad():
+    plain = model(inputs).frame_logits.detach()
+torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+print("first call ran")
+"""
+
+
+def test_the_first_call_on_a_new_machine_may_be_in_inference_mode(tmp_path):
+    """A new machine measures its GEMM plan on the first engine call; in inference mode (the annotator's, the
+    pipelines') that measurement failed ('Inference tensors do not track version counter'), on every run."""
+    env = {**os.environ, "HTSAT_HF_CACHE": str(tmp_path / "new-machine"), "HTSAT_HF_NATIVE_KERNELS": "0",
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", FIRST_CALL_IN_INFERENCE_MODE], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first call ran" in result.stdout
+    assert list((tmp_path / "new-machine").glob("linear-plan-*.json"))  # measured once, kept for the next process
+
+
+def test_a_model_built_in_inference_mode_runs_the_engine_and_sees_in_place_changes(monkeypatch):
+    """Its weights and buffers are inference tensors, which keep no version counter: the engine keeps nothing derived
+    from them (packed weights, masks), so an in-place change made in inference mode is seen by the next call."""
+    torch.manual_seed(2)
+    reference = HTSATForSoundEventDetection(tiny_config()).eval()
+    with torch.inference_mode():
+        model = HTSATForSoundEventDetection(tiny_config()).eval()
+        model.load_state_dict(reference.state_dict())
+    assert next(model.parameters()).is_inference() and attached(model.htsat.stages[0])
+    calls = count_engine_stages(monkeypatch)
+    inputs = features()
+    with torch.inference_mode():
+        before = model(inputs).frame_logits
+        model.htsat.stages[0].blocks[0].attn.qkv.weight.mul_(1.5)
+        model.htsat.stages[0].blocks[0].attn.relative_position_bias_table.add_(0.5)
+        after = model(inputs).frame_logits
+    assert len(calls) == 2 * 4
+    with torch.no_grad():
+        reference.reset_kernels()
+        expected_before = reference(inputs).frame_logits
+        reference.htsat.stages[0].blocks[0].attn.qkv.weight.mul_(1.5)
+        reference.htsat.stages[0].blocks[0].attn.relative_position_bias_table.add_(0.5)
+        expected_after = reference(inputs).frame_logits
+    torch.testing.assert_close(before, expected_before, **TOLERANCE)
+    torch.testing.assert_close(after, expected_after, **TOLERANCE)
+    assert not torch.allclose(before, after, **TOLERANCE)
+
+
 @pytest.mark.parametrize("chunk_elements, chunks", [(32 * 64 * 8, (8, 4, 2)), (256 * 64 * 8, (64, 32, 16))])
 def test_chunked_cpu_inference_equals_the_whole_tensor_path(monkeypatch, chunk_elements, chunks):
     """No-grad CPU inference runs blocks on chunks of windows in place: slices of the shift mask for chunks inside an

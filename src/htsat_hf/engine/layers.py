@@ -48,7 +48,7 @@ from ..modeling_htsat import (
     token_map_by_time,
     window_partition,
 )
-from .linear import bias_separable, linear, linear_add_, linear_weights
+from .linear import bias_separable, linear, linear_add_, linear_weights, tensor_state
 from .native import (
     copy_rows,
     fold_image,
@@ -180,18 +180,27 @@ def attention_mask(attn: nn.Module, shift_mask: torch.Tensor | None, key_major: 
     unchanged. The values are indexed (query, key); `key_major` lays them out with the query varying fastest (a
     transposed view of a contiguous tensor), as the fused kernel reads them, instead of contiguous for SDPA."""
     table = attn.relative_position_bias_table
-    weights_key = (table.data_ptr(), table._version, table.device, table.dtype)
+    table_state = tensor_state(table)
+    mask_state = None if shift_mask is None else tensor_state(shift_mask)
+    if table_state is None or (shift_mask is not None and mask_state is None):  # inference tensors: nothing kept
+        return build_attention_mask(attn, shift_mask, key_major)
+    weights_key = (*table_state, table.device, table.dtype)
     cached = _MASKS.get(attn)
     if cached is None or cached[0] != weights_key or len(cached[1]) > 4:
         cached = _MASKS[attn] = (weights_key, {})
-    layout = (None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version), key_major)
+    layout = (mask_state, key_major)
     masks = cached[1]
     if layout not in masks:
-        mask = attn.relative_position_bias().unsqueeze(0)
-        if shift_mask is not None:
-            mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
-        masks[layout] = mask.transpose(-1, -2).contiguous().transpose(-1, -2) if key_major else mask.contiguous()
+        masks[layout] = build_attention_mask(attn, shift_mask, key_major)
     return masks[layout]
+
+
+def build_attention_mask(attn: nn.Module, shift_mask: torch.Tensor | None, key_major: bool) -> torch.Tensor:
+    """`attention_mask` computed afresh."""
+    mask = attn.relative_position_bias().unsqueeze(0)
+    if shift_mask is not None:
+        mask = mask + shift_mask.to(mask.dtype).unsqueeze(1)
+    return mask.transpose(-1, -2).contiguous().transpose(-1, -2) if key_major else mask.contiguous()
 
 
 def shift_kinds(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -200,11 +209,14 @@ def shift_kinds(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     window. None for a block without shift. Cached while the mask buffer is unchanged."""
     if block.shift_mask is None:
         return None
-    key = (block.shift_mask.data_ptr(), block.shift_mask._version, block.shift_mask.device)
+    state = tensor_state(block.shift_mask)
+    key = None if state is None else (*state, block.shift_mask.device)
     cached = _KINDS.get(block)
-    if cached is None or cached[0] != key:
+    if key is None or cached is None or cached[0] != key:
         kinds, kind_of_window = torch.unique(block.shift_mask.float(), dim=0, return_inverse=True)  # 0 / -100
-        cached = _KINDS[block] = (key, (kinds.transpose(-1, -2).contiguous().transpose(-1, -2), kind_of_window))
+        cached = (key, (kinds.transpose(-1, -2).contiguous().transpose(-1, -2), kind_of_window))
+        if key is not None:  # an inference tensor's kinds are not kept (`tensor_state`)
+            _KINDS[block] = cached
     return cached[1]
 
 

@@ -138,18 +138,29 @@ def _gelu_in_place_applies(output: torch.Tensor, inputs: torch.Tensor) -> bool:
     )
 
 
+def tensor_state(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, version): what stays equal while a tensor's contents are unchanged, for caches of what is derived
+    from it. None for an inference tensor (made inside `torch.inference_mode`, as a model built there has): its
+    in-place changes bump no version, so nothing derived from it may be kept."""
+    if tensor.is_inference():
+        return None
+    return tensor.data_ptr(), tensor._version
+
+
 def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` (out, in) in oneDNN's blocked layout, for GEMMs of about `rows` rows: oneDNN otherwise packs a plain
     weight into that layout on every call (5-10 MiB read and written per call for the largest layers, and the caches
     that evicts). Made once per weight and kept while it lives and is unchanged (data pointer, version, strides), so a
     weight loaded or edited in place is packed anew; a view of a weight (the head's convolution seen as a matrix) is
     kept with the weight it views. One more copy of the weights in memory. The plain weight where this PyTorch build
-    cannot reorder, or with `HTSAT_HF_PACK_WEIGHTS=0` (memory before speed)."""
-    if ONEDNN_REORDER is None or os.environ.get(PACK_ENVIRONMENT_VARIABLE) == "0":
+    cannot reorder, with `HTSAT_HF_PACK_WEIGHTS=0` (memory before speed), or for an inference tensor
+    (`tensor_state`)."""
+    contents = tensor_state(weight)
+    if ONEDNN_REORDER is None or os.environ.get(PACK_ENVIRONMENT_VARIABLE) == "0" or contents is None:
         return weight
     owner = weight if weight._base is None else weight._base
     key = (id(owner), tuple(weight.shape))
-    state = (weight.data_ptr(), weight._version, weight.stride())
+    state = (*contents, weight.stride())
     entry = _PACKED_WEIGHTS.get(key)
     if entry is not None and entry[0] == state:
         return entry[1]
@@ -226,10 +237,11 @@ def calibrate(rounds: int = CALIBRATION_ROUNDS) -> LinearPlan:
     """Times the GEMM libraries, then the ways to apply GELU with the chosen one, on CALIBRATION_SHAPE."""
     rows, inputs, outputs = CALIBRATION_SHAPE
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, inputs, generator=generator)
-    weight = torch.randn(outputs, inputs, generator=generator) * inputs**-0.5
-    wide = torch.randn(4 * inputs, inputs, generator=generator) * inputs**-0.5
-    bias, wide_bias = torch.zeros(outputs), torch.zeros(4 * inputs)
+    with torch.inference_mode(False):  # plain tensors, as a model's weights are, even when the caller is in that mode
+        x = torch.randn(rows, inputs, generator=generator)
+        weight = torch.randn(outputs, inputs, generator=generator) * inputs**-0.5
+        wide = torch.randn(4 * inputs, inputs, generator=generator) * inputs**-0.5
+        bias, wide_bias = torch.zeros(outputs), torch.zeros(4 * inputs)
     timings: dict[str, float] = {}
     with torch.inference_mode():
         gemm = _requested_gemm()
@@ -374,5 +386,5 @@ def linear_add_(accumulator: torch.Tensor, inputs: torch.Tensor, layer: nn.Modul
 
 __all__ = [
     "LinearPlan", "bias_separable", "calibrate", "inference_path_applies", "linear", "linear_add_", "linear_plan",
-    "linear_weights", "packed_weight",
+    "linear_weights", "packed_weight", "tensor_state",
 ]
