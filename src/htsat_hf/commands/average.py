@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = average_checkpoints(args.checkpoints, args.output_dir)
     except (OSError, ValueError) as error:  # a folder without weights, checkpoints of different models
-        parser.exit(2, f"htsat-hf average: error: {error}\n")
+        parser.error(str(error))
     print(f"averaged {len(args.checkpoints)} checkpoints into {output}")
     return 0
 

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         build_ensemble(args.folders, args.output_dir, args.average)
     except (OSError, ValueError) as error:  # a folder without a model, members that do not fit together
-        parser.exit(2, f"htsat-hf ensemble: error: {error}\n")
+        parser.error(str(error))
     print(f"wrote an ensemble of {len(args.folders)} models to {args.output_dir}")
     return 0
 

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = initialise_model(config, rgb_reduction=args.rgb_reduction, allow_pickle=args.allow_pickle,
                                   **{f"init_from_{args.source_type}_path": args.source})
     except (OSError, ValueError) as error:  # no such checkpoint, a config or checkpoint that does not fit
-        parser.exit(2, f"htsat-hf init: error: {error}\n")
+        parser.error(str(error))
     report.model.save_pretrained(args.output_dir)
     HTSATFeatureExtractor.for_model_config(report.model.config).save_pretrained(args.output_dir)
     print(report.summary())
